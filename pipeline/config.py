@@ -1,0 +1,316 @@
+"""Typed parameters: `params.yaml` is parsed here, once, and the resulting `Params` is passed down.
+
+Every tunable lives in one section per stage; every file the pipeline reads or writes is declared once in
+`paths` (and templated into `dvc.yaml` from there). Unknown keys and wrong types fail with the dotted key.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ParamsError
+
+DEFAULT_PARAMS_FILE = Path("params.yaml")
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+Severity = Literal["error", "warning", "off"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class BaseParams(_Section):
+    seed: NonNegInt = 42
+
+
+class PathsParams(_Section):
+    """Every file and folder the stages touch, relative to the project root."""
+
+    data_root: Path = Path("data/sample")
+    csv_manifest: Path | None = None
+    manifest: Path = Path("data/interim/manifest.csv")
+    validated: Path = Path("data/interim/validated.csv")
+    quarantine: Path = Path("data/interim/quarantine.csv")
+    splits: Path = Path("data/processed/splits.csv")
+    cache_dir: Path = Path("data/cache")
+    checkpoint_dir: Path = Path("models/checkpoints")
+    model: Path = Path("models/model.pt")
+    predictions: Path = Path("models/predictions.csv")
+    calibration: Path = Path("models/calibration.json")
+    onnx_dir: Path = Path("models/onnx")
+    export_dir: Path = Path("models/export")
+    champion_dir: Path = Path("models/champion")
+    metrics_dir: Path = Path("metrics")
+    reports_dir: Path = Path("reports")
+    live_dir: Path = Path("dvclive")
+
+    def metrics(self, stage: str) -> Path:
+        return self.metrics_dir / f"{stage}.json"
+
+
+class IngestParams(_Section):
+    source: Literal["auto", "folder", "presplit", "csv"] = "auto"
+    label_depth: PositiveInt = 1
+    extensions: list[str] = Field(
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"]
+    )
+    follow_symlinks_inside_root: bool = True
+    max_decode_pixels: PositiveInt = 178_956_970
+    num_workers: NonNegInt = 2
+    chunksize: PositiveInt = 64
+
+
+class ValidateParams(_Section):
+    min_images_per_class: PositiveInt = 10
+    max_imbalance_ratio: PositiveFloat = 10.0
+    min_classes: Annotated[int, Field(ge=2)] = 2
+    max_bad_fraction: Fraction = 0.05
+    min_side: PositiveInt = 16
+    max_pixels: PositiveInt = 50_000_000
+    severity: dict[
+        Literal[
+            "min_images_per_class",
+            "max_imbalance_ratio",
+            "min_classes",
+            "max_bad_fraction",
+            "min_side",
+            "max_pixels",
+            "label_conflict",
+            "split_leakage",
+        ],
+        Severity,
+    ] = Field(
+        default_factory=lambda: {
+            "min_images_per_class": "error",
+            "max_imbalance_ratio": "warning",
+            "min_classes": "error",
+            "max_bad_fraction": "error",
+            "min_side": "warning",
+            "max_pixels": "warning",
+            "label_conflict": "warning",
+            "split_leakage": "error",
+        }
+    )
+
+
+class SplitParams(_Section):
+    train: Fraction = 0.7
+    val: Fraction = 0.15
+    test: Fraction = 0.15
+    keep_given_splits: bool = True
+    carve_test_from: Literal["none", "val", "train"] = "none"
+    small_class: Literal["error", "warning"] = "error"
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitParams:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1.0, got {total:g}")
+        return self
+
+
+class ModelParams(_Section):
+    backbone: str = "tf_efficientnet_lite0"
+    weights: str = "bundled"  # bundled | hub | none | file:<path>
+    head: Literal["linear", "mlp"] = "linear"
+    head_hidden: PositiveInt = 512
+    drop_rate: Fraction = 0.2
+    image_size: PositiveInt | None = None  # None: the backbone's pretrained input size
+
+    @model_validator(mode="after")
+    def _weights_source(self) -> ModelParams:
+        if self.weights not in {"bundled", "hub", "none"} and not self.weights.startswith("file:"):
+            raise ValueError(f"weights: expected bundled | hub | none | file:<path>, got {self.weights!r}")
+        return self
+
+
+class AugmentParams(_Section):
+    scale_min: Fraction = 0.6
+    hflip: Fraction = 0.5
+    color_jitter: Annotated[float, Field(ge=0.0)] = 0.0
+    auto_augment: Literal["none", "trivial", "randaugment"] = "none"
+    random_erasing: Fraction = 0.0
+    mixup_alpha: Annotated[float, Field(ge=0.0)] = 0.0
+    cutmix_alpha: Annotated[float, Field(ge=0.0)] = 0.0
+
+
+class TrainParams(_Section):
+    strategy: Literal["linear_probe", "partial", "full", "progressive"] = "progressive"
+    epochs: PositiveInt = 6
+    batch_size: PositiveInt = 32
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: PositiveFloat = 1e-4
+    head_lr_mult: PositiveFloat = 10.0
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.05
+    momentum: Fraction = 0.9
+    warmup_epochs: Annotated[float, Field(ge=0.0)] = 1.0
+    label_smoothing: Fraction = 0.1
+    class_weighting: Literal["none", "inverse", "effective"] = "none"
+    balanced_sampler: bool = False
+    grad_accum_steps: PositiveInt = 1
+    grad_clip_norm: Annotated[float, Field(ge=0.0)] = 1.0
+    early_stopping_metric: Literal["val_acc", "val_loss", "val_f1"] = "val_acc"
+    early_stopping_patience: NonNegInt = 3
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    trainable_blocks: NonNegInt = 2
+    progressive_head_epochs: NonNegInt = 2
+    progressive_unfreeze_every: PositiveInt = 1
+    freeze_bn: bool = True
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    num_workers: NonNegInt = 0
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    cache_margin: Annotated[float, Field(ge=1.0)] = 1.15
+    overfit_gap_warning: Fraction = 0.15
+    augment: AugmentParams = AugmentParams()
+
+
+class EvaluateParams(_Section):
+    top_k: PositiveInt = 3
+    tta: bool = False
+    calibration_bins: PositiveInt = 15
+    mistakes_shown: PositiveInt = 16
+    batch_size: PositiveInt = 64
+
+
+class QuantizeParams(_Section):
+    enabled: bool = True
+    calibration_images: PositiveInt = 64
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    per_channel: bool = True
+    exclude_nodes: list[str] = Field(default_factory=list)
+    max_accuracy_drop: Annotated[float, Field(ge=0.0)] = 1.0
+    benchmark_repeats: PositiveInt = 20
+
+
+class ExportParams(_Section):
+    opset: Annotated[int, Field(ge=13)] = 18
+    min_top1_agreement: Fraction = 0.999
+    promote_tolerance: Annotated[float, Field(ge=0.0)] = 0.005
+
+
+# The `validate` section shadows pydantic's deprecated BaseModel.validate; the name is the stage's, so the
+# warning pydantic raises at class creation is silenced here and nowhere else.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
+
+    class Params(_Section):
+        """The whole of `params.yaml`."""
+
+        base: BaseParams = BaseParams()
+        paths: PathsParams = PathsParams()
+        ingest: IngestParams = IngestParams()
+        validate: ValidateParams = ValidateParams()
+        split: SplitParams = SplitParams()
+        model: ModelParams = ModelParams()
+        train: TrainParams = TrainParams()
+        evaluate: EvaluateParams = EvaluateParams()
+        quantize: QuantizeParams = QuantizeParams()
+        export: ExportParams = ExportParams()
+
+        @classmethod
+        def load(cls, path: Path | str = DEFAULT_PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:
+            """Parse a params file (plus optional dotted overrides such as {"train.lr": 1e-3})."""
+            path = Path(path)
+            if not path.is_file():
+                raise ParamsError(f"{path}: params file not found; run from the project root or pass --params")
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+            if not isinstance(raw, dict):
+                raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+            for dotted, value in (overrides or {}).items():
+                _set_dotted(raw, dotted, value)
+            return cls.from_dict(raw, source=str(path))
+
+        @classmethod
+        def from_dict(cls, raw: dict[str, Any], source: str = "params") -> Params:
+            try:
+                return cls.model_validate(raw)
+            except ValidationError as exc:
+                raise ParamsError(f"{source}: invalid params\n" + _describe(exc)) from None
+
+        def to_dict(self) -> dict[str, Any]:
+            """JSON-safe dict (paths as strings) that travels inside checkpoints and exports."""
+            return self.model_dump(mode="json")
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ParamsError(f"{dotted}: {key} is not a section")
+    node[leaf] = value
+
+
+_EXPECTATIONS = {
+    "greater_than": "expected a positive number",
+    "greater_than_equal": "expected a number >= {ge}",
+    "less_than_equal": "expected a number <= {le}",
+    "less_than": "expected a number < {lt}",
+    "float_parsing": "expected a number",
+    "float_type": "expected a number",
+    "int_parsing": "expected an integer",
+    "int_type": "expected an integer",
+    "int_from_float": "expected an integer",
+    "bool_parsing": "expected true or false",
+    "bool_type": "expected true or false",
+    "extra_forbidden": "unknown key (check the spelling; see README 'Params reference')",
+}
+
+
+_PARSING = {"float_parsing", "float_type", "int_parsing", "int_type"}
+
+
+def _bound_of(loc: tuple) -> str | None:
+    """'a positive number' for a field declared with gt=0, so a parse error says what would be valid."""
+    model: type[BaseModel] = Params
+    field = None
+    for part in loc:
+        field = model.model_fields.get(str(part)) if model else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    for meta in field.metadata if field else []:
+        if getattr(meta, "gt", None) == 0:
+            return "a positive number"
+        if getattr(meta, "ge", None) is not None:
+            return f"a number >= {meta.ge}"
+    return None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"] if not str(part).startswith("function-"))
+        kind = err["type"]
+        if kind == "literal_error":
+            expected = f"expected one of {err['ctx']['expected']}"
+        elif kind in _PARSING and (bound := _bound_of(err["loc"])):
+            expected = f"expected {bound}"
+        elif kind in _EXPECTATIONS:
+            template = _EXPECTATIONS[kind]
+            expected = template.format(**err.get("ctx", {})) if "{" in template else template
+            if kind == "greater_than" and err.get("ctx", {}).get("gt") not in (0, 0.0):
+                expected = f"expected a number > {err['ctx']['gt']}"
+        else:
+            expected = err["msg"].removeprefix("Value error, ")
+        got = "" if kind == "extra_forbidden" else f", got {err.get('input')!r}"
+        lines.append(f"  {key or '<root>'}: {expected}{got}")
+    return "\n".join(lines)

