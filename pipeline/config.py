@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ParamsError
 
@@ -126,11 +126,12 @@ class ModelParams(_Section):
     drop_rate: Fraction = 0.2
     image_size: PositiveInt | None = None  # None: the backbone's pretrained input size
 
-    @model_validator(mode="after")
-    def _weights_source(self) -> ModelParams:
-        if self.weights not in {"bundled", "hub", "none"} and not self.weights.startswith("file:"):
-            raise ValueError(f"weights: expected bundled | hub | none | file:<path>, got {self.weights!r}")
-        return self
+    @field_validator("weights")
+    @classmethod
+    def _weights_source(cls, weights: str) -> str:
+        if weights not in {"bundled", "hub", "none"} and not weights.startswith("file:"):
+            raise ValueError("expected bundled | hub | none | file:<path>")
+        return weights
 
 
 class AugmentParams(_Section):
@@ -271,15 +272,18 @@ _EXPECTATIONS = {
     "bool_parsing": "expected true or false",
     "bool_type": "expected true or false",
     "extra_forbidden": "unknown key (check the spelling; see README 'Params reference')",
+    "model_type": "expected a section (a mapping of keys)",
 }
 
 
 _PARSING = {"float_parsing", "float_type", "int_parsing", "int_type"}
+_BOUNDED = _PARSING | {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+_SYMBOLS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
-def _bound_of(loc: tuple) -> str | None:
-    """'a positive number' for a field declared with gt=0, so a parse error says what would be valid."""
-    model: type[BaseModel] = Params
+def _accepted(loc: tuple) -> str | None:
+    """What the field at `loc` accepts: 'a positive integer', 'a number >= 0.0 and <= 1.0'."""
+    model: type[BaseModel] | None = Params
     field = None
     for part in loc:
         field = model.model_fields.get(str(part)) if model else None
@@ -287,23 +291,28 @@ def _bound_of(loc: tuple) -> str | None:
             return None
         annotation = field.annotation
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-    for meta in field.metadata if field else []:
-        if getattr(meta, "gt", None) == 0:
-            return "a positive number"
-        if getattr(meta, "ge", None) is not None:
-            return f"a number >= {meta.ge}"
-    return None
+    found = ((op, getattr(meta, op, None)) for meta in field.metadata for op in _SYMBOLS)
+    bounds = {op: value for op, value in found if value is not None}
+    if not bounds:
+        return None
+    noun = "integer" if field.annotation is int else "number"
+    if bounds == {"gt": 0}:
+        return f"a positive {noun}"
+    article = "an" if noun == "integer" else "a"
+    return f"{article} {noun} " + " and ".join(f"{_SYMBOLS[op]} {value}" for op, value in bounds.items())
 
 
 def _describe(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        key = ".".join(str(part) for part in err["loc"] if not str(part).startswith("function-"))
+        # 'function-after[...]' names a validator, '[key]' marks a bad mapping key: neither is a params key.
+        parts = [str(part) for part in err["loc"]]
+        key = ".".join(part for part in parts if not part.startswith("function-") and part != "[key]")
         kind = err["type"]
         if kind == "literal_error":
             expected = f"expected one of {err['ctx']['expected']}"
-        elif kind in _PARSING and (bound := _bound_of(err["loc"])):
-            expected = f"expected {bound}"
+        elif kind in _BOUNDED and (accepted := _accepted(err["loc"])):
+            expected = f"expected {accepted}"
         elif kind in _EXPECTATIONS:
             template = _EXPECTATIONS[kind]
             expected = template.format(**err.get("ctx", {})) if "{" in template else template
@@ -311,6 +320,8 @@ def _describe(exc: ValidationError) -> str:
                 expected = f"expected a number > {err['ctx']['gt']}"
         else:
             expected = err["msg"].removeprefix("Value error, ")
-        got = "" if kind == "extra_forbidden" else f", got {err.get('input')!r}"
+        # A section validator's message shows the offending values itself; its input is the whole section.
+        section_wide = kind == "value_error" and isinstance(err.get("input"), dict)
+        got = "" if kind == "extra_forbidden" or section_wide else f", got {err.get('input')!r}"
         lines.append(f"  {key or '<root>'}: {expected}{got}")
     return "\n".join(lines)
