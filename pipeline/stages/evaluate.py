@@ -1,8 +1,302 @@
-"""Stage: evaluate (placeholder until its issue lands)."""
+"""Stage: test-split metrics of the trained model, a temperature fitted on val, plots and report.html.
 
+Images go through `pipeline.preprocess.preprocess_file`, the same torch-free function the ONNX `predict`
+command uses, so evaluate's predictions are those a user gets from the export (test-time augmentation aside).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+from pipeline import report
+from pipeline.calibration import fit_temperature, log_loss, reliability, softmax
 from pipeline.config import Params
 from pipeline.errors import PipelineError
+from pipeline.io import atomic_dir, read_json, write_json, write_text
+from pipeline.models import TrainedModel, load_trained
+from pipeline.preprocess import open_rgb, preprocess_file
+
+log = logging.getLogger(__name__)
+
+_SPLIT_COLUMNS = ("path", "label", "split")
+_THUMBNAIL_SIDE = 160
+
+
+@dataclass(frozen=True)
+class _Scores:
+    """Test-split scores: probabilities averaged over the TTA views, before and after temperature scaling."""
+
+    probs: np.ndarray  # (N, K)
+    probs_calibrated: np.ndarray  # (N, K)
 
 
 def run(params: Params) -> dict:
-    raise PipelineError("not implemented yet")
+    paths, cfg = params.paths, params.evaluate
+    trained = load_trained(paths.model)
+    class_names = list(trained.class_names)
+    splits = _read_splits(paths.splits, class_names, paths.model)
+    test = splits[splits["split"] == "test"].sort_values("path", kind="stable").reset_index(drop=True)
+    val = splits[splits["split"] == "val"].sort_values("path", kind="stable").reset_index(drop=True)
+    if test.empty:
+        raise PipelineError(
+            f"{paths.splits}: the test split has no rows, so there is nothing to evaluate; "
+            "set split.test > 0 (or split.carve_test_from for pre-split data) and re-run `dvc repro split`"
+        )
+    if val.empty:
+        raise PipelineError(
+            f"{paths.splits}: the val split has no rows, so the temperature cannot be fitted; "
+            "set split.val > 0 and re-run `dvc repro split`"
+        )
+    index = {name: i for i, name in enumerate(class_names)}
+    y_val = val["label"].map(index).to_numpy()
+    y_test = test["label"].map(index).to_numpy()
+
+    val_logits = _logits(trained, paths.data_root, val["path"], cfg.batch_size, tta=False)[0]
+    fit = fit_temperature(val_logits, y_val)
+    test_views = _logits(trained, paths.data_root, test["path"], cfg.batch_size, tta=cfg.tta)
+    scores = _Scores(
+        probs=np.mean([softmax(v) for v in test_views], axis=0),
+        probs_calibrated=np.mean([softmax(v, fit.temperature) for v in test_views], axis=0),
+    )
+
+    pred = scores.probs.argmax(axis=1)
+    predictions = _predictions_frame(test, scores, pred, class_names)
+    metrics = _metrics(y_test, pred, scores, class_names, cfg.top_k, cfg.calibration_bins)
+    metrics["temperature"] = fit.temperature
+
+    _write_report_folder(params, trained, splits, predictions, metrics, scores, y_test)
+    write_text(paths.predictions, predictions.to_csv(index=False))
+    write_json(
+        paths.calibration,
+        {"temperature": fit.temperature, "val_nll_before": fit.nll_before, "val_nll_after": fit.nll_after},
+    )
+    write_json(paths.metrics("evaluate"), metrics)
+    log.info(
+        "test accuracy %.4f on %d images; temperature %.3f", metrics["accuracy"], len(test), fit.temperature
+    )
+    return {
+        "accuracy": metrics["accuracy"],
+        "f1_macro": metrics["f1_macro"],
+        "ece_after": metrics["ece_after"],
+        "temperature": fit.temperature,
+        "n_test": len(test),
+        "report": (paths.reports_dir / "evaluate" / "report.html").as_posix(),
+    }
+
+
+def _read_splits(path: Path, class_names: list[str], model_path: Path) -> pd.DataFrame:
+    if not Path(path).is_file():
+        raise PipelineError(f"{path}: splits file not found; run the split stage first (dvc repro split)")
+    splits = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in _SPLIT_COLUMNS if c not in splits.columns]
+    if missing:
+        raise PipelineError(f"{path}: missing columns {missing}; re-run the split stage (dvc repro split)")
+    unknown = sorted(set(splits["label"]) - set(class_names))
+    if unknown:
+        raise PipelineError(
+            f"{path}: labels {unknown[:10]} are not classes of the model {model_path} ({class_names[:10]}); "
+            "the model is older than the splits: re-run the train stage (dvc repro train)"
+        )
+    return splits
+
+
+def _logits(
+    trained: TrainedModel, data_root: Path, files: pd.Series, batch_size: int, tta: bool
+) -> np.ndarray:
+    """(V, N, K) fp32 logits on CPU; V = 2 with TTA (the image and its horizontal flip), else 1."""
+    model = trained.model.float().cpu().eval()
+    views: list[list[np.ndarray]] = [[] for _ in range(2 if tta else 1)]
+    files = list(files)
+    with torch.inference_mode():
+        for start in range(0, len(files), batch_size):
+            batch = torch.from_numpy(
+                np.stack(
+                    [_load(data_root, f, trained.data_config) for f in files[start : start + batch_size]]
+                )
+            )
+            views[0].append(model(batch).numpy())
+            if tta:
+                views[1].append(model(torch.flip(batch, dims=[3])).numpy())  # (B, C, H, W): flip W
+    return np.stack([np.concatenate(v) for v in views])
+
+
+def _load(data_root: Path, relative: str, data_config: dict) -> np.ndarray:
+    path = Path(data_root) / relative
+    try:
+        return preprocess_file(path, data_config)
+    except OSError as exc:
+        raise PipelineError(
+            f"{path}: cannot read this image listed in the splits file ({exc}); "
+            "the data changed since ingest: re-run the pipeline from ingest (dvc repro)"
+        ) from None
+
+
+def _predictions_frame(
+    test: pd.DataFrame, scores: _Scores, pred: np.ndarray, class_names: list[str]
+) -> pd.DataFrame:
+    """One row per test image. `confidence` and prob_* are raw softmax; `confidence_calibrated` is the
+    predicted class's probability after temperature scaling, the figure `predict` reports."""
+    rows = np.arange(len(pred))
+    frame = pd.DataFrame(
+        {
+            "path": test["path"],
+            "label": test["label"],
+            "pred": [class_names[i] for i in pred],
+            "confidence": scores.probs[rows, pred],
+        }
+    )
+    frame["correct"] = frame["label"] == frame["pred"]
+    frame["confidence_calibrated"] = scores.probs_calibrated[rows, pred]
+    for k, name in enumerate(class_names):
+        frame[f"prob_{name}"] = scores.probs[:, k]
+    return frame
+
+
+def _top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Share of rows whose true class is among the k highest scores (ties count for the true class)."""
+    true_score = probs[np.arange(len(labels)), labels]
+    rank = (probs > true_score[:, None]).sum(axis=1)
+    return float(np.mean(rank < k))
+
+
+def _metrics(
+    y: np.ndarray, pred: np.ndarray, scores: _Scores, class_names: list[str], top_k: int, bins: int
+) -> dict:
+    """Flat numeric keys (for `dvc exp show`) plus per-class figures nested under "per_class"."""
+    k = min(top_k, len(class_names))
+    labels = list(range(len(class_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y, pred)),
+        "balanced_accuracy": float(np.mean(recall[support > 0])),  # sklearn's definition, for all K labels
+        "f1_macro": float(f1_score(y, pred, average="macro", zero_division=0)),
+        "f1_weighted": float(f1_score(y, pred, average="weighted", zero_division=0)),
+        "top_k": k,
+        "top_k_accuracy": _top_k_accuracy(scores.probs, y, k),
+        "log_loss": log_loss(scores.probs, y),
+        "log_loss_calibrated": log_loss(scores.probs_calibrated, y),
+        "ece_before": reliability(scores.probs, y, bins).ece,
+        "ece_after": reliability(scores.probs_calibrated, y, bins).ece,
+        "n_test": len(y),
+        "per_class": {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=True)
+        },
+    }
+
+
+def _write_report_folder(
+    params: Params,
+    trained: TrainedModel,
+    splits: pd.DataFrame,
+    predictions: pd.DataFrame,
+    metrics: dict,
+    scores: _Scores,
+    y_test: np.ndarray,
+) -> None:
+    """confusion.csv, the PNGs and report.html, written as one folder so a crash leaves the old one intact."""
+    paths, cfg = params.paths, params.evaluate
+    class_names = list(trained.class_names)
+    pred = scores.probs.argmax(axis=1)
+    matrix = np.zeros((len(class_names), len(class_names)), dtype=int)
+    np.add.at(matrix, (y_test, pred), 1)
+    mistakes = (
+        predictions.loc[~predictions["correct"], ["path", "label", "pred", "confidence"]]
+        .sort_values(["confidence", "path"], ascending=[False, True], kind="stable")
+        .head(cfg.mistakes_shown)
+        .reset_index(drop=True)
+    )
+    tiles = [
+        report.Tile(
+            _thumbnail(paths.data_root / row.path),
+            f"true: {row.label}\npred: {row.pred} ({row.confidence:.2f})",
+        )
+        for row in mistakes.itertuples(index=False)
+    ]
+    temperature = metrics["temperature"]
+    figures = {
+        "confusion_matrix": report.confusion_png(matrix, class_names),
+        "reliability": report.reliability_png(
+            reliability(scores.probs, y_test, cfg.calibration_bins),
+            reliability(scores.probs_calibrated, y_test, cfg.calibration_bins),
+            temperature,
+        ),
+        "per_class_f1": report.per_class_f1_png(
+            class_names, [metrics["per_class"][c]["f1"] for c in class_names]
+        ),
+        "mistakes": report.mistakes_png(tiles, "No mistakes on the test split"),
+    }
+    curves_dir = paths.live_dir / "plots" / "metrics"
+    series = report.read_training_curves(curves_dir) if curves_dir.is_dir() else {}
+    data = report.ReportData(
+        run_summary=_run_summary(params, trained),
+        class_names=class_names,
+        split_counts=_split_counts(splits),
+        stage_metrics={s: _read_optional_json(paths.metrics(s)) for s in ("validate", "split")},
+        test_metrics=[(key, value) for key, value in sorted(metrics.items()) if key != "per_class"],
+        per_class=pd.DataFrame(
+            [{"class": name, **metrics["per_class"][name]} for name in class_names],
+            columns=["class", "precision", "recall", "f1", "support"],
+        ),
+        mistakes=mistakes,
+        figures=figures,
+        curves_png=report.training_curves_png(series) if series else None,
+        curves_note=f"No training curves found under {curves_dir} (the train stage writes them via dvclive).",
+    )
+    confusion = pd.DataFrame({"actual": predictions["label"], "predicted": predictions["pred"]})
+    with atomic_dir(paths.reports_dir / "evaluate") as folder:
+        confusion.to_csv(folder / "confusion.csv", index=False)
+        curves = {} if data.curves_png is None else {"training_curves": data.curves_png}
+        for name, png in {**figures, **curves}.items():
+            (folder / f"{name}.png").write_bytes(png)
+        (folder / "report.html").write_text(report.render_report(data), encoding="utf-8")
+
+
+def _thumbnail(path: Path) -> Image.Image:
+    image = open_rgb(path)
+    image.thumbnail((_THUMBNAIL_SIDE, _THUMBNAIL_SIDE))
+    return image
+
+
+def _split_counts(splits: pd.DataFrame) -> pd.DataFrame:
+    counts = pd.crosstab(splits["label"], splits["split"])
+    counts = counts[[s for s in ("train", "val", "test") if s in counts.columns]]
+    counts["total"] = counts.sum(axis=1)
+    counts.index.name = "class"
+    counts.columns.name = None
+    return counts
+
+
+def _read_optional_json(path: Path) -> dict | None:
+    return read_json(path) if Path(path).is_file() else None
+
+
+def _run_summary(params: Params, trained: TrainedModel) -> list[tuple[str, Any]]:
+    """The settings a reader needs to interpret the numbers, taken from the params saved inside the model."""
+    model = trained.params.get("model", {})
+    train = trained.params.get("train", {})
+    return [
+        ("model artifact", params.paths.model.as_posix()),
+        ("backbone", model.get("backbone")),
+        ("weights", model.get("weights")),
+        ("head", model.get("head")),
+        ("input size", "x".join(str(s) for s in trained.data_config.get("input_size", []))),
+        ("strategy", train.get("strategy")),
+        ("epochs", train.get("epochs")),
+        ("optimizer", train.get("optimizer")),
+        ("learning rate", train.get("lr")),
+        ("batch size", train.get("batch_size")),
+        ("label smoothing", train.get("label_smoothing")),
+        ("seed", trained.params.get("base", {}).get("seed")),
+        ("test-time augmentation", params.evaluate.tta),
+        ("top-k", params.evaluate.top_k),
+    ]

@@ -1,0 +1,104 @@
+"""Probability calibration: temperature scaling (Guo et al., 2017) and expected calibration error.
+
+Temperature scaling divides the logits by one scalar T > 0 fitted on the validation split. It leaves the
+argmax, and so accuracy, unchanged; it only makes the confidences honest. The export carries T with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax
+
+# Search range for log T: T in [0.01, 100] covers every useful temperature by a wide margin.
+_LOG_T_BOUNDS = (float(np.log(1e-2)), float(np.log(1e2)))
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """(N, K) logits -> (N, K) float64 probabilities of logits / temperature."""
+    return np.exp(log_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1))
+
+
+def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class; clipped so a zero probability costs ~34.5, not inf."""
+    probs = np.asarray(probs, dtype=np.float64)
+    true_prob = probs[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.clip(true_prob, 1e-15, 1.0))))
+
+
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of logits / temperature (computed in log space, so it never overflows)."""
+    log_probs = log_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
+    return float(-np.mean(log_probs[np.arange(len(labels)), labels]))
+
+
+@dataclass(frozen=True)
+class TemperatureFit:
+    temperature: float
+    nll_before: float
+    nll_after: float
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> TemperatureFit:
+    """The T > 0 that minimises the NLL of logits / T, by a bounded 1-D search over log T (deterministic).
+
+    NLL is convex in 1/T, hence unimodal in log T, so Brent's bounded search finds the minimum.
+    Args: logits (N, K) of the validation split, labels (N,) class indices.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels)
+    before = nll(logits, labels)
+    result = minimize_scalar(
+        lambda log_t: nll(logits, labels, float(np.exp(log_t))),
+        bounds=_LOG_T_BOUNDS,
+        method="bounded",
+        options={"xatol": 1e-7},
+    )
+    temperature, after = float(np.exp(result.x)), float(result.fun)
+    if after > before:  # only possible if the search stopped early; T = 1 is then the better answer
+        temperature, after = 1.0, before
+    return TemperatureFit(temperature, before, after)
+
+
+@dataclass(frozen=True)
+class Reliability:
+    """Equal-width confidence bins: per bin the sample count, mean confidence and accuracy (0 where empty)."""
+
+    edges: np.ndarray  # (B + 1,)
+    counts: np.ndarray  # (B,)
+    confidence: np.ndarray  # (B,)
+    accuracy: np.ndarray  # (B,)
+
+    @property
+    def ece(self) -> float:
+        """Expected calibration error: |accuracy - confidence| per bin, weighted by the bin's share."""
+        total = self.counts.sum()
+        if total == 0:
+            return 0.0
+        return float(np.sum(self.counts / total * np.abs(self.accuracy - self.confidence)))
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> Reliability:
+    """Bin the top-1 confidence into `n_bins` equal-width bins (lo, hi] over [0, 1].
+
+    Args: probs (N, K) probabilities, labels (N,) class indices, n_bins >= 1.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels)
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    index = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    counts = np.bincount(index, minlength=n_bins)
+    safe = np.maximum(counts, 1)
+    return Reliability(
+        edges=np.linspace(0.0, 1.0, n_bins + 1),
+        counts=counts,
+        confidence=np.bincount(index, weights=confidence, minlength=n_bins) / safe,
+        accuracy=np.bincount(index, weights=correct, minlength=n_bins) / safe,
+    )
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
+    return reliability(probs, labels, n_bins).ece

@@ -1,0 +1,264 @@
+"""The evaluate stage end to end on a tiny model and tiny images: every output exists and is consistent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import make_image_folder
+from PIL import Image
+
+from pipeline.calibration import softmax
+from pipeline.config import Params
+from pipeline.errors import PipelineError
+from pipeline.io import read_json
+from pipeline.models import build_model, load_trained, resolve_data_config, save_trained
+from pipeline.preprocess import preprocess_file
+from pipeline.stages import evaluate
+
+CLASSES = ["class_0", "class_1", "class_2"]
+PNGS = ("confusion_matrix.png", "mistakes.png", "reliability.png", "per_class_f1.png")
+METRIC_KEYS = {
+    "accuracy",
+    "balanced_accuracy",
+    "f1_macro",
+    "f1_weighted",
+    "top_k",
+    "top_k_accuracy",
+    "log_loss",
+    "log_loss_calibrated",
+    "ece_before",
+    "ece_after",
+    "temperature",
+    "n_test",
+    "per_class",
+}
+
+
+def _project(root: Path, tta: bool = False, split_of=None, favour: int | None = None) -> Params:
+    """Images, a splits CSV and a saved tiny model under `root`; returns params pointing at them.
+
+    split_of(i) gives the split of the i-th image of each class (default: 3 train, 3 val, 3 test).
+    favour: a class index the model's head is biased towards (so it predicts that class for every image).
+    """
+    make_image_folder(root / "images", classes=3, per_class=9, size=32)
+    split_of = split_of or (lambda i: ("train", "val", "test")[i // 3])
+    rows = [
+        {
+            "path": f"{name}/img_{i:03d}.png",
+            "label": name,
+            "split": split_of(i),
+            "sha256": f"{k}{i}",
+            "width": 32,
+            "height": 32,
+        }
+        for k, name in enumerate(CLASSES)
+        for i in range(9)
+    ]
+    (root / "data").mkdir()
+    pd.DataFrame(rows).sample(frac=1.0, random_state=0).to_csv(root / "data" / "splits.csv", index=False)
+    params = Params.from_dict(
+        {
+            "paths": {
+                "data_root": str(root / "images"),
+                "splits": str(root / "data" / "splits.csv"),
+                "model": str(root / "models" / "model.pt"),
+                "predictions": str(root / "models" / "predictions.csv"),
+                "calibration": str(root / "models" / "calibration.json"),
+                "metrics_dir": str(root / "metrics"),
+                "reports_dir": str(root / "reports"),
+                "live_dir": str(root / "dvclive"),
+            },
+            "model": {"backbone": "test_efficientnet", "weights": "none", "image_size": 32},
+            "evaluate": {"top_k": 2, "tta": tta, "batch_size": 4, "mistakes_shown": 4, "calibration_bins": 5},
+        }
+    )
+    torch.manual_seed(0)
+    model = build_model(params.model, num_classes=len(CLASSES))
+    if favour is not None:
+        with torch.no_grad():
+            model.head[-1].bias[favour] = 1e4
+    save_trained(params.paths.model, model, CLASSES, resolve_data_config(params.model), params.to_dict())
+    return params
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory) -> tuple[Params, dict]:
+    params = _project(tmp_path_factory.mktemp("evaluate"))
+    return params, evaluate.run(params)
+
+
+def test_metrics_json_has_flat_keys_in_range(evaluated):
+    params, summary = evaluated
+    metrics = read_json(params.paths.metrics("evaluate"))
+    assert set(metrics) == METRIC_KEYS
+    assert metrics["n_test"] == 9 == summary["n_test"]
+    for key in (
+        "accuracy",
+        "balanced_accuracy",
+        "f1_macro",
+        "f1_weighted",
+        "top_k_accuracy",
+        "ece_before",
+        "ece_after",
+    ):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["top_k"] == 2 and metrics["top_k_accuracy"] >= metrics["accuracy"]
+    assert metrics["log_loss"] > 0 and metrics["temperature"] > 0
+    assert set(metrics["per_class"]) == set(CLASSES)
+    assert sum(c["support"] for c in metrics["per_class"].values()) == 9
+    predictions = pd.read_csv(params.paths.predictions)
+    assert metrics["accuracy"] == pytest.approx(predictions["correct"].mean())
+
+
+def test_predictions_are_sorted_and_match_the_model_on_preprocess_file(evaluated):
+    params, _ = evaluated
+    predictions = pd.read_csv(params.paths.predictions, dtype={"path": str, "label": str, "pred": str})
+    assert list(predictions.columns[:5]) == ["path", "label", "pred", "confidence", "correct"]
+    assert predictions["path"].tolist() == sorted(predictions["path"])
+    assert (predictions["correct"] == (predictions["label"] == predictions["pred"])).all()
+    probs = predictions[[f"prob_{c}" for c in CLASSES]].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(predictions["confidence"], probs.max(axis=1))
+
+    trained = load_trained(params.paths.model)
+    batch = np.stack(
+        [preprocess_file(params.paths.data_root / p, trained.data_config) for p in predictions["path"]]
+    )
+    with torch.inference_mode():
+        logits = trained.model(torch.from_numpy(batch)).numpy()
+    assert predictions["pred"].tolist() == [CLASSES[i] for i in logits.argmax(axis=1)]
+    np.testing.assert_allclose(probs, softmax(logits), atol=1e-5)
+    temperature = read_json(params.paths.calibration)["temperature"]
+    np.testing.assert_allclose(
+        predictions["confidence_calibrated"], softmax(logits, temperature).max(1), atol=1e-5
+    )
+
+
+def test_calibration_file_and_confusion_csv(evaluated):
+    params, _ = evaluated
+    calibration = read_json(params.paths.calibration)
+    assert set(calibration) == {"temperature", "val_nll_before", "val_nll_after"}
+    assert calibration["temperature"] > 0
+    assert calibration["val_nll_after"] <= calibration["val_nll_before"]
+    assert calibration["temperature"] == read_json(params.paths.metrics("evaluate"))["temperature"]
+
+    confusion = pd.read_csv(params.paths.reports_dir / "evaluate" / "confusion.csv", dtype=str)
+    predictions = pd.read_csv(params.paths.predictions, dtype=str)
+    assert list(confusion.columns) == ["actual", "predicted"]
+    assert len(confusion) == 9
+    assert confusion["actual"].tolist() == predictions["label"].tolist()
+    assert confusion["predicted"].tolist() == predictions["pred"].tolist()
+
+
+def test_pngs_are_real_images(evaluated):
+    params, _ = evaluated
+    folder = params.paths.reports_dir / "evaluate"
+    for name in PNGS:
+        with Image.open(folder / name) as image:
+            assert image.format == "PNG" and min(image.size) > 50, name
+    assert not (folder / "training_curves.png").exists()  # no dvclive folder in this project
+
+
+def test_report_is_self_contained_and_complete(evaluated):
+    params, _ = evaluated
+    page = (params.paths.reports_dir / "evaluate" / "report.html").read_text(encoding="utf-8")
+    for forbidden in ("http://", "https://", 'src="http', "<script", "<link"):
+        assert forbidden not in page
+    for text in (
+        *CLASSES,
+        "test_efficientnet",
+        "Run summary",
+        "Data summary",
+        "Training curves",
+        "Test metrics",
+        "Per-class metrics",
+        "Confusion matrix",
+        "Calibration",
+        "Most confident mistakes",
+        "No training curves found",
+        "No metrics file from the validate stage",
+    ):
+        assert text in page, text
+    assert page.count('src="data:image/png;base64,') == 4  # confusion, reliability, per-class F1, mistakes
+
+
+def test_tta_averages_the_flip_and_report_shows_curves_and_stage_metrics(tmp_path):
+    params = _project(tmp_path, tta=True)
+    for name, values in {"train/loss": [1.2, 0.8], "val/loss": [1.1, 0.9], "val/acc": [0.4, 0.6]}.items():
+        tsv = params.paths.live_dir / "plots" / "metrics" / f"{name}.tsv"
+        tsv.parent.mkdir(parents=True, exist_ok=True)
+        stem = tsv.stem
+        tsv.write_text(f"step\t{stem}\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(values)))
+    params.paths.metrics_dir.mkdir()
+    (params.paths.metrics_dir / "validate.json").write_text('{"n_quarantined": 7, "n_valid": 27}')
+
+    evaluate.run(params)
+
+    predictions = pd.read_csv(params.paths.predictions, dtype={"path": str})
+    trained = load_trained(params.paths.model)
+    image = torch.from_numpy(
+        preprocess_file(params.paths.data_root / predictions["path"][0], trained.data_config)
+    )[None]
+    with torch.inference_mode():
+        expected = (softmax(trained.model(image).numpy()) + softmax(trained.model(image.flip(3)).numpy())) / 2
+    np.testing.assert_allclose(
+        predictions.loc[0, [f"prob_{c}" for c in CLASSES]].to_numpy(float), expected[0], atol=1e-5
+    )
+
+    folder = params.paths.reports_dir / "evaluate"
+    with Image.open(folder / "training_curves.png") as curves:
+        assert curves.format == "PNG"
+    page = (folder / "report.html").read_text(encoding="utf-8")
+    assert "No training curves found" not in page
+    assert page.count('src="data:image/png;base64,') == 5
+    assert "n_quarantined" in page and "No metrics file from the split stage" in page
+
+
+def test_no_mistakes_gives_a_gallery_that_says_so(tmp_path):
+    params = _project(tmp_path, favour=0)  # the model predicts class_0 for everything
+    splits = pd.read_csv(params.paths.splits)
+    splits = splits[(splits["split"] != "test") | (splits["label"] == "class_0")]
+    splits.to_csv(params.paths.splits, index=False)
+    summary = evaluate.run(params)
+    assert summary["accuracy"] == 1.0 and summary["n_test"] == 3
+    folder = params.paths.reports_dir / "evaluate"
+    with Image.open(folder / "mistakes.png") as image:
+        assert image.format == "PNG"
+    page = (folder / "report.html").read_text(encoding="utf-8")
+    assert "<th>path</th>" not in page  # no mistakes table under the gallery
+
+
+def test_missing_model_names_the_path_and_the_stage(tmp_path):
+    params = _project(tmp_path)
+    params.paths.model.unlink()
+    with pytest.raises(PipelineError, match=r"model\.pt.*train"):
+        evaluate.run(params)
+
+
+def test_empty_test_split_is_a_clear_error(tmp_path):
+    params = _project(tmp_path, split_of=lambda i: ("train", "val")[i % 2])
+    with pytest.raises(PipelineError, match="test split has no rows"):
+        evaluate.run(params)
+    assert not params.paths.metrics("evaluate").exists()
+
+
+def test_labels_unknown_to_the_model_are_a_clear_error(tmp_path):
+    params = _project(tmp_path)
+    splits = pd.read_csv(params.paths.splits)
+    splits.loc[0, "label"] = "zebra"
+    splits.to_csv(params.paths.splits, index=False)
+    with pytest.raises(PipelineError, match="zebra.*train"):
+        evaluate.run(params)
+
+
+def test_top_k_accuracy_on_known_scores():
+    probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.4, 0.4, 0.2]])
+    labels = np.array([2, 1, 1])
+    # ranks of the true class: 2, 1, 0 (a tie counts for the true class)
+    assert evaluate._top_k_accuracy(probs, labels, 1) == pytest.approx(1 / 3)
+    assert evaluate._top_k_accuracy(probs, labels, 2) == pytest.approx(2 / 3)
+    assert evaluate._top_k_accuracy(probs, labels, 3) == pytest.approx(1.0)
