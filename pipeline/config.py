@@ -69,6 +69,20 @@ class IngestParams(_Section):
     chunksize: PositiveInt = 64
 
 
+class SeverityParams(_Section):
+    """What a failed validate rule does: `error` stops the stage, `warning` logs it (and quarantines the
+    offending files where the rule is about files), `off` skips the rule."""
+
+    min_images_per_class: Severity = "error"
+    max_imbalance_ratio: Severity = "warning"
+    min_classes: Severity = "error"
+    max_bad_fraction: Severity = "error"
+    min_side: Severity = "warning"
+    max_pixels: Severity = "warning"
+    label_conflict: Severity = "warning"
+    split_leakage: Severity = "error"
+
+
 class ValidateParams(_Section):
     min_images_per_class: PositiveInt = 10
     max_imbalance_ratio: PositiveFloat = 10.0
@@ -76,30 +90,7 @@ class ValidateParams(_Section):
     max_bad_fraction: Fraction = 0.05
     min_side: PositiveInt = 16
     max_pixels: PositiveInt = 50_000_000
-    severity: dict[
-        Literal[
-            "min_images_per_class",
-            "max_imbalance_ratio",
-            "min_classes",
-            "max_bad_fraction",
-            "min_side",
-            "max_pixels",
-            "label_conflict",
-            "split_leakage",
-        ],
-        Severity,
-    ] = Field(
-        default_factory=lambda: {
-            "min_images_per_class": "error",
-            "max_imbalance_ratio": "warning",
-            "min_classes": "error",
-            "max_bad_fraction": "error",
-            "min_side": "warning",
-            "max_pixels": "warning",
-            "label_conflict": "warning",
-            "split_leakage": "error",
-        }
-    )
+    severity: SeverityParams = SeverityParams()
 
 
 class SplitParams(_Section):
@@ -164,16 +155,15 @@ class TrainParams(_Section):
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     trainable_blocks: NonNegInt = 2
     progressive_head_epochs: NonNegInt = 2
-    progressive_unfreeze_every: PositiveInt = 1
+    progressive_unfreeze_every: NonNegInt = 1  # epochs between unfreezing the next block group; 0 = all at once
     freeze_bn: bool = True
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"
     channels_last: bool = False
     compile: bool = False
-    num_workers: NonNegInt = 0
+    num_workers: NonNegInt | None = None  # None: 0 on CPU (cores go to the model), up to 8 per GPU
     pin_memory: bool = True
     persistent_workers: bool = True
-    cache_margin: Annotated[float, Field(ge=1.0)] = 1.15
     overfit_gap_warning: Fraction = 0.15
     augment: AugmentParams = AugmentParams()
 
@@ -199,6 +189,14 @@ class QuantizeParams(_Section):
 class ExportParams(_Section):
     opset: Annotated[int, Field(ge=13)] = 18
     min_top1_agreement: Fraction = 0.999
+
+
+class OrchestrateParams(_Section):
+    """The Prefect flow around the DVC stages; no stage reads this, so changing it re-runs nothing."""
+
+    retries: NonNegInt = 2  # per stage, only for transient errors (DVC lock contention, I/O hiccups)
+    retry_delay_seconds: Annotated[float, Field(ge=0.0)] = 10.0
+    promote_metric: str = "accuracy"  # a key of the evaluate metrics; higher is better
     promote_tolerance: Annotated[float, Field(ge=0.0)] = 0.005
 
 
@@ -220,6 +218,7 @@ with warnings.catch_warnings():
         evaluate: EvaluateParams = EvaluateParams()
         quantize: QuantizeParams = QuantizeParams()
         export: ExportParams = ExportParams()
+        orchestrate: OrchestrateParams = OrchestrateParams()
 
         @classmethod
         def load(cls, path: Path | str = DEFAULT_PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:

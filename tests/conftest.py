@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.config import Params
+
 # Tools must never phone home or write into the user's home from tests.
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -39,3 +41,20 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: i
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images")
+
+
+def data_stage_params(tmp_path: Path, data_root: Path, **sections: dict) -> Params:
+    """Params for the data stages: source `data_root`, every output under tmp_path/out; `sections` override
+    whole params sections (e.g. ingest={"num_workers": 0})."""
+    out = tmp_path / "out"
+    paths = {
+        "data_root": str(data_root),
+        "manifest": str(out / "manifest.csv"),
+        "validated": str(out / "validated.csv"),
+        "quarantine": str(out / "quarantine.csv"),
+        "splits": str(out / "splits.csv"),
+        "metrics_dir": str(out / "metrics"),
+        "reports_dir": str(out / "reports"),
+        **sections.pop("paths", {}),
+    }
+    return Params.from_dict({"paths": paths, **sections})

@@ -1,8 +1,423 @@
-"""Stage: validate (placeholder until its issue lands)."""
+"""Stage: validate. Check the manifest's shape (pandera) and the data rules (Great Expectations), then
+write the usable rows for `split` and a quarantine of every excluded file with its reason.
+
+Each rule's severity (`validate.severity`) decides what a failure does: `error` fails the stage (after every
+report is written, so the user can look), `warning` logs and records it and quarantines the offending files
+where the rule is about files, `off` skips the rule. Class counts are taken on the usable images.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pandera.pandas as pa
+from pandera.typing import Series
 
 from pipeline.config import Params
+from pipeline.data.images import MANIFEST_COLUMNS, SPLITS, STATUSES
 from pipeline.errors import PipelineError
+from pipeline.io import atomic_dir, atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+_SPLIT_ORDER = {name: rank for rank, name in enumerate(SPLITS)}
+_SHOWN = 8  # offenders named in one message
+
+
+class ManifestSchema(pa.DataFrameModel):
+    """The manifest `ingest` writes: one row per candidate file, unique paths, known statuses."""
+
+    path: Series[str] = pa.Field(unique=True, str_length={"min_value": 1})
+    label: Series[str]
+    split: Series[str] = pa.Field(isin=["", *SPLITS])
+    sha256: Series[str] = pa.Field(str_matches=r"^(?:[0-9a-f]{64})?$")
+    size_bytes: Series[pd.Int64Dtype] = pa.Field(ge=0, nullable=True)
+    format: Series[str]
+    width: Series[pd.Int64Dtype] = pa.Field(gt=0, nullable=True)
+    height: Series[pd.Int64Dtype] = pa.Field(gt=0, nullable=True)
+    mode: Series[str]
+    status: Series[str] = pa.Field(isin=list(STATUSES))
+
+    class Config:
+        strict = True
+        coerce = True
+
+    @pa.dataframe_check
+    def ok_rows_are_complete(cls, df: pd.DataFrame) -> Series[bool]:
+        """A usable row needs a label, a hash and a size."""
+        complete = (df["label"] != "") & (df["sha256"] != "") & df["width"].notna() & df["height"].notna()
+        return (df["status"] != "ok") | complete
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """One data rule = one GX `expect_column_values_to_be_between` on a column of one of the frames below."""
+
+    frame: str
+    column: str
+    bound: str  # "min_value" | "max_value"
+    threshold: Callable[[Params], float]
+    fix: str
+
+
+_RULES: dict[str, _Rule] = {
+    "min_side": _Rule("files", "min_side", "min_value", lambda p: p.validate.min_side,
+                      "replace or remove them, or lower validate.min_side"),
+    "max_pixels": _Rule("files", "pixels", "max_value", lambda p: p.validate.max_pixels,
+                        "downscale or remove them, or raise validate.max_pixels"),
+    "label_conflict": _Rule("duplicates", "labels", "max_value", lambda p: 1,
+                            "delete the wrong copy or move it to the right class folder"),
+    "split_leakage": _Rule("duplicates", "splits", "max_value", lambda p: 1,
+                           "keep each file in one split only"),
+    "min_images_per_class": _Rule("classes", "images", "min_value", lambda p: p.validate.min_images_per_class,
+                                  "add images or lower validate.min_images_per_class"),
+    "min_classes": _Rule("summary", "classes", "min_value", lambda p: p.validate.min_classes,
+                         "add class folders or lower validate.min_classes"),
+    "max_imbalance_ratio": _Rule("summary", "imbalance_ratio", "max_value",
+                                 lambda p: p.validate.max_imbalance_ratio,
+                                 "add images to the small classes or raise validate.max_imbalance_ratio"),
+    "max_bad_fraction": _Rule("summary", "bad_fraction", "max_value", lambda p: p.validate.max_bad_fraction,
+                              "fix or remove the quarantined files, or raise validate.max_bad_fraction"),
+}  # fmt: skip
+_INDEX = {"files": ["path"], "duplicates": ["sha256"], "classes": ["label"], "summary": []}
+
+
+@dataclass
+class _Outcome:
+    rule: str
+    severity: str
+    passed: bool
+    observed: float | None  # the worst value of the checked column; None when it is empty
+    threshold: float
+    offenders: list = field(default_factory=list)  # values of the frame's index column
+    detail: str = ""
 
 
 def run(params: Params) -> dict:
-    raise PipelineError("not implemented yet")
+    manifest = _read_manifest(params.paths.manifest)
+    files = manifest[manifest["status"] != "empty_class_folder"]
+    ok = manifest[manifest["status"] == "ok"].copy()
+    ok["min_side"] = ok[["width", "height"]].min(axis=1).astype("int64")
+    ok["pixels"] = (ok["width"] * ok["height"]).astype("int64")
+
+    frames = {
+        "files": ok[["path", "label", "width", "height", "min_side", "pixels"]],
+        "duplicates": _duplicates(ok),
+    }
+    outcomes: dict[str, _Outcome] = {}
+    with atomic_dir(params.paths.reports_dir / "validate") as report_dir:
+        checker = _GxChecker(report_dir / "data_docs")
+        for name in ("files", "duplicates"):
+            outcomes.update(checker.check(name, frames[name], params))
+        excluded = _exclusions(outcomes, ok)
+        usable = ok[~ok["path"].isin(excluded)]
+        frames["classes"] = _classes(manifest, usable)
+        frames["summary"] = _summary(files, frames["classes"])
+        for name in ("classes", "summary"):
+            outcomes.update(checker.check(name, frames[name], params))
+        checker.build_docs()
+        _plot_distribution(
+            report_dir / "class_distribution.png", frames["classes"], manifest, excluded, params
+        )
+
+    quarantine = _quarantine(manifest, excluded)
+    with atomic_path(params.paths.quarantine) as tmp:
+        quarantine.to_csv(tmp, index=False, lineterminator="\n")
+    failed = [o for o in outcomes.values() if not o.passed]
+    for outcome in failed:
+        outcome.detail = _describe(outcome, frames, ok, params)
+        if outcome.severity == "warning":
+            log.warning("validate: rule %s (warning): %s", outcome.rule, outcome.detail)
+    errors = [o for o in failed if o.severity == "error"]
+    classes = frames["classes"].set_index("label")["images"]
+    metrics = {
+        "rows": len(manifest),
+        "files": len(files),
+        "usable": len(usable),
+        "quarantined": len(quarantine),
+        "classes": {label: int(n) for label, n in classes.items()},
+        "status": {s: int(n) for s, n in manifest["status"].value_counts().sort_index().items()},
+        "rules": {rule: _rule_metrics(outcomes.get(rule)) for rule in _RULES},
+        "errors": len(errors),
+        "warnings": len(failed) - len(errors),
+    }
+    write_json(params.paths.metrics("validate"), metrics)
+
+    messages = [
+        f"rule {o.rule} failed: {o.detail}; {_RULES[o.rule].fix} (or set validate.severity.{o.rule}: warning)"
+        for o in errors
+    ]
+    usable_classes = sorted(classes[classes > 0].index)
+    if len(usable_classes) < 2 and not any(o.rule == "min_classes" for o in errors):
+        messages.append(
+            f"only {len(usable_classes)} class(es) with usable images {usable_classes}; a classifier needs "
+            "at least 2: add a folder of images per class under paths.data_root"
+        )
+    if messages:
+        params.paths.validated.unlink(missing_ok=True)  # never leave a stale input for `split`
+        details = f"details: {params.paths.quarantine}, {params.paths.metrics('validate')}"
+        raise PipelineError("\n".join([*messages, details]))
+    with atomic_path(params.paths.validated) as tmp:
+        usable[list(MANIFEST_COLUMNS)].to_csv(tmp, index=False, lineterminator="\n")
+    log.info(
+        "validate: %d usable images in %d classes, %d quarantined",
+        len(usable),
+        len(usable_classes),
+        len(quarantine),
+    )
+    return {k: metrics[k] for k in ("rows", "usable", "quarantined", "errors", "warnings")}
+
+
+def _read_manifest(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise PipelineError(f"paths.manifest: {path} not found; run `python -m pipeline ingest` first")
+    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for column in ("size_bytes", "width", "height"):
+        if column in raw:
+            raw[column] = raw[column].replace("", None)
+    try:
+        manifest = ManifestSchema.validate(raw, lazy=True)
+    except pa.errors.SchemaErrors as exc:
+        failures = _schema_failures(exc)
+        raise PipelineError(
+            f"{path} does not match the manifest schema:\n{failures}\n"
+            "  re-run `python -m pipeline ingest` to rebuild it (do not edit the manifest by hand)"
+        ) from None
+    return manifest.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def _schema_failures(exc: pa.errors.SchemaErrors) -> str:
+    lines = []
+    cases = exc.failure_cases
+    for (column, check), group in cases.groupby(["column", "check"], dropna=False, sort=True):
+        rows = [int(i) + 2 for i in group["index"].dropna().tolist()][:_SHOWN]  # +2: header, 1-based
+        values = group["failure_case"].astype(str).tolist()[:_SHOWN]
+        where = f" at lines {rows}" if rows else ""
+        lines.append(f"  column {column!r}: {check} failed{where}: {values}")
+    return "\n".join(lines)
+
+
+def _duplicates(ok: pd.DataFrame) -> pd.DataFrame:
+    """Per distinct content: how many labels and how many given splits it appears under."""
+    given = ok["split"].where(ok["split"] != "")
+    frame = (
+        ok.assign(given=given)
+        .groupby("sha256", sort=True)
+        .agg(labels=("label", "nunique"), splits=("given", "nunique"))
+    )
+    return frame.reset_index().astype({"labels": "int64", "splits": "int64"})
+
+
+def _classes(manifest: pd.DataFrame, usable: pd.DataFrame) -> pd.DataFrame:
+    """Usable images per class; a class whose files were all excluded (or an empty folder) counts 0."""
+    labels = sorted(set(manifest.loc[manifest["label"] != "", "label"]))
+    counts = usable["label"].value_counts()
+    return pd.DataFrame({"label": labels, "images": [int(counts.get(label, 0)) for label in labels]})
+
+
+def _summary(files: pd.DataFrame, classes: pd.DataFrame) -> pd.DataFrame:
+    present = classes.loc[classes["images"] > 0, "images"]
+    ratio = float(present.max() / present.min()) if len(present) else 1.0
+    bad = float((files["status"] != "ok").mean()) if len(files) else 0.0
+    return pd.DataFrame({"classes": [len(present)], "imbalance_ratio": [ratio], "bad_fraction": [bad]})
+
+
+class _GxChecker:
+    """A Great Expectations ephemeral context: one suite per frame, results rendered as Data Docs."""
+
+    def __init__(self, docs_dir: Path) -> None:
+        os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+        # GX logs hundreds of INFO lines about its own set-up; only its warnings are worth showing.
+        logging.getLogger("great_expectations").setLevel(logging.WARNING)
+        import great_expectations as gx  # slow import (~3 s): only when the stage runs
+        from great_expectations.data_context.types.base import (
+            DataContextConfig,
+            InMemoryStoreBackendDefaults,
+            ProgressBarsConfig,
+        )
+
+        site = {
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        }
+        config = DataContextConfig(
+            store_backend_defaults=InMemoryStoreBackendDefaults(),
+            analytics_enabled=False,
+            progress_bars=ProgressBarsConfig(globally=False),
+            data_docs_sites={"validate": site},
+        )
+        self._gx = gx
+        self._context = gx.get_context(mode="ephemeral", project_config=config)
+        self._source = self._context.data_sources.add_pandas("manifest")
+
+    def check(self, name: str, frame: pd.DataFrame, params: Params) -> dict[str, _Outcome]:
+        """Run the suite of the rules (not `off`) that check frame `name`; one outcome per rule."""
+        gx, severity = self._gx, params.validate.severity
+        rules = [
+            rule for rule, spec in _RULES.items() if spec.frame == name and getattr(severity, rule) != "off"
+        ]
+        if not rules:
+            return {}
+        suite = self._context.suites.add(gx.ExpectationSuite(name=name))
+        for rule in rules:
+            spec = _RULES[rule]
+            bound = {spec.bound: spec.threshold(params)}
+            suite.add_expectation(
+                gx.expectations.ExpectColumnValuesToBeBetween(
+                    column=spec.column, **bound, meta={"rule": rule}
+                )
+            )
+        batch = self._source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
+        definition = gx.ValidationDefinition(name=name, data=batch, suite=suite)
+        definition = self._context.validation_definitions.add(definition)
+        index = _INDEX[name]
+        result_format = {
+            "result_format": "COMPLETE",
+            **({"unexpected_index_column_names": index} if index else {}),
+        }
+        result = definition.run(batch_parameters={"dataframe": frame}, result_format=result_format)
+        outcomes = {}
+        for item in result.results:
+            rule = item.expectation_config.meta["rule"]
+            if item.exception_info.get("raised_exception"):
+                raise RuntimeError(
+                    f"Great Expectations could not evaluate rule {rule}: {item.exception_info}"
+                )
+            spec = _RULES[rule]
+            column = frame[spec.column]
+            worst = (column.min() if spec.bound == "min_value" else column.max()) if len(column) else None
+            offenders = (
+                [row[index[0]] for row in item.result.get("unexpected_index_list", [])] if index else []
+            )
+            outcomes[rule] = _Outcome(
+                rule=rule,
+                severity=getattr(severity, rule),
+                passed=bool(item.success),
+                observed=None if worst is None else float(worst),
+                threshold=float(spec.threshold(params)),
+                offenders=offenders,
+            )
+        return outcomes
+
+    def build_docs(self) -> None:
+        self._context.build_data_docs()
+
+
+def _exclusions(outcomes: dict[str, _Outcome], ok: pd.DataFrame) -> dict[str, str]:
+    """Files that failed file-level rules -> the first rule that excluded them: the files themselves
+    (max_pixels, min_side), every copy of a content under two labels (label_conflict), or the copies outside
+    the earliest given split (split_leakage: train, then val, then test)."""
+    excluded: dict[str, str] = {}
+    for rule in ("max_pixels", "min_side", "label_conflict", "split_leakage"):
+        outcome = outcomes.get(rule)
+        if outcome is None or outcome.passed:
+            continue
+        if rule in ("max_pixels", "min_side"):
+            paths = outcome.offenders
+        else:
+            copies = ok[ok["sha256"].isin(outcome.offenders) & ~ok["path"].isin(excluded)]
+            if rule == "split_leakage":
+                copies = copies[copies["split"] != ""]
+                first = copies.groupby("sha256")["split"].transform(
+                    lambda s: min(s, key=_SPLIT_ORDER.__getitem__)
+                )
+                copies = copies[copies["split"] != first]
+            paths = copies["path"].tolist()
+        for path in paths:
+            excluded.setdefault(path, rule)
+    return excluded
+
+
+def _describe(outcome: _Outcome, frames: dict[str, pd.DataFrame], ok: pd.DataFrame, params: Params) -> str:
+    """A failed rule in words, naming the offending classes or files."""
+    rule, threshold = outcome.rule, outcome.threshold
+    if rule in ("min_side", "max_pixels"):
+        sizes = ok.set_index("path")
+        named = [f"{p!r} ({sizes.at[p, 'width']}x{sizes.at[p, 'height']})" for p in outcome.offenders]
+        bound = (
+            f"smaller than {threshold:g} px on a side" if rule == "min_side" else f"over {threshold:g} pixels"
+        )
+        return f"{len(named)} image(s) {bound}: {_listing(named)}"
+    if rule in ("label_conflict", "split_leakage"):
+        key, where = (
+            ("label", "under different labels") if rule == "label_conflict" else ("split", "in two splits")
+        )
+        groups = ok[ok["sha256"].isin(outcome.offenders)].groupby("sha256", sort=True)
+        named = [
+            " = ".join(f"{path!r} ({value})" for path, value in zip(g["path"], g[key], strict=True))
+            for _, g in groups
+        ]
+        return f"{len(named)} group(s) of identical files {where}: {_listing(named)}"
+    classes = frames["classes"].set_index("label")["images"]
+    if rule == "min_images_per_class":
+        named = [f"{label!r} ({classes[label]})" for label in outcome.offenders]
+        return f"classes {_listing(named)} have fewer than {threshold:g} usable images"
+    if rule == "min_classes":
+        present = sorted(classes[classes > 0].index)
+        return f"{len(present)} class(es) with usable images {present}, need at least {threshold:g}"
+    if rule == "max_imbalance_ratio":
+        present = classes[classes > 0]
+        return (
+            f"largest/smallest class ratio is {outcome.observed:.1f} ({present.idxmax()!r} {present.max()} / "
+            f"{present.idxmin()!r} {present.min()}), above {threshold:g}"
+        )
+    return (
+        f"{outcome.observed:.1%} of the files are unusable, above {threshold:.1%} "
+        f"(see {params.paths.quarantine} for each file and its reason)"
+    )
+
+
+def _listing(items: list[str]) -> str:
+    more = f", ... and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+    return "[" + ", ".join(items[:_SHOWN]) + more + "]"
+
+
+def _rule_metrics(outcome: _Outcome | None) -> dict:
+    if outcome is None:
+        return {"severity": "off"}
+    return {
+        "severity": outcome.severity,
+        "passed": outcome.passed,
+        "observed": outcome.observed,
+        "threshold": outcome.threshold,
+        "offenders": len(outcome.offenders),
+    }
+
+
+def _quarantine(manifest: pd.DataFrame, excluded: dict[str, str]) -> pd.DataFrame:
+    """Every excluded file with its reason: the ingest status, or the rule that took it out."""
+    bad = manifest.loc[manifest["status"] != "ok", ["path", "label", "status"]].rename(
+        columns={"status": "reason"}
+    )
+    ruled = manifest.loc[manifest["path"].isin(excluded), ["path", "label"]]
+    ruled = ruled.assign(reason=ruled["path"].map(excluded))
+    return pd.concat([bad, ruled]).sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def _plot_distribution(
+    target: Path, classes: pd.DataFrame, manifest: pd.DataFrame, excluded: dict[str, str], params: Params
+) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    dropped = manifest[((manifest["status"] != "ok") | manifest["path"].isin(excluded))]
+    dropped = dropped[dropped["status"] != "empty_class_folder"]["label"].value_counts()
+    dropped = dropped.reindex(classes["label"], fill_value=0).to_numpy()
+    kept = classes["images"].to_numpy()
+    figure = Figure(figsize=(max(4.0, 0.5 * len(classes) + 2), 3.5), layout="constrained")
+    axes = figure.add_subplot()
+    axes.bar(classes["label"], kept, label="usable", color="#4c72b0")
+    axes.bar(classes["label"], dropped, bottom=kept, label="quarantined", color="#dd8452")
+    axes.axhline(
+        params.validate.min_images_per_class, color="grey", linestyle="--", label="min_images_per_class"
+    )
+    axes.set_ylabel("images")
+    axes.set_title("Images per class")
+    axes.tick_params(axis="x", labelrotation=45)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    figure.savefig(target, dpi=100, metadata={"Software": None})

@@ -1,0 +1,275 @@
+"""Finding candidate image files under a data root, and inspecting one file (hash, header, full decode).
+
+Everything here only reads: source files are opened read-only and never moved, rewritten or deleted.
+Each candidate becomes one manifest row; a file that cannot be used keeps its row with a short status that
+says why (`STATUSES`), so every problem is reported rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import os
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from pipeline.errors import PipelineError
+from pipeline.preprocess import to_rgb
+
+MANIFEST_COLUMNS = (
+    "path",
+    "label",
+    "split",
+    "sha256",
+    "size_bytes",
+    "format",
+    "width",
+    "height",
+    "mode",
+    "status",
+)
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+STATUSES = (
+    "ok",
+    "empty_file",  # zero bytes
+    "not_an_image",  # PIL cannot identify it (e.g. a text file named .jpg)
+    "truncated",  # the data ends before the image does
+    "decode_error",  # identified, but decoding or colour conversion failed
+    "too_large",  # header pixels > ingest.max_decode_pixels: never decoded (decompression bomb)
+    "unreadable",  # the OS refused to read it
+    "symlink_outside_root",  # refused: a link that leaves paths.data_root
+    "symlink_not_followed",  # a link inside the root while ingest.follow_symlinks_inside_root is false
+    "symlink_loop",  # a folder link back into one of its own parents
+    "broken_symlink",
+    "no_label",  # not below a class folder at ingest.label_depth (or an empty label in the CSV)
+    "unknown_split",  # a pre-split folder / CSV split value that is not train, val(id|idation) or test
+    "missing",  # listed in the CSV manifest but not on disk
+    "outside_root",  # a CSV path that is absolute or climbs out of paths.data_root
+    "empty_class_folder",  # a class folder with no image files in it (the row's path is the folder + "/")
+)
+
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One manifest row to be: `path` is POSIX and relative to the data root; a preset `status` means the
+    file is reported as is and never opened."""
+
+    path: str
+    label: str
+    split: str = ""
+    status: str = ""
+
+
+@dataclass
+class Scan:
+    candidates: list[Candidate]
+    skipped_hidden: int = 0
+    skipped_non_image: int = 0
+
+
+@dataclass
+class _Tree:
+    files: list[tuple[str, str]] = field(default_factory=list)  # (relative path, preset status)
+    dirs: list[str] = field(default_factory=list)
+    hidden: int = 0
+    non_image: int = 0
+
+
+def has_presplit_layout(root: Path) -> bool:
+    """True when `root` holds `train/` and one of `val/`, `valid/`, `validation/`."""
+    names = {child.name for child in root.iterdir() if child.is_dir()} if root.is_dir() else set()
+    return "train" in names and bool(names & {"val", "valid", "validation"})
+
+
+def scan_tree(
+    root: Path, extensions: list[str], follow_symlinks_inside_root: bool, label_depth: int, presplit: bool
+) -> Scan:
+    """Candidates of a class-folder tree (`presplit`: below train/ val/ test/ folders), labels taken from the
+    folder `label_depth` levels below the (split) root; class folders without any image file get a row too."""
+    tree = _walk(root, {ext.lower() for ext in extensions}, follow_symlinks_inside_root)
+    depth = label_depth + (1 if presplit else 0)  # folder levels above the file that name split and class
+    candidates = []
+    for rel, status in tree.files:
+        parts = rel.split("/")
+        label = parts[depth - 1] if len(parts) > depth else ""
+        split = SPLIT_ALIASES.get(parts[0], "") if presplit and len(parts) > 1 else ""
+        if not status and not label:
+            status = "no_label"
+        elif not status and presplit and not split:
+            status = "unknown_split"
+        candidates.append(Candidate(rel, label, split, status))
+    used = {"/".join(c.path.split("/")[:depth]) for c in candidates}
+    for folder in tree.dirs:
+        parts = folder.split("/")
+        if len(parts) == depth and folder not in used and (not presplit or parts[0] in SPLIT_ALIASES):
+            split = SPLIT_ALIASES[parts[0]] if presplit else ""
+            candidates.append(Candidate(folder + "/", parts[-1], split, "empty_class_folder"))
+    return Scan(sorted(candidates, key=lambda c: c.path), tree.hidden, tree.non_image)
+
+
+def read_listing(root: Path, listing: Path, follow_symlinks_inside_root: bool) -> Scan:
+    """Candidates of a CSV manifest with columns path,label[,split] (paths relative to `root`)."""
+    try:
+        with listing.open(newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+            columns = set(rows[0]) if rows else set()
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise PipelineError(f"paths.csv_manifest: cannot read {listing}: {exc}") from None
+    if not {"path", "label"} <= columns:
+        raise PipelineError(
+            f"{listing}: expected a header with columns path,label[,split] and at least one row; "
+            f"got columns {sorted(c for c in columns if c)}"
+        )
+    real_root = root.resolve()
+    candidates = []
+    for row in rows:
+        raw = (row["path"] or "").strip().replace("\\", "/")
+        rel = posixpath.normpath(raw) if raw else ""
+        given = (row.get("split") or "").strip().lower()
+        split = SPLIT_ALIASES.get(given, "")
+        label = (row["label"] or "").strip()
+        status = _listed_file_status(root, real_root, rel, follow_symlinks_inside_root)
+        if not status and not label:
+            status = "no_label"
+        elif not status and given and not split:
+            status = "unknown_split"
+        candidates.append(Candidate(rel or raw, label, split, status))
+    return Scan(sorted(candidates, key=lambda c: c.path))
+
+
+def inspect(root: str, max_decode_pixels: int, candidate: Candidate) -> dict[str, object]:
+    """The manifest row of one candidate: sha256 and size of its bytes, then a full decode (EXIF-rotated, to
+    RGB, exactly as `pipeline.preprocess.open_rgb` does) whose width/height are recorded."""
+    row: dict[str, object] = dict.fromkeys(MANIFEST_COLUMNS, "")
+    row.update(path=candidate.path, label=candidate.label, split=candidate.split, status=candidate.status)
+    if candidate.status:
+        return row
+    file = Path(root, candidate.path)
+    try:
+        row["sha256"], row["size_bytes"] = _sha256(file)
+    except OSError:
+        row["status"] = "unreadable"
+        return row
+    if row["size_bytes"] == 0:
+        row["status"] = "empty_file"
+        return row
+    row.update(_decode(file, max_decode_pixels))
+    return row
+
+
+def _walk(root: Path, extensions: set[str], follow_inside: bool) -> _Tree:
+    """Depth-first listing that skips hidden entries, counts non-image files and vets every symlink."""
+    real_root = root.resolve()
+    tree = _Tree()
+    stack: list[tuple[str, Path, tuple[Path, ...]]] = [("", real_root, (real_root,))]
+    while stack:
+        prefix, directory, chain = stack.pop()
+        for entry in _list_dir(directory):
+            rel = prefix + entry.name
+            is_image = os.path.splitext(entry.name)[1].lower() in extensions
+            if entry.name.startswith("."):
+                tree.hidden += 1
+            elif entry.is_symlink():
+                status, target = _link_status(Path(entry.path), real_root, follow_inside)
+                if target is not None and target.is_dir():
+                    if any(parent.is_relative_to(target) for parent in chain):
+                        tree.files.append((rel, "symlink_loop"))
+                    else:
+                        tree.dirs.append(rel)
+                        stack.append((rel + "/", target, (*chain, target)))
+                elif is_image or (status == "symlink_outside_root" and Path(entry.path).is_dir()):
+                    tree.files.append((rel, status))
+                else:
+                    tree.non_image += 1
+            elif entry.is_dir(follow_symlinks=False):
+                tree.dirs.append(rel)
+                path = Path(entry.path)
+                stack.append((rel + "/", path, (*chain, path)))
+            elif is_image and entry.is_file(follow_symlinks=False):
+                tree.files.append((rel, ""))
+            else:
+                tree.non_image += 1
+    return tree
+
+
+def _list_dir(directory: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(directory) as entries:
+            return sorted(entries, key=lambda entry: entry.name)
+    except OSError as exc:
+        raise PipelineError(f"paths.data_root: cannot list folder {directory}: {exc.strerror}") from None
+
+
+def _link_status(link: Path, real_root: Path, follow_inside: bool) -> tuple[str, Path | None]:
+    """(preset status, resolved target); the target is None when the link must not be followed."""
+    try:
+        target = link.resolve(strict=True)
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop on Python < 3.13
+        return "broken_symlink", None
+    if not target.is_relative_to(real_root):
+        return "symlink_outside_root", None
+    if not follow_inside:
+        return "symlink_not_followed", None
+    return "", target
+
+
+def _listed_file_status(root: Path, real_root: Path, rel: str, follow_inside: bool) -> str:
+    if not rel or posixpath.isabs(rel) or rel == ".." or rel.startswith("../"):
+        return "outside_root"
+    file = root / rel
+    try:
+        real = file.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return "broken_symlink" if file.is_symlink() else "missing"
+    if not real.is_relative_to(real_root):
+        return "symlink_outside_root"
+    if real != real_root / rel and not follow_inside:
+        return "symlink_not_followed"
+    return "" if real.is_file() else "not_an_image"
+
+
+def _sha256(file: Path) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with file.open("rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _decode(file: Path, max_decode_pixels: int) -> dict[str, object]:
+    info: dict[str, object] = {}
+    try:
+        with _own_limits(), Image.open(file) as img:
+            info = {"format": img.format or "", "mode": img.mode, "width": img.width, "height": img.height}
+            if img.width * img.height > max_decode_pixels:
+                return {**info, "status": "too_large"}
+            img.load()
+            rgb = to_rgb(ImageOps.exif_transpose(img))
+            return {**info, "width": rgb.width, "height": rgb.height, "status": "ok"}
+    except UnidentifiedImageError:
+        return {**info, "status": "not_an_image"}
+    except OSError as exc:
+        return {**info, "status": "truncated" if "truncated" in str(exc).lower() else "decode_error"}
+    except Exception:  # corrupt data makes PIL raise ValueError, SyntaxError, struct.error, ...
+        return {**info, "status": "decode_error"}
+
+
+@contextlib.contextmanager
+def _own_limits() -> Iterator[None]:
+    """PIL's bomb check uses its own global limit; ingest checks `max_decode_pixels` itself, before decoding.
+    Truncated files must fail even if some other code in this process told PIL to accept them."""
+    saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved

@@ -1,0 +1,181 @@
+"""Ingest: the three sources, labels by folder depth, symlink handling, determinism and the error paths."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import pytest
+from conftest import data_stage_params, make_image, make_image_folder
+from PIL import Image, ImageFile
+
+from pipeline.data import images
+from pipeline.errors import PipelineError
+from pipeline.io import read_json
+from pipeline.stages import ingest
+
+
+def _manifest(params) -> pd.DataFrame:
+    return pd.read_csv(params.paths.manifest, dtype=str, keep_default_na=False)
+
+
+def test_folder_source_labels_from_first_level_and_deeper_folders_join_their_class(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=3)
+    make_image(root / "class_0" / "close-ups" / "deep.png", 0, seed=7)
+    params = data_stage_params(tmp_path, root, ingest={"num_workers": 0})
+
+    summary = ingest.run(params)
+
+    manifest = _manifest(params)
+    assert list(manifest.columns) == list(images.MANIFEST_COLUMNS)
+    assert list(manifest["path"]) == sorted(manifest["path"])
+    labels = dict(zip(manifest["path"], manifest["label"], strict=True))
+    assert labels["class_0/close-ups/deep.png"] == "class_0"
+    assert set(manifest["status"]) == {"ok"} and set(manifest["split"]) == {""}
+    assert set(manifest["format"]) == {"PNG"} and set(manifest["width"]) == {"32"}
+    assert summary["source"] == "folder" and summary["ok"] == 7 and summary["classes"] == 2
+    metrics = read_json(params.paths.metrics("ingest"))
+    assert metrics["status"] == {"ok": 7} and metrics["files_scanned"] == 7
+
+
+def test_label_depth_picks_another_folder_level(tmp_path):
+    root = tmp_path / "data"
+    make_image(root / "shop_a" / "shoes" / "1.png", 0, seed=1)
+    make_image(root / "shop_b" / "bags" / "2.png", 1, seed=2)
+    make_image(root / "shop_b" / "loose.png", 1, seed=3)  # no folder at depth 2: no label
+    params = data_stage_params(tmp_path, root, ingest={"num_workers": 0, "label_depth": 2})
+
+    ingest.run(params)
+
+    rows = _manifest(params).set_index("path")
+    assert rows.at["shop_a/shoes/1.png", "label"] == "shoes"
+    assert rows.at["shop_b/bags/2.png", "label"] == "bags"
+    assert rows.at["shop_b/loose.png", "status"] == "no_label"
+
+
+def test_manifest_is_byte_identical_across_runs_and_worker_counts(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=6)
+    outputs = []
+    for workers in (0, 2, 2):
+        params = data_stage_params(tmp_path, root, ingest={"num_workers": workers, "chunksize": 2})
+        ingest.run(params)
+        outputs.append(params.paths.manifest.read_bytes())
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert len(outputs[0].decode().splitlines()) == 13
+
+
+def test_presplit_source_normalises_split_names(tmp_path):
+    root = tmp_path / "data"
+    for i, (split, folder) in enumerate((("train", "train"), ("val", "valid"), ("test", "test"))):
+        for k in range(2):
+            make_image(root / folder / f"c{k}" / f"{split}.png", k, seed=10 * i + k)
+    (root / "valid" / "c2").mkdir()
+    make_image(root / "extras" / "c0" / "x.png", 0, seed=5)
+    params = data_stage_params(tmp_path, root, ingest={"num_workers": 0})
+
+    assert ingest.run(params)["source"] == "presplit"
+
+    rows = _manifest(params).set_index("path")
+    assert rows.at["valid/c1/val.png", "split"] == "val" and rows.at["valid/c1/val.png", "label"] == "c1"
+    assert rows.at["train/c0/train.png", "split"] == "train"
+    assert rows.at["test/c1/test.png", "split"] == "test"
+    assert rows.at["valid/c2/", "status"] == "empty_class_folder"
+    assert rows.at["extras/c0/x.png", "status"] == "unknown_split"
+
+
+def test_csv_source_reports_missing_escaping_and_unknown_split_rows(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=2)
+    listing = tmp_path / "labels.csv"
+    listing.write_text(
+        "path,label,split\n"
+        "class_0/img_000.png,cat,train\n"
+        "./class_1/img_000.png,dog,Validation\n"
+        "class_1/img_001.png,dog,holdout\n"
+        "class_0/nope.png,cat,train\n"
+        "../outside.png,cat,train\n"
+        "class_0/img_001.png,,train\n"
+    )
+    params = data_stage_params(
+        tmp_path, root, paths={"csv_manifest": str(listing)}, ingest={"num_workers": 0}
+    )
+
+    assert ingest.run(params)["source"] == "csv"
+
+    rows = _manifest(params).set_index("path")
+    assert (rows.at["class_0/img_000.png", "label"], rows.at["class_0/img_000.png", "status"]) == (
+        "cat",
+        "ok",
+    )
+    assert rows.at["class_1/img_000.png", "split"] == "val"
+    assert rows.at["class_1/img_001.png", "status"] == "unknown_split"
+    assert rows.at["class_0/nope.png", "status"] == "missing"
+    assert rows.at["../outside.png", "status"] == "outside_root"
+    assert rows.at["class_0/img_001.png", "status"] == "no_label"
+
+
+def test_csv_without_the_needed_columns_is_an_error(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=1)
+    listing = tmp_path / "labels.csv"
+    listing.write_text("file,class\nclass_0/img_000.png,cat\n")
+    params = data_stage_params(
+        tmp_path, root, paths={"csv_manifest": str(listing)}, ingest={"num_workers": 0}
+    )
+    with pytest.raises(PipelineError, match=r"labels.csv: expected a header with columns path,label"):
+        ingest.run(params)
+
+
+def test_symlinks_inside_the_root_follow_the_param(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=1)
+    os.symlink(root / "class_0" / "img_000.png", root / "class_1" / "alias.png")
+    os.symlink(root / "class_0", root / "class_1" / "linked_dir")
+    os.symlink(root, root / "class_0" / "loop")
+    os.symlink(root / "class_0" / "gone.png", root / "class_0" / "broken.png")
+
+    followed = data_stage_params(tmp_path, root, ingest={"num_workers": 0})
+    ingest.run(followed)
+    rows = _manifest(followed).set_index("path")
+    assert rows.at["class_1/alias.png", "status"] == "ok"
+    assert rows.at["class_1/alias.png", "sha256"] == rows.at["class_0/img_000.png", "sha256"]
+    assert rows.at["class_1/linked_dir/img_000.png", "label"] == "class_1"
+    assert rows.at["class_0/loop", "status"] == "symlink_loop"
+    assert rows.at["class_1/linked_dir/loop", "status"] == "symlink_loop"
+    assert rows.at["class_0/broken.png", "status"] == "broken_symlink"
+
+    refused = data_stage_params(
+        tmp_path, root, ingest={"num_workers": 0, "follow_symlinks_inside_root": False}
+    )
+    ingest.run(refused)
+    rows = _manifest(refused).set_index("path")
+    assert rows.at["class_1/alias.png", "status"] == "symlink_not_followed"
+    assert "class_1/linked_dir/img_000.png" not in rows.index
+
+
+def test_inspect_rejects_truncated_files_even_if_pil_was_told_to_accept_them(tmp_path):
+    make_image(tmp_path / "full.jpg", 0)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        row = images.inspect(str(tmp_path), 10**6, images.Candidate("cut.jpg", "a"))
+        assert row["status"] == "truncated"
+        assert ImageFile.LOAD_TRUNCATED_IMAGES is True, "the caller's PIL settings are restored"
+        assert images.inspect(str(tmp_path), 100, images.Candidate("full.jpg", "a"))["status"] == "too_large"
+        assert Image.MAX_IMAGE_PIXELS == saved[1]
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved[0]
+
+
+@pytest.mark.parametrize(
+    ("ingest_params", "paths", "message"),
+    [
+        ({}, {"data_root": "does/not/exist"}, r"paths.data_root: does/not/exist is not a folder"),
+        ({"source": "csv"}, {}, r"ingest.source is csv but paths.csv_manifest is not set"),
+        ({"source": "presplit"}, {}, r"ingest.source is presplit but .* has no train/ and val/"),
+    ],
+)
+def test_bad_source_settings_are_clear_errors(tmp_path, ingest_params, paths, message):
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=1)
+    params = data_stage_params(tmp_path, root, paths=paths, ingest={"num_workers": 0, **ingest_params})
+    with pytest.raises(PipelineError, match=message):
+        ingest.run(params)

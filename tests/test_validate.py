@@ -1,0 +1,132 @@
+"""Validate: reports on clean data, the schema gate, leakage across given splits, and how severities act."""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+import pytest
+from conftest import data_stage_params, make_image, make_image_folder
+
+from pipeline.errors import PipelineError
+from pipeline.io import read_json
+from pipeline.stages import ingest, validate
+
+
+def _ingested(tmp_path, root, **sections):
+    params = data_stage_params(tmp_path, root, ingest={"num_workers": 0}, **sections)
+    ingest.run(params)
+    return params
+
+
+def test_clean_dataset_passes_and_writes_every_report(image_folder, tmp_path):
+    params = _ingested(tmp_path, image_folder)
+
+    summary = validate.run(params)
+
+    assert summary == {"rows": 36, "usable": 36, "quarantined": 0, "errors": 0, "warnings": 0}
+    assert params.paths.validated.read_bytes() == params.paths.manifest.read_bytes()
+    assert params.paths.quarantine.read_text() == "path,label,reason\n"
+    metrics = read_json(params.paths.metrics("validate"))
+    assert metrics["classes"] == {"class_0": 12, "class_1": 12, "class_2": 12}
+    assert all(rule["passed"] for rule in metrics["rules"].values())
+    assert metrics["rules"]["min_side"]["observed"] == 32
+    report = params.paths.reports_dir / "validate"
+    assert (report / "class_distribution.png").read_bytes()[:4] == b"\x89PNG"
+    assert (report / "data_docs" / "index.html").is_file()
+    pages = {page.name for page in (report / "data_docs" / "validations").rglob("*.html")}
+    assert pages == {f"manifest-{frame}.html" for frame in ("files", "duplicates", "classes", "summary")}
+
+
+def test_schema_violations_name_the_columns_and_lines(image_folder, tmp_path):
+    params = _ingested(tmp_path, image_folder)
+    manifest = pd.read_csv(params.paths.manifest, dtype=str, keep_default_na=False)
+    manifest.loc[1, "path"] = manifest.loc[0, "path"]
+    manifest.loc[2, "status"] = "fine"
+    manifest.loc[3, "width"] = "wide"
+    manifest.to_csv(params.paths.manifest, index=False)
+
+    with pytest.raises(PipelineError) as caught:
+        validate.run(params)
+
+    message = str(caught.value)
+    assert "does not match the manifest schema" in message and "re-run `python -m pipeline ingest`" in message
+    assert "column 'path': field_uniqueness failed at lines [2, 3]" in message
+    assert "column 'status': isin" in message and "'fine'" in message
+    assert "column 'width'" in message and "'wide'" in message
+
+
+def test_missing_manifest_says_to_run_ingest(tmp_path):
+    params = data_stage_params(tmp_path, tmp_path)
+    with pytest.raises(PipelineError, match=r"paths.manifest: .* not found; run `python -m pipeline ingest`"):
+        validate.run(params)
+
+
+@pytest.fixture
+def leaky_presplit(tmp_path):
+    root = tmp_path / "data"
+    for s, split in enumerate(("train", "val", "test")):
+        for k in range(2):
+            for i in range(4):
+                make_image(root / split / f"c{k}" / f"{i}.png", k, seed=100 * s + 10 * k + i)
+    (root / "test" / "c0" / "copy.png").write_bytes((root / "train" / "c0" / "0.png").read_bytes())
+    return root
+
+
+def test_split_leakage_is_an_error_by_default(leaky_presplit, tmp_path):
+    params = _ingested(tmp_path, leaky_presplit, validate={"min_images_per_class": 2})
+    with pytest.raises(PipelineError) as caught:
+        validate.run(params)
+    message = str(caught.value)
+    assert "rule split_leakage failed: 1 group(s) of identical files in two splits" in message
+    assert "'test/c0/copy.png' (test) = 'train/c0/0.png' (train)" in message
+    assert "validate.severity.split_leakage: warning" in message
+
+
+def test_split_leakage_as_warning_quarantines_the_copy_outside_train(leaky_presplit, tmp_path, caplog):
+    params = _ingested(
+        tmp_path,
+        leaky_presplit,
+        validate={"min_images_per_class": 2, "severity": {"split_leakage": "warning"}},
+    )
+    with caplog.at_level(logging.WARNING):
+        validate.run(params)
+    assert "rule split_leakage (warning)" in caplog.text
+    quarantine = pd.read_csv(params.paths.quarantine, dtype=str)
+    assert quarantine.to_dict("records") == [
+        {"path": "test/c0/copy.png", "label": "c0", "reason": "split_leakage"}
+    ]
+    validated = pd.read_csv(params.paths.validated, dtype=str)
+    assert "train/c0/0.png" in set(validated["path"])
+
+
+def test_a_rule_set_off_is_neither_checked_nor_excluding(image_folder, tmp_path):
+    make_image(image_folder / "class_0" / "tiny.png", 0, size=8)
+    params = _ingested(tmp_path, image_folder, validate={"severity": {"min_side": "off"}})
+
+    validate.run(params)
+
+    assert "class_0/tiny.png" in set(pd.read_csv(params.paths.validated)["path"])
+    assert read_json(params.paths.metrics("validate"))["rules"]["min_side"] == {"severity": "off"}
+
+
+def test_small_class_is_kept_as_a_warning_and_fails_as_an_error(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=12)
+    for i in range(3):
+        make_image(root / "rare" / f"{i}.png", 2, seed=500 + i)
+    warn = _ingested(tmp_path, root, validate={"severity": {"min_images_per_class": "warning"}})
+    with caplog.at_level(logging.WARNING):
+        validate.run(warn)
+    assert "classes ['rare' (3)] have fewer than 10 usable images" in caplog.text
+    assert (pd.read_csv(warn.paths.validated)["label"] == "rare").sum() == 3
+
+    fail = data_stage_params(tmp_path, root)  # default: min_images_per_class is an error
+    with pytest.raises(PipelineError) as caught:
+        validate.run(fail)
+    assert str(caught.value).startswith(
+        "rule min_images_per_class failed: classes ['rare' (3)] have fewer than 10 usable images; "
+        "add images or lower validate.min_images_per_class "
+        "(or set validate.severity.min_images_per_class: warning)"
+    )
+    assert not fail.paths.validated.exists(), "a failed validate must not leave the previous validated rows"
+    assert read_json(fail.paths.metrics("validate"))["errors"] == 1
