@@ -1,0 +1,210 @@
+"""Classify images with an export folder: ONNX Runtime, numpy and PIL only, so it runs where torch is absent.
+
+Preprocessing is the export's `preprocess.json` applied by `pipeline.preprocess`, the same code the evaluate
+stage uses, so predictions match evaluate's. Python use: `Predictor(model_dir).predict([image_or_path, ...])`.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline import onnx_runtime as rt
+from pipeline.errors import PipelineError
+from pipeline.preprocess import open_rgb, preprocess
+
+LABELS_FILE = "labels.json"
+PREPROCESS_FILE = "preprocess.json"
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+# What PIL raises for missing, truncated, corrupt or oversized files (some decoders raise SyntaxError).
+_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class UsageError(PipelineError):
+    """The run cannot start (no model, no inputs); the CLI exits 2."""
+
+
+@dataclass
+class Prediction:
+    """One input's top-k (label, probability) pairs, best first, or the reason it could not be read."""
+
+    source: str
+    labels: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Predictor:
+    """An export folder loaded once; `predict` takes PIL images and/or image paths.
+
+    Probabilities are softmax(logits / temperature), the calibration temperature from the model's metadata.
+    """
+
+    def __init__(self, model_dir: Path | str, int8: bool = False, batch_size: int = 32):
+        model_dir = Path(model_dir)
+        model_file = model_dir / (rt.INT8_FILE if int8 else rt.FP32_FILE)
+        if int8 and not model_file.is_file() and (model_dir / rt.FP32_FILE).is_file():
+            raise UsageError(
+                f"{model_file}: this export has no INT8 model (it was made with quantize.enabled: false); "
+                "run without --int8"
+            )
+        for needed in (model_file, model_dir / LABELS_FILE, model_dir / PREPROCESS_FILE):
+            if not needed.is_file():
+                raise UsageError(
+                    f"{needed}: not found; pass --model with an export folder (`python -m pipeline export`)"
+                )
+        self.class_names: list[str] = json.loads((model_dir / LABELS_FILE).read_text(encoding="utf-8"))
+        self.data_config: dict[str, Any] = json.loads(
+            (model_dir / PREPROCESS_FILE).read_text(encoding="utf-8")
+        )
+        self._session = rt.session(model_file)
+        self.temperature = float(rt.metadata(self._session).get("temperature", 1.0))
+        self.batch_size = batch_size
+
+    def predict(self, items: Sequence[Image.Image | Path | str], top_k: int = 1) -> list[Prediction]:
+        """Top-k predictions per item, in order; an unreadable file gets an error and the run goes on."""
+        results: list[Prediction | None] = [None] * len(items)
+        with tqdm(
+            total=len(items),
+            unit="img",
+            file=sys.stderr,
+            disable=None if len(items) > self.batch_size else True,
+        ) as bar:
+            for start in range(0, len(items), self.batch_size):
+                arrays, positions = [], []
+                for position in range(start, min(start + self.batch_size, len(items))):
+                    try:
+                        arrays.append(self._prepare(items[position]))
+                        positions.append(position)
+                    except _READ_ERRORS as exc:
+                        results[position] = Prediction(_name(items[position], position), error=_describe(exc))
+                if arrays:
+                    for position, probs in zip(positions, self.probabilities(np.stack(arrays)), strict=True):
+                        results[position] = Prediction(
+                            _name(items[position], position), self._top(probs, top_k)
+                        )
+                bar.update(min(self.batch_size, len(items) - start))
+        return [result for result in results if result is not None]
+
+    def probabilities(self, inputs: np.ndarray) -> np.ndarray:
+        """(N, 3, S, S) preprocessed inputs -> (N, K) calibrated class probabilities."""
+        scaled = rt.logits(self._session, inputs, self.batch_size).astype(np.float64) / self.temperature
+        scaled -= scaled.max(axis=1, keepdims=True)
+        exp = np.exp(scaled)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    def _prepare(self, item: Image.Image | Path | str) -> np.ndarray:
+        image = item if isinstance(item, Image.Image) else open_rgb(item)
+        return preprocess(image, self.data_config)
+
+    def _top(self, probs: np.ndarray, top_k: int) -> list[tuple[str, float]]:
+        order = np.argsort(-probs, kind="stable")[:top_k]
+        return [(self.class_names[i], float(probs[i])) for i in order]
+
+
+def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[Prediction]]:
+    """Files named by `args` (files, folders searched recursively for images, globs), and an error per arg
+    that names nothing."""
+    files: list[str] = []
+    errors: list[Prediction] = []
+    for arg in args:
+        found = _expand(arg)
+        if found:
+            files.extend(found)
+        else:
+            reason = (
+                "no image files in this folder" if Path(arg).is_dir() else "no such file, folder or match"
+            )
+            errors.append(Prediction(arg, error=reason))
+    return list(dict.fromkeys(files)), errors
+
+
+def predict_paths(
+    args: Sequence[str], model_dir: Path | str, top_k: int = 1, int8: bool = False
+) -> list[Prediction]:
+    """What `python -m pipeline predict` does: expand the inputs, then predict every file."""
+    files, errors = expand_inputs(args)
+    if not files:
+        raise UsageError(f"no image files found in {', '.join(args) or 'the inputs'}")
+    return Predictor(model_dir, int8=int8).predict(files, top_k) + errors
+
+
+def format_predictions(results: Sequence[Prediction], fmt: str) -> str:
+    """Results as an aligned `table`, `json` (a list of objects) or `csv` (one row per path and rank)."""
+    return _FORMATTERS[fmt](results)
+
+
+def _table(results: Sequence[Prediction]) -> str:
+    width = max([len("path"), *(len(r.source) for r in results)])
+    rows = [f"{'path':<{width}}  prediction (probability)"]
+    for r in results:
+        shown = (
+            "   ".join(f"{label} ({prob:.3f})" for label, prob in r.labels) if r.ok else f"ERROR {r.error}"
+        )
+        rows.append(f"{r.source:<{width}}  {shown}")
+    return "\n".join(rows)
+
+
+def _json(results: Sequence[Prediction]) -> str:
+    payload = [
+        {
+            "path": r.source,
+            "predictions": [{"label": label, "probability": prob} for label, prob in r.labels],
+            "error": r.error,
+        }
+        for r in results
+    ]
+    return json.dumps(payload, indent=2)
+
+
+def _csv(results: Sequence[Prediction]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "rank", "label", "probability", "error"])
+    for r in results:
+        if not r.ok:
+            writer.writerow([r.source, "", "", "", r.error])
+        for rank, (label, prob) in enumerate(r.labels, start=1):
+            writer.writerow([r.source, rank, label, f"{prob:.6f}", ""])
+    return buffer.getvalue().rstrip("\n")
+
+
+_FORMATTERS = {"table": _table, "json": _json, "csv": _csv}
+
+
+def _expand(arg: str) -> list[str]:
+    path = Path(arg)
+    if path.is_dir():
+        return sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if path.is_file():
+        return [arg]
+    if any(char in arg for char in "*?["):
+        matches = sorted(glob.glob(arg, recursive=True))
+        return [file for match in matches if _is_image_or_dir(match) for file in _expand(match)]
+    return []
+
+
+def _is_image_or_dir(path: str) -> bool:
+    return Path(path).is_dir() or Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _name(item: Image.Image | Path | str, position: int) -> str:
+    return f"<image {position}>" if isinstance(item, Image.Image) else str(item)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,145 @@
+"""export stage: self-contained folder, metadata round-trip, a parity check that catches a bad model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import model_project
+
+from pipeline import onnx_runtime as rt
+from pipeline.errors import PipelineError
+from pipeline.io import read_json
+from pipeline.models import load_trained
+from pipeline.predict import Predictor, UsageError
+from pipeline.stages import export, quantize
+
+TEMPERATURE = 1.7  # what conftest's exported_project writes to the calibration file
+
+
+def test_folder_is_complete(exported_project):
+    params = exported_project
+    names = sorted(p.name for p in Path(params.paths.export_dir).iterdir())
+    assert names == ["labels.json", "model.int8.onnx", "model.onnx", "model_card.md", "preprocess.json"]
+
+
+def test_metadata_labels_and_preprocessing_round_trip(exported_project):
+    params = exported_project
+    trained = load_trained(params.paths.model)
+    cfg = trained.data_config
+    folder = Path(params.paths.export_dir)
+    assert read_json(folder / "labels.json") == trained.class_names
+    assert read_json(folder / "preprocess.json") == cfg
+    for file in (rt.FP32_FILE, rt.INT8_FILE):
+        meta = {prop.key: prop.value for prop in onnx.load(str(folder / file)).metadata_props}
+        assert json.loads(meta["class_names"]) == trained.class_names
+        assert json.loads(meta["input_size"]) == list(cfg["input_size"])
+        assert (
+            json.loads(meta["mean"]) == pytest.approx(cfg["mean"]) and json.loads(meta["std"]) == cfg["std"]
+        )
+        assert meta["interpolation"] == cfg["interpolation"] and float(meta["crop_pct"]) == cfg["crop_pct"]
+        assert float(meta["temperature"]) == TEMPERATURE
+        assert int(meta["opset"]) == params.export.opset and meta["backbone"] == "test_efficientnet"
+        assert rt.metadata(rt.session(folder / file)) == meta  # what ONNX Runtime (and predict) reads
+
+
+def test_parity_metrics_and_model_card(exported_project):
+    params = exported_project
+    metrics = read_json(params.paths.metrics("export"))
+    assert metrics["n"] == 9 and metrics["top1_agreement"] == 1.0 and metrics["max_abs_logit_diff"] < 1e-4
+    assert metrics["opset"] == 18 and metrics["int8"] is True and metrics["int8_mb"] < metrics["fp32_mb"]
+    card = (Path(params.paths.export_dir) / "model_card.md").read_text()
+    quantized = read_json(params.paths.metrics("quantize"))
+    for needed in (
+        "## Data",
+        "## Training",
+        "## Test metrics",
+        "## INT8 vs FP32",
+        "## Intended use",
+        "## Limits",
+    ):
+        assert needed in card
+    assert f"| ONNX Runtime INT8 | {quantized['int8_mb']:.1f} |" in card
+    assert "train.epochs: " in card and "class_0" in card
+
+
+def test_parity_detects_an_altered_model(exported_project, tmp_path):
+    params = exported_project
+    trained = load_trained(params.paths.model)
+    altered = _negate_classifier(Path(params.paths.export_dir) / rt.FP32_FILE, tmp_path / "altered.onnx")
+    paths, _ = rt.read_split(params.paths.splits, params.paths.data_root, "test", trained.class_names)
+    inputs = rt.load_inputs(paths, trained.data_config)
+
+    check = export.parity(trained.model, altered, inputs)
+    assert check["top1_agreement"] < 0.5 and check["max_abs_logit_diff"] > 1e-3
+    assert (
+        export.parity(trained.model, Path(params.paths.export_dir) / rt.FP32_FILE, inputs)["top1_agreement"]
+        == 1
+    )
+
+
+def test_stage_fails_on_an_altered_model_and_keeps_the_previous_export(exported_project, tmp_path):
+    params = exported_project
+    project = tmp_path / "project"
+    onnx_dir = project / "onnx"
+    shutil.copytree(params.paths.onnx_dir, onnx_dir)
+    _negate_classifier(onnx_dir / rt.FP32_FILE, onnx_dir / rt.FP32_FILE)
+    shutil.copytree(params.paths.export_dir, project / "export")
+    before = (project / "export" / rt.FP32_FILE).read_bytes()
+    broken = params.model_copy(
+        update={
+            "paths": params.paths.model_copy(
+                update={
+                    "onnx_dir": onnx_dir,
+                    "export_dir": project / "export",
+                    "metrics_dir": project / "metrics",
+                }
+            )
+        }
+    )
+    with pytest.raises(PipelineError, match="export.min_top1_agreement"):
+        export.run(broken)
+    assert read_json(broken.paths.metrics("export"))["top1_agreement"] < 0.999
+    assert (project / "export" / rt.FP32_FILE).read_bytes() == before
+
+
+def test_fp32_only_skips_the_gate_and_the_export_says_so_and_predict_int8_errors(tmp_path):
+    params = model_project(tmp_path, quantize={"enabled": False, "max_accuracy_drop": 0.0})
+    quantized = quantize.run(params)
+    assert (
+        quantized["enabled"] is False
+        and "int8_accuracy" not in quantized
+        and quantized["ort_fp32_batch1_ms"] > 0
+    )
+    assert not (Path(params.paths.onnx_dir) / rt.INT8_FILE).exists()
+    metrics = export.run(params)
+    folder = Path(params.paths.export_dir)
+    assert metrics["int8"] is False and not (folder / rt.INT8_FILE).exists()
+    assert "quantize.enabled: false" in (folder / "model_card.md").read_text()
+    assert rt.metadata(rt.session(folder / rt.FP32_FILE))["int8_available"] == "false"
+    assert float(rt.metadata(rt.session(folder / rt.FP32_FILE))["temperature"]) == 1.0  # no calibration file
+    with pytest.raises(UsageError, match="no INT8 model"):
+        Predictor(folder, int8=True)
+
+
+def test_missing_onnx_model_names_the_stage_to_run(tmp_path):
+    params = model_project(tmp_path)
+    with pytest.raises(PipelineError, match="run the quantize stage first"):
+        export.run(params)
+
+
+def _negate_classifier(source: Path, target: Path) -> Path:
+    """The same graph with the classifier weight and bias negated: logits flip sign, argmax -> argmin."""
+    model = onnx.load(str(source))
+    gemm = next(node for node in model.graph.node if node.op_type == "Gemm")
+    inits = {init.name: init for init in model.graph.initializer}
+    for name in gemm.input[1:3]:
+        array = onnx.numpy_helper.to_array(inits[name])
+        assert np.any(array)
+        inits[name].CopyFrom(onnx.numpy_helper.from_array(-array, name))
+    onnx.save(model, str(target))
+    return target
