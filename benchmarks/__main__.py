@@ -1,0 +1,73 @@
+"""`python -m benchmarks <name> [--smoke] [--out DIR] [--data DIR] [--repeats N] [--set key=value ...]`.
+
+Each benchmark module has `SETTINGS` ({"full": ..., "smoke": ...}) and `run(opts) -> result payload`; this
+file only parses the options, runs it and writes `<out>/<name>.json`. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks._common import DEFAULT_DATA, RESULTS_DIR, Options, write_result
+
+BENCHMARKS = (
+    "train_throughput",
+    "linear_probe",
+    "inference",
+    "ingest",
+    "fashion_mnist",
+    "transfer_vs_scratch",
+    "pipeline_overhead",
+)
+
+
+def run(name: str, opts: Options) -> Path:
+    """Run benchmark `name` and write its result; returns the result file."""
+    module = importlib.import_module(f"benchmarks.{name}")
+    return write_result(opts.out_dir, module.run(opts))
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    parsed = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {pair!r}: expected key=value, e.g. --set train.epochs=3")
+        parsed[key.strip()] = yaml.safe_load(value)
+    return parsed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("name", choices=BENCHMARKS)
+    parser.add_argument(
+        "--smoke", action="store_true", help="seconds-long run on tiny data (keeps it working)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS_DIR, help=f"results folder (default {RESULTS_DIR})"
+    )
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="Fashion-MNIST PNG root with train/ and test/ (made when missing)")  # fmt: skip
+    parser.add_argument("--repeats", type=int, help="repeats (default: the benchmark's own)")
+    parser.add_argument("--workdir", type=Path, help="keep the benchmark's project folder under DIR")
+    parser.add_argument("--set", "-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="params override (value read as YAML), as `dvc exp run -S`")  # fmt: skip
+    parser.add_argument("--project", type=Path,
+                        help="pipeline_overhead: measure a copy of this reproduced DVC project")  # fmt: skip
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    opts = Options(
+        args.smoke, args.out, args.data, args.repeats, args.workdir, _overrides(args.overrides), args.project
+    )
+    print(f"{args.name}: {run(args.name, opts)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""fashion_mnist: the default fine-tuning recipe on the official Fashion-MNIST split, through the real stages
+(ingest -> validate -> split -> train -> evaluate): test accuracy on the official 10,000 test images, wall
+time and training images/s, next to the published anchors.
+
+The official train split gives `val_per_class` images per class to validation (model selection, temperature);
+the rest trains. The recipe is params.yaml plus `params` overrides (and --set), recorded under `recipe`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks._common import (
+    SMOKE_PARAMS,
+    Options,
+    listed_params,
+    machine,
+    result,
+    target,
+    timed,
+    workdir,
+)
+from pipeline.io import read_json
+from pipeline.stages import evaluate, ingest, split, train, validate
+
+NAME = "fashion_mnist"
+STAGES = {"ingest": ingest, "validate": validate, "split": split, "train": train, "evaluate": evaluate}
+# Published test accuracies (Fashion-MNIST benchmark table and paper, Xiao et al. 2017).
+ANCHORS = {"svc_rbf": 0.897, "two_conv_cnn": 0.92, "resnet18": 0.949}
+SETTINGS = {
+    "full": {
+        "listing": {"val_per_class": 500},  # train: the other 5,500 of each class; test: all 1,000
+        "params": {},
+        "max_minutes": 60,
+    },
+    "smoke": {
+        "listing": {"val_per_class": 2, "train_per_class": 6, "test_per_class": 4},
+        "params": {**SMOKE_PARAMS, "train.epochs": 1},
+        "max_minutes": 60,
+    },
+}
+
+
+def run(opts: Options) -> dict[str, Any]:
+    started, settings = machine(), opts.settings(SETTINGS)
+    with workdir(opts, NAME) as root:
+        params = listed_params(opts, root, settings["listing"], settings["params"])
+        seconds, summaries = {}, {}
+        for name, stage in STAGES.items():
+            seconds[name], summaries[name] = timed(lambda stage=stage: stage.run(params))
+        train_metrics = read_json(params.paths.metrics("train"))
+        test = read_json(params.paths.metrics("evaluate"))
+
+    wall_minutes = sum(seconds.values()) / 60
+    results = {
+        "test_accuracy": test["accuracy"],
+        "test_images": summaries["split"]["test"],
+        "train_images": summaries["split"]["train"],
+        "val_images": summaries["split"]["val"],
+        "best_val_acc": train_metrics["best_val_acc"],
+        "epochs_run": train_metrics["epochs_run"],
+        "train_images_per_s": train_metrics["images_per_s"],
+        "stage_seconds": seconds,
+        "wall_minutes": wall_minutes,
+    }
+    ratios = {f"vs_{name}_points": 100 * (test["accuracy"] - value) for name, value in ANCHORS.items()}
+    targets = {
+        "test_accuracy": target(test["accuracy"], ">=", 0.94),
+        "wall_minutes": target(wall_minutes, "<=", settings["max_minutes"]),
+    }
+    resolved = params.to_dict()
+    recipe = {"overrides": settings["params"], "model": resolved["model"], "train": resolved["train"]}
+    return result(NAME, opts, started, settings, results, ratios, targets, recipe=recipe, anchors=ANCHORS)

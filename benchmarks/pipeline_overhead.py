@@ -1,0 +1,169 @@
+"""pipeline_overhead: wall time of a no-op `dvc repro` (every stage up to date), and the Prefect flow's
+overhead per stage against running the stage commands directly.
+
+A copy of the project (code, dvc.yaml, params.yaml, the bundled sample images) in a temporary DVC repo is
+reproduced once (or a copy of an already reproduced project, --project, is used); after one untimed no-op
+`dvc repro` (DVC re-hashes the files of a fresh copy once), all as subprocesses the way a user runs them:
+- no-op: `dvc repro` (repeated), the flow (`python -m pipeline flow`) on the unchanged project, and the seven
+  `dvc repro --single-item <stage>` calls the flow's tasks make, run directly;
+- forced (full mode only): the seven stage commands (`python -m pipeline <stage>`) run directly, then the
+  flow after removing dvc.lock and DVC's run cache, so it runs every stage too.
+Overhead per stage = (flow wall time - the direct calls' total) / 7. The flow starts Prefect's temporary local
+server (no PREFECT_API_URL), as `python -m pipeline flow` does on a machine with no Prefect server.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import (
+    REPO_ROOT,
+    SMOKE_PARAMS,
+    Options,
+    machine,
+    median,
+    result,
+    run_command,
+    summary,
+    target,
+    workdir,
+    write_params,
+)
+from pipeline.config import DEFAULT_PARAMS_FILE, Params
+from pipeline.flow import STAGES
+
+NAME = "pipeline_overhead"
+SETTINGS = {
+    "full": {"repeats": 5, "classes": None, "per_class": None, "forced": True, "params": {}},
+    "smoke": {
+        "repeats": 1,
+        "classes": 3,
+        "per_class": 8,
+        "forced": False,
+        "params": {
+            **SMOKE_PARAMS,
+            "train.epochs": 1,
+            "quantize.benchmark_repeats": 2,
+            "quantize.calibration_images": 8,
+        },  # fmt: skip
+    },
+}
+_PROJECT_FILES = ("dvc.yaml", ".dvcignore")
+
+
+def run(opts: Options) -> dict[str, Any]:
+    started, settings = machine(), opts.settings(SETTINGS)
+    with workdir(opts, NAME) as root:
+        if opts.project is None:
+            project = _project(root / "project", settings)
+            first: float | None = _dvc(project, "repro").seconds
+        else:
+            project, first = _copy(Path(opts.project), root / "project"), None
+        prefect = {
+            "PREFECT_HOME": str(root / "prefect"),
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        }
+        _noop_repro(project)
+        noop_repro = [_noop_repro(project) for _ in range(settings["repeats"])]
+        noop = [_flow_vs_direct(project, prefect, forced=False) for _ in range(settings["repeats"])]
+        forced = _flow_vs_direct(project, prefect, forced=True) if settings["forced"] else None
+
+    results: dict[str, Any] = {
+        "first_repro_seconds": first,
+        "noop_dvc_repro_seconds": summary(noop_repro),
+        "noop": _aggregate(noop),
+    }
+    ratios = {"noop_flow_vs_direct": median([r["flow_seconds"] for r in noop]) /
+              median([r["direct_seconds"] for r in noop])}  # fmt: skip
+    if forced is not None:
+        results["forced"] = forced
+        ratios["forced_flow_vs_direct"] = forced["flow_seconds"] / forced["direct_seconds"]
+    targets = {"noop_dvc_repro_seconds": target(results["noop_dvc_repro_seconds"]["median"], "<=", 2.0)}
+    settings.update(stages=list(STAGES), prefect_server="temporary (started by the flow process)",
+                    project=str(opts.project) if opts.project else "built from this repo")  # fmt: skip
+    return result(NAME, opts, started, settings, results, ratios, targets)
+
+
+def _project(project: Path, settings: dict[str, Any]) -> Path:
+    """This repo's code, dvc.yaml, params (with the mode's overrides) and sample images in a new DVC repo."""
+    shutil.copytree(
+        REPO_ROOT / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in _PROJECT_FILES:
+        if (REPO_ROOT / name).is_file():
+            shutil.copy2(REPO_ROOT / name, project / name)
+    params = Params.load(REPO_ROOT / DEFAULT_PARAMS_FILE, settings["params"])
+    write_params(params, project / DEFAULT_PARAMS_FILE)
+    source = REPO_ROOT / params.paths.data_root
+    classes = sorted(d for d in source.iterdir() if d.is_dir())[: settings["classes"]]
+    for folder in classes:
+        files = sorted(f for f in folder.iterdir() if f.is_file())[: settings["per_class"]]
+        (project / params.paths.data_root / folder.name).mkdir(parents=True)
+        for file in files:
+            shutil.copy2(file, project / params.paths.data_root / folder.name / file.name)
+    _dvc(project, "init", "--no-scm", "-q")
+    return project
+
+
+def _copy(source: Path, target: Path) -> Path:
+    """A copy of a reproduced project, without DVC's machine-local state (as a fresh clone has)."""
+    if not (source / "dvc.lock").is_file():
+        raise SystemExit(f"--project {source}: no dvc.lock; run `dvc repro` there first")
+
+    def skip(folder: str, names: list[str]) -> list[str]:
+        in_dvc = Path(folder).name == ".dvc"
+        return [name for name in names if name == "__pycache__" or (in_dvc and name == "tmp")]
+
+    return Path(shutil.copytree(source, target, symlinks=True, ignore=skip))
+
+
+def _dvc(project: Path, *args: str, env: dict[str, str] | None = None):
+    return run_command([sys.executable, "-m", "dvc", *args], project, env)
+
+
+def _noop_repro(project: Path) -> float:
+    run = _dvc(project, "repro")
+    if "Running stage" in run.output:
+        raise RuntimeError(f"`dvc repro` was expected to do nothing but ran a stage:\n{run.output[-2000:]}")
+    return run.seconds
+
+
+def _flow_vs_direct(project: Path, prefect: dict[str, str], forced: bool) -> dict[str, Any]:
+    """Direct calls (stage commands if forced, else `dvc repro --single-item`), then the flow doing the same.
+    Overhead per stage = (flow wall time - the direct calls' total) / number of stages."""
+    if forced:
+        direct = {s: run_command([sys.executable, "-m", "pipeline", s], project).seconds for s in STAGES}
+        (project / "dvc.lock").unlink(missing_ok=True)
+        shutil.rmtree(project / ".dvc" / "cache" / "runs", ignore_errors=True)
+    else:
+        direct = {s: _dvc(project, "repro", "--single-item", s).seconds for s in STAGES}
+    flow = run_command([sys.executable, "-m", "pipeline", "flow", "--project", "."], project, prefect)
+    tasks = {stage["stage"]: stage for stage in json.loads(flow.stdout[flow.stdout.index("{") :])["stages"]}
+    expected = "ran" if forced else "unchanged"
+    wrong = {s: t["status"] for s, t in tasks.items() if t["status"] != expected}
+    if wrong:
+        raise RuntimeError(f"the flow was expected to find every stage {expected}, got {wrong}")
+    direct_total, task_total = sum(direct.values()), sum(t["seconds"] for t in tasks.values())
+    return {
+        "direct_seconds": direct_total,
+        "flow_seconds": flow.seconds,
+        "flow_task_seconds": task_total,
+        "flow_fixed_seconds": flow.seconds - task_total,  # process start, Prefect server, gate, artifacts
+        "overhead_per_stage_seconds": (flow.seconds - direct_total) / len(STAGES),
+        "per_stage": {s: {"direct": direct[s], "flow_task": tasks[s]["seconds"]} for s in STAGES},
+    }
+
+
+def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = (
+        "direct_seconds",
+        "flow_seconds",
+        "flow_task_seconds",
+        "flow_fixed_seconds",
+        "overhead_per_stage_seconds",
+    )
+    return {key: summary([r[key] for r in runs]) for key in keys}

@@ -1,0 +1,171 @@
+"""Every benchmark's --smoke mode runs on tiny data and writes a complete result JSON to the folder it is
+given (never to benchmarks/results/)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import make_image
+
+from benchmarks.__main__ import BENCHMARKS, main, run
+from benchmarks._common import RESULTS_DIR, Options
+
+pytestmark = pytest.mark.slow  # about a minute for all seven on 2 cores
+
+CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 3, 10, 4
+
+
+@pytest.fixture(scope="module")
+def fashion_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stand-in for the Fashion-MNIST export: <root>/{train,test}/<class>/<n>.png, 28 px."""
+    root = tmp_path_factory.mktemp("fashion")
+    for split, count in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
+        for k in range(CLASSES):
+            for i in range(count):
+                make_image(
+                    root / split / f"class_{k}" / f"{i:05d}.png",
+                    k,
+                    size=28,
+                    seed=(k * 100 + i) * 2 + len(split),
+                )
+    return root
+
+
+@pytest.fixture(scope="module")
+def results(
+    tmp_path_factory: pytest.TempPathFactory, fashion_data: Path, request: pytest.FixtureRequest
+) -> Iterator[_Results]:
+    """Each benchmark's smoke result file, made on first use (ingest through the command line)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(
+        1
+    )  # the smoke runs check that the code works; one thread is robust on a busy CI box
+    yield _Results(tmp_path_factory.mktemp("results"), fashion_data, request)
+    torch.set_num_threads(threads)
+
+
+class _Results:
+    def __init__(self, out: Path, data: Path, request: pytest.FixtureRequest):
+        self.out, self.data, self.request, self.files = out, data, request, {}
+
+    def __getitem__(self, name: str) -> Path:
+        if name not in self.files:
+            before = _snapshot(RESULTS_DIR)
+            if name == "ingest":
+                main([name, "--smoke", "--out", str(self.out), "--data", str(self.data)])
+                self.files[name] = self.out / f"{name}.json"
+            else:
+                # pipeline_overhead measures a copy of the session's reproduced tiny project (conftest).
+                project = (
+                    self.request.getfixturevalue("built_project") if name == "pipeline_overhead" else None
+                )
+                opts = Options(smoke=True, out_dir=self.out, data=self.data, project=project)
+                self.files[name] = run(name, opts)
+            assert _snapshot(RESULTS_DIR) == before, "a smoke run touched benchmarks/results/"
+        return self.files[name]
+
+
+def _snapshot(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*")} if folder.is_dir() else {}
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_smoke_result_is_complete(results: _Results, name: str) -> None:
+    path = results[name]
+    assert path == path.parent / f"{name}.json" and path.parent != RESULTS_DIR
+    payload = json.loads(path.read_text())
+    assert payload["benchmark"] == name
+    assert payload["smoke"] is True
+    machine = payload["machine"]
+    assert machine["logical_cores"] >= 1 and machine["memory_gib"] > 0
+    assert machine["cpu"] and machine["versions"]["torch"] and len(machine["load_average"]) == 3
+    assert isinstance(payload["settings"]["params"], dict)
+    assert payload["results"]
+    for key, ratio in payload["ratios"].items():
+        assert isinstance(ratio, float) and math.isfinite(ratio), key
+    for key, goal in payload["targets"].items():
+        assert set(goal) == {"target", "value", "met"} and isinstance(goal["met"], bool), key
+        op, threshold = goal["target"].split()
+        assert goal["met"] == (
+            goal["value"] >= float(threshold) if op == ">=" else goal["value"] <= float(threshold)
+        )
+
+
+def _load(results: _Results, name: str) -> dict:
+    return json.loads(results[name].read_text())
+
+
+def test_ingest_counts_every_file_with_both_worker_counts(results: _Results) -> None:
+    payload = _load(results, "ingest")
+    files = CLASSES * (TRAIN_PER_CLASS + TEST_PER_CLASS)
+    assert payload["results"]["files"] == files
+    for workers in (1, 2):
+        figures = payload["results"][f"workers_{workers}"]
+        assert figures["ok"] == files
+        assert figures["images_per_s"] == pytest.approx(files / figures["seconds"]["median"])
+        assert 0 < figures["peak_pss_mib"] <= figures["peak_rss_mib"]
+    speedup = (
+        payload["results"]["workers_2"]["images_per_s"] / payload["results"]["workers_1"]["images_per_s"]
+    )
+    assert payload["ratios"]["speedup_ingest_validate"] == pytest.approx(speedup)
+
+
+def test_train_throughput_compares_the_stage_with_both_baselines(results: _Results) -> None:
+    payload = _load(results, "train_throughput")
+    figures = payload["results"]
+    assert figures["train_images"] == CLASSES * 6
+    medians = {key: figures[key]["median"] for key in ("stage", "compute_limit", "classic")}
+    assert all(value > 0 for value in medians.values())
+    assert payload["ratios"]["stage_vs_compute_limit"] == pytest.approx(
+        medians["stage"] / medians["compute_limit"]
+    )
+    assert payload["ratios"]["stage_vs_classic"] == pytest.approx(medians["stage"] / medians["classic"])
+
+
+def test_linear_probe_reports_time_and_accuracy_of_both_ways(results: _Results) -> None:
+    figures = _load(results, "linear_probe")["results"]
+    for key in ("cached_features", "cached_features_warm", "backbone_every_epoch"):
+        assert figures[key]["seconds"]["median"] > 0
+        assert 0.0 <= figures[key]["val_acc"] <= 1.0
+
+
+def test_inference_measures_three_runtimes_on_the_test_split(results: _Results) -> None:
+    figures = _load(results, "inference")["results"]
+    assert figures["test_images"] == CLASSES * TEST_PER_CLASS
+    for runtime in ("torch_fp32", "ort_fp32", "ort_int8"):
+        assert figures[runtime]["batch1_ms"]["median"] > 0
+        assert figures[runtime]["batch32_img_per_s"]["median"] > 0
+    assert figures["ort_int8"]["file_mb"] < figures["ort_fp32"]["file_mb"]
+
+
+def test_fashion_mnist_records_the_recipe_and_the_official_test_split(results: _Results) -> None:
+    payload = _load(results, "fashion_mnist")
+    assert payload["results"]["test_images"] == CLASSES * TEST_PER_CLASS
+    assert (
+        payload["results"]["train_images"] == CLASSES * 6 and payload["results"]["val_images"] == CLASSES * 2
+    )
+    assert payload["recipe"]["model"]["backbone"] == "test_efficientnet"
+    assert payload["recipe"]["train"]["epochs"] == 1
+    assert set(payload["anchors"]) == {"svc_rbf", "two_conv_cnn", "resnet18"}
+
+
+def test_transfer_vs_scratch_has_a_table_and_a_plot(results: _Results) -> None:
+    payload = _load(results, "transfer_vs_scratch")
+    rows = payload["results"]["table"]
+    assert [row["fraction"] for row in rows] == [0.1, 1.0]
+    assert [row["train_images"] for row in rows] == [CLASSES, CLASSES * 6]  # at least one image per class
+    assert all(0.0 <= row[arm] <= 1.0 for row in rows for arm in ("pretrained", "scratch"))
+    plot = results["transfer_vs_scratch"].parent / payload["plot"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pipeline_overhead_times_noop_repro_and_the_flow(results: _Results) -> None:
+    figures = _load(results, "pipeline_overhead")["results"]
+    assert figures["noop_dvc_repro_seconds"]["median"] > 0
+    assert figures["noop"]["flow_seconds"]["median"] > figures["noop"]["flow_task_seconds"]["median"] > 0
