@@ -65,17 +65,18 @@ def run(params: Params) -> dict:
     started = time.perf_counter()
     statuses: Counter[str] = Counter()
     labels: set[str] = set()
-    inspect = partial(images.inspect, str(root), params.ingest.max_decode_pixels)
+    inspect = partial(images.inspect_values, str(root), params.ingest.max_decode_pixels)
+    status_at, label_at = images.MANIFEST_COLUMNS.index("status"), images.MANIFEST_COLUMNS.index("label")
     with atomic_path(params.paths.manifest) as tmp:
         with tmp.open("w", newline="", encoding="utf-8") as fh, _mapper(params) as imap:
-            writer = csv.DictWriter(fh, fieldnames=images.MANIFEST_COLUMNS, lineterminator="\n")
-            writer.writeheader()
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(images.MANIFEST_COLUMNS)
             rows = imap(inspect, scan.candidates)
             for row in tqdm(rows, total=len(scan.candidates), desc="ingest", unit="file", disable=None):
                 writer.writerow(row)
-                statuses[row["status"]] += 1
-                if row["status"] == "ok":
-                    labels.add(row["label"])
+                statuses[row[status_at]] += 1
+                if row[status_at] == "ok":
+                    labels.add(row[label_at])
     seconds = time.perf_counter() - started
 
     files = len(scan.candidates) - statuses["empty_class_folder"]
