@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -93,6 +93,92 @@ def outputs(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
     for label, path in entries.items():
         mark = "ok " if Path(path).exists() else "-- "
         typer.echo(f"{mark}{label:<11} {path}")
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or globs.")],
+    model: Annotated[Path | None, typer.Option(help="Export folder (default: paths.export_dir).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes shown per image.")] = 1,
+    output_format: Annotated[Literal["table", "json", "csv"], typer.Option("--format")] = "table",
+    int8: Annotated[bool, typer.Option("--int8", help="Use the INT8 model.")] = False,
+    params: ParamsOption = DEFAULT_PARAMS_FILE,
+) -> None:
+    """Classify images with the exported ONNX model (ONNX Runtime only: works without torch).
+
+    Exit code 0: all predicted; 1: some inputs could not be read (reported per file); 2: nothing to run.
+    """
+    from pipeline.predict import format_predictions, predict_paths
+
+    try:
+        results = predict_paths(paths, model or Params.load(params).paths.export_dir, top_k=top_k, int8=int8)
+    except PipelineError as exc:
+        typer.secho(f"predict: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
+    typer.echo(format_predictions(results, output_format))
+    failed = sum(not result.ok for result in results)
+    if failed:
+        typer.secho(f"predict: {failed} of {len(results)} inputs failed", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
+
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-S", help="Param override key=value (value read as YAML), as `dvc exp run -S`."),
+]
+ProjectOption = Annotated[Path, typer.Option("--project", help="Project folder (dvc.yaml, params.yaml).")]
+
+
+def _overrides(pairs: list[str]) -> dict[str, object]:
+    """['train.lr=0.001'] -> {'train.lr': 0.001}; values are YAML, as with `dvc exp run -S`."""
+    import yaml
+
+    parsed = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise PipelineError(f"--set {pair!r}: expected key=value, e.g. --set train.lr=0.001")
+        parsed[key.strip()] = yaml.safe_load(value)
+    return parsed
+
+
+@app.command()
+def flow(
+    overrides: SetOption = None,
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Save the run as DVC experiment NAME.")] = (
+        None
+    ),
+    project: ProjectOption = Path("."),
+) -> None:
+    """Run the stages as a Prefect flow through DVC (unchanged stages are skipped), then the champion gate."""
+    from pipeline.flow import DvcFailed, retrain
+
+    try:
+        result = retrain(project_dir=str(project), overrides=_overrides(overrides or []), experiment=name)
+    except (PipelineError, DvcFailed) as exc:
+        typer.secho(f"flow: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(result, indent=2, sort_keys=True))
+
+
+@app.command()
+def deploy(
+    cron: Annotated[str, typer.Option(help='Schedule in cron syntax, e.g. "0 3 * * *" (03:00 daily).')],
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly",
+    pool: Annotated[str, typer.Option(help="Process work pool; created when missing.")] = "local",
+    serve: Annotated[bool, typer.Option("--serve", help="Serve the schedule from here (blocks).")] = False,
+    project: ProjectOption = Path("."),
+) -> None:
+    """Create a scheduled deployment of the retraining flow, run by `prefect worker start --pool POOL`
+    (or, with --serve, by this process until it is stopped)."""
+    from pipeline.flow import deploy as create_deployment
+
+    deployment = create_deployment(cron, name, work_pool=pool, project_dir=str(project), serve=serve)
+    if serve:  # returns only once the serving process is stopped
+        return
+    typer.echo(f"deployment {deployment} scheduled {cron!r} in work pool {pool!r}")
+    typer.echo(f"  run it now:      prefect deployment run {deployment}")
+    typer.echo(f"  start a worker:  prefect worker start --pool {pool}")
 
 
 def main() -> None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,10 @@ from pipeline.config import Params
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="pipeline-tests-prefect-"))
+for _var, _value in {"GIT_AUTHOR_NAME": "tests", "GIT_AUTHOR_EMAIL": "tests@example.invalid"}.items():
+    os.environ.setdefault(_var, _value)  # experiments commit in temp repos; CI may have no git identity
+    os.environ.setdefault(_var.replace("AUTHOR", "COMMITTER"), _value)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,3 +66,171 @@ def data_stage_params(tmp_path: Path, data_root: Path, **sections: dict) -> Para
         **sections.pop("paths", {}),
     }
     return Params.from_dict({"paths": paths, **sections})
+
+
+# The whole DAG in seconds: a few dozen 32 px images, timm's tiny random-weight backbone, one epoch.
+TINY_PARAMS = {
+    "ingest": {"num_workers": 0},
+    "model": {"backbone": "test_efficientnet", "weights": "none", "image_size": 32},
+    "train": {"epochs": 1, "batch_size": 8},
+    "quantize": {"benchmark_repeats": 2, "calibration_images": 8},
+    "orchestrate": {"retry_delay_seconds": 1.0},
+}
+
+
+def run_tool(project: Path, *args: str) -> str:
+    """Run `dvc ...` or `git ...` in `project`, this environment's python first on PATH; return the output."""
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    tool = [sys.executable, "-m", "dvc"] if args[0] == "dvc" else [args[0]]
+    proc = subprocess.run([*tool, *args[1:]], cwd=project, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def copy_project(source: Path, target: Path) -> Path:
+    """A copy of a git+DVC project (DVC's lock and state db left behind, as on a fresh clone)."""
+    shutil.copytree(source, target, symlinks=True, ignore=_skip_local_state)
+    return target
+
+
+def _skip_local_state(folder: str, names: list[str]) -> list[str]:
+    in_dvc = Path(folder).name == ".dvc"
+    return [name for name in names if name == "__pycache__" or (in_dvc and name == "tmp")]
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This project's dvc.yaml, params.yaml (made tiny) and code in a temp git+DVC repo, run once with
+    `dvc repro` and committed. Session-wide and shared: use `copy_project` before changing anything."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("built") / "project"
+    shutil.copytree(PROJECT_ROOT / "pipeline", root / "pipeline", ignore=_skip_local_state)
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy2(PROJECT_ROOT / name, root / name)
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    for section, values in TINY_PARAMS.items():
+        raw[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    make_image_folder(root / raw["paths"]["data_root"], classes=3, per_class=16)
+    run_tool(root, "git", "init", "-q")
+    run_tool(root, "dvc", "init", "-q")
+    _commit(root, "tiny project")  # like a clone: a commit exists before the first run
+    run_tool(root, "dvc", "repro")
+    _commit(root, "pipeline run once")
+    return root
+
+
+def _commit(project: Path, message: str) -> None:
+    run_tool(project, "git", "add", "-A")
+    run_tool(project, "git", "commit", "-q", "-m", message)
+
+
+def model_project(root: Path, model=None, class_names: tuple[str, ...] = (), **sections: dict) -> Params:
+    """A trained-model project for quantize / export / predict, all under `root`: 3 classes x 8 images of
+    32 px (4 train, 1 val, 3 test each), a splits CSV, and `model` (default: timm's tiny `test_efficientnet`,
+    random weights, seed 0) saved as the model artifact with `class_names` (default: the image folders)."""
+    import csv
+
+    import torch
+
+    from pipeline.models import build_model, resolve_data_config, save_trained
+
+    data_root = make_image_folder(root / "images", classes=3, per_class=8)
+    rows = [
+        {
+            "path": f"class_{k}/img_{i:03d}.png",
+            "label": f"class_{k}",
+            "split": "train" if i < 4 else "val" if i < 5 else "test",
+        }
+        for k in range(3)
+        for i in range(8)
+    ]
+    with open(root / "splits.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "split", "sha256", "width", "height"])
+        writer.writeheader()
+        writer.writerows({**row, "sha256": "0" * 64, "width": 32, "height": 32} for row in rows)
+    paths = {
+        "data_root": str(data_root),
+        "splits": str(root / "splits.csv"),
+        **{key: str(root / key) for key in ("onnx_dir", "export_dir", "metrics_dir")},
+        "model": str(root / "model.pt"),
+        "calibration": str(root / "calibration.json"),
+        **sections.pop("paths", {}),
+    }
+    quantize = {"benchmark_repeats": 2, "calibration_images": 8, **sections.pop("quantize", {})}
+    model_section = {"backbone": "test_efficientnet", "weights": "none", "image_size": 32}
+    params = Params.from_dict({"paths": paths, "model": model_section, "quantize": quantize, **sections})
+    names = list(class_names) or [f"class_{k}" for k in range(3)]
+    if model is None:
+        torch.manual_seed(0)
+        model = build_model(params.model, len(names))
+    save_trained(params.paths.model, model.eval(), names, resolve_data_config(params.model), params.to_dict())
+    return params
+
+
+@pytest.fixture(scope="session")
+def exported_project(tmp_path_factory: pytest.TempPathFactory) -> Params:
+    """A `model_project` quantized and exported once, with calibration temperature 1.7. Shared: read only."""
+    from pipeline.io import write_json
+    from pipeline.stages import export, quantize
+
+    params = model_project(tmp_path_factory.mktemp("exported"), quantize={"max_accuracy_drop": 100.0})
+    write_json(params.paths.calibration, {"temperature": 1.7})
+    quantize.run(params)
+    export.run(params)
+    return params
+
+
+@pytest.fixture
+def single_thread():
+    """Torch on one thread for the test: tiny tensors gain nothing from more, and on a busy machine OpenMP's
+    spin-waiting made tiny training runs 10x slower with two threads."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_params(root: Path, classes: int = 3, per_class: int = 10, **sections: dict) -> Params:
+    """A tiny training setup under `root`: `classes` x `per_class` 40 px images split 60/20/20 per class in a
+    splits CSV with real sha256s, timm's tiny random-weight `test_efficientnet` at 32 px, every output under
+    root/out. `sections` update params sections (e.g. train={"strategy": "full"})."""
+    import csv
+    import hashlib
+
+    data_root = root / "images"
+    if not data_root.exists():
+        make_image_folder(data_root, classes=classes, per_class=per_class, size=40)
+    n_train, n_val = round(per_class * 0.6), round(per_class * 0.2)
+    with open(root / "splits.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "split", "sha256", "width", "height"])
+        writer.writeheader()
+        for k in range(classes):
+            for i in range(per_class):
+                rel = f"class_{k}/img_{i:03d}.png"
+                split = "train" if i < n_train else "val" if i < n_train + n_val else "test"
+                sha = hashlib.sha256((data_root / rel).read_bytes()).hexdigest()
+                writer.writerow({"path": rel, "label": f"class_{k}", "split": split, "sha256": sha, "width": 40,
+                                 "height": 40})  # fmt: skip
+    out = root / "out"
+    paths = {
+        "data_root": str(data_root),
+        "splits": str(root / "splits.csv"),
+        "cache_dir": str(root / "cache"),
+        "checkpoint_dir": str(out / "checkpoints"),
+        "model": str(out / "model.pt"),
+        "metrics_dir": str(out / "metrics"),
+        "live_dir": str(out / "dvclive"),
+        **sections.pop("paths", {}),
+    }
+    model = {
+        "backbone": "test_efficientnet",
+        "weights": "none",
+        "image_size": 32,
+        **sections.pop("model", {}),
+    }
+    train = {"epochs": 2, "batch_size": 8, "progressive_head_epochs": 1, **sections.pop("train", {})}
+    return Params.from_dict({"paths": paths, "model": model, "train": train, **sections})
