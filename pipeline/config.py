@@ -66,7 +66,7 @@ class IngestParams(_Section):
     follow_symlinks_inside_root: bool = True
     max_decode_pixels: PositiveInt = 178_956_970
     num_workers: NonNegInt = 2
-    chunksize: PositiveInt = 64
+    chunksize: PositiveInt = 256
 
 
 class SeverityParams(_Section):
@@ -137,7 +137,7 @@ class AugmentParams(_Section):
 
 class TrainParams(_Section):
     strategy: Literal["linear_probe", "partial", "full", "progressive"] = "progressive"
-    epochs: PositiveInt = 6
+    epochs: PositiveInt = 11
     batch_size: PositiveInt = 32
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: PositiveFloat = 1e-4
@@ -153,9 +153,9 @@ class TrainParams(_Section):
     early_stopping_metric: Literal["val_acc", "val_loss", "val_f1"] = "val_acc"
     early_stopping_patience: NonNegInt = 3
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    trainable_blocks: NonNegInt = 2
-    progressive_head_epochs: NonNegInt = 2
-    progressive_unfreeze_every: NonNegInt = 1  # epochs between unfreezing the next block group; 0 = all at once
+    trainable_blocks: NonNegInt | None = 5  # block groups trained, from the top; None = all
+    progressive_head_epochs: NonNegInt = 5
+    progressive_unfreeze_every: NonNegInt = 0  # epochs between unfreezing one more block group; 0 = never
     freeze_bn: bool = True
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -68,14 +69,25 @@ def _bundled(backbone: str, reference: nn.Module) -> dict[str, torch.Tensor]:
 def _hub(backbone: str, reference: nn.Module) -> dict[str, torch.Tensor]:
     import timm
 
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+        # Read at call time: huggingface_hub reads it once at import, and would otherwise retry for a minute.
+        raise PipelineError(
+            f"model.weights: hub, but HF_HUB_OFFLINE is set, so {backbone} cannot be downloaded. "
+            f"{_OFFLINE_HINT}"
+        )
     try:
         model = timm.create_model(backbone, pretrained=True)
     except Exception as exc:  # network errors come in many types (URLError, HfHubHTTPError, OSError ...)
         raise PipelineError(
-            f"model.weights: hub download of {backbone} failed ({type(exc).__name__}: {exc}). Offline? Download "
-            "the weights elsewhere and set model.weights: file:<path to .pth or .safetensors>."
+            f"model.weights: hub download of {backbone} failed ({type(exc).__name__}: {exc}). {_OFFLINE_HINT}"
         ) from None
     return model.state_dict()
+
+
+_OFFLINE_HINT = (
+    "Offline? Download the weights where there is network and set model.weights: file:<path to .pth or "
+    ".safetensors>, or use weights: bundled (tf_efficientnet_lite0/1/2)."
+)
 
 
 def _from_file(path: Path) -> dict[str, torch.Tensor]:

@@ -1,8 +1,226 @@
-"""Stage: train (placeholder until its issue lands)."""
+"""Stage: train. Fine-tunes the pretrained backbone on the train split, selects the best epoch on val.
+
+This module only wires the pieces: data (pipeline.data: uint8 cache, transforms, loaders), what trains when
+(pipeline.models.freezing) and the machinery (pipeline.training: precision, DDP, optimizer, checkpoint, loop).
+Runs as is under `torchrun` (DDP); only rank 0 writes. Resumes from the last complete epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from dvclive import Live
 
 from pipeline.config import Params
-from pipeline.errors import PipelineError
+from pipeline.data.cache import build_cache, cache_path
+from pipeline.data.loader import CachedImages, EpochSampler, Splits, build_loader, read_splits
+from pipeline.data.transforms import build_batch_mix, build_transforms
+from pipeline.io import write_json
+from pipeline.models import ImageClassifier, build_model, resolve_data_config, save_trained
+from pipeline.models.freezing import block_groups, plan_epochs
+from pipeline.training import checkpoint, distributed
+from pipeline.training.distributed import Dist
+from pipeline.training.features import backbone_features
+from pipeline.training.loop import EpochData, FitState, Trainer, fit
+from pipeline.training.loss import build_criterion, class_weights
+from pipeline.training.precision import Precision, resolve_precision
+
+log = logging.getLogger(__name__)
+
+# dvclive metric name -> key of an epoch record (pipeline.training.loop.fit); evaluate reads these curves.
+LIVE_METRICS = {
+    "train/loss": "train_loss",
+    "train/acc": "train_acc",
+    "val/loss": "val_loss",
+    "val/acc": "val_acc",
+    "val/f1": "val_f1",
+    "lr": "lr",
+    "lr_head": "lr_head",
+    "images_per_s": "images_per_s",
+}
 
 
-def run(params: Params) -> dict:
-    raise PipelineError("not implemented yet")
+def run(params: Params) -> dict[str, Any]:
+    env, device = distributed.setup(params.train.device)
+    try:
+        return _train(params, env, device)
+    finally:
+        distributed.teardown(env)
+
+
+def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
+    tp, paths = params.train, params.paths
+    checkpoint.seed_everything(params.base.seed)
+    splits = read_splits(paths.splits, paths.data_root)
+    num_classes = len(splits.class_names)
+    data_config = resolve_data_config(params.model)
+    precision = resolve_precision(tp.precision, device)
+    model = _model(params, num_classes, device)
+    groups = block_groups(model.backbone)
+    plans = plan_epochs(tp, len(groups))
+    data = _epoch_data(params, splits, data_config, model, precision, env)
+    weights = class_weights(splits.train.labels, num_classes, tp.class_weighting)
+    steps_per_epoch = math.ceil(len(data.train_loader) / tp.grad_accum_steps)
+    criterion = build_criterion(weights, tp.label_smoothing)
+    mix = build_batch_mix(tp.augment, num_classes)
+    trainer = Trainer(model, tp, plans, groups, steps_per_epoch, precision, env, criterion, mix)
+
+    checkpoint_file = paths.checkpoint_dir / checkpoint.CHECKPOINT_NAME
+    fingerprint = checkpoint.fingerprint(params, paths.splits, env.world_size)
+    state = _resume(checkpoint.load(checkpoint_file, fingerprint), trainer)
+    resumed_from = state.epoch
+    log.info(
+        f"train: {tp.strategy}, {params.model.backbone} on {device}, {precision.name}: "
+        f"{len(splits.train.labels)} train / {len(splits.val.labels)} val images, {num_classes} classes, "
+        f"{len(plans)} epochs"
+    )
+    live = _live(paths.live_dir, state.history) if env.is_main else None
+
+    def on_epoch_end(state: FitState, record: dict[str, float]) -> None:
+        if env.is_main:
+            trainer_state, rng = trainer.state_dict(), checkpoint.rng_state()
+            payload = {
+                "fingerprint": fingerprint,
+                "trainer": trainer_state,
+                "fit": state.to_dict(),
+                "rng": rng,
+            }
+            checkpoint.save(checkpoint_file, payload)
+            _log_epoch(live, record)
+            _report_epoch(record, len(plans), tp.overfit_gap_warning)
+
+    state = fit(trainer, plans, data, state, num_classes, on_epoch_end)
+    if env.is_main:
+        model.load_state_dict(state.best_state)
+        save_trained(paths.model, model, splits.class_names, data_config, params.to_dict())
+        write_json(paths.metrics("train"), _metrics(state, len(plans), splits, num_classes))
+        live.end()
+        best = f"{tp.early_stopping_metric} {state.best_value:.4f} at epoch {state.best_epoch}"
+        log.info(f"train: best {best} -> {paths.model}")
+    distributed.barrier(env)
+    return {
+        "best_epoch": state.best_epoch,
+        "best_val_acc": state.history[state.best_epoch - 1]["val_acc"],
+        "epochs_run": len(state.history),
+        "resumed_from_epoch": resumed_from,
+        "precision": precision.name,
+        "device": str(device),
+        "world_size": env.world_size,
+    }
+
+
+def _model(params: Params, num_classes: int, device: torch.device) -> ImageClassifier:
+    model = build_model(params.model, num_classes=num_classes).to(device)
+    if params.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if params.train.compile:
+        model.backbone.compile()  # in place: state_dict keys stay those of the plain model
+    return model
+
+
+def _epoch_data(
+    params: Params, splits: Splits, data_config: dict, model: ImageClassifier, precision: Precision, env: Dist
+) -> EpochData:
+    """Loaders over the uint8 caches (augmented train, center-cropped val) and lazily computed features."""
+    tp, paths, seed = params.train, params.paths, params.base.seed
+    train_file, val_file = _image_caches(splits, data_config, paths.cache_dir, env)
+    train_transform = build_transforms(data_config, tp.augment, train=True)
+    eval_transform = build_transforms(data_config, tp.augment, train=False)
+    shard = {"rank": env.rank, "world_size": env.world_size}
+    train_images = CachedImages(train_file, splits.train.labels, train_transform, seed)
+    train_sampler = EpochSampler(splits.train.labels, seed, **shard, balanced=tp.balanced_sampler)
+    train_loader = build_loader(train_images, train_sampler, tp.batch_size, tp, precision.device)
+    val_images = CachedImages(val_file, splits.val.labels, eval_transform, seed)
+    val_sampler = EpochSampler(splits.val.labels, seed, **shard, shuffle=False)
+    val_loader = build_loader(val_images, val_sampler, tp.batch_size * 2, tp, precision.device)
+
+    def features() -> tuple[torch.Tensor, torch.Tensor]:
+        unaugmented_train = CachedImages(train_file, splits.train.labels, eval_transform, seed)
+        settings = (tp.batch_size * 2, precision, tp.channels_last, paths.cache_dir, env)
+        return tuple(
+            backbone_features(model.backbone, images, *settings) for images in (unaugmented_train, val_images)
+        )
+
+    labels = (torch.from_numpy(splits.train.labels.copy()), torch.from_numpy(splits.val.labels.copy()))
+    return EpochData(train_loader, val_loader, features, labels)
+
+
+def _image_caches(splits: Splits, data_config: dict, cache_dir: Path, env: Dist) -> list[Path]:
+    """The train and val uint8 caches, built by one process per machine while the others wait."""
+    for rows in (splits.train, splits.val):
+        if env.is_local_main:
+            build_cache(rows.paths, rows.identities, data_config, cache_dir, workers=os.cpu_count() or 1)
+        distributed.barrier(env)
+    return [cache_path(cache_dir, rows.identities, data_config) for rows in (splits.train, splits.val)]
+
+
+def _resume(saved: dict[str, Any] | None, trainer: Trainer) -> FitState:
+    if saved is None:
+        return FitState()
+    trainer.load_state_dict(saved["trainer"])
+    checkpoint.set_rng_state(saved["rng"])
+    state = FitState(**saved["fit"])
+    log.info("train: resuming after epoch %d from the checkpoint", state.epoch)
+    return state
+
+
+def _live(live_dir: Path, history: list[dict[str, float]]) -> Live:
+    """A fresh dvclive log; a resumed run's epochs are replayed so its curves match an uninterrupted run."""
+    live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    for record in history:
+        _log_epoch(live, record)
+    return live
+
+
+def _log_epoch(live: Live, record: dict[str, float]) -> None:
+    for name, key in LIVE_METRICS.items():
+        live.log_metric(name, record[key])
+    live.next_step()
+
+
+def _report_epoch(record: dict[str, float], epochs: int, gap_warning: float) -> None:
+    r = record
+    log.info(
+        f"epoch {r['epoch']}/{epochs}  train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f} | "
+        f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.4f} f1 {r['val_f1']:.4f} | lr {r['lr']:.2e} | "
+        f"{r['images_per_s']:.0f} img/s | {r['seconds']:.1f} s"
+    )
+    gap = r["train_acc"] - r["val_acc"]
+    if gap > gap_warning:
+        log.warning(
+            f"epoch {r['epoch']}: train accuracy exceeds val accuracy by {gap:.3f} "
+            f"(train.overfit_gap_warning {gap_warning}): overfitting; consider more augmentation, "
+            "a smaller lr or fewer epochs"
+        )
+
+
+def _metrics(state: FitState, epochs_planned: int, splits: Splits, num_classes: int) -> dict:
+    """metrics/train.json: the best epoch's val figures, the last epoch's figures, time and throughput."""
+    best, last = state.history[state.best_epoch - 1], state.history[-1]
+    # Throughput of the epochs that ran the backbone; head-only epochs on cached features would inflate it.
+    image_epochs = [r for r in state.history if not r["on_features"]] or state.history
+    images, seconds = sum(r["images"] for r in image_epochs), sum(r["loop_seconds"] for r in image_epochs)
+    return {
+        "best_epoch": state.best_epoch,
+        "best_val_acc": best["val_acc"],
+        "best_val_loss": best["val_loss"],
+        "best_val_f1": best["val_f1"],
+        "epochs_planned": epochs_planned,
+        "epochs_run": len(state.history),
+        "stopped_early": state.stopped_early,
+        "final_train_loss": last["train_loss"],
+        "final_train_acc": last["train_acc"],
+        "final_val_loss": last["val_loss"],
+        "final_val_acc": last["val_acc"],
+        "overfit_gap": last["train_acc"] - last["val_acc"],
+        "train_seconds": state.seconds,
+        "images_per_s": images / max(seconds, 1e-9),
+        "num_train": len(splits.train.labels),
+        "num_val": len(splits.val.labels),
+        "num_classes": num_classes,
+    }

@@ -1,0 +1,117 @@
+"""uint8 image cache: every image decoded and resized once, then every epoch augments from memory.
+
+The cache holds, per image, a square of side floor(size / crop_pct) cut from the image resized exactly as the
+eval preprocessing (pipeline.preprocess) resizes it, and placed so that CenterCrop(size) of the square is
+byte-for-byte the eval crop. Training crops and flips come from the full square; validation is its center.
+
+On disk it is one `.npy` array (N, 3, side, side) keyed by the images' identities (relative path + sha256, in
+order) and the resize settings, so experiments that change only training params reuse it. Workers open it as a
+read-only memmap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path
+from pipeline.preprocess import open_rgb
+
+log = logging.getLogger(__name__)
+
+_FORMAT_VERSION = 1  # bump when the cached pixels would change for the same key inputs
+
+
+def cache_side(data_config: dict[str, Any]) -> int:
+    """Side of the cached square: the eval resize target, floor(size / crop_pct)."""
+    size = int(data_config["input_size"][-1])
+    return max(size, math.floor(size / float(data_config["crop_pct"])))
+
+
+def cache_key(identities: Sequence[str], data_config: dict[str, Any]) -> str:
+    spec = {
+        "images": list(identities),
+        "size": int(data_config["input_size"][-1]),
+        "side": cache_side(data_config),
+        "interpolation": data_config["interpolation"],
+        "version": _FORMAT_VERSION,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def cache_path(cache_dir: Path, identities: Sequence[str], data_config: dict[str, Any]) -> Path:
+    return Path(cache_dir) / f"images-{cache_key(identities, data_config)}.npy"
+
+
+def cached_square(img: Image.Image, data_config: dict[str, Any]) -> np.ndarray:
+    """(3, side, side) uint8 whose centered (size x size) crop equals the eval preprocessing's crop."""
+    size, side = int(data_config["input_size"][-1]), cache_side(data_config)
+    width, height = img.size
+    # The eval resize (pipeline.preprocess.resize_and_crop): shorter side to `side`, aspect kept.
+    if width <= height:
+        new_w, new_h = side, int(side * height / width)
+    else:
+        new_w, new_h = int(side * width / height), side
+    resized = img.resize((new_w, new_h), Image.Resampling[data_config["interpolation"].upper()])
+    # Place the square so that CenterCrop(size) of it lands on the eval crop's exact offsets.
+    inner = int(round((side - size) / 2.0))
+    left = int(round((new_w - size) / 2.0)) - inner
+    top = int(round((new_h - size) / 2.0)) - inner
+    square = np.asarray(resized.crop((left, top, left + side, top + side)), dtype=np.uint8)
+    return np.ascontiguousarray(square.transpose(2, 0, 1))
+
+
+def build_cache(
+    paths: Sequence[Path],
+    identities: Sequence[str],
+    data_config: dict[str, Any],
+    cache_dir: Path,
+    workers: int,
+) -> Path:
+    """Decode and resize every image once into the on-disk cache (reused when it exists); returns its path.
+
+    `identities`: one string per image that changes whenever its pixels do (e.g. relative path + sha256).
+    """
+    target = cache_path(cache_dir, identities, data_config)
+    side = cache_side(data_config)
+    if target.is_file():
+        log.info("image cache: reusing %s", target)
+        return target
+    log.info("image cache: decoding %d images into %s (%dx%d)", len(paths), target, side, side)
+    with atomic_path(target) as tmp:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, side, side))
+        _fill(array, paths, data_config, workers)
+        array.flush()
+    return target
+
+
+def open_cache(path: Path) -> np.ndarray:
+    """The cache as a read-only memmap (N, 3, side, side) uint8; cheap, so each worker opens its own."""
+    return np.load(path, mmap_mode="r")
+
+
+def _fill(array: np.ndarray, paths: Sequence[Path], data_config: dict[str, Any], workers: int) -> None:
+    def fill(index: int) -> None:
+        array[index] = _load(paths[index], data_config)
+
+    # PIL releases the GIL while decoding and resizing, so threads scale without pickling pixels.
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(pool.map(fill, range(len(paths))))
+
+
+def _load(path: Path, data_config: dict[str, Any]) -> np.ndarray:
+    try:
+        img = open_rgb(path)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{path}: cannot decode image ({exc}); re-run ingest/validate") from None
+    return cached_square(img, data_config)

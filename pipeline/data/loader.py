@@ -1,0 +1,168 @@
+"""Training data: the splits table, datasets over the uint8 cache, epoch-seeded samplers, DataLoader factory.
+
+Randomness is a pure function of (seed, epoch, index): the sampler's order comes from (seed, epoch) and each
+item's augmentation from (seed, epoch, index). So results do not depend on the number of workers, on
+persistent workers keeping their RNG across epochs, or on whether a run was resumed; DDP ranks take disjoint
+shards.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipeline.config import TrainParams
+from pipeline.data.cache import open_cache
+from pipeline.errors import PipelineError
+
+SPLITS_COLUMNS = ("path", "label", "split", "sha256")
+
+
+@dataclass(frozen=True)
+class SplitRows:
+    """One split: image files, their identities (relative path + sha256) and labels (class indices)."""
+
+    paths: list[Path]
+    identities: list[str]
+    labels: np.ndarray  # (N,) int64
+
+
+@dataclass(frozen=True)
+class Splits:
+    class_names: list[str]  # sorted unique labels of the whole table: index = class id
+    train: SplitRows
+    val: SplitRows
+
+
+def read_splits(splits_csv: Path, data_root: Path) -> Splits:
+    """Read the split stage's table; class order is the sorted unique labels over all splits."""
+    if not Path(splits_csv).is_file():
+        raise PipelineError(
+            f"{splits_csv}: splits table not found; run the split stage first (dvc repro split)"
+        )
+    table = pd.read_csv(splits_csv, dtype={"label": str, "path": str, "split": str, "sha256": str})
+    missing = [c for c in SPLITS_COLUMNS if c not in table.columns]
+    if missing:
+        raise PipelineError(f"{splits_csv}: missing columns {missing}; re-run the split stage")
+    class_names = sorted(table["label"].unique().tolist())
+    index = {name: i for i, name in enumerate(class_names)}
+
+    def rows(name: str) -> SplitRows:
+        part = table[table["split"] == name]
+        if part.empty:
+            raise PipelineError(f"{splits_csv}: no '{name}' rows; training needs train and val images")
+        return SplitRows(
+            paths=[Path(data_root) / p for p in part["path"]],
+            identities=[f"{p}:{sha}" for p, sha in zip(part["path"], part["sha256"], strict=True)],
+            labels=part["label"].map(index).to_numpy(dtype=np.int64),
+        )
+
+    return Splits(class_names, rows("train"), rows("val"))
+
+
+class CachedImages(Dataset):
+    """Items of the uint8 cache, transformed; keys are (epoch, index) so augmentation is reproducible."""
+
+    def __init__(self, cache_file: Path, labels: np.ndarray, transform: Callable, seed: int):
+        self.cache_file, self.labels, self.transform, self.seed = Path(cache_file), labels, transform, seed
+        self._array: np.ndarray | None = None  # opened lazily: a memmap must not be pickled into workers
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key
+        if self._array is None:
+            self._array = open_cache(self.cache_file)
+        image = torch.from_numpy(np.array(self._array[index]))  # (3, side, side) uint8, out of the memmap
+        with torch.random.fork_rng(devices=[]):
+            # The CPU generator only: torch.manual_seed would also queue GPU seeding, costing 1 ms an image.
+            torch.default_generator.manual_seed(_item_seed(self.seed, epoch, index))
+            return self.transform(image), int(self.labels[index])
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """This rank's (epoch, index) keys: a permutation or class-balanced draw, seeded by (seed, epoch).
+
+    Training order is padded to a multiple of the world size (as DistributedSampler does); evaluation order
+    (shuffle=False) is split without padding, so summed metrics count every image exactly once.
+    """
+
+    def __init__(
+        self,
+        labels: np.ndarray,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        balanced: bool = False,
+    ):
+        self.labels, self.seed, self.rank, self.world_size = labels, seed, rank, world_size
+        self.shuffle, self.balanced, self.epoch = shuffle or balanced, balanced, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> torch.Tensor:
+        n = len(self.labels)
+        if not self.shuffle:
+            return torch.arange(n)[self.rank :: self.world_size]
+        generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, -1))
+        total = -(-n // self.world_size) * self.world_size
+        if self.balanced:  # each class drawn equally often, with replacement
+            counts = np.bincount(self.labels)
+            weights = torch.as_tensor(1.0 / counts[self.labels], dtype=torch.float64)
+            order = torch.multinomial(weights, total, replacement=True, generator=generator)
+        else:
+            order = torch.randperm(n, generator=generator)
+            order = torch.cat([order, order[: total - n]])
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(self.epoch, int(i)) for i in self._order()])
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return -(-n // self.world_size) if self.shuffle else len(range(self.rank, n, self.world_size))
+
+    def index_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Batches of plain indices, for data already in memory (cached features)."""
+        order = self._order()
+        return iter(order.split(batch_size))
+
+
+def resolve_workers(requested: int | None, device: torch.device, world_size: int = 1) -> int:
+    """None = a default for the machine: none on CPU (workers would take cores from the model; decoding is
+    already cached), else up to 8 per GPU process from the cores left."""
+    if requested is not None:
+        return requested
+    if device.type == "cpu":
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) // world_size - 1))
+
+
+def build_loader(
+    dataset: Dataset, sampler: EpochSampler, batch_size: int, params: TrainParams, device: torch.device
+) -> DataLoader:
+    workers = resolve_workers(params.num_workers, device, sampler.world_size)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=params.pin_memory and device.type == "cuda",
+        persistent_workers=params.persistent_workers and workers > 0,
+        # Its own generator: creating an iterator must not draw from the global RNG (saved in checkpoints).
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def _item_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index + 1]).generate_state(1, dtype=np.uint64)[0] >> 1)

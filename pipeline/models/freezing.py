@@ -1,0 +1,118 @@
+"""Which parameters train when: block groups, the four strategies as per-epoch plans, frozen BatchNorm, and
+optimizer parameter groups (no weight decay on norms/biases; the head at `head_lr_mult` times the lr)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from timm.models import group_parameters
+from torch import nn
+
+from pipeline.config import TrainParams
+from pipeline.models import ImageClassifier
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What one epoch trains."""
+
+    phase: int  # lr schedule phase; each phase has its own warm-up and cosine decay
+    groups: int  # backbone block groups trained, counted from the output end (0 = head only)
+    on_features: bool  # head-only epochs train on cached backbone features instead of images
+
+
+def block_groups(backbone: nn.Module) -> list[list[str]]:
+    """Backbone parameter names in block groups from input to output (timm's coarse grouping: stem, stages,
+    final conv/norm with the last stage); models without a group matcher use their top-level children."""
+    if hasattr(backbone, "group_matcher"):
+        grouped = group_parameters(backbone, backbone.group_matcher(coarse=True))
+        return [grouped[key] for key in sorted(grouped)]
+    children = (
+        [f"{name}.{p}" for p, _ in child.named_parameters()] for name, child in backbone.named_children()
+    )
+    return [names for names in children if names]
+
+
+def _linear_probe(params: TrainParams, num_groups: int) -> list[EpochPlan]:
+    return [EpochPlan(0, 0, True)] * params.epochs
+
+
+def _top_groups(params: TrainParams, num_groups: int) -> int:
+    """`trainable_blocks` groups from the top (None: all of them)."""
+    return num_groups if params.trainable_blocks is None else min(params.trainable_blocks, num_groups)
+
+
+def _partial(params: TrainParams, num_groups: int) -> list[EpochPlan]:
+    return [EpochPlan(0, _top_groups(params, num_groups), False)] * params.epochs
+
+
+def _full(params: TrainParams, num_groups: int) -> list[EpochPlan]:
+    return [EpochPlan(0, num_groups, False)] * params.epochs
+
+
+def _progressive(params: TrainParams, num_groups: int) -> list[EpochPlan]:
+    """fastai-style: the head alone on cached features, then the top `trainable_blocks` groups, one more group
+    every `progressive_unfreeze_every` epochs (0: no more)."""
+    head_epochs = min(params.progressive_head_epochs, params.epochs)
+    phase, first, every = (
+        (1 if head_epochs else 0),
+        _top_groups(params, num_groups),
+        params.progressive_unfreeze_every,
+    )
+    plans = [EpochPlan(0, 0, True)] * head_epochs
+    for j in range(params.epochs - head_epochs):
+        groups = first if every == 0 else min(num_groups, first + j // every)
+        plans.append(EpochPlan(phase, groups, False))
+    return plans
+
+
+STRATEGIES: dict[str, Callable[[TrainParams, int], list[EpochPlan]]] = {
+    "linear_probe": _linear_probe,
+    "partial": _partial,
+    "full": _full,
+    "progressive": _progressive,
+}
+
+
+def plan_epochs(params: TrainParams, num_groups: int) -> list[EpochPlan]:
+    """One plan per epoch for `params.strategy`."""
+    return STRATEGIES[params.strategy](params, num_groups)
+
+
+def set_trainable(model: ImageClassifier, groups: list[list[str]], trainable_groups: int) -> None:
+    """The head and the last `trainable_groups` backbone groups train; everything else is frozen."""
+    trainable = (
+        {name for group in groups[len(groups) - trainable_groups :] for name in group}
+        if trainable_groups
+        else set()
+    )
+    for name, param in model.backbone.named_parameters():
+        param.requires_grad_(name in trainable)
+    model.head.requires_grad_(True)
+
+
+def train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    """model.train(), except frozen parts (their dropout/drop-path and BatchNorm statistics stay fixed) and,
+    with `freeze_bn`, every BatchNorm: small fine-tuning batches would wreck the pretrained statistics."""
+    model.train()
+    for module in model.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
+        elif freeze_bn and isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def param_groups(model: ImageClassifier, weight_decay: float, head_lr_mult: float) -> list[dict]:
+    """Optimizer groups: backbone/head x decay/no-decay. 1-d tensors (norm scales, biases) and the backbone's
+    `no_weight_decay()` names get none; `lr_scale` multiplies the base lr (the head's is `head_lr_mult`)."""
+    groups = []
+    for part, lr_scale in ((model.backbone, 1.0), (model.head, head_lr_mult)):
+        skip = part.no_weight_decay() if hasattr(part, "no_weight_decay") else set()
+        decay, no_decay = [], []
+        for name, param in part.named_parameters():
+            (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+        groups.append({"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale})
+    return [group for group in groups if group["params"]]

@@ -1,0 +1,297 @@
+"""The epoch loop: optimizer steps with accumulation, clipping, loss scaling and EMA; evaluation reduced
+across ranks; best-model tracking and early stopping; a callback after every epoch (checkpoint, logs)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pipeline.config import TrainParams
+from pipeline.data.loader import EpochSampler
+from pipeline.models import ImageClassifier
+from pipeline.models.freezing import EpochPlan, param_groups, set_trainable, train_mode
+from pipeline.training.distributed import Dist, all_sum, wrap
+from pipeline.training.optim import build_optimizer, build_scheduler
+from pipeline.training.precision import Precision
+
+log = logging.getLogger(__name__)
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+LOWER_IS_BETTER = {"val_loss"}  # early-stopping metrics to minimise; val_acc and val_f1 are maximised
+
+
+class EpochData:
+    """Each epoch's batches: augmented images from the cache, or backbone features for head-only epochs."""
+
+    def __init__(
+        self,
+        train_loader: DataLoader,
+        val_loader: DataLoader,
+        features: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+        labels: tuple[torch.Tensor, torch.Tensor],
+    ):
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self._features_fn, self._features = features, None
+        self.labels = labels  # (train, val) int64 label tensors, for the feature batches
+
+    def features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train, val) features, computed on first use (never, when resuming past the head-only epochs)."""
+        if self._features is None:
+            self._features = self._features_fn()
+        return self._features
+
+    def train(self, plan: EpochPlan, epoch: int) -> tuple[Batches, int]:
+        """This epoch's training batches and their number."""
+        sampler: EpochSampler = self.train_loader.sampler
+        sampler.set_epoch(epoch)
+        if not plan.on_features:
+            return self.train_loader, len(self.train_loader)
+        features, batches = self.features()[0], list(sampler.index_batches(self.train_loader.batch_size))
+        return ((features[i], self.labels[0][i]) for i in batches), len(batches)
+
+    def val(self, plan: EpochPlan) -> Batches:
+        if not plan.on_features:
+            return self.val_loader
+        sampler: EpochSampler = self.val_loader.sampler
+        features = self.features()[1]
+        return ((features[i], self.labels[1][i]) for i in sampler.index_batches(self.val_loader.batch_size))
+
+
+class Trainer:
+    """Optimizer, lr schedule, loss scaling and EMA around one model; trains and evaluates epoch by epoch."""
+
+    def __init__(
+        self,
+        model: ImageClassifier,
+        params: TrainParams,
+        plans: list[EpochPlan],
+        block_groups: list[list[str]],
+        steps_per_epoch: int,
+        precision: Precision,
+        env: Dist,
+        criterion: nn.Module,
+        batch_mix: Callable | None,
+    ):
+        self.model, self.params, self.groups = model, params, block_groups
+        self.precision, self.env = precision, env
+        self.criterion, self.batch_mix = criterion.to(precision.device), batch_mix
+        self.optimizer = build_optimizer(
+            param_groups(model, params.weight_decay, params.head_lr_mult), params
+        )
+        phases = Counter(plan.phase for plan in plans)  # phase -> epochs
+        phase_epochs = [phases[p] for p in sorted(phases)]
+        self.scheduler = build_scheduler(self.optimizer, phase_epochs, steps_per_epoch, params.warmup_epochs)
+        self.scaler = precision.grad_scaler()
+        self.ema = ModelEmaV3(model, decay=params.ema_decay, use_warmup=True) if params.ema_decay else None
+        self._wrapped: tuple[Any, nn.Module] | None = None
+
+    @property
+    def eval_model(self) -> ImageClassifier:
+        """The weights that are evaluated and saved: the EMA when enabled."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else {},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    def lrs(self) -> dict[str, float]:
+        factor = self.scheduler.get_last_lr()[0] / self.scheduler.base_lrs[0]
+        return {"lr": self.params.lr * factor, "lr_head": self.params.lr * self.params.head_lr_mult * factor}
+
+    def train_epoch(self, plan: EpochPlan, batches: Batches, num_batches: int, desc: str) -> dict[str, float]:
+        """One pass over `batches`; an optimizer step every `grad_accum_steps` batches (and at the end)."""
+        set_trainable(self.model, self.groups, plan.groups)
+        train_mode(self.model, self.params.freeze_bn)
+        module, accum = self._module(plan), self.params.grad_accum_steps
+        totals = torch.zeros(3, dtype=torch.float64, device=self.precision.device)  # loss sum, correct, count
+        bar = tqdm(desc=desc, unit="img", leave=False, disable=None if self.env.is_main else True)
+        start = time.perf_counter()
+        for index, (x, y) in enumerate(batches):
+            x, y = self._to_device(x, y)
+            last_in_group = (index + 1) % accum == 0 or index + 1 == num_batches
+            # The last group may be short: scale by its own size so every step averages its batches.
+            group_size = accum if index // accum < num_batches // accum else num_batches % accum
+            no_sync = isinstance(module, DistributedDataParallel) and not last_in_group
+            with module.no_sync() if no_sync else contextlib.nullcontext():
+                loss, logits = self._forward_backward(module, x, y, group_size)
+            if last_in_group:
+                self._optimizer_step()
+            correct = (logits.argmax(1) == y).sum()
+            totals += torch.stack([loss.double() * len(y), correct.double(), totals.new_tensor(len(y))])
+            bar.update(len(y))
+        seconds = time.perf_counter() - start
+        bar.close()
+        loss_sum, correct, images = all_sum(self.env, totals).cpu().tolist()
+        return {"loss": loss_sum / images, "acc": correct / images, "images": images, "seconds": seconds}
+
+    @torch.no_grad()
+    def evaluate(self, batches: Batches, on_features: bool, num_classes: int) -> dict[str, float]:
+        """Plain cross-entropy (no smoothing or class weights), accuracy and macro F1 over all ranks."""
+        model = self.eval_model
+        was_training = model.training
+        model.eval()
+        module = model.head if on_features else model
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=self.precision.device)
+        confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=self.precision.device)
+        for x, y in batches:
+            x, y = self._to_device(x, y)
+            with self.precision.autocast():
+                logits = module(x).float()
+            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
+            confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2)
+        model.train(was_training)
+        loss_sum, confusion = all_sum(self.env, loss_sum).cpu(), all_sum(self.env, confusion).cpu()
+        confusion = confusion.view(num_classes, num_classes)
+        true_pos, images = confusion.diag().double(), confusion.sum().item()
+        f1 = 2 * true_pos / (confusion.sum(0) + confusion.sum(1)).double().clamp(min=1)
+        return {
+            "loss": loss_sum.item() / images,
+            "acc": true_pos.sum().item() / images,
+            "f1": f1.mean().item(),
+        }
+
+    def _forward_backward(
+        self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, group_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        target = y
+        if self.batch_mix is not None and x.ndim == 4:  # MixUp/CutMix on images, not on cached features
+            x, target = self.batch_mix(x, y)
+        with self.precision.autocast():
+            logits = module(x)
+        loss = self.criterion(logits.float(), target)
+        self.scaler.scale(loss / group_size).backward()
+        return loss.detach(), logits.detach()
+
+    def _optimizer_step(self) -> None:
+        if self.params.grad_clip_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            trainable = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            nn.utils.clip_grad_norm_(trainable, self.params.grad_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.scheduler.last_epoch)
+
+    def _module(self, plan: EpochPlan) -> nn.Module:
+        """The module this epoch trains, DDP-wrapped afresh whenever its trainable parameters change."""
+        key = (plan.on_features, plan.groups)
+        if self._wrapped is None or self._wrapped[0] != key:
+            module = self.model.head if plan.on_features else self.model
+            self._wrapped = (key, wrap(module, self.env, self.precision.device))
+        return self._wrapped[1]
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.precision.device, non_blocking=True)
+        if self.params.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.precision.device, non_blocking=True)
+
+
+@dataclass
+class FitState:
+    """Progress that a checkpoint restores besides the trainer's own state."""
+
+    epoch: int = 0  # epochs completed
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_value: float | None = None  # of the early-stopping metric, over all epochs: picks the saved model
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    phase_best: float | None = None  # best within the current phase: drives early stopping
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def fit(
+    trainer: Trainer,
+    plans: list[EpochPlan],
+    data: EpochData,
+    state: FitState,
+    num_classes: int,
+    on_epoch_end: Callable[[FitState, dict[str, float]], None],
+) -> FitState:
+    """Run the remaining epochs, keeping the best epoch's weights.
+
+    Early stopping ends the last phase once it has gone `early_stopping_patience` epochs without beating its
+    own best: a new phase (e.g. unfreezing after progressive's head-only epochs) starts worse at its peak lr,
+    so comparing it with the previous phase's best would stop it before it gets going.
+    """
+    monitor, patience = trainer.params.early_stopping_metric, trainer.params.early_stopping_patience
+    for epoch in range(state.epoch, len(plans)):
+        if state.stopped_early:
+            break
+        plan, start = plans[epoch], time.perf_counter()
+        if epoch > 0 and plans[epoch - 1].phase != plan.phase:
+            state.phase_best, state.bad_epochs = None, 0
+        batches, num_batches = data.train(plan, epoch)
+        train = trainer.train_epoch(plan, batches, num_batches, desc=f"epoch {epoch + 1}/{len(plans)}")
+        val = trainer.evaluate(data.val(plan), plan.on_features, num_classes)
+        record = {
+            "epoch": epoch + 1,
+            "phase": plan.phase,
+            "trainable_groups": plan.groups,
+            "on_features": plan.on_features,
+            "train_loss": train["loss"],
+            "train_acc": train["acc"],
+            "val_loss": val["loss"],
+            "val_acc": val["acc"],
+            "val_f1": val["f1"],
+            "images": train["images"],
+            "loop_seconds": train["seconds"],
+            "images_per_s": train["images"] / max(train["seconds"], 1e-9),
+            "seconds": time.perf_counter() - start,
+            **trainer.lrs(),
+        }
+        state.history.append(record)
+        state.seconds += record["seconds"]
+        value = record[monitor]
+        if _improved(value, state.best_value, monitor):
+            state.best_value, state.best_epoch = value, epoch + 1
+            state.best_state = {
+                k: v.detach().cpu().clone() for k, v in trainer.eval_model.state_dict().items()
+            }
+        if _improved(value, state.phase_best, monitor):
+            state.phase_best, state.bad_epochs = value, 0
+        else:
+            state.bad_epochs += 1
+        state.epoch = epoch + 1
+        in_last_phase = plan.phase == plans[-1].phase and state.epoch < len(plans)
+        state.stopped_early = bool(in_last_phase and patience and state.bad_epochs >= patience)
+        on_epoch_end(state, record)
+    return state
+
+
+def _improved(value: float, best: float | None, monitor: str) -> bool:
+    if best is None:
+        return True
+    return value < best if monitor in LOWER_IS_BETTER else value > best

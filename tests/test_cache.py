@@ -1,0 +1,68 @@
+"""The uint8 image cache: its center crop is exactly the eval preprocessing; it is built once and reused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data import cache
+from pipeline.errors import PipelineError
+from pipeline.preprocess import resize_and_crop
+from tests.conftest import make_image
+
+CONFIG = {
+    "input_size": [3, 32, 32],
+    "interpolation": "bicubic",
+    "crop_pct": 0.875,
+    "mean": [0.5] * 3,
+    "std": [0.5] * 3,
+}
+
+
+@pytest.mark.parametrize("width,height", [(40, 40), (57, 31), (31, 57), (33, 120), (101, 64), (28, 28)])
+@pytest.mark.parametrize(
+    "size,crop_pct,interpolation", [(32, 0.875, "bicubic"), (33, 0.9, "bilinear"), (24, 1.0, "bicubic")]
+)
+def test_center_of_the_cached_square_equals_the_eval_crop(width, height, size, crop_pct, interpolation):
+    rng = np.random.default_rng(width * height)
+    img = Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+    config = {**CONFIG, "input_size": [3, size, size], "crop_pct": crop_pct, "interpolation": interpolation}
+
+    square = cache.cached_square(img, config)
+
+    side = cache.cache_side(config)
+    assert square.shape == (3, side, side) and square.dtype == np.uint8
+    inner = int(round((side - size) / 2.0))  # torchvision CenterCrop's offset
+    crop = square[:, inner : inner + size, inner : inner + size].transpose(1, 2, 0)
+    assert np.array_equal(crop, np.asarray(resize_and_crop(img, size, crop_pct, interpolation)))
+
+
+def test_cache_is_built_once_and_reused(tmp_path, monkeypatch):
+    paths = [make_image(tmp_path / f"{i}.png", i, size=40, seed=i) for i in range(5)]
+    ids = [f"{p.name}:sha{i}" for i, p in enumerate(paths)]
+    built = cache.build_cache(paths, ids, CONFIG, tmp_path / "cache", workers=2)
+    array = cache.open_cache(built)
+    assert array.shape == (5, 3, 36, 36)
+    assert np.array_equal(array[3], cache.cached_square(Image.open(paths[3]).convert("RGB"), CONFIG))
+
+    monkeypatch.setattr(cache, "_load", lambda *a: pytest.fail("a cached image was decoded again"))
+    assert cache.build_cache(paths, ids, CONFIG, tmp_path / "cache", workers=2) == built
+
+
+def test_key_changes_with_the_images_and_the_resize_settings():
+    ids = ["a.png:1", "b.png:2"]
+    key = cache.cache_key(ids, CONFIG)
+    assert key == cache.cache_key(list(ids), dict(CONFIG))
+    assert key != cache.cache_key(["a.png:1", "b.png:3"], CONFIG)
+    assert key != cache.cache_key(ids[::-1], CONFIG)
+    assert key != cache.cache_key(ids, {**CONFIG, "input_size": [3, 48, 48]})
+    assert key != cache.cache_key(ids, {**CONFIG, "interpolation": "bilinear"})
+
+
+def test_an_undecodable_file_names_itself_and_leaves_no_cache(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(PipelineError, match="broken.png"):
+        cache.build_cache([bad], ["broken.png:x"], CONFIG, tmp_path / "cache", workers=1)
+    assert not list((tmp_path / "cache").glob("*.npy"))

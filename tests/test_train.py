@@ -1,0 +1,157 @@
+"""The train stage end to end on tiny data (timm's test_efficientnet, random weights, 32 px): every strategy,
+precision mode, class weighting, early stopping, determinism, resume and the outputs other stages read."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.models import load_trained
+from pipeline.stages import train
+from pipeline.training import checkpoint
+from pipeline.training.precision import cpu_supports_bf16
+from tests.conftest import train_params
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+TIMING_KEYS = {"train_seconds", "images_per_s"}
+
+
+def _metrics(params) -> dict:
+    return json.loads(params.paths.metrics("train").read_text())
+
+
+def _curve(params, name: str) -> list[float]:
+    with open(params.paths.live_dir / "plots" / "metrics" / f"{name}.tsv") as handle:
+        return [float(row[name.split("/")[-1]]) for row in csv.DictReader(handle, delimiter="\t")]
+
+
+@pytest.mark.parametrize("strategy", ["linear_probe", "partial", "full", "progressive"])
+def test_each_strategy_trains_and_writes_the_outputs_other_stages_read(tmp_path, strategy):
+    params = train_params(tmp_path, train={"strategy": strategy, "epochs": 3, "trainable_blocks": 1})
+    summary = train.run(params)
+
+    metrics = _metrics(params)
+    assert metrics["epochs_run"] == 3 == summary["epochs_run"]
+    assert 1 <= metrics["best_epoch"] <= 3 and 0.0 <= metrics["best_val_acc"] <= 1.0
+    assert all(math.isfinite(metrics[k]) for k in ("final_train_loss", "final_val_loss", "images_per_s"))
+    for name in ("train/loss", "train/acc", "val/loss", "val/acc", "val/f1", "lr", "lr_head", "images_per_s"):
+        assert len(_curve(params, name)) == 3, name
+    trained = load_trained(params.paths.model)
+    assert trained.class_names == ["class_0", "class_1", "class_2"]
+    assert trained.data_config["input_size"] == [3, 32, 32]
+    assert trained.params["train"]["strategy"] == strategy
+    assert trained.model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_frozen_parts_do_not_change(tmp_path):
+    """linear_probe trains only the head; partial leaves all but the last block group as pretrained."""
+    params = train_params(tmp_path, train={"strategy": "partial", "trainable_blocks": 1, "epochs": 2})
+    torch.manual_seed(params.base.seed)
+    from pipeline.models import build_model
+
+    initial = build_model(params.model, num_classes=3).backbone.state_dict()
+    train.run(params)
+    trained = load_trained(params.paths.model).model.backbone.state_dict()
+    changed = {name for name in initial if not torch.equal(initial[name], trained[name])}
+    assert changed and all(name.startswith(("blocks.4", "conv_head", "bn2")) for name in changed), changed
+
+
+def test_the_same_params_and_data_give_identical_metrics(tmp_path):
+    """Reproducible on CPU: two runs (the second reusing the caches) agree on every figure but the timings."""
+    runs = []
+    augment = {"random_erasing": 0.5, "auto_augment": "trivial"}
+    for name in ("a", "b"):
+        paths = {"metrics_dir": str(tmp_path / name), "checkpoint_dir": str(tmp_path / name / "ck")}
+        params = train_params(
+            tmp_path, paths=paths, train={"strategy": "progressive", "epochs": 3, "augment": augment}
+        )
+        train.run(params)
+        runs.append({k: v for k, v in _metrics(params).items() if k not in TIMING_KEYS})
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize(
+    "precision",
+    [
+        "fp32",
+        "fp16",
+        pytest.param("bf16", marks=pytest.mark.skipif(not cpu_supports_bf16(), reason="no bf16")),
+    ],
+)
+def test_each_precision_mode_the_cpu_supports(tmp_path, precision):
+    params = train_params(tmp_path, train={"strategy": "full", "precision": precision})
+    summary = train.run(params)
+    assert summary["precision"] == precision
+    assert math.isfinite(_metrics(params)["final_train_loss"])
+
+
+def test_switches_together_ema_mixup_cutmix_accumulation_sgd_mlp_head_class_weights(tmp_path):
+    params = train_params(
+        tmp_path,
+        model={"head": "mlp", "head_hidden": 16},
+        train={
+            "strategy": "full", "optimizer": "sgd", "lr": 0.01, "ema_decay": 0.9, "grad_accum_steps": 2,
+            "class_weighting": "effective", "balanced_sampler": True, "channels_last": True,
+            "augment": {"mixup_alpha": 0.4, "cutmix_alpha": 1.0, "auto_augment": "randaugment"},
+        },
+    )  # fmt: skip
+    train.run(params)
+    assert math.isfinite(_metrics(params)["final_train_loss"])
+    assert load_trained(params.paths.model).params["model"]["head"] == "mlp"
+
+
+def test_class_weighting_from_the_train_split_changes_the_training_loss(tmp_path):
+    losses = {}
+    for mode in ("none", "inverse"):
+        params = train_params(tmp_path / mode, train={"strategy": "full", "class_weighting": mode})
+        rows = params.paths.splits.read_text().splitlines()
+        # Imbalance the train split: keep 2 of class_2's 6 train images.
+        dropped = [r for r in rows if r.startswith("class_2/") and ",train," in r][2:]
+        params.paths.splits.write_text("\n".join(r for r in rows if r not in dropped) + "\n")
+        train.run(params)
+        losses[mode] = _metrics(params)["final_train_loss"]
+        assert _metrics(params)["num_train"] == 14
+    assert losses["none"] != losses["inverse"]
+
+
+def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(tmp_path):
+    # A learning rate this small leaves val accuracy unchanged, so epochs 2 and 3 cannot improve on epoch 1.
+    params = train_params(
+        tmp_path, train={"strategy": "full", "epochs": 8, "lr": 1e-12, "early_stopping_patience": 2}
+    )
+    train.run(params)
+    metrics = _metrics(params)
+    assert metrics["stopped_early"] is True
+    assert metrics["epochs_run"] == 3 and metrics["best_epoch"] == 1
+
+
+def test_a_finished_run_resumes_as_finished_and_a_changed_param_starts_fresh(tmp_path, caplog):
+    params = train_params(tmp_path, train={"strategy": "full", "epochs": 2})
+    first = train.run(params)
+    assert first["resumed_from_epoch"] == 0
+    again = train.run(params)
+    assert again["resumed_from_epoch"] == 2 and again["epochs_run"] == 2
+    changed = train_params(tmp_path, train={"strategy": "full", "epochs": 2, "lr": 2e-4})
+    with caplog.at_level("WARNING"):
+        assert train.run(changed)["resumed_from_epoch"] == 0
+    assert "training from scratch" in caplog.text
+
+
+def test_checkpoint_holds_only_tensors_and_primitives(tmp_path):
+    params = train_params(tmp_path, train={"strategy": "full", "epochs": 1, "ema_decay": 0.5})
+    train.run(params)
+    state = torch.load(params.paths.checkpoint_dir / checkpoint.CHECKPOINT_NAME, weights_only=True)
+    assert (
+        state["fit"]["epoch"] == 1 and state["trainer"]["ema"] and state["rng"]["torch"].dtype == torch.uint8
+    )
+
+
+def test_missing_splits_table_names_the_file_and_the_fix(tmp_path):
+    params = train_params(tmp_path, paths={"splits": str(tmp_path / "nope.csv")})
+    with pytest.raises(PipelineError, match="nope.csv.*run the split stage"):
+        train.run(params)

@@ -1,0 +1,112 @@
+"""The train stage as a process: killed with SIGKILL mid-training it resumes to the same result, and under
+torchrun with two CPU processes (gloo) it completes with one set of outputs. Subprocesses, so marked slow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.stages import train
+from pipeline.training import checkpoint
+from tests.conftest import PROJECT_ROOT, train_params
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
+TIMING_KEYS = {"train_seconds", "images_per_s"}
+
+
+def _write(params, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(params.to_dict()))
+    return path
+
+
+def _summaries(output: str) -> list[dict]:
+    return [
+        json.loads(line.split("done ", 1)[1])
+        for line in output.splitlines()
+        if line.startswith("train: done")
+    ]
+
+
+def _train_cli(params_file: Path, *launcher: str) -> subprocess.Popen:
+    command = [sys.executable, *launcher, "-m", "pipeline", "train", "--params", str(params_file)]
+    return subprocess.Popen(
+        command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _metrics(params) -> dict:
+    return {
+        k: v for k, v in json.loads(params.paths.metrics("train").read_text()).items() if k not in TIMING_KEYS
+    }
+
+
+def test_sigkill_mid_training_then_rerun_resumes_and_ends_exactly_like_an_uninterrupted_run(tmp_path):
+    run = {"train": {"strategy": "progressive", "epochs": 8, "progressive_head_epochs": 2, "ema_decay": 0.5,
+                     "augment": {"auto_augment": "trivial", "mixup_alpha": 0.2}}}  # fmt: skip
+    killed = train_params(tmp_path, paths={"metrics_dir": str(tmp_path / "killed")}, **run)
+    ckpt = killed.paths.checkpoint_dir / checkpoint.CHECKPOINT_NAME
+    process = _train_cli(_write(killed, tmp_path / "params.yaml"))
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate()
+    assert ckpt.exists() and not killed.paths.metrics("train").exists(), "not killed mid-training"
+
+    rerun = _train_cli(tmp_path / "params.yaml")
+    output = rerun.communicate()[0]
+    assert rerun.returncode == 0, output
+    (summary,) = _summaries(output)
+    assert 1 <= summary["resumed_from_epoch"] < 8
+
+    ref = tmp_path / "ref"
+    paths = {
+        "metrics_dir": ref,
+        "checkpoint_dir": ref / "ck",
+        "model": ref / "model.pt",
+        "live_dir": ref / "live",
+    }
+    reference = train_params(tmp_path, paths={k: str(v) for k, v in paths.items()}, **run)
+    train.run(reference)
+    assert _metrics(killed) == _metrics(reference)
+    resumed_model = torch.load(killed.paths.model, weights_only=True)["state_dict"]
+    reference_model = torch.load(reference.paths.model, weights_only=True)["state_dict"]
+    assert all(torch.equal(resumed_model[k], reference_model[k]) for k in reference_model)
+    curves = [
+        (p.paths.live_dir / "plots/metrics/val/acc.tsv").read_text().splitlines() for p in (killed, reference)
+    ]
+    assert [line.split("\t")[1:] for line in curves[0]] == [line.split("\t")[1:] for line in curves[1]]
+
+
+def test_two_process_ddp_on_cpu_completes_and_writes_one_set_of_outputs(tmp_path):
+    params = train_params(
+        tmp_path, train={"strategy": "progressive", "epochs": 2, "progressive_head_epochs": 1}
+    )
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    process = _train_cli(_write(params, tmp_path / "params.yaml"), *launcher)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, output
+
+    summaries = _summaries(output)
+    assert len(summaries) == 2 and all(s["world_size"] == 2 for s in summaries)
+    assert output.count("epoch 2/2 ") == 1, output  # only rank 0 reports and writes
+    out = params.paths.model.parent
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "dvclive", "metrics", "model.pt"]
+    assert [p.name for p in params.paths.checkpoint_dir.iterdir()] == [checkpoint.CHECKPOINT_NAME]
+    history = torch.load(params.paths.checkpoint_dir / checkpoint.CHECKPOINT_NAME, weights_only=True)["fit"][
+        "history"
+    ]
+    assert [record["images"] for record in history] == [
+        18,
+        18,
+    ]  # both ranks' shards summed: all 18 train images
+    assert json.loads(params.paths.metrics("train").read_text())["epochs_run"] == 2

@@ -1,0 +1,57 @@
+"""Transforms of cached uint8 tensors: eval equals pipeline.preprocess; training augments reproducibly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import AugmentParams
+from pipeline.data.cache import cached_square
+from pipeline.data.transforms import build_batch_mix, build_transforms
+from pipeline.preprocess import preprocess
+
+CONFIG = {
+    "input_size": [3, 32, 32],
+    "interpolation": "bicubic",
+    "crop_pct": 0.875,
+    "mean": [0.5] * 3,
+    "std": [0.25] * 3,
+}
+
+
+def _image(width=45, height=38) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_eval_transform_of_the_cache_equals_the_shared_eval_preprocessing():
+    img = _image()
+    ours = build_transforms(CONFIG, AugmentParams(), train=False)(
+        torch.from_numpy(cached_square(img, CONFIG))
+    )
+    assert ours.shape == (3, 32, 32) and ours.dtype == torch.float32
+    np.testing.assert_allclose(ours.numpy(), preprocess(img, CONFIG), atol=1e-6)
+
+
+@pytest.mark.parametrize("auto_augment", ["none", "trivial", "randaugment"])
+def test_train_transform_is_random_but_reproducible_from_the_seed(auto_augment):
+    augment = AugmentParams(color_jitter=0.4, auto_augment=auto_augment, random_erasing=0.5)
+    transform = build_transforms(CONFIG, augment, train=True)
+    square = torch.from_numpy(cached_square(_image(), CONFIG))
+
+    def sample(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return transform(square)
+
+    assert sample(1).shape == (3, 32, 32) and sample(1).dtype == torch.float32
+    assert torch.equal(sample(1), sample(1))
+    assert not torch.equal(sample(1), sample(2))
+
+
+def test_batch_mix_gives_soft_targets_or_nothing_when_off():
+    assert build_batch_mix(AugmentParams(), num_classes=3) is None
+    mix = build_batch_mix(AugmentParams(mixup_alpha=0.4, cutmix_alpha=1.0), num_classes=3)
+    images, targets = mix(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]))
+    assert images.shape == (4, 3, 8, 8) and targets.shape == (4, 3)
+    torch.testing.assert_close(targets.sum(1), torch.ones(4))
