@@ -214,8 +214,8 @@ def train_params(root: Path, classes: int = 3, per_class: int = 10, **sections: 
                 rel = f"class_{k}/img_{i:03d}.png"
                 split = "train" if i < n_train else "val" if i < n_train + n_val else "test"
                 sha = hashlib.sha256((data_root / rel).read_bytes()).hexdigest()
-                writer.writerow({"path": rel, "label": f"class_{k}", "split": split, "sha256": sha, "width": 40,
-                                 "height": 40})  # fmt: skip
+                row = {"path": rel, "label": f"class_{k}", "split": split, "sha256": sha}
+                writer.writerow({**row, "width": 40, "height": 40})
     out = root / "out"
     paths = {
         "data_root": str(data_root),

@@ -55,7 +55,7 @@ def test_sigkill_mid_training_then_rerun_resumes_and_ends_exactly_like_an_uninte
     killed = train_params(tmp_path, paths={"metrics_dir": str(tmp_path / "killed")}, **run)
     ckpt = killed.paths.checkpoint_dir / checkpoint.CHECKPOINT_NAME
     process = _train_cli(_write(killed, tmp_path / "params.yaml"))
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while not ckpt.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     os.kill(process.pid, signal.SIGKILL)

@@ -46,7 +46,7 @@ def lr_factor(step: int, phases: Sequence[int], warmup_steps: int) -> float:
 
 def build_scheduler(
     optimizer: Optimizer, phase_epochs: Sequence[int], steps_per_epoch: int, warmup_epochs: float
-):
+) -> LambdaLR:
     """LambdaLR stepped once per optimizer step over phases of `phase_epochs` epochs each."""
     phases = [max(1, epochs * steps_per_epoch) for epochs in phase_epochs]
     warmup_steps = round(warmup_epochs * steps_per_epoch)
