@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ParamsError
+from pipeline.preprocess import IMAGE_EXTENSIONS
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 
@@ -60,9 +61,7 @@ class PathsParams(_Section):
 class IngestParams(_Section):
     source: Literal["auto", "folder", "presplit", "csv"] = "auto"
     label_depth: PositiveInt = 1
-    extensions: list[str] = Field(
-        default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"]
-    )
+    extensions: list[str] = Field(default_factory=lambda: list(IMAGE_EXTENSIONS))
     follow_symlinks_inside_root: bool = True
     max_decode_pixels: PositiveInt = 178_956_970
     num_workers: NonNegInt = 2

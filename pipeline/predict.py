@@ -22,11 +22,10 @@ from tqdm import tqdm
 
 from pipeline import onnx_runtime as rt
 from pipeline.errors import PipelineError
-from pipeline.preprocess import open_rgb, preprocess
+from pipeline.preprocess import IMAGE_EXTENSIONS, open_rgb, preprocess
 
 LABELS_FILE = "labels.json"
 PREPROCESS_FILE = "preprocess.json"
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 # What PIL raises for missing, truncated, corrupt or oversized files (some decoders raise SyntaxError).
 _READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
