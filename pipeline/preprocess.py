@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-# File suffixes treated as images: ingest's default (`ingest.extensions`) and what `predict` picks from folders.
+# Image file suffixes: ingest's default (`ingest.extensions`) and what `predict` takes from folders.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 _INTERPOLATION = {

@@ -1,5 +1,6 @@
-"""The whole DAG on the bundled sample with the real backbone and bundled weights, via `dvc repro`, then the
-ONNX `predict` command on the sample's test images, which must agree with the evaluate stage image by image."""
+"""The whole DAG on the bundled sample with the real backbone and bundled weights, via `dvc repro`, then
+the ONNX `predict` command on the sample's test images, which must agree with the evaluate stage image by
+image."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ QUICK = {
 @pytest.fixture(scope="module")
 def sample_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("e2e") / "project"
-    shutil.copytree(PROJECT_ROOT / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        PROJECT_ROOT / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
+    )
     shutil.copytree(PROJECT_ROOT / "data" / "sample", root / "data" / "sample")
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy2(PROJECT_ROOT / name, root / name)

@@ -96,7 +96,9 @@ def test_file_weights_round_trip_and_mismatch(tmp_path):
     broken = {k: v for k, v in donor.state_dict().items() if not k.startswith("conv_stem")}
     broken["extra.weight"] = torch.zeros(1)
     torch.save(broken, path)
-    with pytest.raises(PipelineError, match=r"missing keys \['conv_stem.weight'\].*unexpected keys \['extra.weight'\]"):
+    with pytest.raises(
+        PipelineError, match=r"missing keys \['conv_stem.weight'\].*unexpected keys \['extra.weight'\]"
+    ):
         build_model(TINY.model_copy(update={"weights": f"file:{path}"}), num_classes=3)
 
 
@@ -118,7 +120,9 @@ def test_hub_offline_fails_fast_with_file_hint(monkeypatch):
 def test_trained_artifact_round_trip(tmp_path):
     model = build_model(TINY, num_classes=3).eval()
     path = tmp_path / "model.pt"
-    save_trained(path, model, ["a", "b", "c"], resolve_data_config(TINY), {"model": TINY.model_dump(mode="json")})
+    save_trained(
+        path, model, ["a", "b", "c"], resolve_data_config(TINY), {"model": TINY.model_dump(mode="json")}
+    )
     loaded = load_trained(path)
     assert loaded.class_names == ["a", "b", "c"]
     x = torch.randn(2, 3, 32, 32)

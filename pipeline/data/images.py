@@ -90,7 +90,7 @@ def has_presplit_layout(root: Path) -> bool:
 
 
 def scan_tree(
-    root: Path, extensions: list[str], follow_symlinks_inside_root: bool, label_depth: int, presplit: bool
+    root: Path, extensions: list[str], *, follow_symlinks_inside_root: bool, label_depth: int, presplit: bool
 ) -> Scan:
     """Candidates of a class-folder tree (`presplit`: below train/ val/ test/ folders), labels taken from the
     folder `label_depth` levels below the (split) root; class folders without any image file get a row too."""

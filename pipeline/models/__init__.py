@@ -1,7 +1,7 @@
 """Model factory: any timm backbone + our head, initialised from the chosen weight source.
 
-The model is `ImageClassifier(backbone, head)`: the backbone returns pooled features (B, C), the head maps them
-to logits (B, K). Keeping them apart is what lets linear probing cache features and train only the head.
+The model is `ImageClassifier(backbone, head)`: the backbone returns pooled features (B, C), the head maps
+them to logits (B, K). Keeping them apart is what lets linear probing cache features and train only the head.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def build_head(params: ModelParams, in_features: int, num_classes: int) -> nn.Mo
 def build_model(params: ModelParams, num_classes: int | None, pretrained: bool = True) -> ImageClassifier:
     """Backbone `params.backbone` with weights from `params.weights` and a fresh head for `num_classes`.
 
-    num_classes=None keeps the pretrained ImageNet classifier as the head (used to prove the weights are real).
+    num_classes=None keeps the pretrained ImageNet classifier as the head (to prove the weights are real).
     pretrained=False skips loading weights (e.g. before a checkpoint's own state dict is loaded).
     """
     try:
@@ -81,9 +81,13 @@ def _load_strict(network: nn.Module, state: dict[str, torch.Tensor], source: str
     if missing or result.unexpected_keys:
         raise PipelineError(
             f"model.weights ({source}): state dict does not fit {type(network).__name__}: "
-            f"missing keys {missing[:10]}{'...' if len(missing) > 10 else ''}, "
-            f"unexpected keys {result.unexpected_keys[:10]}{'...' if len(result.unexpected_keys) > 10 else ''}"
+            f"missing keys {_first(missing)}, unexpected keys {_first(result.unexpected_keys)}"
         )
+
+
+def _first(keys: list[str], shown: int = 10) -> str:
+    """A readable excerpt of a long key list."""
+    return f"{keys[:shown]}{'...' if len(keys) > shown else ''}"
 
 
 def _classifier_prefix(network: nn.Module) -> str:
@@ -121,7 +125,9 @@ class TrainedModel:
     params: dict[str, Any]
 
 
-def save_trained(path: Path, model: ImageClassifier, class_names: list[str], data_config: dict, params: dict) -> None:
+def save_trained(
+    path: Path, model: ImageClassifier, class_names: list[str], data_config: dict, params: dict
+) -> None:
     """Write the model artifact: tensors and JSON-safe metadata only, so it loads with weights_only=True."""
     from pipeline.io import atomic_path
 

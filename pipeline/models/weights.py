@@ -30,8 +30,19 @@ _BLOCK_WITH_EXPAND = {
     "_project_conv": "conv_pwl",
     "_bn2": "bn3",
 }
-_BLOCK_WITHOUT_EXPAND = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_BLOCK_WITHOUT_EXPAND = {
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+}
+_TOP_LEVEL = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
 
 
 def load_pretrained_state(backbone: str, source: str, reference: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -113,7 +124,9 @@ _SOURCES: dict[str, Callable[[str, nn.Module], dict[str, torch.Tensor] | None]] 
 }
 
 
-def _rename_efficientnet_pytorch(raw: dict[str, torch.Tensor], reference: nn.Module) -> dict[str, torch.Tensor]:
+def _rename_efficientnet_pytorch(
+    raw: dict[str, torch.Tensor], reference: nn.Module
+) -> dict[str, torch.Tensor]:
     """Map efficientnet_pytorch keys (flat `_blocks.N`) onto timm's nested `blocks.stage.index`."""
     stage_lengths = [len(stage) for stage in reference.blocks]
     flat_to_nested = [(s, i) for s, length in enumerate(stage_lengths) for i in range(length)]

@@ -25,23 +25,24 @@ from pipeline.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
+
+def _scan_tree(params: Params, presplit: bool) -> images.Scan:
+    return images.scan_tree(
+        params.paths.data_root,
+        params.ingest.extensions,
+        follow_symlinks_inside_root=params.ingest.follow_symlinks_inside_root,
+        label_depth=params.ingest.label_depth,
+        presplit=presplit,
+    )
+
+
 _SOURCES: dict[str, Callable[[Params], images.Scan]] = {
-    "folder": lambda p: images.scan_tree(
-        p.paths.data_root,
-        p.ingest.extensions,
-        p.ingest.follow_symlinks_inside_root,
-        p.ingest.label_depth,
-        False,
-    ),
-    "presplit": lambda p: images.scan_tree(
-        p.paths.data_root,
-        p.ingest.extensions,
-        p.ingest.follow_symlinks_inside_root,
-        p.ingest.label_depth,
-        True,
-    ),
+    "folder": lambda p: _scan_tree(p, presplit=False),
+    "presplit": lambda p: _scan_tree(p, presplit=True),
     "csv": lambda p: images.read_listing(
-        p.paths.data_root, p.paths.csv_manifest, p.ingest.follow_symlinks_inside_root
+        p.paths.data_root,
+        p.paths.csv_manifest,
+        follow_symlinks_inside_root=p.ingest.follow_symlinks_inside_root,
     ),
 }
 

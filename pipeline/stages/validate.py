@@ -243,7 +243,10 @@ class _GxChecker:
 
         site = {
             "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": str(docs_dir.resolve()),
+            },
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
         }
         config = DataContextConfig(
