@@ -158,7 +158,7 @@ class TrainParams(_Section):
     freeze_bn: bool = True
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"
-    channels_last: bool = False
+    channels_last: bool = True
     compile: bool = False
     num_workers: NonNegInt | None = None  # None: 0 on CPU (cores go to the model), up to 8 per GPU
     pin_memory: bool = True
@@ -220,11 +220,15 @@ with warnings.catch_warnings():
         orchestrate: OrchestrateParams = OrchestrateParams()
 
         @classmethod
-        def load(cls, path: Path | str = DEFAULT_PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:
+        def load(
+            cls, path: Path | str = DEFAULT_PARAMS_FILE, overrides: dict[str, Any] | None = None
+        ) -> Params:
             """Parse a params file (plus optional dotted overrides such as {"train.lr": 1e-3})."""
             path = Path(path)
             if not path.is_file():
-                raise ParamsError(f"{path}: params file not found; run from the project root or pass --params")
+                raise ParamsError(
+                    f"{path}: params file not found; run from the project root or pass --params"
+                )
             try:
                 raw = yaml.safe_load(path.read_text()) or {}
             except yaml.YAMLError as exc:
