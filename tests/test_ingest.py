@@ -113,6 +113,38 @@ def test_csv_source_reports_missing_escaping_and_unknown_split_rows(tmp_path):
     assert rows.at["class_0/img_001.png", "status"] == "no_label"
 
 
+@pytest.mark.parametrize("follow", [True, False])
+def test_csv_listing_vets_links_like_the_folder_scan(tmp_path, follow):
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=2)
+    outside = make_image(tmp_path / "elsewhere" / "secret.png", 0)
+    os.symlink(root / "class_0" / "img_000.png", root / "class_1" / "alias.png")
+    os.symlink(root / "class_0", root / "linked_dir")
+    os.symlink(outside, root / "class_0" / "outside.png")
+    os.symlink(outside.parent, root / "outside_dir")
+    os.symlink(root / "class_0" / "gone.png", root / "class_0" / "broken.png")
+    listed = {
+        "class_0/img_000.png": "ok",
+        "class_1/alias.png": "ok" if follow else "symlink_not_followed",
+        "linked_dir/img_001.png": "ok" if follow else "symlink_not_followed",
+        "class_0/outside.png": "symlink_outside_root",
+        "outside_dir/secret.png": "symlink_outside_root",
+        "class_0/broken.png": "broken_symlink",
+        "class_1": "not_an_image",
+        "class_9/none.png": "missing",
+    }
+    listing = tmp_path / "labels.csv"
+    listing.write_text("path,label\n" + "".join(f"{path},cat\n" for path in listed))
+    params = data_stage_params(
+        tmp_path,
+        root,
+        paths={"csv_manifest": str(listing)},
+        ingest={"num_workers": 0, "follow_symlinks_inside_root": follow},
+    )
+    ingest.run(params)
+    rows = _manifest(params).set_index("path")
+    assert {path: rows.at[path, "status"] for path in listed} == listed
+
+
 def test_csv_without_the_needed_columns_is_an_error(tmp_path):
     root = make_image_folder(tmp_path / "data", classes=2, per_class=1)
     listing = tmp_path / "labels.csv"

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import os
 import posixpath
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +129,8 @@ def read_listing(root: Path, listing: Path, follow_symlinks_inside_root: bool) -
             f"{listing}: expected a header with columns path,label[,split] and at least one row; "
             f"got columns {sorted(c for c in columns if c)}"
         )
-    real_root = root.resolve()
+    real_root = str(root.resolve())
+    real_folders: dict[str, str | None] = {}
     candidates = []
     for row in rows:
         raw = (row["path"] or "").strip().replace("\\", "/")
@@ -136,7 +138,7 @@ def read_listing(root: Path, listing: Path, follow_symlinks_inside_root: bool) -
         given = (row.get("split") or "").strip().lower()
         split = SPLIT_ALIASES.get(given, "")
         label = (row["label"] or "").strip()
-        status = _listed_file_status(root, real_root, rel, follow_symlinks_inside_root)
+        status = _listed_file_status(root, real_root, rel, follow_symlinks_inside_root, real_folders)
         if not status and not label:
             status = "no_label"
         elif not status and given and not split:
@@ -163,12 +165,6 @@ def inspect(root: str, max_decode_pixels: int, candidate: Candidate) -> dict[str
         return row
     row.update(_decode(file, max_decode_pixels))
     return row
-
-
-def inspect_values(root: str, max_decode_pixels: int, candidate: Candidate) -> tuple:
-    """`inspect` as a tuple in MANIFEST_COLUMNS order: cheaper to send back from a worker and to write."""
-    row = inspect(root, max_decode_pixels, candidate)
-    return tuple(row[column] for column in MANIFEST_COLUMNS)
 
 
 def _walk(root: Path, extensions: set[str], follow_inside: bool) -> _Tree:
@@ -227,19 +223,43 @@ def _link_status(link: Path, real_root: Path, follow_inside: bool) -> tuple[str,
     return "", target
 
 
-def _listed_file_status(root: Path, real_root: Path, rel: str, follow_inside: bool) -> str:
+def _listed_file_status(
+    root: Path, real_root: str, rel: str, follow_inside: bool, real_folders: dict[str, str | None]
+) -> str:
+    """Preset status of a listed path (empty = inspect it). Each folder is resolved once, then a plain file
+    costs one lstat on string paths (pathlib costs more than the system calls): 70,000 listed files are
+    checked in 0.7 s against 2.9 s resolving each path whole. A file that is itself a link is resolved whole."""
     if not rel or posixpath.isabs(rel) or rel == ".." or rel.startswith("../"):
         return "outside_root"
-    file = root / rel
+    folder, name = posixpath.split(rel)
+    if folder not in real_folders:
+        real_folders[folder] = _resolved(os.path.join(root, folder))
+    if real_folders[folder] is not None:
+        real = os.path.join(real_folders[folder], name)
+        with contextlib.suppress(OSError):
+            mode = os.lstat(real).st_mode
+            if not stat.S_ISLNK(mode):
+                return _real_status(real, real_root, rel, follow_inside, stat.S_ISREG(mode))
+    file = os.path.join(root, rel)
+    real = _resolved(file)
+    if real is None:
+        return "broken_symlink" if os.path.islink(file) else "missing"
+    return _real_status(real, real_root, rel, follow_inside, os.path.isfile(real))
+
+
+def _resolved(path: str) -> str | None:
     try:
-        real = file.resolve(strict=True)
+        return os.path.realpath(path, strict=True)
     except (OSError, RuntimeError):
-        return "broken_symlink" if file.is_symlink() else "missing"
-    if not real.is_relative_to(real_root):
+        return None
+
+
+def _real_status(real: str, real_root: str, rel: str, follow_inside: bool, is_file: bool) -> str:
+    if real != real_root and not real.startswith(os.path.join(real_root, "")):
         return "symlink_outside_root"
-    if real != real_root / rel and not follow_inside:
+    if real != os.path.join(real_root, rel) and not follow_inside:
         return "symlink_not_followed"
-    return "" if real.is_file() else "not_an_image"
+    return "" if is_file else "not_an_image"
 
 
 def _sha256(file: Path) -> tuple[str, int]:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import logging
 import multiprocessing
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from functools import partial
+from typing import Any
 
 from tqdm import tqdm
 
@@ -66,18 +67,17 @@ def run(params: Params) -> dict:
     started = time.perf_counter()
     statuses: Counter[str] = Counter()
     labels: set[str] = set()
-    inspect = partial(images.inspect_values, str(root), params.ingest.max_decode_pixels)
-    status_at, label_at = images.MANIFEST_COLUMNS.index("status"), images.MANIFEST_COLUMNS.index("label")
+    total, step = len(scan.candidates), params.ingest.chunksize
+    ranges = [(start, min(start + step, total)) for start in range(0, total, step)]
     with atomic_path(params.paths.manifest) as tmp:
-        with tmp.open("w", newline="", encoding="utf-8") as fh, _mapper(params) as imap:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(images.MANIFEST_COLUMNS)
-            rows = imap(inspect, scan.candidates)
-            for row in tqdm(rows, total=len(scan.candidates), desc="ingest", unit="file", disable=None):
-                writer.writerow(row)
-                statuses[row[status_at]] += 1
-                if row[status_at] == "ok":
-                    labels.add(row[label_at])
+        with tmp.open("w", newline="", encoding="utf-8") as fh, _inspector(params, scan.candidates) as imap:
+            csv.writer(fh, lineterminator="\n").writerow(images.MANIFEST_COLUMNS)
+            with tqdm(total=total, desc="ingest", unit="file", disable=None) as bar:
+                for text, counts, usable_labels in imap(_inspect_range, ranges):
+                    fh.write(text)
+                    statuses.update(counts)
+                    labels |= usable_labels
+                    bar.update(counts.total())
     seconds = time.perf_counter() - started
 
     files = len(scan.candidates) - statuses["empty_class_folder"]
@@ -121,11 +121,42 @@ def _resolve_source(params: Params) -> str:
     return "presplit" if images.has_presplit_layout(root) else "folder"
 
 
+# Set by _start_inspector in each decoding process (in this one for `ingest.num_workers: 0`): the candidates
+# travel once per worker, a task is only a (start, stop) range, and what comes back is finished CSV text, so
+# the parent's share per file is nearly nothing and 2 workers use 2 cores.
+_INSPECTOR: dict[str, Any] = {}
+
+
+def _start_inspector(root: str, max_decode_pixels: int, candidates: list[images.Candidate]) -> None:
+    _INSPECTOR.update(root=root, max_decode_pixels=max_decode_pixels, candidates=candidates)
+
+
+def _inspect_range(bounds: tuple[int, int]) -> tuple[str, Counter[str], set[str]]:
+    """Manifest rows of candidates[start:stop] as CSV text, with their status counts and usable labels."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    statuses: Counter[str] = Counter()
+    labels: set[str] = set()
+    for candidate in _INSPECTOR["candidates"][slice(*bounds)]:
+        row = images.inspect(_INSPECTOR["root"], _INSPECTOR["max_decode_pixels"], candidate)
+        writer.writerow([row[column] for column in images.MANIFEST_COLUMNS])
+        statuses[row["status"]] += 1
+        if row["status"] == "ok":
+            labels.add(row["label"])
+    return buffer.getvalue(), statuses, labels
+
+
 @contextlib.contextmanager
-def _mapper(params: Params) -> Iterator[Callable]:
-    """An ordered lazy map: in-process for `ingest.num_workers: 0`, else over a process pool."""
+def _inspector(params: Params, candidates: list[images.Candidate]) -> Iterator[Callable]:
+    """An ordered lazy map for _inspect_range: in this process for `ingest.num_workers: 0`, else over a
+    process pool whose workers get the candidates once, when they start."""
+    settings = (str(params.paths.data_root), params.ingest.max_decode_pixels, candidates)
     if params.ingest.num_workers == 0:
-        yield map
+        _start_inspector(*settings)
+        try:
+            yield map
+        finally:
+            _INSPECTOR.clear()
         return
-    with multiprocessing.Pool(params.ingest.num_workers) as pool:
-        yield partial(pool.imap, chunksize=params.ingest.chunksize)
+    with multiprocessing.Pool(params.ingest.num_workers, _start_inspector, settings) as pool:
+        yield pool.imap
