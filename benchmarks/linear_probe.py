@@ -46,7 +46,7 @@ _RUNS = (
 )
 SETTINGS = {
     "full": {
-        "repeats": 3,
+        "repeats": 2,
         "listing": {"train_per_class": 100, "val_per_class": 100, "test_per_class": 0},
         "params": _COMMON,
     },

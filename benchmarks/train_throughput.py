@@ -46,11 +46,11 @@ from pipeline.training.loss import build_criterion
 from pipeline.training.precision import Precision, resolve_precision
 
 NAME = "train_throughput"
-_RECIPE = {"train.strategy": "full", "train.epochs": 2, "train.early_stopping_patience": 0}
+_RECIPE = {"train.strategy": "full", "train.epochs": 1, "train.early_stopping_patience": 0}
 SETTINGS = {
     "full": {
         "repeats": 3,
-        "listing": {"train_per_class": 200, "val_per_class": 20, "test_per_class": 0},
+        "listing": {"train_per_class": 150, "val_per_class": 20, "test_per_class": 0},
         "classic_workers": 2,  # the tutorials' DataLoader(num_workers=...) ; here: one per core
         "params": _RECIPE,
     },

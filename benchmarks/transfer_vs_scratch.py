@@ -47,10 +47,11 @@ _ARMS = {
 SETTINGS = {
     "full": {
         "fractions": [0.01, 0.1, 1.0],
-        "budget_images": 60_000,
+        "budget_images": 30_000,
         "max_epochs": 30,
         "listing": {"val_per_class": 100, "test_per_class": 200},
-        "params": {**_FIXED_BUDGET, "model.image_size": 64},
+        # 64 px fp32 (channels_last): lite0's fastest training on a 2-core CPU, as in fashion_mnist.
+        "params": {**_FIXED_BUDGET, "model.image_size": 64, "train.precision": "fp32"},
         "arms": _ARMS,
     },
     "smoke": {

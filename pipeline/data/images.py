@@ -228,7 +228,8 @@ def _listed_file_status(
 ) -> str:
     """Preset status of a listed path (empty = inspect it). Each folder is resolved once, then a plain file
     costs one lstat on string paths (pathlib costs more than the system calls): 70,000 listed files are
-    checked in 0.7 s against 2.9 s resolving each path whole. A file that is itself a link is resolved whole."""
+    checked in 0.7 s against 2.9 s resolving each path whole. A file that is itself a link is resolved whole.
+    """
     if not rel or posixpath.isabs(rel) or rel == ".." or rel.startswith("../"):
         return "outside_root"
     folder, name = posixpath.split(rel)
