@@ -7,12 +7,16 @@ settings, so experiments that change only head/optimizer params skip the backbon
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from timm.layers import BatchNormAct2d
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader
 
 from pipeline.data.loader import CachedImages, EpochSampler
@@ -56,15 +60,50 @@ def _compute(
     loader = DataLoader(
         images, batch_size=batch_size, sampler=sampler, generator=torch.Generator().manual_seed(0)
     )
+    network = None
     chunks = []
     for batch, _ in loader:
         batch = batch.to(precision.device, non_blocking=True)
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
+        if network is None:
+            network = inference_copy(backbone, batch[:2])
         with precision.autocast():
-            chunks.append(backbone(batch).float().cpu())
+            chunks.append(network(batch).float().cpu())
     backbone.train(was_training)
     return torch.cat(chunks)
+
+
+# What a BatchNorm becomes once folded into the convolution before it: what it applied after normalising.
+_FOLDED: dict[type, Callable[[nn.Module], nn.Module]] = {
+    nn.BatchNorm2d: lambda bn: nn.Identity(),
+    BatchNormAct2d: lambda bn: nn.Sequential(bn.drop, bn.act),
+}
+
+
+def inference_copy(backbone: nn.Module, probe: torch.Tensor) -> nn.Module:
+    """A copy of the backbone (in eval mode) with each BatchNorm folded into the convolution it follows:
+    BatchNorm is a fifth of lite0's inference time on CPU. A conv+BN pair is two neighbouring children, conv
+    first, so the copy is checked on `probe` and the backbone itself is used if the outputs differ."""
+    folded = copy.deepcopy(backbone).eval()
+    for parent in list(folded.modules()):
+        children = list(parent.named_children())
+        for (conv_name, conv), (norm_name, norm) in zip(children, children[1:], strict=False):
+            if (
+                isinstance(conv, nn.Conv2d)
+                and type(norm) in _FOLDED
+                and norm.num_features == conv.out_channels
+                and norm.track_running_stats
+            ):
+                setattr(parent, conv_name, fuse_conv_bn_eval(conv, norm))
+                setattr(parent, norm_name, _FOLDED[type(norm)](norm))
+    expected, got = backbone(probe), folded(probe)
+    if not torch.allclose(got, expected, rtol=1e-3, atol=1e-4 * expected.abs().max().item()):
+        log.warning(
+            "features: folding BatchNorm changed %s's outputs; using it unfolded", type(backbone).__name__
+        )
+        return backbone
+    return folded
 
 
 def _key(backbone: nn.Module, images: CachedImages, precision: Precision, channels_last: bool) -> str:
