@@ -91,7 +91,7 @@ def run(opts: Options) -> dict[str, Any]:
     results["test_images"] = len(labels)
     ms = {name: median([s["batch1_ms"] for s in runs]) for name, runs in speeds.items()}
     ips = {name: median([s["batch32_img_per_s"] for s in runs]) for name, runs in speeds.items()}
-    drop = 100.0 * (accuracy["ort_fp32"] - accuracy["ort_int8"])
+    drop = quantize.drop_points(accuracy["ort_fp32"], accuracy["ort_int8"], len(labels))
     results["int8_accuracy_drop_points"] = drop
     ratios = {
         "int8_vs_fp32_batch1_speedup": ms["ort_fp32"] / ms["ort_int8"],

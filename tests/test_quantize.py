@@ -83,6 +83,15 @@ def test_gate_passes_within_the_limit_and_names_figure_and_params_beyond_it():
     assert "quantize.exclude_nodes" in str(failure.value) and "quantize.enabled: false" in str(failure.value)
 
 
+def test_drop_counts_whole_images_so_a_drop_at_the_limit_passes():
+    assert 100.0 * (0.849 - 0.844) > 0.5  # what a float difference gives for 5 of 1,000 images
+    assert quantize.drop_points(0.849, 0.844, 1000) == 0.5
+    quantize.check_accuracy_drop(
+        quantize.drop_points(0.849, 0.844, 1000), QuantizeParams(max_accuracy_drop=0.5)
+    )
+    assert quantize.drop_points(0.5, 0.75, 4) == -25.0
+
+
 def test_gate_fails_the_stage_when_int8_really_loses_accuracy(tmp_path):
     """A model whose class margins are far below the INT8 step of its logits: a 4th class that never wins
     stretches the logit range to about [-200, 0], so the INT8 logits of the 3 real classes tie and INT8
