@@ -212,10 +212,10 @@ def _list_dir(directory: Path) -> list[os.DirEntry]:
 
 def _link_status(link: Path, real_root: Path, follow_inside: bool) -> tuple[str, Path | None]:
     """(preset status, resolved target); the target is None when the link must not be followed."""
-    try:
-        target = link.resolve(strict=True)
-    except (OSError, RuntimeError):  # RuntimeError: a symlink loop on Python < 3.13
+    real = _resolved(str(link))
+    if real is None:
         return "broken_symlink", None
+    target = Path(real)
     if not target.is_relative_to(real_root):
         return "symlink_outside_root", None
     if not follow_inside:
@@ -249,9 +249,10 @@ def _listed_file_status(
 
 
 def _resolved(path: str) -> str | None:
+    """The real path, or None when it is missing, dangling or a symlink loop (strict realpath's OSError)."""
     try:
         return os.path.realpath(path, strict=True)
-    except (OSError, RuntimeError):
+    except OSError:
         return None
 
 
