@@ -33,7 +33,7 @@ SETTINGS = {
         # The 60-minute budget on 2 cores: 28 px images need no 160 px input; at 64 px, fp32 with
         # channels_last trains fastest on CPU (bf16 autocast is slower there at this size); every block
         # trains, at a higher lr, since product photos in grey are far from ImageNet. An EMA of the weights
-        # (timm's, with its warm-up) smooths the last epochs, where val accuracy was still rising at 10 epochs.
+        # (timm's, with its warm-up) smooths the last epochs, where val accuracy still rose at 10 epochs.
         "params": {
             "model.image_size": 64,
             "train.precision": "fp32",

@@ -211,3 +211,22 @@ def test_bad_source_settings_are_clear_errors(tmp_path, ingest_params, paths, me
     params = data_stage_params(tmp_path, root, paths=paths, ingest={"num_workers": 0, **ingest_params})
     with pytest.raises(PipelineError, match=message):
         ingest.run(params)
+
+
+@pytest.mark.parametrize(
+    ("name", "status"), [("photo.jpg", "ok"), ("cut.jpg", "truncated"), ("empty.png", "empty_file")]
+)
+def test_files_over_the_read_whole_limit_are_streamed_with_the_same_row(tmp_path, monkeypatch, name, status):
+    make_image(tmp_path / "photo.jpg", 0)
+    data = (tmp_path / "photo.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.png").write_bytes(b"")
+    candidate = images.Candidate(name, "a")
+
+    read_whole = images.inspect(str(tmp_path), 10**6, candidate)
+    monkeypatch.setattr(images, "_READ_WHOLE_LIMIT", 0)
+    streamed = images.inspect(str(tmp_path), 10**6, candidate)
+
+    assert streamed == read_whole
+    assert read_whole["status"] == status
+    assert read_whole["size_bytes"] == (tmp_path / name).stat().st_size
