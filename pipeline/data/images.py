@@ -58,8 +58,8 @@ STATUSES = (
 
 _HASH_CHUNK = 1 << 20
 # Files up to this size are read once, hashed and decoded from memory: one open and one read per file instead
-# of two, which matters with many small files (2 workers ran 1.3x faster on Fashion-MNIST's 70,000 PNGs).
-# Larger files are hashed in chunks and decoded from disk, so a worker never holds more than this in bytes.
+# of two, which matters with many small files (ingest of Fashion-MNIST's 70,000 PNGs: 7.8 -> 6.3 s with 1
+# worker). Larger files are hashed in chunks and decoded from disk, so a worker never holds more in bytes.
 _READ_WHOLE_LIMIT = 64 << 20
 
 
