@@ -52,15 +52,6 @@ def backbone_features(
 def _compute(
     backbone: nn.Module, images: CachedImages, batch_size: int, precision: Precision, channels_last: bool
 ) -> torch.Tensor:
-    with torch.inference_mode():  # about 8% faster than no_grad on CPU: no version counters, no views tracked
-        chunks = _forward_all(backbone, images, batch_size, precision, channels_last)
-    # Outside inference mode, so the result is an ordinary tensor that the head can train on with autograd.
-    return torch.cat(chunks)
-
-
-def _forward_all(
-    backbone: nn.Module, images: CachedImages, batch_size: int, precision: Precision, channels_last: bool
-) -> list[torch.Tensor]:
     was_training = backbone.training
     backbone.eval()
     # Its own generator: computing (rather than loading) features must not advance the global RNG.
@@ -70,16 +61,18 @@ def _forward_all(
     )
     network = None
     chunks = []
-    for batch, _ in loader:
-        batch = batch.to(precision.device, non_blocking=True)
-        if channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        if network is None:
-            network = inference_copy(backbone, batch[:2])
-        with precision.autocast():
-            chunks.append(network(batch).float().cpu())
+    with torch.inference_mode():  # about 8% faster than no_grad on CPU: no version counters, no views tracked
+        for batch, _ in loader:
+            batch = batch.to(precision.device, non_blocking=True)
+            if channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            if network is None:
+                network = inference_copy(backbone, batch[:2])
+            with precision.autocast():
+                chunks.append(network(batch).float().cpu())
     backbone.train(was_training)
-    return chunks
+    # Outside inference mode, so the result is an ordinary tensor that the head can train on with autograd.
+    return torch.cat(chunks)
 
 
 # What a BatchNorm becomes once folded into the convolution before it: what it applied after normalising.
