@@ -65,7 +65,7 @@ class IngestParams(_Section):
     follow_symlinks_inside_root: bool = True
     max_decode_pixels: PositiveInt = 178_956_970
     num_workers: NonNegInt = 2
-    chunksize: PositiveInt = 256
+    chunksize: PositiveInt = 1024
 
 
 class SeverityParams(_Section):

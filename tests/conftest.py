@@ -64,6 +64,7 @@ def data_stage_params(tmp_path: Path, data_root: Path, **sections: dict) -> Para
         "splits": str(out / "splits.csv"),
         "metrics_dir": str(out / "metrics"),
         "reports_dir": str(out / "reports"),
+        "cache_dir": str(out / "cache"),
         **sections.pop("paths", {}),
     }
     return Params.from_dict({"paths": paths, **sections})

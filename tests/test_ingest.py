@@ -230,3 +230,11 @@ def test_files_over_the_read_whole_limit_are_streamed_with_the_same_row(tmp_path
     assert streamed == read_whole
     assert read_whole["status"] == status
     assert read_whole["size_bytes"] == (tmp_path / name).stat().st_size
+
+
+@pytest.mark.parametrize(
+    ("files", "workers", "expected"),
+    [(70_000, 2, 1024), (100, 2, 13), (100, 0, 25), (3, 2, 1), (0, 2, 1)],
+)
+def test_tasks_hold_at_most_chunksize_files_and_each_worker_gets_four(files, workers, expected):
+    assert ingest._chunk(files, 1024, workers) == expected

