@@ -8,7 +8,7 @@ from PIL import Image
 
 from pipeline.data import cache
 from pipeline.errors import PipelineError
-from pipeline.preprocess import resize_and_crop
+from pipeline.preprocess import open_rgb, resize_and_crop
 from tests.conftest import make_image
 
 CONFIG = {
@@ -36,6 +36,19 @@ def test_center_of_the_cached_square_equals_the_eval_crop(width, height, size, c
     inner = int(round((side - size) / 2.0))  # torchvision CenterCrop's offset
     crop = square[:, inner : inner + size, inner : inner + size].transpose(1, 2, 0)
     assert np.array_equal(crop, np.asarray(resize_and_crop(img, size, crop_pct, interpolation)))
+
+
+@pytest.mark.parametrize("width,height", [(28, 28), (57, 31), (31, 57)])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "lanczos"])
+def test_grey_images_are_cached_exactly_as_their_rgb_conversion(tmp_path, width, height, interpolation):
+    rng = np.random.default_rng(width + height)
+    path = tmp_path / "grey.png"
+    Image.fromarray(rng.integers(0, 256, size=(height, width), dtype=np.uint8), mode="L").save(path)
+    config = {**CONFIG, "interpolation": interpolation}
+
+    built = cache.build_cache([path], ["grey"], config, tmp_path / "cache", workers=1)
+
+    assert np.array_equal(cache.open_cache(built)[0], cache.cached_square(open_rgb(path), config))
 
 
 def test_cache_is_built_once_and_reused(tmp_path, monkeypatch):

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
-from pipeline.preprocess import open_rgb
+from pipeline.preprocess import to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ def cache_path(cache_dir: Path, identities: Sequence[str], data_config: dict[str
 
 
 def cached_square(img: Image.Image, data_config: dict[str, Any]) -> np.ndarray:
-    """(3, side, side) uint8 whose centered (size x size) crop equals the eval preprocessing's crop."""
+    """(3, side, side) uint8 whose centered (size x size) crop equals the eval preprocessing's crop of `img`:
+    RGB, or grey ("L"), which is resized as one channel then repeated, the bytes its RGB conversion gives."""
     size, side = int(data_config["input_size"][-1]), cache_side(data_config)
     width, height = img.size
     # The eval resize (pipeline.preprocess.resize_and_crop): shorter side to `side`, aspect kept.
@@ -68,6 +69,8 @@ def cached_square(img: Image.Image, data_config: dict[str, Any]) -> np.ndarray:
     left = int(round((new_w - size) / 2.0)) - inner
     top = int(round((new_h - size) / 2.0)) - inner
     square = np.asarray(resized.crop((left, top, left + side, top + side)), dtype=np.uint8)
+    if square.ndim == 2:
+        return np.repeat(square[None], 3, axis=0)
     return np.ascontiguousarray(square.transpose(2, 0, 1))
 
 
@@ -110,8 +113,13 @@ def _fill(array: np.ndarray, paths: Sequence[Path], data_config: dict[str, Any],
 
 
 def _load(path: Path, data_config: dict[str, Any]) -> np.ndarray:
+    """Grey images stay grey until resized: a third of the resampling work (Fashion-MNIST, 28 -> 182 px: 0.32
+    -> 0.13 ms per image) for the same bytes as `open_rgb` then resizing."""
     try:
-        img = open_rgb(path)
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)  # a loaded copy
+            if img.mode != "L":
+                img = to_rgb(img)
     except (OSError, ValueError) as exc:
         raise PipelineError(f"{path}: cannot decode image ({exc}); re-run ingest/validate") from None
     return cached_square(img, data_config)
