@@ -138,6 +138,7 @@ class TrainParams(_Section):
     strategy: Literal["linear_probe", "partial", "full", "progressive"] = "progressive"
     epochs: PositiveInt = 11
     batch_size: PositiveInt = 32
+    eval_batch_size: PositiveInt | None = None  # None: 2 x batch_size on GPU, 16 on CPU
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: PositiveFloat = 1e-4
     head_lr_mult: PositiveFloat = 10.0
@@ -164,6 +165,7 @@ class TrainParams(_Section):
     pin_memory: bool = True
     persistent_workers: bool = True
     overfit_gap_warning: Fraction = 0.15
+    checkpoint_every_s: Annotated[float, Field(ge=0.0)] = 60.0
     augment: AugmentParams = AugmentParams()
 
 

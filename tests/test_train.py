@@ -151,6 +151,25 @@ def test_checkpoint_holds_only_tensors_and_primitives(tmp_path):
     )
 
 
+@pytest.mark.parametrize(("every_s", "saved_after"), [(0.0, [1, 2, 3]), (3600.0, [3])])
+def test_checkpoints_are_written_once_the_interval_has_passed_and_after_the_last_epoch(
+    tmp_path, monkeypatch, every_s, saved_after
+):
+    params = train_params(tmp_path, train={"strategy": "full", "epochs": 3, "checkpoint_every_s": every_s})
+    saved, save = [], checkpoint.save
+    monkeypatch.setattr(
+        checkpoint, "save", lambda path, state: (saved.append(state["fit"]["epoch"]), save(path, state))
+    )
+    train.run(params)
+    assert saved == saved_after
+    assert (
+        torch.load(params.paths.checkpoint_dir / checkpoint.CHECKPOINT_NAME, weights_only=True)["fit"][
+            "epoch"
+        ]
+        == 3
+    )
+
+
 def test_missing_splits_table_names_the_file_and_the_fix(tmp_path):
     params = train_params(tmp_path, paths={"splits": str(tmp_path / "nope.csv")})
     with pytest.raises(PipelineError, match="nope.csv.*run the split stage"):

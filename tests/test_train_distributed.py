@@ -51,6 +51,7 @@ def _metrics(params) -> dict:
 
 def test_sigkill_mid_training_then_rerun_resumes_and_ends_exactly_like_an_uninterrupted_run(tmp_path):
     run = {"train": {"strategy": "progressive", "epochs": 8, "progressive_head_epochs": 2, "ema_decay": 0.5,
+                     "checkpoint_every_s": 0,  # kill it once the first epoch's checkpoint is there
                      "augment": {"auto_augment": "trivial", "mixup_alpha": 0.2}}}  # fmt: skip
     killed = train_params(tmp_path, paths={"metrics_dir": str(tmp_path / "killed")}, **run)
     ckpt = killed.paths.checkpoint_dir / checkpoint.CHECKPOINT_NAME

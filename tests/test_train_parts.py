@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import platform
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -10,12 +12,13 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainParams
-from pipeline.data.loader import EpochSampler, resolve_workers
+from pipeline.data.loader import EpochSampler, resolve_eval_batch_size, resolve_workers
 from pipeline.errors import PipelineError
 from pipeline.models.freezing import EpochPlan
 from pipeline.training import checkpoint
 from pipeline.training.loop import FitState, fit
 from pipeline.training.loss import class_weights
+from pipeline.training.memory import keep_freed_memory
 from pipeline.training.optim import lr_factor
 from pipeline.training.precision import resolve_device, resolve_precision
 
@@ -60,7 +63,7 @@ def test_sharded_samplers_split_the_data_between_ranks():
 
 
 def test_precision_and_device_resolution_on_cpu():
-    cpu = torch.device("cpu")
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert resolve_precision("fp32", cpu).dtype is None
     fp16 = resolve_precision("fp16", cpu)
     assert fp16.dtype is torch.float16 and fp16.needs_scaler and fp16.grad_scaler().is_enabled()
@@ -72,6 +75,12 @@ def test_precision_and_device_resolution_on_cpu():
         with pytest.raises(PipelineError, match="train.device"):
             resolve_device("cuda:0")
     assert resolve_workers(None, cpu) == 0 and resolve_workers(3, cpu) == 3
+    assert resolve_eval_batch_size(None, 32, cpu) == 16 and resolve_eval_batch_size(None, 32, gpu) == 64
+    assert resolve_eval_batch_size(7, 32, cpu) == 7 and resolve_eval_batch_size(7, 32, gpu) == 7
+
+
+def test_freed_memory_is_kept_where_the_c_library_is_glibc():
+    assert keep_freed_memory() == (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
 
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):

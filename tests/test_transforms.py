@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from pipeline.config import AugmentParams
-from pipeline.data.cache import cached_square
+from pipeline.data.cache import build_cache, cached_square
+from pipeline.data.loader import CachedImages, EpochSampler
 from pipeline.data.transforms import build_batch_mix, build_transforms
 from pipeline.preprocess import preprocess
+from tests.conftest import make_image
 
 CONFIG = {
     "input_size": [3, 32, 32],
@@ -55,3 +58,19 @@ def test_batch_mix_gives_soft_targets_or_nothing_when_off():
     images, targets = mix(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]))
     assert images.shape == (4, 3, 8, 8) and targets.shape == (4, 3)
     torch.testing.assert_close(targets.sum(1), torch.ones(4))
+
+
+def test_evaluation_batches_are_transformed_whole_with_the_images_one_by_one_give(tmp_path):
+    paths = [make_image(tmp_path / f"{i}.png", i % 3, size=40, seed=i) for i in range(7)]
+    cache_file = build_cache(paths, [p.name for p in paths], CONFIG, tmp_path / "cache", workers=1)
+    labels = np.arange(7) % 3
+    transform = build_transforms(CONFIG, AugmentParams(), train=False)
+    batched = CachedImages(cache_file, labels, transform, seed=0, random=False)
+    one_by_one = CachedImages(cache_file, labels, transform, seed=0)
+
+    batches = list(DataLoader(batched, batch_size=3, sampler=EpochSampler(labels, 0, shuffle=False)))
+
+    assert [len(y) for _, y in batches] == [3, 3, 1]
+    expected = torch.stack([one_by_one[(0, i)][0] for i in range(7)])
+    assert torch.equal(torch.cat([x for x, _ in batches]), expected)
+    assert torch.cat([y for _, y in batches]).tolist() == labels.tolist()

@@ -68,10 +68,17 @@ def read_splits(splits_csv: Path, data_root: Path) -> Splits:
 
 
 class CachedImages(Dataset):
-    """Items of the uint8 cache, transformed; keys are (epoch, index) so augmentation is reproducible."""
+    """Items of the uint8 cache, transformed; keys are (epoch, index) so augmentation is reproducible.
 
-    def __init__(self, cache_file: Path, labels: np.ndarray, transform: Callable, seed: int):
+    A transform without randomness (`random=False`: evaluation's center crop and normalisation) is applied
+    to a whole batch at once, which costs a tenth of applying it image by image (0.03 vs 0.27 s per 1,000).
+    """
+
+    def __init__(
+        self, cache_file: Path, labels: np.ndarray, transform: Callable, seed: int, random: bool = True
+    ):
         self.cache_file, self.labels, self.transform, self.seed = Path(cache_file), labels, transform, seed
+        self.random = random
         self._array: np.ndarray | None = None  # opened lazily: a memmap must not be pickled into workers
 
     def __len__(self) -> int:
@@ -79,13 +86,24 @@ class CachedImages(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, index = key
-        if self._array is None:
-            self._array = open_cache(self.cache_file)
-        image = torch.from_numpy(np.array(self._array[index]))  # (3, side, side) uint8, out of the memmap
+        image = torch.from_numpy(np.array(self._cache()[index]))  # (3, side, side) uint8, out of the memmap
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only: torch.manual_seed would also queue GPU seeding, costing 1 ms an image.
             torch.default_generator.manual_seed(_item_seed(self.seed, epoch, index))
             return self.transform(image), int(self.labels[index])
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[tuple[torch.Tensor, int]]:
+        """The DataLoader's batch fetch (it calls this instead of indexing item by item when it exists)."""
+        if self.random:
+            return [self[key] for key in keys]
+        indices = [index for _, index in keys]
+        images = self.transform(torch.from_numpy(self._cache()[indices]))  # fancy indexing copies the rows
+        return list(zip(images.unbind(0), self.labels[indices].tolist(), strict=True))
+
+    def _cache(self) -> np.ndarray:
+        if self._array is None:
+            self._array = open_cache(self.cache_file)
+        return self._array
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
@@ -146,6 +164,15 @@ def resolve_workers(requested: int | None, device: torch.device, world_size: int
     if device.type == "cpu":
         return 0
     return max(0, min(8, (os.cpu_count() or 1) // world_size - 1))
+
+
+def resolve_eval_batch_size(requested: int | None, train_batch_size: int, device: torch.device) -> int:
+    """None = a default for the machine: twice the train batch on GPU (no activations kept for backward),
+    16 on CPU, where bigger batches are slower: glibc gives each buffer over 32 MiB fresh pages from the
+    kernel, so each layer of a big batch pays page faults (lite0, 160 px, bf16: 16 runs 430 img/s, 64 300)."""
+    if requested is not None:
+        return requested
+    return 16 if device.type == "cpu" else 2 * train_batch_size
 
 
 def build_loader(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,14 @@ from dvclive import Live
 
 from pipeline.config import Params
 from pipeline.data.cache import build_cache, cache_path
-from pipeline.data.loader import CachedImages, EpochSampler, Splits, build_loader, read_splits
+from pipeline.data.loader import (
+    CachedImages,
+    EpochSampler,
+    Splits,
+    build_loader,
+    read_splits,
+    resolve_eval_batch_size,
+)
 from pipeline.data.transforms import build_batch_mix, build_transforms
 from pipeline.io import write_json
 from pipeline.models import ImageClassifier, build_model, resolve_data_config, save_trained
@@ -28,6 +36,7 @@ from pipeline.training.distributed import Dist
 from pipeline.training.features import backbone_features
 from pipeline.training.loop import EpochData, FitState, Trainer, fit
 from pipeline.training.loss import build_criterion, class_weights
+from pipeline.training.memory import keep_freed_memory
 from pipeline.training.precision import Precision, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -46,6 +55,7 @@ LIVE_METRICS = {
 
 
 def run(params: Params) -> dict[str, Any]:
+    keep_freed_memory()
     env, device = distributed.setup(params.train.device)
     try:
         return _train(params, env, device)
@@ -80,9 +90,15 @@ def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
         f"{len(plans)} epochs"
     )
     live = _live(paths.live_dir, state.history) if env.is_main else None
+    last_saved = time.monotonic()
 
     def on_epoch_end(state: FitState, record: dict[str, float]) -> None:
-        if env.is_main:
+        nonlocal last_saved
+        if not env.is_main:
+            return
+        # Time-based, as Lightning's train_time_interval: a 0.1 s head-only epoch is not worth a 60 ms write.
+        finished = state.stopped_early or state.epoch == len(plans)
+        if finished or time.monotonic() - last_saved >= tp.checkpoint_every_s:
             trainer_state, rng = trainer.state_dict(), checkpoint.rng_state()
             payload = {
                 "fingerprint": fingerprint,
@@ -91,8 +107,9 @@ def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
                 "rng": rng,
             }
             checkpoint.save(checkpoint_file, payload)
-            _log_epoch(live, record)
-            _report_epoch(record, len(plans), tp.overfit_gap_warning)
+            last_saved = time.monotonic()
+        _log_epoch(live, record)
+        _report_epoch(record, len(plans), tp.overfit_gap_warning)
 
     state = fit(trainer, plans, data, state, num_classes, on_epoch_end)
     if env.is_main:
@@ -135,13 +152,14 @@ def _epoch_data(
     train_images = CachedImages(train_file, splits.train.labels, train_transform, seed)
     train_sampler = EpochSampler(splits.train.labels, seed, **shard, balanced=tp.balanced_sampler)
     train_loader = build_loader(train_images, train_sampler, tp.batch_size, tp, precision.device)
-    val_images = CachedImages(val_file, splits.val.labels, eval_transform, seed)
+    val_images = CachedImages(val_file, splits.val.labels, eval_transform, seed, random=False)
     val_sampler = EpochSampler(splits.val.labels, seed, **shard, shuffle=False)
-    val_loader = build_loader(val_images, val_sampler, tp.batch_size * 2, tp, precision.device)
+    eval_batch_size = resolve_eval_batch_size(tp.eval_batch_size, tp.batch_size, precision.device)
+    val_loader = build_loader(val_images, val_sampler, eval_batch_size, tp, precision.device)
 
     def features() -> tuple[torch.Tensor, torch.Tensor]:
-        unaugmented_train = CachedImages(train_file, splits.train.labels, eval_transform, seed)
-        settings = (tp.batch_size * 2, precision, tp.channels_last, paths.cache_dir, env)
+        unaugmented_train = CachedImages(train_file, splits.train.labels, eval_transform, seed, random=False)
+        settings = (eval_batch_size, precision, tp.channels_last, paths.cache_dir, env)
         return tuple(
             backbone_features(model.backbone, images, *settings) for images in (unaugmented_train, val_images)
         )

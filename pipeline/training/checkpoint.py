@@ -1,4 +1,5 @@
-"""Resumable training state, written atomically after every epoch and read back with `weights_only=True`.
+"""Resumable training state, written atomically after an epoch (`train.checkpoint_every_s`) and read back
+with `weights_only=True`.
 
 A checkpoint holds only tensors and primitive containers (model, optimizer, scheduler, scaler and EMA state
 dicts, RNG states, epoch, history), never pickled objects. It carries a fingerprint of everything that shapes
@@ -25,7 +26,13 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "last.pt"
 # Train params that change how fast data arrives or what is printed, not the numbers a run produces.
-_RESULT_NEUTRAL = {"num_workers", "pin_memory", "persistent_workers", "overfit_gap_warning"}
+_RESULT_NEUTRAL = {
+    "num_workers",
+    "pin_memory",
+    "persistent_workers",
+    "overfit_gap_warning",
+    "checkpoint_every_s",
+}
 _PACKAGE = Path(__file__).resolve().parents[1]
 _CODE = (
     "training/*.py",
