@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pandas as pd
@@ -238,3 +239,18 @@ def test_files_over_the_read_whole_limit_are_streamed_with_the_same_row(tmp_path
 )
 def test_tasks_hold_at_most_chunksize_files_and_each_worker_gets_four(files, workers, expected):
     assert ingest._chunk(files, 1024, workers) == expected
+
+
+def test_the_collector_is_paused_while_the_candidates_exist_and_on_again_after(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=3)
+    enabled_during_scan, scan = [], ingest._SOURCES["folder"]
+    monkeypatch.setitem(
+        ingest._SOURCES, "folder", lambda p: (enabled_during_scan.append(gc.isenabled()), scan(p))[1]
+    )
+    ingest.run(data_stage_params(tmp_path, root, ingest={"num_workers": 0}))
+    assert enabled_during_scan == [False] and gc.isenabled()
+
+    (tmp_path / "empty" / "class_0").mkdir(parents=True)
+    with pytest.raises(PipelineError, match="no image files"):
+        ingest.run(data_stage_params(tmp_path, tmp_path / "empty", ingest={"num_workers": 0}))
+    assert gc.isenabled()

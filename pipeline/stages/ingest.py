@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import io
 import logging
 import math
@@ -57,12 +58,27 @@ def run(params: Params) -> dict:
             "or train/ val/ [test/] of class folders)"
         )
     source = _resolve_source(params)
+    with _collector_paused():
+        metrics = {"source": source, **_scan_and_inspect(params, source)}
+    write_json(params.paths.metrics("ingest"), metrics)
+    log.info(
+        "ingest: %d of %d files usable (%s); manifest %s",
+        metrics["ok"],
+        metrics["files_scanned"],
+        source,
+        params.paths.manifest,
+    )
+    return metrics
+
+
+def _scan_and_inspect(params: Params, source: str) -> dict:
+    """Find the candidates, write the manifest; its figures for the metrics."""
     scan = _SOURCES[source](params)
     if all(c.status == "empty_class_folder" for c in scan.candidates):
         raise PipelineError(
-            f"paths.data_root: no image files under {root} (skipped {scan.skipped_hidden} hidden and "
-            f"{scan.skipped_non_image} non-image entries; ingest.extensions = {params.ingest.extensions}); "
-            "put images in one folder per class"
+            f"paths.data_root: no image files under {params.paths.data_root} (skipped {scan.skipped_hidden} "
+            f"hidden and {scan.skipped_non_image} non-image entries; ingest.extensions = "
+            f"{params.ingest.extensions}); put images in one folder per class"
         )
 
     started = time.perf_counter()
@@ -82,10 +98,9 @@ def run(params: Params) -> dict:
                     bar.update(counts.total())
     seconds = time.perf_counter() - started
 
-    files = len(scan.candidates) - statuses["empty_class_folder"]
-    metrics = {
-        "source": source,
-        "manifest_rows": len(scan.candidates),
+    files = total - statuses["empty_class_folder"]
+    return {
+        "manifest_rows": total,
         "files_scanned": files,
         "ok": statuses["ok"],
         "status": dict(sorted(statuses.items())),
@@ -95,15 +110,20 @@ def run(params: Params) -> dict:
         "seconds": round(seconds, 3),
         "images_per_second": round(files / seconds, 1) if seconds > 0 else 0.0,
     }
-    write_json(params.paths.metrics("ingest"), metrics)
-    log.info(
-        "ingest: %d of %d files usable (%s); manifest %s",
-        statuses["ok"],
-        files,
-        source,
-        params.paths.manifest,
-    )
-    return metrics
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while the candidates exist. They are tens of thousands of tracked
+    objects that live for the whole stage and form no cycles, yet their arrival set off a full collection of
+    the process: 0.18 of a 0.35 s scan of 70,000 files, with Great Expectations and torch loaded."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _chunk(total: int, chunksize: int, workers: int) -> int:
@@ -134,6 +154,15 @@ def _resolve_source(params: Params) -> str:
 # travel once per worker, a task is only a (start, stop) range, and what comes back is finished CSV text, so
 # the parent's share per file is nearly nothing and 2 workers use 2 cores.
 _INSPECTOR: dict[str, Any] = {}
+
+
+def _start_worker(root: str, max_decode_pixels: int, candidates: list[images.Candidate]) -> None:
+    """A forked decoding process: the parent's objects are set aside before the collector is switched back
+    on (it is paused in the parent), so the worker's collections neither walk them nor copy their pages
+    (Python's recipe for fork: gc.freeze in the child)."""
+    gc.freeze()
+    gc.enable()
+    _start_inspector(root, max_decode_pixels, candidates)
 
 
 def _start_inspector(root: str, max_decode_pixels: int, candidates: list[images.Candidate]) -> None:
@@ -167,5 +196,5 @@ def _inspector(params: Params, candidates: list[images.Candidate]) -> Iterator[C
         finally:
             _INSPECTOR.clear()
         return
-    with multiprocessing.Pool(params.ingest.num_workers, _start_inspector, settings) as pool:
+    with multiprocessing.Pool(params.ingest.num_workers, _start_worker, settings) as pool:
         yield pool.imap
