@@ -61,6 +61,25 @@ def test_data_docs_templates_are_compiled_once_then_loaded(image_folder, tmp_pat
     assert "min_side" in text and "pixels" in text  # the page shows the checked columns
 
 
+@pytest.mark.parametrize("line_break_in_a_path", [False, True])
+def test_validated_holds_the_manifest_rows_of_the_usable_files(tmp_path, line_break_in_a_path):
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=12)
+    make_image(root / "class_1" / "tiny.png", 1, size=8)  # below validate.min_side: quarantined (warning)
+    if line_break_in_a_path:  # quoted over two lines in the manifest: the rows are formatted, not copied
+        make_image(root / "class_0" / "two\nlines.png", 0, seed=99)
+    params = _ingested(tmp_path, root)
+
+    validate.run(params)
+
+    manifest = pd.read_csv(params.paths.manifest, dtype=str, keep_default_na=False)
+    validated = pd.read_csv(params.paths.validated, dtype=str, keep_default_na=False)
+    usable = manifest[manifest["path"] != "class_1/tiny.png"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(validated, usable)
+    assert ("class_0/two\nlines.png" in set(validated["path"])) == line_break_in_a_path
+    kept = [line for line in params.paths.manifest.read_text().splitlines(True) if "tiny.png" not in line]
+    assert params.paths.validated.read_text() == "".join(kept)
+
+
 def test_schema_violations_name_the_columns_and_lines(image_folder, tmp_path):
     params = _ingested(tmp_path, image_folder)
     manifest = pd.read_csv(params.paths.manifest, dtype=str, keep_default_na=False)
