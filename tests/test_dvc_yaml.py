@@ -28,7 +28,7 @@ ARTIFACT_KINDS = ("outs", "metrics", "plots")
 FINAL_ARTIFACTS = {
     "${paths.quarantine}": "the rejected files with reasons, for a person to fix the data",
     "${paths.reports_dir}/validate": "data-quality report (Data Docs, class distribution) for a person",
-    "${paths.checkpoint_dir}": "train's own per-epoch state (persist: true) so an interrupted run resumes",
+    "${paths.checkpoint_dir}": "train's resumable state (persist: true) so an interrupted run resumes",
     "${paths.live_dir}/plots/metrics": "training curves, shown by `dvc plots show`",
     "${paths.predictions}": "per-image test predictions, for error analysis",
     "${paths.reports_dir}/evaluate": "the evaluation report and its figures",
