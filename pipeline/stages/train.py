@@ -160,9 +160,7 @@ def _epoch_data(
     def features() -> tuple[torch.Tensor, torch.Tensor]:
         unaugmented_train = CachedImages(train_file, splits.train.labels, eval_transform, seed, random=False)
         settings = (eval_batch_size, precision, tp.channels_last, paths.cache_dir, env)
-        return tuple(
-            backbone_features(model.backbone, images, *settings) for images in (unaugmented_train, val_images)
-        )
+        return tuple(backbone_features(model.backbone, (unaugmented_train, val_images), *settings))
 
     labels = (torch.from_numpy(splits.train.labels.copy()), torch.from_numpy(splits.val.labels.copy()))
     return EpochData(train_loader, val_loader, features, labels)

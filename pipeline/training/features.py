@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -29,29 +29,51 @@ log = logging.getLogger(__name__)
 
 def backbone_features(
     backbone: nn.Module,
-    images: CachedImages,
+    image_sets: Sequence[CachedImages],
     batch_size: int,
     precision: Precision,
     channels_last: bool,
     cache_dir: Path,
     env: Dist,
-) -> torch.Tensor:
-    """(N, C) float32 CPU features of `images` (built by one process per machine, read by the others)."""
-    target = Path(cache_dir) / f"features-{_key(backbone, images, precision, channels_last)}.pt"
-    if env.is_local_main and not target.is_file():
-        features = _compute(backbone, images, batch_size, precision, channels_last)
-        with atomic_path(target) as tmp:
-            torch.save({"features": features}, tmp)
-        barrier(env)
-        return features
+) -> list[torch.Tensor]:
+    """(N, C) float32 CPU features of each image set (built by one process per machine, read by the others).
+    One call for all sets: the weights are digested and the backbone folded once."""
+    weights = _weights_digest(backbone)
+    targets = [
+        Path(cache_dir) / f"features-{_key(weights, images, precision, channels_last)}.pt"
+        for images in image_sets
+    ]
+    missing = [i for i, target in enumerate(targets) if not target.is_file()]
+    computed: dict[int, torch.Tensor] = {}
+    if env.is_local_main and missing:
+        network = None
+        for i in missing:
+            computed[i], network = _compute(
+                backbone, network, image_sets[i], batch_size, precision, channels_last
+            )
+            with atomic_path(targets[i]) as tmp:
+                torch.save({"features": computed[i]}, tmp)
     barrier(env)
-    log.info("features: reusing %s", target)
-    return torch.load(target, map_location="cpu", weights_only=True)["features"]
+    for i, target in enumerate(targets):
+        if i not in computed:
+            log.info("features: reusing %s", target)
+    return [
+        computed[i]
+        if i in computed
+        else torch.load(target, map_location="cpu", weights_only=True)["features"]
+        for i, target in enumerate(targets)
+    ]
 
 
 def _compute(
-    backbone: nn.Module, images: CachedImages, batch_size: int, precision: Precision, channels_last: bool
-) -> torch.Tensor:
+    backbone: nn.Module,
+    network: nn.Module | None,
+    images: CachedImages,
+    batch_size: int,
+    precision: Precision,
+    channels_last: bool,
+) -> tuple[torch.Tensor, nn.Module]:
+    """Features of `images` and the network that made them: `network`, else the backbone's inference copy."""
     was_training = backbone.training
     backbone.eval()
     # Its own generator: computing (rather than loading) features must not advance the global RNG.
@@ -59,7 +81,6 @@ def _compute(
     loader = DataLoader(
         images, batch_size=batch_size, sampler=sampler, generator=torch.Generator().manual_seed(0)
     )
-    network = None
     chunks = []
     with torch.inference_mode():  # about 8% faster than no_grad on CPU: no version counters, no views tracked
         for batch, _ in loader:
@@ -72,7 +93,7 @@ def _compute(
                 chunks.append(network(batch).float().cpu())
     backbone.train(was_training)
     # Outside inference mode, so the result is an ordinary tensor that the head can train on with autograd.
-    return torch.cat(chunks)
+    return torch.cat(chunks), network
 
 
 # What a BatchNorm becomes once folded into the convolution before it: what it applied after normalising.
@@ -107,11 +128,14 @@ def inference_copy(backbone: nn.Module, probe: torch.Tensor) -> nn.Module:
     return folded
 
 
-def _key(backbone: nn.Module, images: CachedImages, precision: Precision, channels_last: bool) -> str:
-    # The transform's repr carries the crop size and normalisation; the state digest the exact weights.
-    digest = hashlib.sha256(
-        f"{images.cache_file.name}|{images.transform!r}|{precision.name}|{channels_last}".encode()
-    )
+def _weights_digest(backbone: nn.Module) -> str:
+    digest = hashlib.sha256()
     for name, tensor in backbone.state_dict().items():
         digest.update(name.encode() + tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:20]
+    return digest.hexdigest()
+
+
+def _key(weights: str, images: CachedImages, precision: Precision, channels_last: bool) -> str:
+    # The transform's repr carries the crop size and normalisation; the weights digest the exact weights.
+    spec = f"{images.cache_file.name}|{images.transform!r}|{precision.name}|{channels_last}|{weights}"
+    return hashlib.sha256(spec.encode()).hexdigest()[:20]
