@@ -33,9 +33,13 @@ def open_rgb(path: Path | str) -> Image.Image:
     Palette/LA/RGBA images are composited on white so transparent areas do not turn black; 16-bit and CMYK
     images are converted by PIL.
     """
+    return to_rgb(open_oriented(path))
+
+
+def open_oriented(path: Path | str) -> Image.Image:
+    """Decode an image file fully in its own mode, with its EXIF orientation applied."""
     with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+        return ImageOps.exif_transpose(img)  # a loaded copy, also when nothing is rotated
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
