@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 _SPLIT_ORDER = {name: rank for rank, name in enumerate(SPLITS)}
 _SHOWN = 8  # offenders named in one message
+_MANIFEST_HEADER = ",".join(MANIFEST_COLUMNS)
 
 
 class ManifestSchema(pa.DataFrameModel):
@@ -168,7 +169,7 @@ def run(params: Params) -> dict:
             usable[list(MANIFEST_COLUMNS)].to_csv(tmp, index=False, lineterminator="\n")
         else:
             rows = [manifest_lines[path] for path in usable["path"].tolist()]
-            tmp.write_text("\n".join([manifest_lines[None], *rows, ""]), encoding="utf-8")
+            tmp.write_text("\n".join([_MANIFEST_HEADER, *rows, ""]), encoding="utf-8")
     log.info(
         "validate: %d usable images in %d classes, %d quarantined",
         len(usable),
@@ -178,19 +179,19 @@ def run(params: Params) -> dict:
     return {k: metrics[k] for k in ("rows", "usable", "quarantined", "errors", "warnings")}
 
 
-def _read_manifest(path: Path) -> tuple[pd.DataFrame, dict[str | None, str] | None]:
-    """The manifest checked against its schema and sorted by path, with its text lines by path (the header
-    under None) when each row is one line in the manifest's own column order. `validated` then copies the
-    usable rows' lines instead of formatting 70,000 rows again (0.15 s); a path with a line break in it is
-    quoted over two lines, and then the rows are formatted."""
+def _read_manifest(path: Path) -> tuple[pd.DataFrame, dict[str, str] | None]:
+    """The manifest checked against its schema and sorted by path, with its rows' text lines by path when it
+    has ingest's header and each row is one line. `validated` then copies the usable rows' lines instead of
+    formatting 70,000 rows again (0.15 s); a path with a line break in it is quoted over two lines, and then
+    the rows are formatted."""
     if not path.is_file():
         raise PipelineError(f"paths.manifest: {path} not found; run `python -m pipeline ingest` first")
     data = path.read_bytes()
     raw = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
     lines = data.decode("utf-8").split("\n")
     by_path = None
-    if len(lines) == len(raw) + 2 and not lines[-1] and list(raw.columns) == list(MANIFEST_COLUMNS):
-        by_path = {None: lines[0], **dict(zip(raw["path"].tolist(), lines[1:-1], strict=True))}
+    if lines[0] == _MANIFEST_HEADER and len(lines) == len(raw) + 2 and not lines[-1]:
+        by_path = dict(zip(raw["path"].tolist(), lines[1:-1], strict=True))
     for column in ("size_bytes", "width", "height"):
         if column in raw:
             raw[column] = raw[column].replace("", None)
