@@ -57,12 +57,8 @@ def backbone_features(
     for i, target in enumerate(targets):
         if i not in computed:
             log.info("features: reusing %s", target)
-    return [
-        computed[i]
-        if i in computed
-        else torch.load(target, map_location="cpu", weights_only=True)["features"]
-        for i, target in enumerate(targets)
-    ]
+            computed[i] = torch.load(target, map_location="cpu", weights_only=True)["features"]
+    return [computed[i] for i in range(len(targets))]
 
 
 def _compute(
