@@ -31,8 +31,14 @@ from pipeline.models import load_trained
 from pipeline.stages import export, quantize, train
 
 NAME = "inference"
-# The quantize stage's own gate and timing are not what is measured here: the drop is reported, not gated.
-_QUANTIZE = {"quantize.max_accuracy_drop": 100.0, "quantize.benchmark_repeats": 3}
+# The quantize stage's own gate and timing are not what is measured here: INT8 always ships, its drop is
+# reported and held against this benchmark's target.
+_QUANTIZE = {
+    "quantize.min_agreement": 0.0,
+    "quantize.alpha": 1e-12,
+    "quantize.min_speedup": 0.0,
+    "quantize.benchmark_repeats": 3,
+}
 SETTINGS = {
     "full": {
         "repeats": 5,
@@ -91,7 +97,7 @@ def run(opts: Options) -> dict[str, Any]:
     results["test_images"] = len(labels)
     ms = {name: median([s["batch1_ms"] for s in runs]) for name, runs in speeds.items()}
     ips = {name: median([s["batch32_img_per_s"] for s in runs]) for name, runs in speeds.items()}
-    drop = quantize.drop_points(accuracy["ort_fp32"], accuracy["ort_int8"], len(labels))
+    drop = _drop_points(accuracy["ort_fp32"], accuracy["ort_int8"], len(labels))
     results["int8_accuracy_drop_points"] = drop
     ratios = {
         "int8_vs_fp32_batch1_speedup": ms["ort_fp32"] / ms["ort_int8"],
@@ -128,6 +134,12 @@ def _ort_runner(sess):
 
 def _batched(runner, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
     return np.concatenate([runner(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
+
+
+def _drop_points(fp32_accuracy: float, int8_accuracy: float, images: int) -> float:
+    """Accuracy drop in points from whole image counts: 5 of 1,000 images is exactly 0.5, where the difference
+    of the two float accuracies can land just above a target of 0.5."""
+    return 100.0 * (round(fp32_accuracy * images) - round(int8_accuracy * images)) / images
 
 
 def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

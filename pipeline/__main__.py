@@ -101,17 +101,24 @@ def predict(
     model: Annotated[Path | None, typer.Option(help="Export folder (default: paths.export_dir).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes shown per image.")] = 1,
     output_format: Annotated[Literal["table", "json", "csv"], typer.Option("--format")] = "table",
-    int8: Annotated[bool, typer.Option("--int8", help="Use the INT8 model.")] = False,
+    precision: Annotated[
+        Literal["auto", "fp32", "int8"],
+        typer.Option(
+            help="Model file to run; auto: the one the export serves (INT8 when it passed the gate)."
+        ),
+    ] = "auto",
     params: ParamsOption = DEFAULT_PARAMS_FILE,
 ) -> None:
     """Classify images with the exported ONNX model (ONNX Runtime only: works without torch).
 
     Exit code 0: all predicted; 1: some inputs could not be read (reported per file); 2: nothing to run.
     """
-    from pipeline.predict import format_predictions, predict_paths
+    from pipeline.predict import Predictor, format_predictions, predict_paths
 
     try:
-        results = predict_paths(paths, model or Params.load(params).paths.export_dir, top_k=top_k, int8=int8)
+        predictor = Predictor(model or Params.load(params).paths.export_dir, precision=precision)
+        typer.echo(f"predict: running {predictor.served.upper()}: {predictor.reason}", err=True)
+        results = predict_paths(paths, predictor, top_k=top_k)
     except PipelineError as exc:
         typer.secho(f"predict: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None

@@ -183,7 +183,13 @@ class QuantizeParams(_Section):
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     per_channel: bool = True
     exclude_nodes: list[str] = Field(default_factory=list)
-    max_accuracy_drop: Annotated[float, Field(ge=0.0)] = 1.0
+    formats: Annotated[list[Literal["u8s8", "u8s8_reduce_range", "u8u8", "s8s8"]], Field(min_length=1)] = (
+        Field(default_factory=lambda: ["u8s8", "u8s8_reduce_range"])
+    )
+    min_agreement: Fraction = 0.95
+    alpha: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.05
+    min_speedup: Annotated[float, Field(ge=0.0)] = 1.2
+    on_reject: Literal["fp32_only", "error"] = "fp32_only"
     benchmark_repeats: PositiveInt = 20
 
 

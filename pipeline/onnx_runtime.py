@@ -10,6 +10,7 @@ import contextlib
 import csv
 import logging
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +25,7 @@ from pipeline.preprocess import preprocess_file
 
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+QUANTIZE_REPORT = "quantize_report.json"  # the quantize stage's candidates and decision, next to the models
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 _SPLIT_COLUMNS = {"path", "label", "split"}
@@ -153,6 +155,25 @@ def median_seconds(call: Callable[[], object], repeats: int, warmup: int = 3) ->
     return statistics.median(times)
 
 
+def paired_batch1_ms(
+    first: Callable[[np.ndarray], object],
+    second: Callable[[np.ndarray], object],
+    inputs: np.ndarray,
+    repeats: int,
+) -> tuple[float, float]:
+    """Median batch-1 latency (ms) of two runners timed in turns, so that a busy machine slows both alike."""
+    single = np.ascontiguousarray(inputs[:1])
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(3):
+        first(single), second(single)
+    for _ in range(repeats):
+        for run, spent in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            run(single)
+            spent.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(times[0]), 1000.0 * statistics.median(times[1])
+
+
 def speed(run: Callable[[np.ndarray], object], inputs: np.ndarray, repeats: int) -> dict[str, float]:
     """Latency at batch 1 (ms) and throughput at batch 32 (images/s) of `run` on real inputs."""
     batch32 = np.ascontiguousarray(np.resize(inputs, (32, *inputs.shape[1:])))  # cycles through the inputs
@@ -160,6 +181,30 @@ def speed(run: Callable[[np.ndarray], object], inputs: np.ndarray, repeats: int)
     return {
         "batch1_ms": 1000.0 * median_seconds(lambda: run(single), repeats),
         "batch32_img_per_s": 32.0 / median_seconds(lambda: run(batch32), repeats),
+    }
+
+
+def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+    """The CPU's model name and the x86 features that change ONNX Runtime's INT8 kernels (Linux only).
+
+    Without VNNI, ORT's U8S8 kernels add pairs of u8 x s8 products in int16 and can saturate.
+    """
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return {"model": platform.processor() or platform.machine(), "vnni": None, "avx512": None}
+    fields = dict(
+        line.split(":", 1) for line in text.splitlines()[:64] if ":" in line and line.split(":", 1)[0].strip()
+    )
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    model = fields.get("model name", platform.machine())
+    if "flags" not in fields:  # not x86: the int16 saturation question does not arise
+        return {"model": model, "vnni": None, "avx512": None}
+    flags = set(fields["flags"].split())
+    return {
+        "model": model,
+        "vnni": bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"}),
+        "avx512": "avx512f" in flags,
     }
 
 

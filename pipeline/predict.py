@@ -53,15 +53,9 @@ class Predictor:
     Probabilities are softmax(logits / temperature), the calibration temperature from the model's metadata.
     """
 
-    def __init__(self, model_dir: Path | str, int8: bool = False, batch_size: int = 32):
+    def __init__(self, model_dir: Path | str, precision: str = "auto", batch_size: int = 32):
         model_dir = Path(model_dir)
-        model_file = model_dir / (rt.INT8_FILE if int8 else rt.FP32_FILE)
-        if int8 and not model_file.is_file() and (model_dir / rt.FP32_FILE).is_file():
-            raise UsageError(
-                f"{model_file}: this export has no INT8 model (it was made with quantize.enabled: false); "
-                "run without --int8"
-            )
-        for needed in (model_file, model_dir / LABELS_FILE, model_dir / PREPROCESS_FILE):
+        for needed in (model_dir / rt.FP32_FILE, model_dir / LABELS_FILE, model_dir / PREPROCESS_FILE):
             if not needed.is_file():
                 raise UsageError(
                     f"{needed}: not found; pass --model with an export folder (`python -m pipeline export`)"
@@ -70,7 +64,9 @@ class Predictor:
         self.data_config: dict[str, Any] = json.loads(
             (model_dir / PREPROCESS_FILE).read_text(encoding="utf-8")
         )
-        self._session = rt.session(model_file)
+        fp32 = rt.session(model_dir / rt.FP32_FILE)
+        self.served, self.reason = served_model(model_dir, precision, rt.metadata(fp32), rt.cpu_info())
+        self._session = fp32 if self.served == "fp32" else rt.session(model_dir / rt.INT8_FILE)
         self.temperature = float(rt.metadata(self._session).get("temperature", 1.0))
         self.batch_size = batch_size
 
@@ -115,6 +111,29 @@ class Predictor:
         return [(self.class_names[i], float(probs[i])) for i in order]
 
 
+def served_model(model_dir: Path, precision: str, meta: dict[str, str], cpu: dict) -> tuple[str, str]:
+    """Which file to run ("fp32" or "int8") and why: what was asked for, else what the export serves, unless
+    its INT8 format was only checked with VNNI and this x86 CPU has none (its kernels can saturate there)."""
+    has_int8 = (model_dir / rt.INT8_FILE).is_file()
+    if precision == "fp32":
+        return "fp32", "asked for FP32"
+    if precision == "int8":
+        if not has_int8:
+            raise UsageError(
+                f"{model_dir / rt.INT8_FILE}: this export has no INT8 model "
+                f"({meta.get('served_reason', 'the quantize stage shipped none')}); run with --precision fp32"
+            )
+        return "int8", "asked for INT8"
+    if not has_int8 or meta.get("served") == "fp32":
+        return "fp32", meta.get("served_reason", "this export has no INT8 model")
+    if meta.get("int8_format") == "u8s8" and cpu.get("vnni") is False:
+        return "fp32", (
+            f"the INT8 model (u8s8) was checked on {meta.get('int8_checked_on', 'another CPU')}; this CPU "
+            "has no VNNI, where its kernels can saturate (use --precision int8 to run it anyway)"
+        )
+    return "int8", meta.get("served_reason", "the export serves INT8")
+
+
 def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[Prediction]]:
     """Files named by `args` (files, folders searched recursively for images, globs), and an error per arg
     that names nothing."""
@@ -132,14 +151,12 @@ def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[Prediction]]:
     return list(dict.fromkeys(files)), errors
 
 
-def predict_paths(
-    args: Sequence[str], model_dir: Path | str, top_k: int = 1, int8: bool = False
-) -> list[Prediction]:
+def predict_paths(args: Sequence[str], predictor: Predictor, top_k: int = 1) -> list[Prediction]:
     """What `python -m pipeline predict` does: expand the inputs, then predict every file."""
     files, errors = expand_inputs(args)
     if not files:
         raise UsageError(f"no image files found in {', '.join(args) or 'the inputs'}")
-    return Predictor(model_dir, int8=int8).predict(files, top_k) + errors
+    return predictor.predict(files, top_k) + errors
 
 
 def format_predictions(results: Sequence[Prediction], fmt: str) -> str:

@@ -21,7 +21,7 @@ from conftest import PROJECT_ROOT, run_tool
 QUICK = {
     "model": {"image_size": 64},
     "train": {"strategy": "linear_probe", "epochs": 8},
-    "quantize": {"benchmark_repeats": 3, "max_accuracy_drop": 5.0},
+    "quantize": {"benchmark_repeats": 3},
 }
 
 
@@ -56,10 +56,15 @@ def test_sample_pipeline_produces_every_artifact_with_real_accuracy(sample_proje
     # A linear probe on real ImageNet features: far above chance (10%); random features would not get here.
     assert metrics["evaluate"]["accuracy"] > 0.65
     assert metrics["export"]["top1_agreement"] >= 0.999
-    assert metrics["quantize"]["int8_size_ratio"] <= 0.30
     export = sample_project / "models" / "export"
-    for name in ("model.onnx", "model.int8.onnx", "labels.json", "preprocess.json", "model_card.md"):
+    for name in ("model.onnx", "labels.json", "preprocess.json", "model_card.md"):
         assert (export / name).is_file(), name
+    # Whether INT8 passes the gate depends on this CPU's kernels; either way the export says what it serves.
+    shipped = metrics["quantize"]["int8_shipped"]
+    assert (export / "model.int8.onnx").is_file() == shipped
+    assert metrics["export"]["served"] == ("int8" if shipped else "fp32")
+    if shipped:
+        assert metrics["quantize"]["int8_mb"] <= 0.30 * metrics["export"]["fp32_mb"]
     assert (sample_project / "reports" / "evaluate" / "report.html").is_file()
 
 
@@ -70,7 +75,8 @@ def test_predict_agrees_with_evaluate_on_every_test_image(sample_project):
     data_root = sample_project / "data" / "sample"
     files = [str(data_root / path) for path in sorted(expected)]
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "predict", *files, "--model", "models/export", "--format", "json"],
+        [sys.executable, "-m", "pipeline", "predict", *files, "--model", "models/export", "--format", "json"]
+        + ["--precision", "fp32"],
         cwd=sample_project,
         capture_output=True,
         text=True,

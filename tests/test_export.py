@@ -44,6 +44,9 @@ def test_metadata_labels_and_preprocessing_round_trip(exported_project):
         assert meta["interpolation"] == cfg["interpolation"] and float(meta["crop_pct"]) == cfg["crop_pct"]
         assert float(meta["temperature"]) == TEMPERATURE
         assert int(meta["opset"]) == params.export.opset and meta["backbone"] == "test_efficientnet"
+        decision = read_json(Path(params.paths.onnx_dir) / rt.QUANTIZE_REPORT)["decision"]
+        assert meta["served"] == "int8" and meta["int8_format"] == decision["format"]
+        assert meta["served_reason"] == decision["reason"]
         assert rt.metadata(rt.session(folder / file)) == meta  # what ONNX Runtime (and predict) reads
 
 
@@ -51,9 +54,9 @@ def test_parity_metrics_and_model_card(exported_project):
     params = exported_project
     metrics = read_json(params.paths.metrics("export"))
     assert metrics["n"] == 9 and metrics["top1_agreement"] == 1.0 and metrics["max_abs_logit_diff"] < 1e-4
-    assert metrics["opset"] == 18 and metrics["int8"] is True and metrics["int8_mb"] < metrics["fp32_mb"]
+    assert metrics["opset"] == 18 and metrics["served"] == "int8"
     card = (Path(params.paths.export_dir) / "model_card.md").read_text()
-    quantized = read_json(params.paths.metrics("quantize"))
+    report = read_json(Path(params.paths.onnx_dir) / rt.QUANTIZE_REPORT)
     for needed in (
         "## Data",
         "## Training",
@@ -63,7 +66,10 @@ def test_parity_metrics_and_model_card(exported_project):
         "## Limits",
     ):
         assert needed in card
-    assert f"| ONNX Runtime INT8 | {quantized['int8_mb']:.1f} |" in card
+    assert f"| ONNX Runtime INT8 | {report['int8']['mb']:.1f} |" in card
+    assert f"served by default (`predict`): **INT8**, because {report['decision']['reason']}" in card
+    for candidate in report["candidates"]:
+        assert f"| {candidate['format']} | {candidate['agreement']:.1%} |" in card
     assert "train.epochs: " in card and "class_0" in card
 
 
@@ -108,22 +114,22 @@ def test_stage_fails_on_an_altered_model_and_keeps_the_previous_export(exported_
 
 
 def test_fp32_only_skips_the_gate_and_the_export_says_so_and_predict_int8_errors(tmp_path):
-    params = model_project(tmp_path, quantize={"enabled": False, "max_accuracy_drop": 0.0})
+    params = model_project(tmp_path, quantize={"enabled": False})
     quantized = quantize.run(params)
-    assert (
-        quantized["enabled"] is False
-        and "int8_accuracy" not in quantized
-        and quantized["ort_fp32_batch1_ms"] > 0
-    )
+    assert quantized["int8_shipped"] is False and "int8_accuracy" not in quantized
+    report = read_json(Path(params.paths.onnx_dir) / rt.QUANTIZE_REPORT)
+    assert report["candidates"] == [] and report["fp32"]["batch1_ms"] > 0
     assert not (Path(params.paths.onnx_dir) / rt.INT8_FILE).exists()
     metrics = export.run(params)
     folder = Path(params.paths.export_dir)
-    assert metrics["int8"] is False and not (folder / rt.INT8_FILE).exists()
+    assert metrics["served"] == "fp32" and not (folder / rt.INT8_FILE).exists()
     assert "quantize.enabled: false" in (folder / "model_card.md").read_text()
-    assert rt.metadata(rt.session(folder / rt.FP32_FILE))["int8_available"] == "false"
-    assert float(rt.metadata(rt.session(folder / rt.FP32_FILE))["temperature"]) == 1.0  # no calibration file
+    meta = rt.metadata(rt.session(folder / rt.FP32_FILE))
+    assert meta["served"] == "fp32" and "quantize.enabled: false" in meta["served_reason"]
+    assert float(meta["temperature"]) == 1.0  # no calibration file
+    assert Predictor(folder).served == "fp32"
     with pytest.raises(UsageError, match="no INT8 model"):
-        Predictor(folder, int8=True)
+        Predictor(folder, precision="int8")
 
 
 def test_missing_onnx_model_names_the_stage_to_run(tmp_path):

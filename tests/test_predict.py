@@ -21,7 +21,7 @@ from pipeline import onnx_runtime as rt
 from pipeline.__main__ import app
 from pipeline.io import read_json
 from pipeline.models import load_trained
-from pipeline.predict import Predictor, format_predictions, predict_paths
+from pipeline.predict import Predictor, format_predictions, predict_paths, served_model
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,8 @@ def test_cli_runs_without_torch_matches_pytorch_and_reports_the_corrupt_file(pro
         str(folder),
         "--model",
         str(params.paths.export_dir),
+        "--precision",
+        "fp32",
     ]
     proc = subprocess.run(
         [*command, "--format", "json", "--top-k", "3"], env=env, cwd=tmp_path, capture_output=True, text=True
@@ -77,7 +79,7 @@ def test_cli_runs_without_torch_matches_pytorch_and_reports_the_corrupt_file(pro
     results = {entry["path"]: entry for entry in json.loads(proc.stdout)}
     assert set(results) == {*reference, str(folder / "bad.png")}
     assert "UnidentifiedImageError" in results[str(folder / "bad.png")]["error"]
-    assert "1 of 10 inputs failed" in proc.stderr
+    assert "1 of 10 inputs failed" in proc.stderr and "running FP32: asked for FP32" in proc.stderr
     for path, (label, probs) in reference.items():
         entry = results[path]
         assert entry["error"] is None and entry["predictions"][0]["label"] == label
@@ -88,7 +90,7 @@ def test_cli_runs_without_torch_matches_pytorch_and_reports_the_corrupt_file(pro
 
 def test_predictor_on_pil_images_and_paths_agree_with_pytorch(project):
     params, _, reference = project
-    predictor = Predictor(params.paths.export_dir)
+    predictor = Predictor(params.paths.export_dir, precision="fp32")
     paths = sorted(reference)
     images = [Image.open(path) for path in paths]
     by_image = predictor.predict(images, top_k=2)
@@ -107,7 +109,8 @@ def test_int8_model_predicts_through_the_cli(project):
         str(folder / "class_0"),
         "--model",
         str(params.paths.export_dir),
-        "--int8",
+        "--precision",
+        "int8",
         "--format",
         "csv",
     ]
@@ -121,7 +124,8 @@ def test_int8_model_predicts_through_the_cli(project):
 def test_globs_missing_paths_and_formats(project):
     params, folder, reference = project
     missing = str(folder / "nowhere.png")
-    results = predict_paths([str(folder / "**" / "*.png"), missing], params.paths.export_dir, top_k=1)
+    predictor = Predictor(params.paths.export_dir, precision="fp32")
+    results = predict_paths([str(folder / "**" / "*.png"), missing], predictor, top_k=1)
     by_path = {r.source: r for r in results}
     assert set(by_path) == {*reference, str(folder / "bad.png"), missing}
     assert not by_path[missing].ok and "no such file" in by_path[missing].error
@@ -147,6 +151,41 @@ def test_usage_errors_exit_2(project, tmp_path):
     )
     assert no_images.exit_code == 2 and "no image files" in no_images.output
     assert runner.invoke(app, ["predict"]).exit_code == 2
+
+
+_U8S8 = {"served": "int8", "int8_format": "u8s8", "int8_checked_on": "a VNNI CPU", "served_reason": "passed"}
+
+
+@pytest.mark.parametrize(
+    ("precision", "meta", "vnni", "expected", "why"),
+    [
+        ("auto", _U8S8, True, "int8", "passed"),
+        ("auto", _U8S8, None, "int8", "passed"),  # not x86: no int16 saturation question
+        ("auto", _U8S8, False, "fp32", "this CPU has no VNNI"),
+        ("auto", {**_U8S8, "int8_format": "u8s8_reduce_range"}, False, "int8", "passed"),
+        ("auto", {"served": "fp32", "served_reason": "no INT8 format passed the gate"}, True, "fp32", "gate"),
+        ("int8", _U8S8, False, "int8", "asked for INT8"),
+        ("fp32", _U8S8, True, "fp32", "asked for FP32"),
+    ],
+)
+def test_served_model_follows_the_export_and_this_cpu(project, precision, meta, vnni, expected, why):
+    params, _, _ = project
+    served, reason = served_model(params.paths.export_dir, precision, meta, {"vnni": vnni})
+    assert served == expected and why in reason
+
+
+def test_auto_serves_what_the_export_says_and_the_cli_names_it(project):
+    params, folder, _ = project
+    meta = rt.metadata(rt.session(params.paths.export_dir / rt.FP32_FILE))
+    assert meta["served"] == "int8"  # the shared export ships any INT8 model
+    predictor = Predictor(params.paths.export_dir)
+    assert (predictor.served, predictor.reason) == served_model(
+        params.paths.export_dir, "auto", meta, rt.cpu_info()
+    )
+    result = CliRunner().invoke(
+        app, ["predict", str(folder / "class_0"), "--model", str(params.paths.export_dir)]
+    )
+    assert result.exit_code == 0 and f"predict: running {predictor.served.upper()}: " in result.output
 
 
 def _softmax(row: np.ndarray) -> np.ndarray:

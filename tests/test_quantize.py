@@ -13,27 +13,41 @@ import torch
 from conftest import model_project
 
 from pipeline import onnx_runtime as rt
+from pipeline import stats
 from pipeline.config import ModelParams, QuantizeParams
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
 from pipeline.models import build_model, resolve_data_config
-from pipeline.stages import quantize
+from pipeline.predict import Predictor
+from pipeline.stages import export, quantize
 
 
-def test_metrics_cover_accuracy_sizes_and_three_runtimes(exported_project):
+def test_metrics_are_the_headline_and_the_report_holds_every_candidate(exported_project):
     params = exported_project
     metrics = read_json(params.paths.metrics("quantize"))
-    assert metrics["n_test"] == 9 and metrics["calibration_images"] == 8
-    for key in ("fp32_accuracy", "int8_accuracy", "top1_agreement"):
-        assert 0.0 <= metrics[key] <= 1.0
-    assert metrics["accuracy_drop_points"] == pytest.approx(
-        100 * (metrics["fp32_accuracy"] - metrics["int8_accuracy"])
+    report = read_json(Path(params.paths.onnx_dir) / rt.QUANTIZE_REPORT)
+    assert report["compared"] == {"splits": ["val", "test"], "n": 12}  # 3 val + 9 test images
+    assert (
+        [c["format"] for c in report["candidates"]]
+        == params.quantize.formats
+        == ["u8s8", "u8s8_reduce_range"]
     )
+    assert all(c["n"] == 12 and c["passed"] for c in report["candidates"])
+    assert metrics["int8_shipped"] is True and metrics["int8_format"] == report["decision"]["format"]
+    shipped = next(c for c in report["candidates"] if c["format"] == metrics["int8_format"])
+    assert (
+        metrics["top1_agreement"] == shipped["agreement"] == max(c["agreement"] for c in report["candidates"])
+    )
+    assert metrics["int8_accuracy"] == shipped["candidate_accuracy"]
+    assert metrics["fp32_accuracy"] == shipped["reference_accuracy"]
+    assert set(report["cpu"]) == {"model", "vnni", "avx512"}
     onnx_dir = Path(params.paths.onnx_dir)
-    assert metrics["fp32_mb"] == pytest.approx((onnx_dir / rt.FP32_FILE).stat().st_size / 1e6)
-    assert metrics["int8_mb"] < metrics["fp32_mb"]
-    for runtime in ("torch", "ort_fp32", "ort_int8"):
-        assert metrics[f"{runtime}_batch1_ms"] > 0 and metrics[f"{runtime}_batch32_img_per_s"] > 0
+    assert sorted(p.name for p in onnx_dir.iterdir()) == [rt.INT8_FILE, rt.FP32_FILE, rt.QUANTIZE_REPORT]
+    assert report["fp32"]["mb"] == pytest.approx((onnx_dir / rt.FP32_FILE).stat().st_size / 1e6)
+    assert metrics["int8_mb"] == report["int8"]["mb"] < report["fp32"]["mb"]
+    for runtime in ("torch", "fp32", "int8"):
+        assert report[runtime]["batch1_ms"] > 0 and report[runtime]["batch32_img_per_s"] > 0
+    assert len(metrics) <= 8 and all(not isinstance(v, (dict, list)) for v in metrics.values())
 
 
 def test_fp32_model_has_a_dynamic_batch_axis_and_the_opset(exported_project):
@@ -72,27 +86,51 @@ def test_stratified_sample_keeps_class_shares_and_is_seeded():
     assert len(rt.stratified_sample(labels, 500, seed=1)) == 100
 
 
-def test_gate_passes_within_the_limit_and_names_figure_and_params_beyond_it():
-    q = QuantizeParams(max_accuracy_drop=1.0)
-    quantize.check_accuracy_drop(1.0, q)
-    quantize.check_accuracy_drop(-2.0, q)  # INT8 better than FP32
-    with pytest.raises(PipelineError) as failure:
-        quantize.check_accuracy_drop(1.25, q)
-    for needed in ("1.25 points", "quantize.max_accuracy_drop", "quantize.calibration_images", "entropy"):
-        assert needed in str(failure.value)
-    assert "quantize.exclude_nodes" in str(failure.value) and "quantize.enabled: false" in str(failure.value)
+def _comparison(worse: int, better: int, n: int) -> stats.PairedComparison:
+    """FP32 right on every image; the candidate wrong on `worse` of them, and `better` more wrong for FP32."""
+    labels = np.zeros(n, dtype=int)
+    reference = labels.copy()
+    reference[:better] = 1
+    candidate = labels.copy()
+    candidate[better : better + worse] = 1
+    candidate[:better] = 0
+    return stats.compare(reference, candidate, labels)
 
 
-def test_drop_counts_whole_images_so_a_drop_at_the_limit_passes():
-    assert 100.0 * (0.849 - 0.844) > 0.5  # what a float difference gives for 5 of 1,000 images
-    assert quantize.drop_points(0.849, 0.844, 1000) == 0.5
-    quantize.check_accuracy_drop(
-        quantize.drop_points(0.849, 0.844, 1000), QuantizeParams(max_accuracy_drop=0.5)
+def test_gate_lets_one_or_two_flips_on_a_small_set_pass_and_fails_a_real_loss():
+    q = QuantizeParams()
+    assert quantize.gate(_comparison(worse=2, better=0, n=56), speedup=2.0, q=q) == []
+    assert quantize.gate(_comparison(worse=3, better=0, n=20), speedup=2.0, q=q) == []
+    lost = quantize.gate(_comparison(worse=40, better=5, n=566), speedup=2.0, q=q)
+    assert any("McNemar p" in reason and "quantize.alpha" in reason for reason in lost)
+    assert any("quantize.min_agreement" in reason for reason in lost)
+    slow = quantize.gate(_comparison(worse=0, better=0, n=56), speedup=0.9, q=q)
+    assert len(slow) == 1 and "quantize.min_speedup = 1.2" in slow[0]
+
+
+def test_gate_rejects_much_disagreement_even_when_accuracy_is_equal():
+    c = _comparison(worse=30, better=30, n=360)  # 83% agreement, no accuracy change
+    assert c.p_worse > 0.5
+    reasons = quantize.gate(c, speedup=2.0, q=QuantizeParams())
+    assert len(reasons) == 1 and "quantize.min_agreement" in reasons[0]
+
+
+def test_choose_prefers_agreement_then_speed_and_never_a_rejected_format():
+    def candidate(fmt, worse, speedup, passed=True):
+        reasons = [] if passed else ["rejected"]
+        return quantize.Candidate(fmt, _comparison(worse, 0, 100), 1.0, speedup, reasons)
+
+    a, b, c = (
+        candidate("u8s8", 3, 2.0),
+        candidate("u8s8_reduce_range", 2, 1.5),
+        candidate("u8u8", 0, 9, False),
     )
-    assert quantize.drop_points(0.5, 0.75, 4) == -25.0
+    assert quantize.choose([a, b, c]) is b
+    assert quantize.choose([a, candidate("s8s8", 3, 2.5)]).format == "s8s8"
+    assert quantize.choose([c]) is None and quantize.choose([]) is None
 
 
-def test_gate_fails_the_stage_when_int8_really_loses_accuracy(tmp_path):
+def _losing_model(tmp_path, **quantize_section):
     """A model whose class margins are far below the INT8 step of its logits: a 4th class that never wins
     stretches the logit range to about [-200, 0], so the INT8 logits of the 3 real classes tie and INT8
     always answers class 0, while FP32 (whose answers are taken as the labels) is right by construction."""
@@ -103,28 +141,42 @@ def test_gate_fails_the_stage_when_int8_really_loses_accuracy(tmp_path):
         linear.weight.mul_(1e-4)
         linear.bias.copy_(torch.tensor([0.0, 0.0, 0.0, -200.0]))
     names = ("class_0", "class_1", "class_2", "never")
-    params = model_project(tmp_path, model=model, class_names=names, quantize={"max_accuracy_drop": 1.0})
-    _label_test_rows_with_fp32_predictions(params, model, names)
+    params = model_project(tmp_path, model=model, class_names=names, quantize=quantize_section)
+    _label_rows_with_fp32_predictions(params, model, names)
+    return params
 
-    with pytest.raises(PipelineError, match="quantize.max_accuracy_drop"):
+
+def test_a_losing_int8_model_is_not_shipped_and_fp32_is_exported_with_the_reason(tmp_path):
+    params = _losing_model(tmp_path, min_speedup=0.0)
+    metrics = quantize.run(params)
+    assert metrics["fp32_accuracy"] == 1.0 and metrics["int8_accuracy"] < 0.7
+    assert metrics["int8_shipped"] is False and metrics["int8_format"] == "none"
+    assert not (Path(params.paths.onnx_dir) / rt.INT8_FILE).exists()
+    reason = read_json(Path(params.paths.onnx_dir) / rt.QUANTIZE_REPORT)["decision"]["reason"]
+    assert reason.startswith("no INT8 format passed the gate") and "u8s8_reduce_range:" in reason
+    assert export.run(params)["served"] == "fp32"
+    card = (Path(params.paths.export_dir) / "model_card.md").read_text()
+    assert f"served by default (`predict`): **FP32**, because {reason}" in card
+    assert Predictor(params.paths.export_dir).served == "fp32"
+
+
+def test_on_reject_error_fails_the_stage_after_writing_its_figures(tmp_path):
+    params = _losing_model(tmp_path, min_speedup=0.0, on_reject="error")
+    with pytest.raises(PipelineError, match="quantize.on_reject: fp32_only"):
         quantize.run(params)
-    metrics = read_json(params.paths.metrics("quantize"))  # written before the gate, for inspection
-    assert metrics["fp32_accuracy"] == 1.0
-    assert metrics["accuracy_drop_points"] > 1.0
+    assert read_json(params.paths.metrics("quantize"))["int8_shipped"] is False
 
 
 def test_unknown_excluded_node_is_named(exported_project, tmp_path):
-    params = exported_project
-    fp32 = Path(params.paths.onnx_dir) / rt.FP32_FILE
-    q = QuantizeParams(exclude_nodes=["no_such_node"])
+    fp32 = Path(exported_project.paths.onnx_dir) / rt.FP32_FILE
     with pytest.raises(PipelineError, match=r"quantize.exclude_nodes: no node named \['no_such_node'\]"):
-        quantize.quantize_onnx(fp32, tmp_path / "int8.onnx", np.zeros((2, 3, 32, 32), np.float32), q)
+        quantize.prepare(fp32, tmp_path / "prepared.onnx", ["no_such_node"])
 
 
-def _label_test_rows_with_fp32_predictions(params, model, names) -> None:
+def _label_rows_with_fp32_predictions(params, model, names) -> None:
     with open(params.paths.splits, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    test = [row for row in rows if row["split"] == "test"]
+    test = [row for row in rows if row["split"] in ("val", "test")]
     inputs = rt.load_inputs(
         [Path(params.paths.data_root) / row["path"] for row in test], resolve_data_config(params.model)
     )

@@ -34,7 +34,8 @@ def run(params: Params) -> dict:
     test_paths, _ = rt.read_split(paths.splits, paths.data_root, "test", trained.class_names)
     inputs = rt.load_inputs(test_paths, trained.data_config)
     opset = _opset(fp32)
-    meta = model_metadata(trained, _temperature(paths.calibration), opset, has_int8)
+    quantized = _read_optional(Path(paths.onnx_dir) / rt.QUANTIZE_REPORT)
+    meta = model_metadata(trained, _temperature(paths.calibration), opset, serving(has_int8, quantized))
 
     with atomic_dir(paths.export_dir) as out:
         write_metadata(fp32, out / rt.FP32_FILE, meta)
@@ -43,9 +44,7 @@ def run(params: Params) -> dict:
         write_json(out / LABELS_FILE, trained.class_names)
         write_json(out / PREPROCESS_FILE, trained.data_config)
         metrics = parity(trained.model, out / rt.FP32_FILE, inputs)
-        metrics.update(opset=opset, fp32_mb=rt.file_mb(out / rt.FP32_FILE), int8=has_int8)
-        if has_int8:
-            metrics["int8_mb"] = rt.file_mb(out / rt.INT8_FILE)
+        metrics.update(opset=opset, fp32_mb=rt.file_mb(out / rt.FP32_FILE), served=meta["served"])
         write_json(paths.metrics("export"), metrics)
         if metrics["top1_agreement"] < params.export.min_top1_agreement:
             raise PipelineError(
@@ -54,7 +53,7 @@ def run(params: Params) -> dict:
                 f"export.min_top1_agreement = {params.export.min_top1_agreement:g}; the export is not "
                 f"written. Re-run quantize (dvc repro quantize) or try another export.opset"
             )
-        write_text(out / CARD_FILE, model_card(trained, metrics, meta, paths.metrics_dir))
+        write_text(out / CARD_FILE, model_card(trained, metrics, meta, paths.metrics_dir, quantized))
     return metrics
 
 
@@ -72,8 +71,26 @@ def parity(model: torch.nn.Module, onnx_path: Path, inputs: np.ndarray) -> dict[
     }
 
 
-def model_metadata(trained: TrainedModel, temperature: float, opset: int, has_int8: bool) -> dict[str, str]:
-    """What a consumer of the ONNX file alone needs: classes, preprocessing, calibration temperature."""
+def serving(has_int8: bool, quantized: dict[str, Any]) -> dict[str, str]:
+    """Which model the export serves and why, from the quantize stage's decision (its report)."""
+    decision = quantized.get("decision", {})
+    if not has_int8:
+        reason = decision.get("reason") or "the quantize stage shipped no INT8 model"
+        return {"served": "fp32", "served_reason": reason, "int8_format": "none"}
+    cpu = quantized.get("cpu", {})
+    return {
+        "served": "int8",
+        "served_reason": decision.get("reason", "INT8 model present"),
+        "int8_format": decision.get("format", "unknown"),
+        "int8_checked_on": f"{cpu.get('model', 'unknown CPU')} (VNNI: {cpu.get('vnni')})",
+    }
+
+
+def model_metadata(
+    trained: TrainedModel, temperature: float, opset: int, served: dict[str, str]
+) -> dict[str, str]:
+    """What a consumer of the ONNX file alone needs: classes, preprocessing, calibration temperature, and
+    which of the two files the export serves (and why)."""
     cfg = trained.data_config
     return {
         "class_names": json.dumps(trained.class_names),
@@ -86,7 +103,7 @@ def model_metadata(trained: TrainedModel, temperature: float, opset: int, has_in
         "temperature": repr(float(temperature)),
         "opset": str(opset),
         "backbone": str(trained.params["model"]["backbone"]),
-        "int8_available": json.dumps(has_int8),
+        **served,
     }
 
 
@@ -100,10 +117,12 @@ def write_metadata(source: Path, target: Path, meta: dict[str, str]) -> Path:
     return target
 
 
-def model_card(trained: TrainedModel, export: dict, meta: dict[str, str], metrics_dir: Path) -> str:
+def model_card(
+    trained: TrainedModel, export: dict, meta: dict[str, str], metrics_dir: Path, quantized: dict[str, Any]
+) -> str:
     """Markdown model card from the stages' metrics files (those present) and the training params."""
     figures = {
-        name: _read_metrics(Path(metrics_dir), name) for name in ("validate", "split", "evaluate", "quantize")
+        name: _read_optional(Path(metrics_dir) / f"{name}.json") for name in ("validate", "split", "evaluate")
     }
     cfg, size = trained.data_config, trained.data_config["input_size"][-1]
     model_params, train_params = trained.params.get("model", {}), trained.params.get("train", {})
@@ -117,10 +136,12 @@ def model_card(trained: TrainedModel, export: dict, meta: dict[str, str], metric
         "## Files",
         f"- `{rt.FP32_FILE}`: FP32 ONNX (opset {export['opset']}, dynamic batch), {export['fp32_mb']:.1f} MB",
         (
-            f"- `{rt.INT8_FILE}`: static INT8 (QDQ) ONNX, {export['int8_mb']:.1f} MB"
-            if export["int8"]
-            else f"- no `{rt.INT8_FILE}`: quantization was disabled (quantize.enabled: false); FP32 only"
+            f"- `{rt.INT8_FILE}`: static INT8 (QDQ, {meta['int8_format']}) ONNX, "
+            f"{quantized.get('int8', {}).get('mb', 0):.1f} MB"
+            if meta["served"] == "int8"
+            else f"- no `{rt.INT8_FILE}`: FP32 only"
         ),
+        f"- served by default (`predict`): **{meta['served'].upper()}**, because {meta['served_reason']}",
         f"- `{LABELS_FILE}`: class names in logit order; `{PREPROCESS_FILE}`: preprocessing",
         "- both ONNX files carry the same in their metadata_props, plus the calibration temperature "
         f"({meta['temperature']}: probabilities are softmax(logits / temperature))",
@@ -142,7 +163,7 @@ def model_card(trained: TrainedModel, export: dict, meta: dict[str, str], metric
         *_section(figures["evaluate"], "evaluate"),
         "",
         "## INT8 vs FP32 (quantize stage, this machine)",
-        *_quantize_section(figures["quantize"]),
+        *_quantize_section(quantized),
         "",
         "## Export check",
         f"ONNX Runtime FP32 vs PyTorch on {export['n']} test images: top-1 agreement "
@@ -175,8 +196,7 @@ def _temperature(path: Path) -> float:
     return float(read_json(path).get("temperature", 1.0))
 
 
-def _read_metrics(metrics_dir: Path, stage: str) -> dict[str, Any]:
-    path = metrics_dir / f"{stage}.json"
+def _read_optional(path: Path) -> dict[str, Any]:
     return read_json(path) if path.is_file() else {}
 
 
@@ -187,31 +207,44 @@ def _section(figures: dict[str, Any], stage: str) -> list[str]:
 
 
 def _quantize_section(q: dict[str, Any]) -> list[str]:
+    """Speed and size of each runtime, then every INT8 candidate against FP32 on the same val+test images."""
     if not q:
-        return ["(no metrics/quantize.json)"]
-    runtimes = [
-        ("PyTorch eager", "torch", None, None),
-        ("ONNX Runtime FP32", "ort_fp32", "fp32_mb", "fp32_accuracy"),
-        ("ONNX Runtime INT8", "ort_int8", "int8_mb", "int8_accuracy"),
-    ]
+        return [f"(no {rt.QUANTIZE_REPORT})"]
+    cpu = q.get("cpu", {})
     lines = [
-        "| runtime | size (MB) | test accuracy | batch 1 (ms) | batch 32 (img/s) |",
-        "| --- | --- | --- | --- | --- |",
+        f"Measured on {cpu.get('model', 'an unknown CPU')} "
+        f"(VNNI: {cpu.get('vnni')}, AVX-512: {cpu.get('avx512')}).",
+        "",
+        "| runtime | size (MB) | batch 1 (ms) | batch 32 (img/s) |",
+        "| --- | --- | --- | --- |",
     ]
-    for label, prefix, size, accuracy in runtimes:
-        if f"{prefix}_batch1_ms" in q:
+    for label, key in (
+        ("PyTorch eager", "torch"),
+        ("ONNX Runtime FP32", "fp32"),
+        ("ONNX Runtime INT8", "int8"),
+    ):
+        if key in q:
+            figures = q[key]
             lines.append(
-                f"| {label} | {_number(q.get(size), '.1f')} | {_number(q.get(accuracy), '.2%')} "
-                f"| {q[f'{prefix}_batch1_ms']:.1f} | {q[f'{prefix}_batch32_img_per_s']:.0f} |"
+                f"| {label} | {_number(figures.get('mb'), '.1f')} | {figures['batch1_ms']:.1f} "
+                f"| {figures['batch32_img_per_s']:.0f} |"
             )
-    if "accuracy_drop_points" in q:
+    if q.get("candidates"):
         lines += [
             "",
-            f"INT8 vs FP32: accuracy drop {q['accuracy_drop_points']:.2f} points, top-1 agreement "
-            f"{q['top1_agreement']:.1%}, {q['int8_size_ratio']:.0%} of the size, "
-            f"{q['int8_speedup_batch1']:.2f}x faster at batch 1; calibrated on {q['calibration_images']} "
-            f"train images ({q['calibration_method']}).",
+            f"INT8 candidates on {q['compared']['n']} val+test images (FP32 accuracy "
+            f"{q['candidates'][0]['reference_accuracy']:.1%}):",
+            "",
+            "| format | agreement with FP32 | accuracy | worse / better | McNemar p | speed-up | verdict |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            *(
+                f"| {c['format']} | {c['agreement']:.1%} | {c['candidate_accuracy']:.1%} | {c['worse']} / "
+                f"{c['better']} | {c['p_worse']:.3g} | {c['speedup_batch1']:.2f}x | "
+                f"{'passed' if c['passed'] else 'rejected: ' + '; '.join(c['rejected_because'])} |"
+                for c in q["candidates"]
+            ),
         ]
+    lines += ["", f"Decision: {q.get('decision', {}).get('reason', 'unknown')}."]
     return lines
 
 
