@@ -19,12 +19,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from tqdm import tqdm
-
 from pipeline.config import Params
 from pipeline.data import images
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, write_json
+from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ def _scan_and_inspect(params: Params, source: str) -> dict:
     with atomic_path(params.paths.manifest) as tmp:
         with tmp.open("w", newline="", encoding="utf-8") as fh, _inspector(params, scan.candidates) as imap:
             csv.writer(fh, lineterminator="\n").writerow(images.MANIFEST_COLUMNS)
-            with tqdm(total=total, desc="ingest", unit="file", disable=None) as bar:
+            with progress("ingest", total, "file") as bar:
                 for text, counts, usable_labels in imap(_inspect_range, ranges):
                     fh.write(text)
                     statuses.update(counts)
