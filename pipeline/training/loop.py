@@ -121,8 +121,13 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
 
     def lrs(self) -> dict[str, float]:
-        factor = self.scheduler.get_last_lr()[0] / self.scheduler.base_lrs[0]
-        return {"lr": self.params.lr * factor, "lr_head": self.params.lr * self.params.head_lr_mult * factor}
+        """The optimizer's lrs now: the backbone's (`lr`), the head's (`lr_head`) and `lr_trained`, which is
+        the backbone's when any of it trains, else the head's (head-only epochs train nothing at `lr`)."""
+        groups = self.optimizer.param_groups  # lr_scale: 1.0 for the backbone, head_lr_mult for the head
+        by_scale = {group["lr_scale"]: group["lr"] for group in groups}
+        trained = {group["lr_scale"] for group in groups if any(p.requires_grad for p in group["params"])}
+        lr, lr_head = by_scale[1.0], by_scale[self.params.head_lr_mult]
+        return {"lr": lr, "lr_head": lr_head, "lr_trained": lr if 1.0 in trained else lr_head}
 
     def train_epoch(self, plan: EpochPlan, batches: Batches, num_batches: int, desc: str) -> dict[str, float]:
         """One pass over `batches`; an optimizer step every `grad_accum_steps` batches (and at the end)."""
