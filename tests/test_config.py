@@ -105,6 +105,24 @@ def test_bad_severity_names_rule_and_choices():
     assert "validate.severity.min_side: expected one of 'error', 'warning' or 'off', got 'loud'" in message
 
 
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"train.lrr": 0.01}, "train.lrr: unknown key; did you mean train.lr?"),
+        ({"trian.lr": 0.01}, "trian: unknown key; did you mean train?"),
+        ({"train.augment.hfip": 0.5}, "train.augment.hfip: unknown key; did you mean train.augment.hflip?"),
+    ],
+)
+def test_unknown_key_suggests_the_closest_valid_one(overrides, expected):
+    message = _error(overrides)
+    assert expected in message
+    assert "\n" not in message, "one problem is one line"
+
+
+def test_unknown_key_far_from_every_valid_one_gets_no_suggestion():
+    assert "zzz: unknown key (see README" in _error({"zzz": 1})
+
+
 def test_every_bad_key_is_reported_at_once():
     message = _error({"train.lr": "abc", "evaluate.top_k": 0, "model.hed": "mlp"})
     assert "train.lr:" in message and "evaluate.top_k:" in message and "model.hed: unknown key" in message
