@@ -18,6 +18,9 @@ from pipeline.errors import ParamsError
 from pipeline.preprocess import IMAGE_EXTENSIONS
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
+# `paths.csv_manifest` when there is no CSV manifest: ingest depends on it in dvc.yaml, and DVC templating
+# can neither skip a dependency nor depend on nothing, so "none" is this real, empty file in the code.
+NO_CSV_MANIFEST = Path("pipeline/data/no_csv_manifest.csv")
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -38,7 +41,7 @@ class PathsParams(_Section):
     """Every file and folder the stages touch, relative to the project root."""
 
     data_root: Path = Path("data/sample")
-    csv_manifest: Path | None = None
+    csv_manifest: Path = NO_CSV_MANIFEST
     manifest: Path = Path("data/interim/manifest.csv")
     validated: Path = Path("data/interim/validated.csv")
     quarantine: Path = Path("data/interim/quarantine.csv")
@@ -57,6 +60,18 @@ class PathsParams(_Section):
 
     def metrics(self, stage: str) -> Path:
         return self.metrics_dir / f"{stage}.json"
+
+    @property
+    def csv_listing(self) -> Path | None:
+        """The CSV manifest to read, or None when `csv_manifest` is the NO_CSV_MANIFEST placeholder."""
+        return None if self.csv_manifest == NO_CSV_MANIFEST else self.csv_manifest
+
+    @field_validator("csv_manifest", mode="before")
+    @classmethod
+    def _csv_manifest_is_a_path(cls, value: Any) -> Any:
+        if value is None or value == "":
+            raise ValueError(f"expected a path: your CSV, or {NO_CSV_MANIFEST} for none (DVC needs a file)")
+        return value
 
 
 class IngestParams(_Section):
