@@ -167,9 +167,11 @@ def flow(
     project: ProjectOption = Path("."),
 ) -> None:
     """Run the stages as a Prefect flow through DVC (unchanged stages are skipped), then the champion gate."""
-    from pipeline.flow import DvcFailed, retrain
+    from pipeline.flow import DvcFailed, require_git_identity, retrain
 
     try:
+        if name:  # before Prefect starts: a missing git identity would otherwise fail only at the end
+            require_git_identity(project)
         result = retrain(project_dir=str(project), overrides=_overrides(overrides or []), experiment=name)
     except (PipelineError, DvcFailed) as exc:
         typer.secho(f"flow: {exc}", err=True, fg=typer.colors.RED)

@@ -1,4 +1,5 @@
-"""What fails before any work, in one line: `python -m pipeline check` (run.sh's preflight before DVC)."""
+"""What fails before any work, in one line: `python -m pipeline check` (run.sh's preflight before `dvc repro`)
+and the git identity that `flow -n NAME` needs to save an experiment."""
 
 from __future__ import annotations
 
@@ -13,6 +14,12 @@ import yaml
 from conftest import PROJECT_ROOT, make_image_folder
 
 from pipeline.config import NO_CSV_MANIFEST
+from pipeline.errors import PipelineError
+from pipeline.flow import require_git_identity
+
+# Every way git (and DVC's git backend) could learn who commits, besides the files under HOME.
+_IDENTITY_VARS = [f"GIT_{role}_{key}" for role in ("AUTHOR", "COMMITTER") for key in ("NAME", "EMAIL")]
+_CONFIG_VARS = ["GIT_CONFIG_GLOBAL", "GIT_CONFIG_SYSTEM", "XDG_CONFIG_HOME", "EMAIL"]
 
 
 def _cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -101,3 +108,52 @@ def test_check_wants_the_no_csv_placeholder_that_dvc_depends_on(tmp_path):
         "check: paths.csv_manifest: pipeline/data/no_csv_manifest.csv is not a file; restore this "
         "placeholder for 'no CSV manifest' (git checkout -- pipeline/data/no_csv_manifest.csv)"
     )
+
+
+@pytest.fixture
+def no_git_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """An environment in which git knows no identity: an empty HOME, no system config, no GIT_* identity."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    for name in _IDENTITY_VARS + _CONFIG_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return dict(os.environ)
+
+
+def test_flow_with_a_name_stops_before_any_work_without_a_git_identity(tmp_path, no_git_identity):
+    project = _project(tmp_path / "project")
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    before = (project / "params.yaml").read_text()
+    result = _cli(project, "flow", "-n", "exp", "-S", "train.lr=0.5", env=no_git_identity)
+    line = _one_line_failure(result)
+    assert line.startswith(
+        "flow: saving the experiment is a git commit, but git has no user.name or user.email"
+    )
+    assert 'git config --global user.name "Your Name"; git config --global user.email' in line
+    assert "GIT_AUTHOR_NAME" in line and "GIT_COMMITTER_EMAIL" in line
+    assert (project / "params.yaml").read_text() == before, "the -S override was written: work began"
+    assert result.stdout == ""
+
+
+def test_identity_comes_from_the_environment_or_git_config(tmp_path, no_git_identity, monkeypatch):
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    with pytest.raises(PipelineError, match="no user.name or user.email here"):
+        require_git_identity(repo)
+    for name in _IDENTITY_VARS[:2]:  # the author only: committing needs a committer as well
+        monkeypatch.setenv(name, "someone@example.invalid")
+    with pytest.raises(PipelineError, match="no user.name or user.email here"):
+        require_git_identity(repo)
+    for name in _IDENTITY_VARS[2:]:
+        monkeypatch.setenv(name, "someone@example.invalid")
+    require_git_identity(repo)
+
+    for name in _IDENTITY_VARS:
+        monkeypatch.delenv(name)
+    subprocess.run(["git", "config", "user.name", "Someone"], cwd=repo, check=True)
+    with pytest.raises(PipelineError, match="git has no user.email here"):
+        require_git_identity(repo)
+    subprocess.run(["git", "config", "user.email", "someone@example.invalid"], cwd=repo, check=True)
+    require_git_identity(repo)
