@@ -77,7 +77,7 @@ def progress_line(desc: str, done: int, total: int, unit: str, elapsed: float) -
         when = f"done in {_duration(elapsed)}"
     else:
         when = f"ETA {_duration((total - done) / rate)}" if rate > 0 else "ETA unknown"
-    shown = f"{rate:.3g}" if rate < 1000 else f"{rate:.0f}"  # 0.04, 4, 57.1, 18017
+    shown = f"{rate:.3g}" if rate < 100 else f"{rate:.0f}"  # 0.04, 4, 57.1, 999, 18017
     return f"{desc}: {done}/{total} {unit}{percent}, {shown} {unit}/s, {when}"
 
 

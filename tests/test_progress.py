@@ -60,6 +60,7 @@ def test_a_slow_start_reports_at_the_first_update_after_the_interval():
         (1, 1000, 7.5, "x: 1/1000 file (0%), 0.133 file/s, ETA 2 h 04 min"),
         (3, 0, 1.0, "x: 3/0 file, 3 file/s, done in 1 s"),
         (36_034, 70_000, 2.0, "x: 36034/70000 file (51%), 18017 file/s, ETA 2 s"),
+        (1999, 4000, 2.0, "x: 1999/4000 file (50%), 1000 file/s, ETA 2 s"),
     ],
 )
 def test_line_edge_cases(done, total, elapsed, expected):
