@@ -10,16 +10,21 @@ VENV="${PIPELINE_VENV:-.venv}"
 STAMP="$VENV/.installed"
 export DVC_NO_ANALYTICS=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PYTHONUNBUFFERED=1
 
+started=$SECONDS
+step() { echo ">> [$((SECONDS - started)) s] $*"; }  # one line per step, with the seconds since the start
+
 ensure_env() {
     if [[ -f "$STAMP" && "$STAMP" -nt pyproject.toml ]]; then return; fi
-    local started=$SECONDS
-    echo ">> creating $VENV (first run only)"
+    local pip=("$VENV/bin/pip" install --disable-pip-version-check --progress-bar off)  # a line per package
+    step "creating $VENV (first run only)"
     python3 -m venv "$VENV"
     # torch first, pinned to the build this machine kind carries on disk, so pip never resolves another.
-    "$VENV/bin/pip" install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-    "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[dev]"
+    step "installing torch and torchvision (about 1 min)"
+    "${pip[@]}" "torch==2.14.1" "torchvision==0.29.1"
+    step "installing the pipeline and its dependencies (about 1 min)"
+    "${pip[@]}" -e ".[dev]"
     touch "$STAMP"
-    echo ">> environment ready in $((SECONDS - started)) s"
+    step "environment ready"
 }
 
 ensure_env
@@ -28,6 +33,7 @@ export PATH="$PWD/$VENV/bin:$PATH"
 case "${1:-pipeline}" in
     pipeline)
         shift || true
+        python -m pipeline check   # params and input paths, one line each, before DVC's own [Errno 2]
         dvc repro "$@"
         python -m pipeline outputs
         ;;

@@ -1,4 +1,4 @@
-"""Command line: `python -m pipeline <command>`. One command per stage plus predict, flow and deploy.
+"""Command line: `python -m pipeline <command>`. One command per stage plus check, predict, flow and deploy.
 
 Commands only load params, call the stage's `run`, and turn `PipelineError` into a clear message and exit 1.
 """
@@ -74,6 +74,22 @@ def quantize(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
 def export(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
     """Assemble the self-contained export folder and check ONNX/PyTorch parity."""
     _run_stage("export", params)
+
+
+@app.command()
+def check(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
+    """Preflight (run.sh runs it before `dvc repro`): params load, and ingest's input paths exist."""
+    from pipeline.stages.ingest import check_inputs
+
+    try:
+        loaded = Params.load(params)
+        source = check_inputs(loaded, for_dvc=True)
+    except PipelineError as exc:
+        typer.secho(f"check: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from None
+    typer.echo(
+        f"check: {params} and the inputs are fine (source: {source}, data_root: {loaded.paths.data_root})"
+    )
 
 
 @app.command()
@@ -158,9 +174,11 @@ def flow(
     project: ProjectOption = Path("."),
 ) -> None:
     """Run the stages as a Prefect flow through DVC (unchanged stages are skipped), then the champion gate."""
-    from pipeline.flow import DvcFailed, retrain
+    from pipeline.flow import DvcFailed, require_git_identity, retrain
 
     try:
+        if name:  # before Prefect starts: a missing git identity would otherwise fail only at the end
+            require_git_identity(project)
         result = retrain(project_dir=str(project), overrides=_overrides(overrides or []), experiment=name)
     except (PipelineError, DvcFailed) as exc:
         typer.secho(f"flow: {exc}", err=True, fg=typer.colors.RED)

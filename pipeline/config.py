@@ -6,6 +6,7 @@ Every tunable lives in one section per stage; every file the pipeline reads or w
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -17,6 +18,9 @@ from pipeline.errors import ParamsError
 from pipeline.preprocess import IMAGE_EXTENSIONS
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
+# `paths.csv_manifest` when there is no CSV manifest: ingest depends on it in dvc.yaml, and DVC templating
+# can neither skip a dependency nor depend on nothing, so "none" is this real, empty file in the code.
+NO_CSV_MANIFEST = Path("pipeline/data/no_csv_manifest.csv")
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -37,7 +41,7 @@ class PathsParams(_Section):
     """Every file and folder the stages touch, relative to the project root."""
 
     data_root: Path = Path("data/sample")
-    csv_manifest: Path | None = None
+    csv_manifest: Path = NO_CSV_MANIFEST
     manifest: Path = Path("data/interim/manifest.csv")
     validated: Path = Path("data/interim/validated.csv")
     quarantine: Path = Path("data/interim/quarantine.csv")
@@ -56,6 +60,18 @@ class PathsParams(_Section):
 
     def metrics(self, stage: str) -> Path:
         return self.metrics_dir / f"{stage}.json"
+
+    @property
+    def csv_listing(self) -> Path | None:
+        """The CSV manifest to read, or None when `csv_manifest` is the NO_CSV_MANIFEST placeholder."""
+        return None if self.csv_manifest == NO_CSV_MANIFEST else self.csv_manifest
+
+    @field_validator("csv_manifest", mode="before")
+    @classmethod
+    def _csv_manifest_is_a_path(cls, value: Any) -> Any:
+        if value is None or value == "":
+            raise ValueError(f"expected a path: your CSV, or {NO_CSV_MANIFEST} for none (DVC needs a file)")
+        return value
 
 
 class IngestParams(_Section):
@@ -252,7 +268,10 @@ with warnings.catch_warnings():
             try:
                 return cls.model_validate(raw)
             except ValidationError as exc:
-                raise ParamsError(f"{source}: invalid params\n" + _describe(exc)) from None
+                lines = _describe(exc)
+                # One problem: one line; several: a line each under the file's name.
+                joined = f": {lines[0]}" if len(lines) == 1 else "\n  " + "\n  ".join(lines)
+                raise ParamsError(f"{source}: invalid params{joined}") from None
 
         def to_dict(self) -> dict[str, Any]:
             """JSON-safe dict (paths as strings) that travels inside checkpoints and exports."""
@@ -281,7 +300,7 @@ _EXPECTATIONS = {
     "int_from_float": "expected an integer",
     "bool_parsing": "expected true or false",
     "bool_type": "expected true or false",
-    "extra_forbidden": "unknown key (check the spelling; see README 'Params reference')",
+    "extra_forbidden": "unknown key{suggestion} (see README 'Params reference')",
     "model_type": "expected a section (a mapping of keys)",
 }
 
@@ -291,16 +310,24 @@ _BOUNDED = _PARSING | {"greater_than", "greater_than_equal", "less_than", "less_
 _SYMBOLS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
+def _section(loc: tuple) -> type[BaseModel] | None:
+    """The section model at `loc`: Params for (), TrainParams for ('train',); None if `loc` is no section."""
+    model: type[BaseModel] = Params
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
 def _accepted(loc: tuple) -> str | None:
     """What the field at `loc` accepts: 'a positive integer', 'a number >= 0.0 and <= 1.0'."""
-    model: type[BaseModel] | None = Params
-    field = None
-    for part in loc:
-        field = model.model_fields.get(str(part)) if model else None
-        if field is None:
-            return None
-        annotation = field.annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    section = _section(loc[:-1])
+    field = section.model_fields.get(str(loc[-1])) if section else None
+    if field is None:
+        return None
     found = ((op, getattr(meta, op, None)) for meta in field.metadata for op in _SYMBOLS)
     bounds = {op: value for op, value in found if value is not None}
     if not bounds:
@@ -312,7 +339,8 @@ def _accepted(loc: tuple) -> str | None:
     return f"{article} {noun} " + " and ".join(f"{_SYMBOLS[op]} {value}" for op, value in bounds.items())
 
 
-def _describe(exc: ValidationError) -> str:
+def _describe(exc: ValidationError) -> list[str]:
+    """One 'dotted.key: what is expected, got what' line per error."""
     lines = []
     for err in exc.errors():
         # 'function-after[...]' names a validator, '[key]' marks a bad mapping key: neither is a params key.
@@ -323,6 +351,8 @@ def _describe(exc: ValidationError) -> str:
             expected = f"expected one of {err['ctx']['expected']}"
         elif kind in _BOUNDED and (accepted := _accepted(err["loc"])):
             expected = f"expected {accepted}"
+        elif kind == "extra_forbidden":
+            expected = _EXPECTATIONS[kind].format(suggestion=_suggestion(err["loc"]))
         elif kind in _EXPECTATIONS:
             template = _EXPECTATIONS[kind]
             expected = template.format(**err.get("ctx", {})) if "{" in template else template
@@ -333,5 +363,12 @@ def _describe(exc: ValidationError) -> str:
         # A section validator's message shows the offending values itself; its input is the whole section.
         section_wide = kind == "value_error" and isinstance(err.get("input"), dict)
         got = "" if kind == "extra_forbidden" or section_wide else f", got {err.get('input')!r}"
-        lines.append(f"  {key or '<root>'}: {expected}{got}")
-    return "\n".join(lines)
+        lines.append(f"{key or '<root>'}: {expected}{got}")
+    return lines
+
+
+def _suggestion(loc: tuple) -> str:
+    """'; did you mean train.lr?' for the unknown key train.lrr: the closest key of the same section."""
+    section = _section(loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1) if section else []
+    return f"; did you mean {'.'.join(map(str, (*loc[:-1], close[0])))}?" if close else ""

@@ -53,6 +53,34 @@ class TransientDvcFailure(DvcFailed):
     """A failure that a retry may cure (lock contention, passing I/O fault)."""
 
 
+def require_git_identity(project_dir: str | Path) -> None:
+    """Raise a PipelineError unless git knows who commits: `dvc exp save` makes a git commit, and without an
+    identity it fails only at the end of the run. As in DVC's git backend, GIT_AUTHOR_NAME, GIT_AUTHOR_EMAIL,
+    GIT_COMMITTER_NAME and GIT_COMMITTER_EMAIL each fall back to git's user.name / user.email."""
+    config = {key: _git_config(Path(project_dir), f"user.{key}") for key in ("name", "email")}
+    roles = ("AUTHOR", "COMMITTER")
+    missing = [
+        f"user.{key}"
+        for key in ("name", "email")
+        if not all(os.environ.get(f"GIT_{role}_{key.upper()}") or config[key] for role in roles)
+    ]
+    if missing:
+        raise PipelineError(
+            f"saving the experiment is a git commit, but git has no {' or '.join(missing)} here; run "
+            'git config --global user.name "Your Name"; git config --global user.email you@example.com '
+            "(or set GIT_AUTHOR_NAME, GIT_AUTHOR_EMAIL, GIT_COMMITTER_NAME, GIT_COMMITTER_EMAIL), then retry"
+        )
+
+
+def _git_config(project: Path, key: str) -> str:
+    """`git config --get key` as git resolves it in `project` (repo, global, system); '' when unset."""
+    try:
+        proc = subprocess.run(["git", "config", "--get", key], cwd=project, capture_output=True, text=True)
+    except OSError:  # no git at all: DVC experiments cannot work either
+        return ""
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
 def _retry_if_transient(task, task_run, state) -> bool:
     return isinstance(state.result(raise_on_failure=False), TransientDvcFailure)
 
@@ -171,6 +199,8 @@ def retrain(
         experiment: when given, the result is saved as a DVC experiment of that name.
     """
     project = str(Path(project_dir).resolve())
+    if experiment:
+        require_git_identity(project)
     # Validates the overrides (unknown key, wrong type) before anything runs or params.yaml changes.
     params = Params.load(Path(project) / DEFAULT_PARAMS_FILE, overrides)
     if overrides:

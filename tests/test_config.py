@@ -12,7 +12,7 @@ from conftest import PROJECT_ROOT
 from typer.testing import CliRunner
 
 from pipeline.__main__ import app
-from pipeline.config import Params, TrainParams
+from pipeline.config import NO_CSV_MANIFEST, Params, TrainParams
 from pipeline.errors import ParamsError, PipelineError
 
 PARAMS_FILE = PROJECT_ROOT / "params.yaml"
@@ -103,6 +103,34 @@ def test_wrong_choice_lists_every_allowed_value():
 def test_bad_severity_names_rule_and_choices():
     message = _error({"validate.severity.min_side": "loud"})
     assert "validate.severity.min_side: expected one of 'error', 'warning' or 'off', got 'loud'" in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"train.lrr": 0.01}, "train.lrr: unknown key; did you mean train.lr?"),
+        ({"trian.lr": 0.01}, "trian: unknown key; did you mean train?"),
+        ({"train.augment.hfip": 0.5}, "train.augment.hfip: unknown key; did you mean train.augment.hflip?"),
+    ],
+)
+def test_unknown_key_suggests_the_closest_valid_one(overrides, expected):
+    message = _error(overrides)
+    assert expected in message
+    assert "\n" not in message, "one problem is one line"
+
+
+def test_unknown_key_far_from_every_valid_one_gets_no_suggestion():
+    assert "zzz: unknown key (see README" in _error({"zzz": 1})
+
+
+def test_csv_manifest_null_names_the_placeholder():
+    message = _error({"paths.csv_manifest": None})
+    assert "paths.csv_manifest: expected a path: your CSV, or pipeline/data/no_csv_manifest.csv" in message
+    assert (PROJECT_ROOT / NO_CSV_MANIFEST).is_file(), "the placeholder ships with the code"
+    assert Params().paths.csv_listing is None
+    assert Params.load(PARAMS_FILE, {"paths.csv_manifest": "lists/a.csv"}).paths.csv_listing == Path(
+        "lists/a.csv"
+    )
 
 
 def test_every_bad_key_is_reported_at_once():

@@ -86,6 +86,22 @@ def test_split_params_rerun_split_onward_not_ingest(project):
     assert _stale(project) == AFTER_SPLIT
 
 
+def test_a_csv_manifest_outside_data_root_is_a_dependency_of_ingest(project):
+    sample = _sample(project)
+    images = sorted(path.relative_to(sample).as_posix() for path in sample.rglob("*.png"))
+    listing = project / "lists" / "labels.csv"  # relative to the project folder; its paths to data_root
+    listing.parent.mkdir()
+    listing.write_text("path,label\n" + "".join(f"{path},{path.split('/')[0]}\n" for path in images))
+    _set_params(project, paths={"csv_manifest": "lists/labels.csv"})
+    assert _ran(run_tool(project, "dvc", "repro", "ingest")) == ["ingest"]
+    assert json.loads((project / "metrics" / "ingest.json").read_text())["source"] == "csv"
+    assert "ingest" not in _stale(project)
+
+    listing.write_text(listing.read_text().replace(f"{images[0]},", f"{images[0]},relabelled_"))
+    status = json.loads(run_tool(project, "dvc", "status", "--json"))
+    assert {"changed deps": {"lists/labels.csv": "modified"}} in status["ingest"], status
+
+
 @pytest.mark.slow
 def test_two_experiments_rerun_train_onward_and_compare_in_exp_show(project):
     experiments = {

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from pipeline import progress
 from pipeline.errors import PipelineError
 from pipeline.models import load_trained
 from pipeline.stages import train
@@ -174,3 +175,23 @@ def test_missing_splits_table_names_the_file_and_the_fix(tmp_path):
     params = train_params(tmp_path, paths={"splits": str(tmp_path / "nope.csv")})
     with pytest.raises(PipelineError, match="nope.csv.*run the split stage"):
         train.run(params)
+
+
+def test_epoch_log_shows_the_lr_that_trains_and_long_passes_report_progress(tmp_path, caplog, monkeypatch):
+    """Head-only epochs train at the head's lr (lr x head_lr_mult), not the backbone's; and with the progress
+    interval at 0 every pass (backbone features, train and val batches) logs done/total lines."""
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.0)
+    params = train_params(tmp_path, train={"epochs": 2, "progressive_head_epochs": 1, "trainable_blocks": 1})
+    with caplog.at_level("INFO"):
+        train.run(params)
+    backbone_lr, head_lr = _curve(params, "lr"), _curve(params, "lr_head")
+    assert head_lr[0] == pytest.approx(10 * backbone_lr[0]) and backbone_lr[1] > 0
+    epochs = [
+        r.getMessage() for r in caplog.records if r.name == train.log.name and "train loss" in r.getMessage()
+    ]
+    assert f"| lr {head_lr[0]:.2e} (head only) |" in epochs[0], epochs[0]
+    assert f"| lr {backbone_lr[1]:.2e} (head {head_lr[1]:.2e}) |" in epochs[1], epochs[1]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.progress"]
+    passes = ("backbone features 1/2", "epoch 1/2 train", "epoch 1/2 val", "epoch 2/2 train", "epoch 2/2 val")
+    for desc in passes:
+        assert any(line.startswith(f"{desc}: ") and ", done in " in line for line in lines), (desc, lines)

@@ -120,11 +120,11 @@ class _ScriptedTrainer:
     def train_epoch(self, *args, **kwargs) -> dict:
         return {"loss": 1.0, "acc": 0.5, "images": 1, "seconds": 1.0}
 
-    def evaluate(self, *args) -> dict:
+    def evaluate(self, *args, **kwargs) -> dict:
         return {"loss": 1.0, "acc": next(self._accs), "f1": 0.0}
 
     def lrs(self) -> dict:
-        return {"lr": 0.0, "lr_head": 0.0}
+        return {"lr": 0.0, "lr_head": 0.0, "lr_trained": 0.0}
 
 
 class _NoData:
@@ -132,7 +132,7 @@ class _NoData:
         return [], 0
 
     def val(self, plan):
-        return []
+        return [], 0
 
 
 def test_early_stopping_counts_within_the_last_phase_and_the_best_epoch_is_kept():

@@ -24,6 +24,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, read_json, write_json, write_text
 from pipeline.models import TrainedModel, load_trained
 from pipeline.preprocess import open_rgb, preprocess_file
+from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,9 @@ def run(params: Params) -> dict:
     y_val = val["label"].map(index).to_numpy()
     y_test = test["label"].map(index).to_numpy()
 
-    val_logits = _logits(trained, paths.data_root, val["path"], cfg.batch_size, tta=False)[0]
+    val_logits = _logits(trained, paths.data_root, val["path"], cfg.batch_size, False, "evaluate val")[0]
     fit = fit_temperature(val_logits, y_val)
-    test_views = _logits(trained, paths.data_root, test["path"], cfg.batch_size, tta=cfg.tta)
+    test_views = _logits(trained, paths.data_root, test["path"], cfg.batch_size, cfg.tta, "evaluate test")
     scores = _Scores(
         probs=np.mean([softmax(v) for v in test_views], axis=0),
         probs_calibrated=np.mean([softmax(v, fit.temperature) for v in test_views], axis=0),
@@ -110,22 +111,20 @@ def _read_splits(path: Path, class_names: list[str], model_path: Path) -> pd.Dat
 
 
 def _logits(
-    trained: TrainedModel, data_root: Path, files: pd.Series, batch_size: int, tta: bool
+    trained: TrainedModel, data_root: Path, files: pd.Series, batch_size: int, tta: bool, desc: str
 ) -> np.ndarray:
     """(V, N, K) fp32 logits on CPU; V = 2 with TTA (the image and its horizontal flip), else 1."""
     model = trained.model.float().cpu().eval()
     views: list[list[np.ndarray]] = [[] for _ in range(2 if tta else 1)]
     files = list(files)
-    with torch.inference_mode():
+    with torch.inference_mode(), progress(desc, len(files), "img") as bar:
         for start in range(0, len(files), batch_size):
-            batch = torch.from_numpy(
-                np.stack(
-                    [_load(data_root, f, trained.data_config) for f in files[start : start + batch_size]]
-                )
-            )
+            chunk = files[start : start + batch_size]
+            batch = torch.from_numpy(np.stack([_load(data_root, f, trained.data_config) for f in chunk]))
             views[0].append(model(batch).numpy())
             if tta:
                 views[1].append(model(torch.flip(batch, dims=[3])).numpy())  # (B, C, H, W): flip W
+            bar.update(len(chunk))
     return np.stack([np.concatenate(v) for v in views])
 
 

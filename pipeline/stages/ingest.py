@@ -19,12 +19,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from tqdm import tqdm
-
-from pipeline.config import Params
+from pipeline.config import NO_CSV_MANIFEST, Params
 from pipeline.data import images
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, write_json
+from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +43,14 @@ _SOURCES: dict[str, Callable[[Params], images.Scan]] = {
     "presplit": lambda p: _scan_tree(p, presplit=True),
     "csv": lambda p: images.read_listing(
         p.paths.data_root,
-        p.paths.csv_manifest,
+        p.paths.csv_listing,
         follow_symlinks_inside_root=p.ingest.follow_symlinks_inside_root,
     ),
 }
 
 
 def run(params: Params) -> dict:
-    root = params.paths.data_root
-    if not root.is_dir():
-        raise PipelineError(
-            f"paths.data_root: {root} is not a folder; point it at your images (<class>/<image>, "
-            "or train/ val/ [test/] of class folders)"
-        )
-    source = _resolve_source(params)
+    source = check_inputs(params)
     with _collector_paused():
         metrics = {"source": source, **_scan_and_inspect(params, source)}
     write_json(params.paths.metrics("ingest"), metrics)
@@ -90,7 +83,7 @@ def _scan_and_inspect(params: Params, source: str) -> dict:
     with atomic_path(params.paths.manifest) as tmp:
         with tmp.open("w", newline="", encoding="utf-8") as fh, _inspector(params, scan.candidates) as imap:
             csv.writer(fh, lineterminator="\n").writerow(images.MANIFEST_COLUMNS)
-            with tqdm(total=total, desc="ingest", unit="file", disable=None) as bar:
+            with progress("ingest", total, "file") as bar:
                 for text, counts, usable_labels in imap(_inspect_range, ranges):
                     fh.write(text)
                     statuses.update(counts)
@@ -133,10 +126,36 @@ def _chunk(total: int, chunksize: int, workers: int) -> int:
     return max(1, min(chunksize, math.ceil(total / (4 * max(workers, 1)))))
 
 
+def check_inputs(params: Params, for_dvc: bool = False) -> str:
+    """The source ingest will read (folder, presplit or csv), once its input paths are checked: raises a
+    PipelineError with one line per problem. `python -m pipeline check` runs this before `dvc repro` (whose
+    message for a missing dependency is a bare `[Errno 2]`) with `for_dvc`: the NO_CSV_MANIFEST placeholder,
+    which only DVC reads, must exist too."""
+    root, listing = params.paths.data_root, params.paths.csv_manifest
+    placeholder = params.paths.csv_listing is None
+    problems = []
+    if not root.is_dir():
+        what = "it is a file" if root.exists() else "it does not exist"
+        problems.append(
+            f"paths.data_root: {root} is not a folder ({what}); set it in params.yaml (relative to the "
+            "project folder) to the folder of your images: <class>/<image>, or train/ val/ [test/] of classes"
+        )
+    if (for_dvc or not placeholder) and not listing.is_file():
+        fix = (
+            f"restore this placeholder for 'no CSV manifest' (git checkout -- {listing})"
+            if placeholder
+            else f"fix it in params.yaml (relative to the project folder), or set it to {NO_CSV_MANIFEST}"
+        )
+        problems.append(f"paths.csv_manifest: {listing} is not a file; {fix}")
+    if problems:
+        raise PipelineError("\n".join(problems))
+    return _resolve_source(params)
+
+
 def _resolve_source(params: Params) -> str:
     """`auto`: a CSV manifest when one is set, pre-split when train/ and val/ exist, else class folders."""
     source, root = params.ingest.source, params.paths.data_root
-    if source == "csv" and params.paths.csv_manifest is None:
+    if source == "csv" and params.paths.csv_listing is None:
         raise PipelineError("ingest.source is csv but paths.csv_manifest is not set; set it to your CSV file")
     if source == "presplit" and not images.has_presplit_layout(root):
         raise PipelineError(
@@ -145,7 +164,7 @@ def _resolve_source(params: Params) -> str:
         )
     if source != "auto":
         return source
-    if params.paths.csv_manifest is not None:
+    if params.paths.csv_listing is not None:
         return "csv"
     return "presplit" if images.has_presplit_layout(root) else "folder"
 

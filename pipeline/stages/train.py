@@ -201,10 +201,12 @@ def _log_epoch(live: Live, record: dict[str, float]) -> None:
 
 def _report_epoch(record: dict[str, float], epochs: int, gap_warning: float) -> None:
     r = record
+    # The lr that trains this epoch: the head's in head-only epochs, else the backbone's (and the head's).
+    head = f"(head {r['lr_head']:.2e})" if r["trainable_groups"] else "(head only)"
     log.info(
         f"epoch {r['epoch']}/{epochs}  train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f} | "
-        f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.4f} f1 {r['val_f1']:.4f} | lr {r['lr']:.2e} | "
-        f"{r['images_per_s']:.0f} img/s | {r['seconds']:.1f} s"
+        f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.4f} f1 {r['val_f1']:.4f} | "
+        f"lr {r['lr_trained']:.2e} {head} | {r['images_per_s']:.0f} img/s | {r['seconds']:.1f} s"
     )
     gap = r["train_acc"] - r["val_acc"]
     if gap > gap_warning:

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.loader import CachedImages, EpochSampler
 from pipeline.io import atomic_path
+from pipeline.progress import progress
 from pipeline.training.distributed import Dist, barrier
 from pipeline.training.precision import Precision
 
@@ -47,9 +48,10 @@ def backbone_features(
     computed: dict[int, torch.Tensor] = {}
     if env.is_local_main and missing:
         network = None
-        for i in missing:
+        for n, i in enumerate(missing, 1):
+            desc = f"backbone features {n}/{len(missing)}"
             computed[i], network = _compute(
-                backbone, network, image_sets[i], batch_size, precision, channels_last
+                backbone, network, image_sets[i], batch_size, precision, channels_last, desc
             )
             with atomic_path(targets[i]) as tmp:
                 torch.save({"features": computed[i]}, tmp)
@@ -68,6 +70,7 @@ def _compute(
     batch_size: int,
     precision: Precision,
     channels_last: bool,
+    desc: str,
 ) -> tuple[torch.Tensor, nn.Module]:
     """Features of `images` and the network that made them: `network`, else the backbone's inference copy."""
     was_training = backbone.training
@@ -78,7 +81,8 @@ def _compute(
         images, batch_size=batch_size, sampler=sampler, generator=torch.Generator().manual_seed(0)
     )
     chunks = []
-    with torch.inference_mode():  # about 8% faster than no_grad on CPU: no version counters, no views tracked
+    # inference_mode: about 8% faster than no_grad on CPU (no version counters, no views tracked)
+    with torch.inference_mode(), progress(desc, len(sampler), "img") as bar:
         for batch, _ in loader:
             batch = batch.to(precision.device, non_blocking=True)
             if channels_last:
@@ -87,6 +91,7 @@ def _compute(
                 network = inference_copy(backbone, batch[:2])
             with precision.autocast():
                 chunks.append(network(batch).float().cpu())
+            bar.update(len(batch))
     backbone.train(was_training)
     # Outside inference mode, so the result is an ordinary tensor that the head can train on with autograd.
     return torch.cat(chunks), network

@@ -16,12 +16,12 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from pipeline.config import TrainParams
 from pipeline.data.loader import EpochSampler
 from pipeline.models import ImageClassifier
 from pipeline.models.freezing import EpochPlan, param_groups, set_trainable, train_mode
+from pipeline.progress import progress
 from pipeline.training.distributed import Dist, all_sum, wrap
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.precision import Precision
@@ -61,12 +61,13 @@ class EpochData:
         features, batches = self.features()[0], list(sampler.index_batches(self.train_loader.batch_size))
         return ((features[i], self.labels[0][i]) for i in batches), len(batches)
 
-    def val(self, plan: EpochPlan) -> Batches:
+    def val(self, plan: EpochPlan) -> tuple[Batches, int]:
+        """The validation batches and their number (the same batches from images or from features)."""
         if not plan.on_features:
-            return self.val_loader
+            return self.val_loader, len(self.val_loader)
         sampler: EpochSampler = self.val_loader.sampler
-        features = self.features()[1]
-        return ((features[i], self.labels[1][i]) for i in sampler.index_batches(self.val_loader.batch_size))
+        features, batches = self.features()[1], sampler.index_batches(self.val_loader.batch_size)
+        return ((features[i], self.labels[1][i]) for i in batches), len(self.val_loader)
 
 
 class Trainer:
@@ -120,8 +121,13 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
 
     def lrs(self) -> dict[str, float]:
-        factor = self.scheduler.get_last_lr()[0] / self.scheduler.base_lrs[0]
-        return {"lr": self.params.lr * factor, "lr_head": self.params.lr * self.params.head_lr_mult * factor}
+        """The optimizer's lrs now: the backbone's (`lr`), the head's (`lr_head`) and `lr_trained`, which is
+        the backbone's when any of it trains, else the head's (head-only epochs train nothing at `lr`)."""
+        groups = self.optimizer.param_groups  # lr_scale: 1.0 for the backbone, head_lr_mult for the head
+        by_scale = {group["lr_scale"]: group["lr"] for group in groups}
+        trained = {group["lr_scale"] for group in groups if any(p.requires_grad for p in group["params"])}
+        lr, lr_head = by_scale[1.0], by_scale[self.params.head_lr_mult]
+        return {"lr": lr, "lr_head": lr_head, "lr_trained": lr if 1.0 in trained else lr_head}
 
     def train_epoch(self, plan: EpochPlan, batches: Batches, num_batches: int, desc: str) -> dict[str, float]:
         """One pass over `batches`; an optimizer step every `grad_accum_steps` batches (and at the end)."""
@@ -129,7 +135,7 @@ class Trainer:
         train_mode(self.model, self.params.freeze_bn)
         module, accum = self._module(plan), self.params.grad_accum_steps
         totals = torch.zeros(3, dtype=torch.float64, device=self.precision.device)  # loss sum, correct, count
-        bar = tqdm(desc=desc, unit="img", leave=False, disable=None if self.env.is_main else True)
+        bar = progress(f"{desc} train", num_batches, "batch", enabled=self.env.is_main)
         start = time.perf_counter()
         for index, (x, y) in enumerate(batches):
             x, y = self._to_device(x, y)
@@ -143,14 +149,16 @@ class Trainer:
                 self._optimizer_step()
             correct = (logits.argmax(1) == y).sum()
             totals += torch.stack([loss.double() * len(y), correct.double(), totals.new_tensor(len(y))])
-            bar.update(len(y))
+            bar.update(1)
         seconds = time.perf_counter() - start
         bar.close()
         loss_sum, correct, images = all_sum(self.env, totals).cpu().tolist()
         return {"loss": loss_sum / images, "acc": correct / images, "images": images, "seconds": seconds}
 
     @torch.no_grad()
-    def evaluate(self, batches: Batches, on_features: bool, num_classes: int) -> dict[str, float]:
+    def evaluate(
+        self, batches: Batches, num_batches: int, on_features: bool, num_classes: int, desc: str = "val"
+    ) -> dict[str, float]:
         """Plain cross-entropy (no smoothing or class weights), accuracy and macro F1 over all ranks."""
         model = self.eval_model
         was_training = model.training
@@ -158,12 +166,14 @@ class Trainer:
         module = model.head if on_features else model
         loss_sum = torch.zeros(1, dtype=torch.float64, device=self.precision.device)
         confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=self.precision.device)
-        for x, y in batches:
-            x, y = self._to_device(x, y)
-            with self.precision.autocast():
-                logits = module(x).float()
-            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
-            confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2)
+        with progress(desc, num_batches, "batch", enabled=self.env.is_main) as bar:
+            for x, y in batches:
+                x, y = self._to_device(x, y)
+                with self.precision.autocast():
+                    logits = module(x).float()
+                loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
+                confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2)
+                bar.update(1)
         model.train(was_training)
         loss_sum, confusion = all_sum(self.env, loss_sum).cpu(), all_sum(self.env, confusion).cpu()
         confusion = confusion.view(num_classes, num_classes)
@@ -254,8 +264,9 @@ def fit(
         if epoch > 0 and plans[epoch - 1].phase != plan.phase:
             state.phase_best, state.bad_epochs = None, 0
         batches, num_batches = data.train(plan, epoch)
-        train = trainer.train_epoch(plan, batches, num_batches, desc=f"epoch {epoch + 1}/{len(plans)}")
-        val = trainer.evaluate(data.val(plan), plan.on_features, num_classes)
+        desc = f"epoch {epoch + 1}/{len(plans)}"
+        train = trainer.train_epoch(plan, batches, num_batches, desc=desc)
+        val = trainer.evaluate(*data.val(plan), plan.on_features, num_classes, desc=f"{desc} val")
         record = {
             "epoch": epoch + 1,
             "phase": plan.phase,
