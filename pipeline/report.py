@@ -24,6 +24,7 @@ from pipeline.calibration import Reliability
 
 _ANNOTATE_MAX_CLASSES = 20  # beyond this, numbers inside confusion cells become unreadable
 _MAX_CURVE_PANELS = 6
+_MAX_EPOCH_TICKS = 20  # up to this many epochs, every one is labelled
 _SPLIT_TOKENS = {"train", "training", "val", "valid", "validation", "test", "eval"}
 _THROUGHPUT_PANEL = "images_per_s"
 HEAD_ONLY_SERIES = "head_only"  # the dvclive series (pipeline.stages.train) that marks each epoch's phase
@@ -229,7 +230,10 @@ def training_curves_figure(curves: dict[str, pd.DataFrame]) -> Any:
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.set_xlim(0.5, last_epoch + 0.5)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        if last_epoch <= _MAX_EPOCH_TICKS:
+            ax.set_xticks(range(1, last_epoch + 1))
+        else:
+            ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=8)
     return fig
 
@@ -331,12 +335,12 @@ def render_report(data: ReportData) -> str:
 def _headline(data: ReportData) -> str:
     m, settings = data.test_metrics, dict(data.run_summary)
     figures = [
-        ("test accuracy", m.get("accuracy"), ""),
-        ("balanced accuracy", m.get("balanced_accuracy"), ""),
-        ("macro F1", m.get("f1_macro"), ""),
-        (f"ECE after temperature scaling (before: {page.fmt(m.get('ece_before'))})", m.get("ece_after"), ""),
-        (f"top-{m.get('top_k', 'k')} accuracy", m.get("top_k_accuracy"), ""),
-        ("test images", m.get("n_test"), ""),
+        ("test accuracy", m.get("accuracy"), "{:.1%}"),
+        ("balanced accuracy", m.get("balanced_accuracy"), "{:.1%}"),
+        ("macro F1", m.get("f1_macro"), "{:.3f}"),
+        (f"ECE, calibrated (raw: {_shown(m.get('ece_before'), '{:.3f}')})", m.get("ece_after"), "{:.3f}"),
+        (f"top-{m.get('top_k', 'k')} accuracy", m.get("top_k_accuracy"), "{:.1%}"),
+        ("test images", m.get("n_test"), "{}"),
     ]
     run = ", ".join(
         f"{key} {page.fmt(settings[key])}"
@@ -345,10 +349,14 @@ def _headline(data: ReportData) -> str:
     )
     export_line = _EXPORT_LINE.format(link=page.link(EXPORT_PAGE, EXPORT_PAGE))
     return (
-        page.cards((label, value, tone) for label, value, tone in figures if value is not None)
+        page.cards((label, _shown(value, spec), "") for label, value, spec in figures if value is not None)
         + f"<p>Model: {page.esc(run)}; {len(data.class_names)} classes.</p>"
         + f"<p>{export_line}</p>"
     )
+
+
+def _shown(value: Any, spec: str) -> str:
+    return "-" if value is None else spec.format(value)
 
 
 def _data_summary(data: ReportData) -> str:
@@ -362,7 +370,8 @@ def _data_summary(data: ReportData) -> str:
         (k, v) for k, v in page.flatten(validate) if "quarantin" in k.lower() and isinstance(v, int | float)
     ]
     parts.extend(f"<p><strong>{page.esc(k)}</strong>: {page.esc(page.fmt(v))}</p>" for k, v in quarantined)
-    parts.append(f"<p>Data checks: see {page.link(VALIDATION_PAGE, VALIDATION_PAGE)}.</p>")
+    link = page.link(VALIDATION_PAGE, VALIDATION_PAGE)
+    parts.append(f"<p>Data checks (rules, class distribution, quarantine): see {link}.</p>")
     return "".join(parts)
 
 

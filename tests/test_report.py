@@ -117,7 +117,7 @@ def test_report_reads_headline_first_then_curves_then_detail_then_raw_tables(fig
     ]
     assert starts == sorted(starts)
     headline = _section(page, "headline")
-    for figure in ("0.7500", "0.6250", "0.5000", "0.0321"):  # accuracy, balanced, macro F1, ECE
+    for figure in ("75.0%", "62.5%", "0.500", "0.032"):  # accuracy, balanced accuracy, macro F1, ECE
         assert figure in headline, figure
     assert '<a href="../export/index.html">' in headline and "Quantize and export: see" in headline
     raw = _section(page, "raw")
