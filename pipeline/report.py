@@ -258,13 +258,16 @@ def curves_note(curves: dict[str, pd.DataFrame]) -> str:
     """What the curves figure shows, in words, for the report."""
     text = "Per epoch, numbered as the training log counts them (1 = the first epoch)."
     spans = head_only_spans(curves)
-    if spans:
-        epochs = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
-        text += (
-            f" Shaded: head-only epochs ({epochs}), where only the head trains, on cached backbone features; "
-            "the rest fine-tune the backbone on images. The images/s panel shows one phase only."
-        )
-    return text
+    if not spans:
+        return text
+    head = sum(b - a + 1 for a, b in spans)
+    if head == max(int(frame["epoch"].max()) for frame in curves.values()):
+        return text + " Every epoch trained the head only, on cached backbone features."
+    epochs = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
+    return text + (
+        f" Shaded: head-only epochs ({epochs}), where only the head trains, on cached backbone features; "
+        "the others fine-tune the backbone on images. images/s shows the fine-tuning epochs only."
+    )
 
 
 @dataclass

@@ -189,7 +189,8 @@ def test_curves_are_per_epoch_with_the_head_only_phase_shaded():
                 assert list(line.get_xdata()) == [1, 2, 3, 4, 5, 6], title
     speed = axes["images/s (fine-tuning epochs only)"].lines[0]
     assert list(speed.get_xdata()) == [3, 4, 5, 6] and set(speed.get_ydata()) == {50.0}
-    assert "epochs (1-2)" in report.curves_note(_curves(6, 2)).replace("head-only epochs ", "epochs ")
+    assert "Shaded: head-only epochs (1-2)" in report.curves_note(_curves(6, 2))
+    assert "Every epoch trained the head only" in report.curves_note(_curves(3, 3))
 
 
 def test_curves_without_a_phase_series_mark_nothing_and_keep_every_epoch():
