@@ -92,12 +92,18 @@ def test_fp32_served_names_the_fp32_file_and_the_reason():
 @pytest.mark.parametrize(
     ("export", "quantize", "report", "expected"),
     [
+        (
+            {"served": "fp32"},
+            {"int8_shipped": True},
+            {"decision": {"shipped": True}},
+            "fp32",
+        ),  # export's word
         ({"n": 3}, {"int8_shipped": False}, {}, "fp32"),  # no `served` yet: quantize's decision
         ({"int8": True}, {}, {"decision": {"shipped": True}}, "int8"),
         ({}, {}, {}, None),
     ],
 )
-def test_served_model_falls_back_to_the_quantize_decision(export, quantize, report, expected):
+def test_served_model_is_exports_word_else_the_quantize_decision(export, quantize, report, expected):
     assert export_page.served_model(export, quantize, report)[0] == expected
 
 
