@@ -27,6 +27,12 @@ ensure_env() {
     step "environment ready"
 }
 
+ensure_chromium() {  # tests/test_pages.py opens the HTML reports in Debian's chromium (never a downloaded one)
+    if [[ -x /usr/bin/chromium || $EUID -ne 0 ]] || ! command -v apt-get >/dev/null; then return; fi
+    echo ">> installing Debian chromium for the page tests (apt-get install chromium)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+}
+
 ensure_env
 export PATH="$PWD/$VENV/bin:$PATH"
 
@@ -39,6 +45,7 @@ case "${1:-pipeline}" in
         ;;
     test)
         shift
+        ensure_chromium
         python -m pytest "$@"
         ;;
     *)

@@ -101,9 +101,10 @@ def outputs(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
         "quarantine": p.quarantine,
         "splits": p.splits,
         "model": p.model,
+        "validation": p.reports_dir / "validate" / "index.html",
         "report": p.reports_dir / "evaluate" / "report.html",
-        "data docs": p.reports_dir / "validate" / "data_docs",
         "export": p.export_dir,
+        "export page": p.reports_dir / "export" / "index.html",
         "metrics": p.metrics_dir,
     }
     for label, path in entries.items():

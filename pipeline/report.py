@@ -7,12 +7,9 @@ offline, from a file, anywhere (DVC's own plots HTML pulls vega from a CDN and d
 
 from __future__ import annotations
 
-import base64
-import html
-import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -22,11 +19,15 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from pipeline import page
 from pipeline.calibration import Reliability
 
 _ANNOTATE_MAX_CLASSES = 20  # beyond this, numbers inside confusion cells become unreadable
 _MAX_CURVE_PANELS = 6
+_MAX_EPOCH_TICKS = 20  # up to this many epochs, every one is labelled
 _SPLIT_TOKENS = {"train", "training", "val", "valid", "validation", "test", "eval"}
+_THROUGHPUT_PANEL = "images_per_s"
+HEAD_ONLY_SERIES = "head_only"  # the dvclive series (pipeline.stages.train) that marks each epoch's phase
 
 
 def _figure(width: float, height: float) -> Any:
@@ -152,7 +153,9 @@ def mistakes_png(tiles: Sequence[Tile], empty_message: str) -> bytes:
 
 
 def read_training_curves(folder: Path) -> dict[str, pd.DataFrame]:
-    """dvclive metric TSVs under `folder` -> {name relative to folder: frame of (step, value)}."""
+    """dvclive metric TSVs under `folder` -> {name relative to folder: frame of (epoch, value)}.
+
+    train logs one dvclive step per epoch, so step 0..N-1 is epoch 1..N, the count its log lines use."""
     curves: dict[str, pd.DataFrame] = {}
     for tsv in sorted(Path(folder).rglob("*.tsv")):
         frame = pd.read_csv(tsv, sep="\t")
@@ -161,7 +164,7 @@ def read_training_curves(folder: Path) -> dict[str, pd.DataFrame]:
             continue
         column = tsv.stem if tsv.stem in values else values[-1]
         name = tsv.relative_to(folder).with_suffix("").as_posix()
-        curves[name] = frame[["step", column]].rename(columns={column: "value"})
+        curves[name] = pd.DataFrame({"epoch": frame["step"] + 1, "value": frame[column]})
     return curves
 
 
@@ -171,29 +174,100 @@ def _panel_of(name: str) -> str:
     return "_".join(tokens) or name
 
 
-def training_curves_png(curves: dict[str, pd.DataFrame]) -> bytes:
-    """One panel per metric (loss first, then accuracy), train and val series overlaid."""
+def head_only_spans(curves: dict[str, pd.DataFrame]) -> list[tuple[int, int]]:
+    """(first, last) epochs of each run of head-only epochs (train's `head_only` series is 1 for an epoch that
+    trained the head on cached backbone features); [] when the series is missing or all zero."""
+    frame = curves.get(HEAD_ONLY_SERIES)
+    if frame is None:
+        return []
+    epochs = sorted(int(e) for e, v in zip(frame["epoch"], frame["value"], strict=True) if v > 0.5)
+    spans: list[tuple[int, int]] = []
+    for epoch in epochs:
+        if spans and spans[-1][1] == epoch - 1:
+            spans[-1] = (spans[-1][0], epoch)
+        else:
+            spans.append((epoch, epoch))
+    return spans
+
+
+def _throughput_of_one_phase(frame: pd.DataFrame, spans: list[tuple[int, int]]) -> tuple[pd.DataFrame, str]:
+    """images/s of the fine-tuning epochs only (head-only epochs on cached features run 10-100x faster and
+    would flatten the rest), or of the head-only ones when there are no others; with the panel's title."""
+    head = frame["epoch"].apply(lambda e: any(a <= e <= b for a, b in spans))
+    if not head.any():
+        return frame, "images/s"
+    if head.all():
+        return frame, "images/s (head-only epochs, cached features)"
+    return frame[~head], "images/s (fine-tuning epochs only)"
+
+
+def training_curves_figure(curves: dict[str, pd.DataFrame]) -> Any:
+    """One panel per metric (loss first, then accuracy) against the epoch, train and val series overlaid,
+    head-only epochs shaded and a dashed line where a phase ends."""
+    spans = head_only_spans(curves)
     panels: dict[str, list[str]] = {}
     for name in curves:
-        panels.setdefault(_panel_of(name), []).append(name)
+        if name != HEAD_ONLY_SERIES:
+            panels.setdefault(_panel_of(name), []).append(name)
     order = sorted(panels, key=lambda p: (0 if "loss" in p else 1 if "acc" in p else 2, p))[
         :_MAX_CURVE_PANELS
     ]
+    last_epoch = max(int(frame["epoch"].max()) for frame in curves.values())
     cols = min(2, len(order))
     rows = math.ceil(len(order) / cols)
     fig = _figure(5.5 * cols, 3.5 * rows)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes[len(order) :]:
         ax.axis("off")
-    for ax, panel in zip(axes, order, strict=False):
+    for index, (ax, panel) in enumerate(zip(axes, order, strict=False)):
+        title = panel
         for name in panels[panel]:
             frame = curves[name]
-            ax.plot(frame["step"], frame["value"], marker="o", markersize=3, label=name)
-        ax.set_title(panel)
-        ax.set_xlabel("step")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+            if panel == _THROUGHPUT_PANEL:
+                frame, title = _throughput_of_one_phase(frame, spans)
+            ax.plot(frame["epoch"], frame["value"], marker="o", markersize=3, label=name)
+        _mark_phases(ax, spans, last_epoch, labelled=index == 0)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_xlim(0.5, last_epoch + 0.5)
+        if last_epoch <= _MAX_EPOCH_TICKS:
+            ax.set_xticks(range(1, last_epoch + 1))
+        else:
+            ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=8)
-    return _png(fig)
+    return fig
+
+
+def _mark_phases(ax: Any, spans: list[tuple[int, int]], last_epoch: int, labelled: bool) -> None:
+    for i, (first, last) in enumerate(spans):
+        label = "head only (cached features)" if labelled and i == 0 else None
+        ax.axvspan(first - 0.5, last + 0.5, color="tab:gray", alpha=0.18, label=label)
+        for edge in (first - 0.5, last + 0.5):
+            if 0.5 < edge < last_epoch + 0.5:  # a phase boundary inside the plot
+                ax.axvline(edge, color="tab:gray", linestyle="--", linewidth=1)
+
+
+def training_curves_png(curves: dict[str, pd.DataFrame]) -> bytes | None:
+    """The curves figure as PNG; None when there is no metric to plot."""
+    if not any(name != HEAD_ONLY_SERIES for name in curves):
+        return None
+    return _png(training_curves_figure(curves))
+
+
+def curves_note(curves: dict[str, pd.DataFrame]) -> str:
+    """What the curves figure shows, in words, for the report."""
+    text = "Per epoch, numbered as the training log counts them (1 = the first epoch)."
+    spans = head_only_spans(curves)
+    if not spans:
+        return text
+    head = sum(b - a + 1 for a, b in spans)
+    if head == max(int(frame["epoch"].max()) for frame in curves.values()):
+        return text + " Every epoch trained the head only, on cached backbone features."
+    epochs = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
+    return text + (
+        f" Shaded: head-only epochs ({epochs}), where only the head trains, on cached backbone features; "
+        "the others fine-tune the backbone on images. images/s shows the fine-tuning epochs only."
+    )
 
 
 @dataclass
@@ -204,7 +278,7 @@ class ReportData:
     class_names: list[str]
     split_counts: pd.DataFrame  # rows: class, columns: split (+ total)
     stage_metrics: dict[str, Any]  # stage name -> its metrics JSON, or None if the file does not exist
-    test_metrics: list[tuple[str, Any]]
+    test_metrics: dict[str, Any]  # the evaluate stage's flat metrics (per-class figures left out)
     per_class: pd.DataFrame  # columns: class, precision, recall, f1, support
     mistakes: pd.DataFrame  # columns: path, label, pred, confidence (the ones in the gallery)
     figures: dict[str, bytes] = field(
@@ -214,17 +288,9 @@ class ReportData:
     curves_note: str = ""
 
 
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;max-width:1200px;
-color:#222;padding:0 1rem;line-height:1.45}
-h1{border-bottom:2px solid #333;padding-bottom:.3rem}h2{margin-top:2.2rem;border-bottom:1px solid #ccc}
-table{border-collapse:collapse;margin:.8rem 0;font-size:.9rem}
-th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:left;vertical-align:top}
-th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums}
-img{max-width:100%;height:auto;border:1px solid #ddd;margin:.5rem 0}
-nav a{margin-right:1rem}.note{color:#666;font-style:italic}
-"""
-
+EXPORT_PAGE = "../export/index.html"  # from reports/evaluate/report.html to the export stage's page
+VALIDATION_PAGE = "../validate/index.html"
+_EXPORT_LINE = "Quantize and export: see {link} (missing if those stages did not complete)."
 _CALIBRATION_NOTE = (
     "One temperature T, fitted on the validation split by minimising the negative log-likelihood, divides "
     "the logits: probabilities become softmax(logits / T); the argmax is unchanged. Left: raw probabilities "
@@ -232,117 +298,98 @@ _CALIBRATION_NOTE = (
 )
 _MISTAKES_NOTE = "Wrong test predictions with the highest confidence (raw softmax), most confident first."
 
-_SECTIONS = (
-    ("summary", "Run summary"),
-    ("data", "Data summary"),
+# Headline first, then how training went, then the detail; raw key/value tables last.
+SECTIONS = (
+    ("headline", "Headline"),
     ("curves", "Training curves"),
-    ("metrics", "Test metrics"),
     ("per-class", "Per-class metrics"),
     ("confusion", "Confusion matrix"),
     ("calibration", "Calibration"),
     ("mistakes", "Most confident mistakes"),
+    ("data", "Data"),
+    ("raw", "Raw figures"),
 )
 
 
 def render_report(data: ReportData) -> str:
     """The whole run as one HTML string: inline CSS, embedded PNGs, every text escaped."""
     bodies = {
-        "summary": _summary(data),
-        "data": _data_summary(data),
-        "curves": _image(data.curves_png, "training curves") if data.curves_png else _note(data.curves_note),
-        "metrics": _table(["metric", "value"], data.test_metrics),
-        "per-class": _table(list(data.per_class.columns), data.per_class.itertuples(index=False))
-        + _image(data.figures["per_class_f1"], "per-class F1"),
-        "confusion": _image(data.figures["confusion_matrix"], "confusion matrix"),
-        "calibration": _note(_CALIBRATION_NOTE) + _image(data.figures["reliability"], "reliability diagram"),
-        "mistakes": _note(_MISTAKES_NOTE)
-        + _image(data.figures["mistakes"], "most confident mistakes")
+        "headline": _headline(data),
+        "curves": page.note(data.curves_note)
+        + (page.image(data.curves_png, "training curves per epoch") if data.curves_png else ""),
+        "per-class": page.table(list(data.per_class.columns), data.per_class.itertuples(index=False))
+        + page.image(data.figures["per_class_f1"], "per-class F1"),
+        "confusion": page.image(data.figures["confusion_matrix"], "confusion matrix"),
+        "calibration": page.note(_CALIBRATION_NOTE)
+        + page.image(data.figures["reliability"], "reliability diagram"),
+        "mistakes": page.note(_MISTAKES_NOTE)
+        + page.image(data.figures["mistakes"], "most confident mistakes")
         + (
-            _table(list(data.mistakes.columns), data.mistakes.itertuples(index=False))
+            page.table(list(data.mistakes.columns), data.mistakes.itertuples(index=False))
             if len(data.mistakes)
             else ""
         ),
+        "data": _data_summary(data),
+        "raw": _raw_tables(data),
     }
-    nav = "".join(f'<a href="#{key}">{_esc(title)}</a>' for key, title in _SECTIONS)
-    sections = "".join(
-        f'<section id="{key}"><h2>{_esc(title)}</h2>{bodies[key]}</section>' for key, title in _SECTIONS
+    return page.document("Evaluation report", [(key, title, bodies[key]) for key, title in SECTIONS])
+
+
+def _headline(data: ReportData) -> str:
+    m, settings = data.test_metrics, dict(data.run_summary)
+    figures = [
+        ("test accuracy", m.get("accuracy"), "{:.1%}"),
+        ("balanced accuracy", m.get("balanced_accuracy"), "{:.1%}"),
+        ("macro F1", m.get("f1_macro"), "{:.3f}"),
+        (f"ECE, calibrated (raw: {_shown(m.get('ece_before'), '{:.3f}')})", m.get("ece_after"), "{:.3f}"),
+        (f"top-{m.get('top_k', 'k')} accuracy", m.get("top_k_accuracy"), "{:.1%}"),
+        ("test images", m.get("n_test"), "{}"),
+    ]
+    run = ", ".join(
+        f"{key} {page.fmt(settings[key])}"
+        for key in ("backbone", "weights", "strategy", "epochs", "input size")
+        if settings.get(key) is not None
     )
+    export_line = _EXPORT_LINE.format(link=page.link(EXPORT_PAGE, EXPORT_PAGE))
     return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>Evaluation report</title><style>{_CSS}</style></head>"
-        f"<body><h1>Evaluation report</h1><nav>{nav}</nav>{sections}</body></html>\n"
+        page.cards((label, _shown(value, spec), "") for label, value, spec in figures if value is not None)
+        + f"<p>Model: {page.esc(run)}; {len(data.class_names)} classes.</p>"
+        + f"<p>{export_line}</p>"
     )
 
 
-def _summary(data: ReportData) -> str:
-    classes = ", ".join(data.class_names)
-    return _table(["item", "value"], [*data.run_summary, ("classes", f"{len(data.class_names)}: {classes}")])
+def _shown(value: Any, spec: str) -> str:
+    return "-" if value is None else spec.format(value)
 
 
 def _data_summary(data: ReportData) -> str:
     counts = data.split_counts.reset_index()
+    validate = data.stage_metrics.get("validate") or {}
     parts = [
         "<h3>Images per class and split (splits file)</h3>",
-        _table(list(counts.columns), counts.itertuples(index=False)),
+        page.table(list(counts.columns), counts.itertuples(index=False)),
     ]
-    for stage, metrics in data.stage_metrics.items():
-        parts.append(f"<h3>{_esc(stage)} stage metrics</h3>")
-        if metrics is None:
-            parts.append(_note(f"No metrics file from the {stage} stage."))
-            continue
-        flat = list(_flatten(metrics))
-        quarantined = [(k, v) for k, v in flat if "quarantin" in k.lower() and isinstance(v, int | float)]
-        parts.extend(f"<p><strong>{_esc(k)}</strong>: {_esc(_format(v))}</p>" for k, v in quarantined)
-        parts.append(_table(["key", "value"], flat))
+    quarantined = [
+        (k, v) for k, v in page.flatten(validate) if "quarantin" in k.lower() and isinstance(v, int | float)
+    ]
+    parts.extend(f"<p><strong>{page.esc(k)}</strong>: {page.esc(page.fmt(v))}</p>" for k, v in quarantined)
+    link = page.link(VALIDATION_PAGE, VALIDATION_PAGE)
+    parts.append(f"<p>Data checks (rules, class distribution, quarantine): see {link}.</p>")
     return "".join(parts)
 
 
-def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(value, dict):
-        for key in sorted(value, key=str):
-            yield from _flatten(value[key], f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(value, list):
-        text = json.dumps(value, default=str)
-        yield prefix, text if len(text) <= 300 else text[:297] + "..."
-    else:
-        yield prefix, value
-
-
-def _format(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float | np.floating):
-        return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e5 else f"{value:.4g}"
-    return str(value)
-
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>"
-        + "".join(
-            f'<td class="num">{_esc(_format(v))}</td>'
-            if isinstance(v, int | float | np.number) and not isinstance(v, bool)
-            else f"<td>{_esc(_format(v))}</td>"
-            for v in row
+def _raw_tables(data: ReportData) -> str:
+    classes = ", ".join(data.class_names)
+    settings = [*data.run_summary, ("classes", f"{len(data.class_names)}: {classes}")]
+    parts = [
+        page.details("Run settings", page.table(["item", "value"], settings)),
+        page.details("Test metrics (metrics/evaluate.json)", page.key_values(data.test_metrics)),
+    ]
+    for stage, metrics in data.stage_metrics.items():
+        body = (
+            page.note(f"No metrics file from the {stage} stage.")
+            if metrics is None
+            else page.key_values(metrics)
         )
-        + "</tr>"
-        for row in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _image(png: bytes, alt: str) -> str:
-    encoded = base64.b64encode(png).decode("ascii")
-    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{encoded}">'
-
-
-def _note(text: str) -> str:
-    return f'<p class="note">{_esc(text)}</p>'
+        parts.append(page.details(f"{stage} stage metrics", body))
+    return "".join(parts)

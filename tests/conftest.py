@@ -158,7 +158,7 @@ def model_project(root: Path, model=None, class_names: tuple[str, ...] = (), **s
     paths = {
         "data_root": str(data_root),
         "splits": str(root / "splits.csv"),
-        **{key: str(root / key) for key in ("onnx_dir", "export_dir", "metrics_dir")},
+        **{key: str(root / key) for key in ("onnx_dir", "export_dir", "metrics_dir", "reports_dir")},
         "model": str(root / "model.pt"),
         "calibration": str(root / "calibration.json"),
         **sections.pop("paths", {}),

@@ -27,12 +27,13 @@ ARTIFACT_KINDS = ("outs", "metrics", "plots")
 # Outputs that need no consuming stage, and why each is an end product rather than an intermediate.
 FINAL_ARTIFACTS = {
     "${paths.quarantine}": "the rejected files with reasons, for a person to fix the data",
-    "${paths.reports_dir}/validate": "data-quality report (Data Docs, class distribution) for a person",
+    "${paths.reports_dir}/validate": "the validation page (rules, classes, quarantine) and Data Docs",
     "${paths.checkpoint_dir}": "train's resumable state (persist: true) so an interrupted run resumes",
     "${paths.live_dir}/plots/metrics": "training curves, shown by `dvc plots show`",
     "${paths.predictions}": "per-image test predictions, for error analysis",
     "${paths.reports_dir}/evaluate": "the evaluation report and its figures",
     "${paths.export_dir}": "the deliverable: the self-contained model folder",
+    "${paths.reports_dir}/export": "the export page: which model is served and why, INT8 vs FP32, parity",
     # Metrics files are read by `dvc metrics show` / `dvc exp show` (export also gates on two of them).
     **{f"${{paths.metrics_dir}}/{stage}.json": "stage metrics for `dvc exp show`" for stage in STAGES},
 }

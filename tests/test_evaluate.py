@@ -11,6 +11,7 @@ import torch
 from conftest import make_image_folder
 from PIL import Image
 
+from pipeline import report
 from pipeline.calibration import softmax
 from pipeline.config import Params
 from pipeline.errors import PipelineError
@@ -170,15 +171,8 @@ def test_report_is_self_contained_and_complete(evaluated):
         assert forbidden not in page
     for text in (
         *CLASSES,
+        *(f"<h2>{title}</h2>" for _, title in report.SECTIONS),
         "test_efficientnet",
-        "Run summary",
-        "Data summary",
-        "Training curves",
-        "Test metrics",
-        "Per-class metrics",
-        "Confusion matrix",
-        "Calibration",
-        "Most confident mistakes",
         "No training curves found",
         "No metrics file from the validate stage",
     ):

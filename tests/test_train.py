@@ -42,6 +42,8 @@ def test_each_strategy_trains_and_writes_the_outputs_other_stages_read(tmp_path,
     assert all(math.isfinite(metrics[k]) for k in ("final_train_loss", "final_val_loss", "images_per_s"))
     for name in ("train/loss", "train/acc", "val/loss", "val/acc", "val/f1", "lr", "lr_head", "images_per_s"):
         assert len(_curve(params, name)) == 3, name
+    head_only = {"linear_probe": [1, 1, 1], "partial": [0, 0, 0], "full": [0, 0, 0], "progressive": [1, 0, 0]}
+    assert _curve(params, "head_only") == head_only[strategy]  # the report shades these epochs
     trained = load_trained(params.paths.model)
     assert trained.class_names == ["class_0", "class_1", "class_2"]
     assert trained.data_config["input_size"] == [3, 32, 32]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pandas as pd
 import pytest
@@ -36,6 +37,50 @@ def test_clean_dataset_passes_and_writes_every_report(image_folder, tmp_path):
     assert (report / "data_docs" / "index.html").is_file()
     pages = {page.name for page in (report / "data_docs" / "validations").rglob("*.html")}
     assert pages == {f"manifest-{frame}.html" for frame in ("files", "duplicates", "classes", "summary")}
+    sections = _sections((report / "index.html").read_text(encoding="utf-8"))
+    assert list(sections) == ["headline", "rules", "classes", "quarantine", "data-docs", "raw"]
+    assert '<div class="value good">passed</div>' in sections["headline"]
+    assert (
+        sections["rules"].count("<td>passed</td>") == 8
+        and "each image: min_side \u2265 16" in sections["rules"]
+    )
+    assert '<a href="data_docs/index.html">' in sections["data-docs"] and "internet" in sections["data-docs"]
+
+
+def _sections(page: str) -> dict[str, str]:
+    for forbidden in ("http://", "https://", "<script", "<link", "url("):
+        assert forbidden not in page, forbidden
+    return dict(re.findall(r'<section id="([^"]+)">(.*?)</section>', page, re.S))
+
+
+def test_page_shows_the_verdict_every_rule_and_the_first_rows_of_the_quarantine(image_folder, tmp_path):
+    for i in range(53):  # shorter side 8 px < validate.min_side: quarantined (a warning)
+        make_image(image_folder / "class_1" / f"tiny_{i:02d}.png", 1, size=8, seed=900 + i)
+    for i in range(3):  # 3 < validate.min_images_per_class: an error
+        make_image(image_folder / "rare" / f"{i}.png", 2, seed=500 + i)
+    params = _ingested(tmp_path, image_folder)
+    with pytest.raises(PipelineError):
+        validate.run(params)
+
+    sections = _sections((params.paths.reports_dir / "validate" / "index.html").read_text(encoding="utf-8"))
+    headline = sections["headline"]
+    assert '<div class="value bad">FAILED (1 error(s))</div>' in headline
+    assert "rule min_images_per_class failed: classes [&#x27;rare&#x27; (3)]" in headline
+    for label, value in (
+        ("files", 92),
+        ("usable", 39),
+        ("quarantined", 53),
+        ("classes with usable images", 4),
+    ):
+        assert f'{value}</div><div class="label">{label}</div>' in headline, label
+    rules = dict(re.findall(r"<tr><td>(\w+)</td><td>\w+</td><td>([^<]+)</td>", sections["rules"]))
+    assert rules["min_side"] == "FAILED (warning)" and rules["min_images_per_class"] == "FAILED (error)"
+    assert rules["max_pixels"] == "passed" and len(rules) == 8
+    assert "53 image(s) smaller than 16 px on a side" in sections["rules"]
+    quarantine = sections["quarantine"]
+    assert quarantine.count("<td>min_side</td>") == 50  # the first 50 rows, then a count of the rest
+    assert "... and 3 more in" in quarantine and str(params.paths.quarantine) in quarantine
+    assert "data:image/png;base64," in sections["classes"] and "<td>rare</td>" in sections["classes"]
 
 
 def test_data_docs_templates_are_compiled_once_then_loaded(image_folder, tmp_path):

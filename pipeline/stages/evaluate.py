@@ -236,20 +236,23 @@ def _write_report_folder(
     }
     curves_dir = paths.live_dir / "plots" / "metrics"
     series = report.read_training_curves(curves_dir) if curves_dir.is_dir() else {}
+    curves_png = report.training_curves_png(series)
     data = report.ReportData(
         run_summary=_run_summary(params, trained),
         class_names=class_names,
         split_counts=_split_counts(splits),
         stage_metrics={s: _read_optional_json(paths.metrics(s)) for s in ("validate", "split")},
-        test_metrics=[(key, value) for key, value in sorted(metrics.items()) if key != "per_class"],
+        test_metrics={key: value for key, value in metrics.items() if key != "per_class"},
         per_class=pd.DataFrame(
             [{"class": name, **metrics["per_class"][name]} for name in class_names],
             columns=["class", "precision", "recall", "f1", "support"],
         ),
         mistakes=mistakes,
         figures=figures,
-        curves_png=report.training_curves_png(series) if series else None,
-        curves_note=f"No training curves found under {curves_dir} (the train stage writes them via dvclive).",
+        curves_png=curves_png,
+        curves_note=report.curves_note(series)
+        if curves_png
+        else f"No training curves found under {curves_dir} (the train stage writes them via dvclive).",
     )
     confusion = pd.DataFrame({"actual": predictions["label"], "predicted": predictions["pred"]})
     with atomic_dir(paths.reports_dir / "evaluate") as folder:

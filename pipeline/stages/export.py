@@ -15,6 +15,7 @@ import torch
 from pipeline import onnx_runtime as rt
 from pipeline.config import Params
 from pipeline.errors import PipelineError
+from pipeline.export_page import write_export_page
 from pipeline.io import atomic_dir, read_json, write_json, write_text
 from pipeline.models import TrainedModel, load_trained
 
@@ -54,6 +55,7 @@ def run(params: Params) -> dict:
                 f"written. Re-run quantize (dvc repro quantize) or try another export.opset"
             )
         write_text(out / CARD_FILE, model_card(trained, metrics, meta, paths.metrics_dir, quantized))
+    write_export_page(paths, paths.export_dir / CARD_FILE)
     return metrics
 
 

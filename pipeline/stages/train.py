@@ -51,6 +51,7 @@ LIVE_METRICS = {
     "lr": "lr",
     "lr_head": "lr_head",
     "images_per_s": "images_per_s",
+    "head_only": "on_features",  # 1 for a head-only epoch on cached features: the report shades them
 }
 
 
@@ -195,7 +196,7 @@ def _live(live_dir: Path, history: list[dict[str, float]]) -> Live:
 
 def _log_epoch(live: Live, record: dict[str, float]) -> None:
     for name, key in LIVE_METRICS.items():
-        live.log_metric(name, record[key])
+        live.log_metric(name, float(record[key]))
     live.next_step()
 
 

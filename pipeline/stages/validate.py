@@ -19,6 +19,7 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.typing import Series
 
+from pipeline import page
 from pipeline.config import Params
 from pipeline.data.images import MANIFEST_COLUMNS, SPLITS, STATUSES
 from pipeline.errors import PipelineError
@@ -29,6 +30,20 @@ log = logging.getLogger(__name__)
 _SPLIT_ORDER = {name: rank for rank, name in enumerate(SPLITS)}
 _SHOWN = 8  # offenders named in one message
 _MANIFEST_HEADER = ",".join(MANIFEST_COLUMNS)
+PAGE = "index.html"  # the validation view, in reports/validate/
+DOCS_DIR = "data_docs"  # Great Expectations' Data Docs, beside it
+_QUARANTINE_SHOWN = 50  # rows of the quarantine list on the page
+_BOUND = {"min_value": "\u2265", "max_value": "\u2264"}  # >=, <=
+_SUBJECT = {
+    "files": "each image: ",
+    "duplicates": "each repeated content: ",
+    "classes": "each class: ",
+    "summary": "",
+}
+_DOCS_NOTE = (
+    "Great Expectations' own rendering of the same checks. It loads its styling and scripts from the "
+    "internet (CDNs): offline it shows unstyled."
+)
 
 
 class ManifestSchema(pa.DataFrameModel):
@@ -100,44 +115,85 @@ class _Outcome:
     detail: str = ""
 
 
+@dataclass
+class _Checked:
+    """Every rule's outcome on one manifest and what follows from them."""
+
+    frames: dict[str, pd.DataFrame]
+    outcomes: dict[str, _Outcome]
+    excluded: dict[str, str]  # path -> the rule that excluded it
+    usable: pd.DataFrame
+    quarantine: pd.DataFrame
+    metrics: dict
+    messages: list[str]  # why the stage fails; empty when it passes
+
+    @property
+    def failed(self) -> list[_Outcome]:
+        return [o for o in self.outcomes.values() if not o.passed]
+
+
 def run(params: Params) -> dict:
     manifest, manifest_lines = _read_manifest(params.paths.manifest)
+    with atomic_dir(params.paths.reports_dir / "validate") as report_dir:
+        checker = _GxChecker(report_dir / DOCS_DIR, params.paths.cache_dir / "data_docs_templates")
+        checked = _check(manifest, checker, params)
+        checker.build_docs()
+        png = _plot_distribution(checked.frames["classes"], manifest, checked.excluded, params)
+        (report_dir / "class_distribution.png").write_bytes(png)
+        (report_dir / PAGE).write_text(_page(checked, png, params), encoding="utf-8")
+
+    with atomic_path(params.paths.quarantine) as tmp:
+        checked.quarantine.to_csv(tmp, index=False, lineterminator="\n")
+    for outcome in checked.failed:
+        if outcome.severity == "warning":
+            log.warning("validate: rule %s (warning): %s", outcome.rule, outcome.detail)
+    write_json(params.paths.metrics("validate"), checked.metrics)
+    if checked.messages:
+        params.paths.validated.unlink(missing_ok=True)  # never leave a stale input for `split`
+        details = f"details: {params.paths.quarantine}, {params.paths.metrics('validate')}"
+        raise PipelineError("\n".join([*checked.messages, details]))
+    usable = checked.usable
+    with atomic_path(params.paths.validated) as tmp:
+        if manifest_lines is None:
+            usable[list(MANIFEST_COLUMNS)].to_csv(tmp, index=False, lineterminator="\n")
+        else:
+            rows = [manifest_lines[path] for path in usable["path"].tolist()]
+            tmp.write_text("\n".join([_MANIFEST_HEADER, *rows, ""]), encoding="utf-8")
+    log.info(
+        "validate: %d usable images in %d classes, %d quarantined",
+        len(usable),
+        sum(n > 0 for n in checked.metrics["classes"].values()),
+        len(checked.quarantine),
+    )
+    return {k: checked.metrics[k] for k in ("rows", "usable", "quarantined", "errors", "warnings")}
+
+
+def _check(manifest: pd.DataFrame, checker: _GxChecker, params: Params) -> _Checked:
+    """Run the file rules, exclude their offenders, then the class and summary rules on the usable files."""
     files = manifest[manifest["status"] != "empty_class_folder"]
     ok = manifest[manifest["status"] == "ok"].copy()
     ok["min_side"] = ok[["width", "height"]].min(axis=1).astype("int64")
     ok["pixels"] = (ok["width"] * ok["height"]).astype("int64")
-
     frames = {
         "files": ok[["path", "label", "width", "height", "min_side", "pixels"]],
         "duplicates": _duplicates(ok),
     }
     outcomes: dict[str, _Outcome] = {}
-    with atomic_dir(params.paths.reports_dir / "validate") as report_dir:
-        checker = _GxChecker(report_dir / "data_docs", params.paths.cache_dir / "data_docs_templates")
-        for name in ("files", "duplicates"):
-            outcomes.update(checker.check(name, frames[name], params))
-        excluded = _exclusions(outcomes, ok)
-        usable = ok[~ok["path"].isin(excluded)]
-        frames["classes"] = _classes(manifest, usable)
-        frames["summary"] = _summary(files, frames["classes"])
-        for name in ("classes", "summary"):
-            outcomes.update(checker.check(name, frames[name], params))
-        checker.build_docs()
-        _plot_distribution(
-            report_dir / "class_distribution.png", frames["classes"], manifest, excluded, params
-        )
-
+    for name in ("files", "duplicates"):
+        outcomes.update(checker.check(name, frames[name], params))
+    excluded = _exclusions(outcomes, ok)
+    usable = ok[~ok["path"].isin(excluded)]
+    frames["classes"] = _classes(manifest, usable)
+    frames["summary"] = _summary(files, frames["classes"])
+    for name in ("classes", "summary"):
+        outcomes.update(checker.check(name, frames[name], params))
     quarantine = _quarantine(manifest, excluded)
-    with atomic_path(params.paths.quarantine) as tmp:
-        quarantine.to_csv(tmp, index=False, lineterminator="\n")
-    failed = [o for o in outcomes.values() if not o.passed]
-    for outcome in failed:
+    checked = _Checked(frames, outcomes, excluded, usable, quarantine, {}, [])
+    for outcome in checked.failed:
         outcome.detail = _describe(outcome, frames, ok, params)
-        if outcome.severity == "warning":
-            log.warning("validate: rule %s (warning): %s", outcome.rule, outcome.detail)
-    errors = [o for o in failed if o.severity == "error"]
+    errors = [o for o in checked.failed if o.severity == "error"]
     classes = frames["classes"].set_index("label")["images"]
-    metrics = {
+    checked.metrics = {
         "rows": len(manifest),
         "files": len(files),
         "usable": len(usable),
@@ -146,10 +202,14 @@ def run(params: Params) -> dict:
         "status": {s: int(n) for s, n in manifest["status"].value_counts().sort_index().items()},
         "rules": {rule: _rule_metrics(outcomes.get(rule)) for rule in _RULES},
         "errors": len(errors),
-        "warnings": len(failed) - len(errors),
+        "warnings": len(checked.failed) - len(errors),
     }
-    write_json(params.paths.metrics("validate"), metrics)
+    checked.messages = _failures(errors, classes)
+    return checked
 
+
+def _failures(errors: list[_Outcome], classes: pd.Series) -> list[str]:
+    """One line per reason the stage fails: each rule failed at severity error, and fewer than 2 classes."""
     messages = [
         f"rule {o.rule} failed: {o.detail}; {_RULES[o.rule].fix} (or set validate.severity.{o.rule}: warning)"
         for o in errors
@@ -160,23 +220,7 @@ def run(params: Params) -> dict:
             f"only {len(usable_classes)} class(es) with usable images {usable_classes}; a classifier needs "
             "at least 2: add a folder of images per class under paths.data_root"
         )
-    if messages:
-        params.paths.validated.unlink(missing_ok=True)  # never leave a stale input for `split`
-        details = f"details: {params.paths.quarantine}, {params.paths.metrics('validate')}"
-        raise PipelineError("\n".join([*messages, details]))
-    with atomic_path(params.paths.validated) as tmp:
-        if manifest_lines is None:
-            usable[list(MANIFEST_COLUMNS)].to_csv(tmp, index=False, lineterminator="\n")
-        else:
-            rows = [manifest_lines[path] for path in usable["path"].tolist()]
-            tmp.write_text("\n".join([_MANIFEST_HEADER, *rows, ""]), encoding="utf-8")
-    log.info(
-        "validate: %d usable images in %d classes, %d quarantined",
-        len(usable),
-        len(usable_classes),
-        len(quarantine),
-    )
-    return {k: metrics[k] for k in ("rows", "usable", "quarantined", "errors", "warnings")}
+    return messages
 
 
 def _read_manifest(path: Path) -> tuple[pd.DataFrame, dict[str, str] | None]:
@@ -429,8 +473,8 @@ def _quarantine(manifest: pd.DataFrame, excluded: dict[str, str]) -> pd.DataFram
 
 
 def _plot_distribution(
-    target: Path, classes: pd.DataFrame, manifest: pd.DataFrame, excluded: dict[str, str], params: Params
-) -> None:
+    classes: pd.DataFrame, manifest: pd.DataFrame, excluded: dict[str, str], params: Params
+) -> bytes:
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
     dropped = manifest[((manifest["status"] != "ok") | manifest["path"].isin(excluded))]
@@ -448,4 +492,73 @@ def _plot_distribution(
     axes.set_title("Images per class")
     axes.tick_params(axis="x", labelrotation=45)
     axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
-    figure.savefig(target, dpi=100, metadata={"Software": None})
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _page(checked: _Checked, distribution_png: bytes, params: Params) -> str:
+    """The validation view: headline and verdict, every rule, the class distribution, the quarantine."""
+    classes = page.image(distribution_png, "images per class") + page.table(
+        ["class", "usable images"], checked.metrics["classes"].items()
+    )
+    docs = f"<p>{page.link(f'{DOCS_DIR}/index.html', 'Data Docs')}</p>" + page.note(_DOCS_NOTE)
+    sections = [
+        ("headline", "Headline", _headline(checked)),
+        ("rules", "Rules", _rules_table(checked, params)),
+        ("classes", "Class distribution", classes),
+        ("quarantine", "Quarantine", _quarantine_list(checked.quarantine, params.paths.quarantine)),
+        ("data-docs", "Great Expectations Data Docs", docs),
+        ("raw", "Raw figures", page.details("metrics/validate.json", page.key_values(checked.metrics))),
+    ]
+    return page.document("Data validation", sections)
+
+
+def _quarantine_list(quarantine: pd.DataFrame, csv_path: Path) -> str:
+    """The first rows of the quarantine and how many more the CSV holds."""
+    if quarantine.empty:
+        return f"<p>No file was excluded ({page.esc(csv_path)} is empty).</p>"
+    shown = quarantine.head(_QUARANTINE_SHOWN)
+    more = len(quarantine) - len(shown)
+    return (
+        f"<p><strong>{len(quarantine)}</strong> file(s) excluded, each with its reason; all of them are "
+        f"listed in {page.esc(csv_path)}.</p>"
+        + page.table(list(shown.columns), shown.itertuples(index=False))
+        + (page.note(f"... and {more} more in {csv_path}.") if more > 0 else "")
+    )
+
+
+def _headline(checked: _Checked) -> str:
+    m = checked.metrics
+    if checked.messages:
+        verdict, tone = f"FAILED ({len(checked.messages)} error(s))", "bad"
+    elif m["warnings"]:
+        verdict, tone = f"passed, {m['warnings']} warning(s)", "warn"
+    else:
+        verdict, tone = "passed", "good"
+    figures = [
+        ("files", m["files"], ""),
+        ("usable", m["usable"], ""),
+        ("quarantined", m["quarantined"], "warn" if m["quarantined"] else ""),
+        ("classes with usable images", sum(n > 0 for n in m["classes"].values()), ""),
+        ("verdict", verdict, tone),
+    ]
+    reasons = "".join(f"<li>{page.esc(line)}</li>" for line in checked.messages)
+    return page.cards(figures) + (f"<p>The stage fails because:</p><ul>{reasons}</ul>" if reasons else "")
+
+
+def _rules_table(checked: _Checked, params: Params) -> str:
+    rows = []
+    for rule, spec in _RULES.items():
+        outcome = checked.outcomes.get(rule)
+        check = f"{_SUBJECT[spec.frame]}{spec.column} {_BOUND[spec.bound]} {spec.threshold(params):g}"
+        if outcome is None:
+            rows.append((rule, "off", "not checked", check, "-", "-"))
+            continue
+        result = "passed" if outcome.passed else f"FAILED ({outcome.severity})"
+        observed = "-" if outcome.observed is None else f"{outcome.observed:.4g}"
+        found = outcome.detail or "nothing wrong"
+        fix = "" if outcome.passed else f"; fix: {spec.fix}"
+        rows.append((rule, outcome.severity, result, check, observed, found + fix))
+    header = ["rule", "severity", "outcome", "checks", "worst value", "what it found"]
+    return page.table(header, rows)
