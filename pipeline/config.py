@@ -55,7 +55,12 @@ class PathsParams(_Section):
     live_dir: Path = Path("dvclive")
 
     def metrics(self, stage: str) -> Path:
+        """A stage's headline figures, the columns of `dvc exp show`: scalars only."""
         return self.metrics_dir / f"{stage}.json"
+
+    def details(self, stage: str) -> Path:
+        """A stage's other figures (per-class tables, rule outcomes, counts by status): not a DVC metric."""
+        return self.reports_dir / stage / "details.json"
 
 
 class IngestParams(_Section):

@@ -13,7 +13,7 @@ import onnx
 import torch
 
 from pipeline import onnx_runtime as rt
-from pipeline.config import Params
+from pipeline.config import Params, PathsParams
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, read_json, write_json, write_text
 from pipeline.models import TrainedModel, load_trained
@@ -54,7 +54,7 @@ def run(params: Params) -> dict:
                 f"export.min_top1_agreement = {params.export.min_top1_agreement:g}; the export is not "
                 f"written. Re-run quantize (dvc repro quantize) or try another export.opset"
             )
-        write_text(out / CARD_FILE, model_card(trained, metrics, meta, paths.metrics_dir))
+        write_text(out / CARD_FILE, model_card(trained, metrics, meta, paths))
     return metrics
 
 
@@ -100,10 +100,11 @@ def write_metadata(source: Path, target: Path, meta: dict[str, str]) -> Path:
     return target
 
 
-def model_card(trained: TrainedModel, export: dict, meta: dict[str, str], metrics_dir: Path) -> str:
-    """Markdown model card from the stages' metrics files (those present) and the training params."""
+def model_card(trained: TrainedModel, export: dict, meta: dict[str, str], paths: PathsParams) -> str:
+    """Markdown model card from the stages' metrics files (those present), split's images per class and the
+    training params."""
     figures = {
-        name: _read_metrics(Path(metrics_dir), name) for name in ("validate", "split", "evaluate", "quantize")
+        name: _read_json(paths.metrics(name)) for name in ("validate", "split", "evaluate", "quantize")
     }
     cfg, size = trained.data_config, trained.data_config["input_size"][-1]
     model_params, train_params = trained.params.get("model", {}), trained.params.get("train", {})
@@ -133,6 +134,7 @@ def model_card(trained: TrainedModel, export: dict, meta: dict[str, str], metric
         "## Data",
         *_section(figures["validate"], "validate"),
         *_section(figures["split"], "split"),
+        *_class_table(_read_json(paths.details("split")).get("per_class", {})),
         "",
         "## Training",
         *_bullets({f"model.{k}": v for k, v in model_params.items()}),
@@ -175,8 +177,7 @@ def _temperature(path: Path) -> float:
     return float(read_json(path).get("temperature", 1.0))
 
 
-def _read_metrics(metrics_dir: Path, stage: str) -> dict[str, Any]:
-    path = metrics_dir / f"{stage}.json"
+def _read_json(path: Path) -> dict[str, Any]:
     return read_json(path) if path.is_file() else {}
 
 
@@ -184,6 +185,19 @@ def _section(figures: dict[str, Any], stage: str) -> list[str]:
     if not figures:
         return [f"(no metrics/{stage}.json)"]
     return _bullets(_flatten(figures))
+
+
+def _class_table(per_class: dict[str, dict[str, int]]) -> list[str]:
+    """Images per class (rows) and split (columns), from split's {split: {class: images}}."""
+    splits = [split for split in ("train", "val", "test") if split in per_class]
+    if not splits:
+        return []
+    header = ["", "| class | " + " | ".join(splits) + " |", "| --- |" + " ---: |" * len(splits)]
+    rows = [
+        f"| {label} | " + " | ".join(str(per_class[s][label]) for s in splits) + " |"
+        for label in per_class[splits[0]]
+    ]
+    return header + rows
 
 
 def _quantize_section(q: dict[str, Any]) -> list[str]:

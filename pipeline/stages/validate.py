@@ -126,25 +126,25 @@ def run(params: Params) -> dict:
         _plot_distribution(
             report_dir / "class_distribution.png", frames["classes"], manifest, excluded, params
         )
+        failed = [o for o in outcomes.values() if not o.passed]
+        for outcome in failed:
+            outcome.detail = _describe(outcome, frames, ok, params)
+        write_json(report_dir / params.paths.details("validate").name, _details(manifest, frames, outcomes))
 
     quarantine = _quarantine(manifest, excluded)
     with atomic_path(params.paths.quarantine) as tmp:
         quarantine.to_csv(tmp, index=False, lineterminator="\n")
-    failed = [o for o in outcomes.values() if not o.passed]
     for outcome in failed:
-        outcome.detail = _describe(outcome, frames, ok, params)
         if outcome.severity == "warning":
             log.warning("validate: rule %s (warning): %s", outcome.rule, outcome.detail)
     errors = [o for o in failed if o.severity == "error"]
     classes = frames["classes"].set_index("label")["images"]
+    usable_classes = sorted(classes[classes > 0].index)
     metrics = {
-        "rows": len(manifest),
         "files": len(files),
         "usable": len(usable),
         "quarantined": len(quarantine),
-        "classes": {label: int(n) for label, n in classes.items()},
-        "status": {s: int(n) for s, n in manifest["status"].value_counts().sort_index().items()},
-        "rules": {rule: _rule_metrics(outcomes.get(rule)) for rule in _RULES},
+        "classes": len(usable_classes),
         "errors": len(errors),
         "warnings": len(failed) - len(errors),
     }
@@ -154,7 +154,6 @@ def run(params: Params) -> dict:
         f"rule {o.rule} failed: {o.detail}; {_RULES[o.rule].fix} (or set validate.severity.{o.rule}: warning)"
         for o in errors
     ]
-    usable_classes = sorted(classes[classes > 0].index)
     if len(usable_classes) < 2 and not any(o.rule == "min_classes" for o in errors):
         messages.append(
             f"only {len(usable_classes)} class(es) with usable images {usable_classes}; a classifier needs "
@@ -162,7 +161,7 @@ def run(params: Params) -> dict:
         )
     if messages:
         params.paths.validated.unlink(missing_ok=True)  # never leave a stale input for `split`
-        details = f"details: {params.paths.quarantine}, {params.paths.metrics('validate')}"
+        details = f"details: {params.paths.quarantine}, {params.paths.details('validate')}"
         raise PipelineError("\n".join([*messages, details]))
     with atomic_path(params.paths.validated) as tmp:
         if manifest_lines is None:
@@ -176,7 +175,7 @@ def run(params: Params) -> dict:
         len(usable_classes),
         len(quarantine),
     )
-    return {k: metrics[k] for k in ("rows", "usable", "quarantined", "errors", "warnings")}
+    return metrics
 
 
 def _read_manifest(path: Path) -> tuple[pd.DataFrame, dict[str, str] | None]:
@@ -406,15 +405,28 @@ def _listing(items: list[str]) -> str:
     return "[" + ", ".join(items[:_SHOWN]) + more + "]"
 
 
-def _rule_metrics(outcome: _Outcome | None) -> dict:
+def _details(manifest: pd.DataFrame, frames: dict[str, pd.DataFrame], outcomes: dict[str, _Outcome]) -> dict:
+    """What the metrics leave out: usable images per class, manifest rows by status, every rule's outcome."""
+    classes = frames["classes"].set_index("label")["images"]
+    return {
+        "rows": len(manifest),
+        "images_per_class": {label: int(n) for label, n in classes.items()},
+        "status": {s: int(n) for s, n in manifest["status"].value_counts().sort_index().items()},
+        "rules": {rule: _rule_details(outcomes.get(rule)) for rule in _RULES},
+    }
+
+
+def _rule_details(outcome: _Outcome | None) -> dict:
     if outcome is None:
         return {"severity": "off"}
+    failure = {} if outcome.passed else {"detail": outcome.detail}
     return {
         "severity": outcome.severity,
         "passed": outcome.passed,
         "observed": outcome.observed,
         "threshold": outcome.threshold,
         "offenders": len(outcome.offenders),
+        **failure,
     }
 
 
