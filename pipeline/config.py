@@ -59,6 +59,7 @@ class PathsParams(_Section):
     live_dir: Path = Path("dvclive")
 
     def metrics(self, stage: str) -> Path:
+        """A stage's headline figures, the columns of `dvc exp show`: scalars only."""
         return self.metrics_dir / f"{stage}.json"
 
     @property
@@ -72,6 +73,10 @@ class PathsParams(_Section):
         if value is None or value == "":
             raise ValueError(f"expected a path: your CSV, or {NO_CSV_MANIFEST} for none (DVC needs a file)")
         return value
+
+    def details(self, stage: str) -> Path:
+        """A stage's other figures (per-class tables, rule outcomes, counts by status): not a DVC metric."""
+        return self.reports_dir / stage / "details.json"
 
 
 class IngestParams(_Section):

@@ -259,5 +259,5 @@ def _metrics_markdown(params: Params, project: Path, stages: list[dict], decisio
 
 
 def _is_number(value: Any) -> bool:
-    """Top-level numbers are a stage's key metrics; nested tables (per class, per node) stay in the JSON."""
+    """Top-level numbers of a metrics file are shown; text and nested groups (split's images) are not."""
     return isinstance(value, int | float) and not isinstance(value, bool)

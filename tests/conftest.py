@@ -7,7 +7,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,6 +52,27 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: i
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images")
+
+
+def metric_columns(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A metrics file's columns as `dvc exp show` makes them: nested keys joined with dots."""
+    columns: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            columns.update(metric_columns(value, f"{prefix}{key}."))
+        else:
+            columns[f"{prefix}{key}"] = value
+    return columns
+
+
+def assert_headline_metrics(metrics: dict[str, Any], class_names: Iterable[str]) -> None:
+    """Scalars only and no column per class, so a stage's share of `dvc exp show` does not grow with the
+    classes (a fixed group such as images per split is fine)."""
+    for column, value in metric_columns(metrics).items():
+        assert value is None or isinstance(value, bool | int | float | str), (
+            f"{column}: {value!r} is no scalar"
+        )
+        assert not set(column.split(".")) & set(class_names), f"{column}: a per-class figure in the metrics"
 
 
 def data_stage_params(tmp_path: Path, data_root: Path, **sections: dict) -> Params:

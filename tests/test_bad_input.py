@@ -165,9 +165,9 @@ def _check_manifest_and_quarantine(params) -> tuple[pd.DataFrame, pd.DataFrame]:
     assert manifest.at["shirt/outside.png", "sha256"] == "", "the outside file must never be read"
     assert not any(".hidden" in p or ".cache" in p or ".DS_Store" in p for p in manifest.index)
     assert "boot/notes.txt" not in manifest.index
-    ingest_metrics = read_json(params.paths.metrics("ingest"))
-    assert ingest_metrics["skipped_hidden"] == 3  # .DS_Store, shirt/.hidden.png, the .cache folder
-    assert ingest_metrics["skipped_non_image"] == 1
+    ingest_details = read_json(params.paths.details("ingest"))
+    assert ingest_details["skipped_hidden"] == 3  # .DS_Store, shirt/.hidden.png, the .cache folder
+    assert ingest_details["skipped_non_image"] == 1
 
     quarantine = pd.read_csv(params.paths.quarantine, dtype=str, keep_default_na=False).set_index("path")
     for path, status in EXPECTED_STATUS.items():
@@ -207,7 +207,7 @@ def test_bad_input_with_errors_fails_after_reporting_everything(bad_dataset, tmp
     _check_manifest_and_quarantine(params)
     metrics = read_json(params.paths.metrics("validate"))
     assert metrics["errors"] == 6  # the five above + the imbalance ratio (12-ish / 1)
-    assert metrics["rules"]["max_imbalance_ratio"]["passed"] is False
+    assert read_json(params.paths.details("validate"))["rules"]["max_imbalance_ratio"]["passed"] is False
     assert (params.paths.reports_dir / "validate" / "class_distribution.png").is_file()
     assert (params.paths.reports_dir / "validate" / "data_docs" / "index.html").is_file()
     assert not params.paths.validated.exists()

@@ -7,16 +7,39 @@ which later stages are now stale; the experiments test runs train onward for rea
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PROJECT_ROOT, copy_project, make_image, run_tool
+from conftest import PROJECT_ROOT, assert_headline_metrics, copy_project, make_image, metric_columns, run_tool
 
 STAGES = list(yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"])
 AFTER_SPLIT = set(STAGES[STAGES.index("split") + 1 :])
+CLASSES = ["class_0", "class_1", "class_2"]  # the built project's
+EXPERIMENTS = {
+    "fast-full": {"train.lr": 0.01, "train.strategy": "full"},
+    "slow-probe": {"train.lr": 0.0005, "train.strategy": "linear_probe"},
+}
+HEADLINE_STAGES = ("ingest", "validate", "split", "train", "evaluate")  # quantize, export: not this test's
+ROW_COLUMNS = {"Experiment", "rev", "typ", "Created", "parent", "State", "Executor"}  # not figures
+# The README's view of the experiments for a terminal: the params its example changes, headline figures.
+NARROW_COLUMNS = (
+    "Experiment",
+    "train.strategy",
+    "train.lr",
+    "accuracy",
+    "balanced_accuracy",
+    "f1_macro",
+    "ece_after",
+    "best_epoch",
+    "train_seconds",
+)
+NARROW_VIEW = "--drop '.*' --keep '(" + "|".join(map(re.escape, NARROW_COLUMNS)) + ")$'"
 
 
 @pytest.fixture
@@ -94,7 +117,7 @@ def test_a_csv_manifest_outside_data_root_is_a_dependency_of_ingest(project):
     listing.write_text("path,label\n" + "".join(f"{path},{path.split('/')[0]}\n" for path in images))
     _set_params(project, paths={"csv_manifest": "lists/labels.csv"})
     assert _ran(run_tool(project, "dvc", "repro", "ingest")) == ["ingest"]
-    assert json.loads((project / "metrics" / "ingest.json").read_text())["source"] == "csv"
+    assert json.loads((project / "reports" / "ingest" / "details.json").read_text())["source"] == "csv"
     assert "ingest" not in _stale(project)
 
     listing.write_text(listing.read_text().replace(f"{images[0]},", f"{images[0]},relabelled_"))
@@ -102,30 +125,85 @@ def test_a_csv_manifest_outside_data_root_is_a_dependency_of_ingest(project):
     assert {"changed deps": {"lists/labels.csv": "modified"}} in status["ingest"], status
 
 
-@pytest.mark.slow
-def test_two_experiments_rerun_train_onward_and_compare_in_exp_show(project):
-    experiments = {
-        "fast-full": {"train.lr": 0.01, "train.strategy": "full"},
-        "slow-probe": {"train.lr": 0.0005, "train.strategy": "linear_probe"},
-    }
-    for name, overrides in experiments.items():
+@pytest.fixture(scope="module")
+def experimented(
+    built_project: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, str]]:
+    """A copy of the built project after `dvc exp run` of each of EXPERIMENTS; the runs' output by name."""
+    project = copy_project(built_project, tmp_path_factory.mktemp("experiments") / "project")
+    outputs = {}
+    for name, overrides in EXPERIMENTS.items():
         sets = [arg for key, value in overrides.items() for arg in ("-S", f"{key}={value}")]
-        output = run_tool(project, "dvc", "exp", "run", "--name", name, *sets)
+        outputs[name] = run_tool(project, "dvc", "exp", "run", "--name", name, *sets)
+    return project, outputs
+
+
+@pytest.mark.slow
+def test_two_experiments_rerun_train_onward_and_compare_in_exp_show(experimented):
+    project, outputs = experimented
+    for output in outputs.values():
         assert _ran(output) == ["train", "evaluate", "quantize", "export"], output  # train.* -> train onward
 
     found = _experiments(project)
-    assert set(experiments) <= set(found)
-    for name, overrides in experiments.items():
+    assert set(EXPERIMENTS) <= set(found)
+    for name, overrides in EXPERIMENTS.items():
         train = found[name]["params"]["params.yaml"]["data"]["train"]
         assert {key: train[key.removeprefix("train.")] for key in overrides} == overrides
         metrics = found[name]["metrics"]
         for stage in ("validate", "split", "train", "evaluate", "quantize", "export"):
             assert "data" in metrics[f"metrics/{stage}.json"], f"{name}: no {stage} metrics: {metrics}"
-    train_metrics = [found[name]["metrics"]["metrics/train.json"]["data"] for name in experiments]
+    train_metrics = [found[name]["metrics"]["metrics/train.json"]["data"] for name in EXPERIMENTS]
     assert train_metrics[0] != train_metrics[1]
 
-    plots = json.loads(run_tool(project, "dvc", "plots", "diff", *experiments, "--json"))["data"]
+    plots = json.loads(run_tool(project, "dvc", "plots", "diff", *EXPERIMENTS, "--json"))["data"]
     curves = [key for key in plots if key.startswith("dvclive/plots/metrics/")]
     assert curves, f"no training curves in {sorted(plots)}"
     revisions = {rev for key in curves for plot in plots[key] for rev in plot.get("revisions", [])}
-    assert set(experiments) <= revisions
+    assert set(EXPERIMENTS) <= revisions
+
+
+@pytest.mark.slow
+def test_exp_show_has_few_columns_none_per_class_and_a_complete_baseline(experimented):
+    project, _ = experimented
+    changed = _exp_show_csv(project, "--only-changed")
+    columns = [column for column in changed[0] if column not in ROW_COLUMNS]
+    # Two train experiments: 2 params, train's and evaluate's figures, quantize's and export's, and the
+    # hashes of the dependencies that changed. Per-class metrics would add about 4 columns per class.
+    assert len(columns) <= 40, columns
+
+    table = _exp_show_csv(project)
+    baseline = [row["rev"] for row in table if row["typ"] == "baseline"]
+    assert len(baseline) == 2 and baseline[0] == "workspace", (
+        baseline
+    )  # and the commit experiments start from
+    for row in table:
+        broken = sorted(column for column, value in row.items() if value == "!")
+        assert not broken, f"{row['Experiment'] or row['rev']}: no value (metrics file missing) in {broken}"
+
+    for name, data in {"baseline": _baseline(project), **_experiments(project)}.items():
+        figures = {stage: data["metrics"][f"metrics/{stage}.json"]["data"] for stage in HEADLINE_STAGES}
+        for metrics in figures.values():
+            assert_headline_metrics(metrics, CLASSES)
+        assert sum(len(metric_columns(metrics)) for metrics in figures.values()) <= 30, (name, figures)
+
+
+@pytest.mark.slow
+def test_the_narrow_view_of_the_readme_fits_160_columns(experimented, monkeypatch):
+    project, _ = experimented
+    assert f"dvc exp show {NARROW_VIEW}" in (PROJECT_ROOT / "README.md").read_text()
+    monkeypatch.setenv("COLUMNS", "160")
+    lines = run_tool(project, "dvc", "exp", "show", "--no-pager", *shlex.split(NARROW_VIEW)).splitlines()
+    header = next(line for line in lines if "Experiment" in line)
+    assert sorted(header.split()) == sorted(NARROW_COLUMNS), lines  # every kept column shown, none collapsed
+    assert max(map(len, lines)) <= 160 and "…" not in "\n".join(lines), "\n".join(lines)
+    assert all(any(name in line for line in lines) for name in EXPERIMENTS), lines
+
+
+def _exp_show_csv(project: Path, *options: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(run_tool(project, "dvc", "exp", "show", "--csv", *options))))
+
+
+def _baseline(project: Path) -> dict:
+    """The params and metrics of the committed baseline (the revision the experiments started from)."""
+    shown = json.loads(run_tool(project, "dvc", "exp", "show", "--json"))
+    return next(commit["data"] for commit in shown if commit["rev"] != "workspace")

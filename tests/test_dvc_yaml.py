@@ -27,6 +27,7 @@ ARTIFACT_KINDS = ("outs", "metrics", "plots")
 # Outputs that need no consuming stage, and why each is an end product rather than an intermediate.
 FINAL_ARTIFACTS = {
     "${paths.quarantine}": "the rejected files with reasons, for a person to fix the data",
+    "${paths.reports_dir}/ingest/details.json": "files by ingest status, skipped entries: for a person",
     "${paths.reports_dir}/validate": "the validation page (rules, classes, quarantine) and Data Docs",
     "${paths.checkpoint_dir}": "train's resumable state (persist: true) so an interrupted run resumes",
     "${paths.live_dir}/plots/metrics": "training curves, shown by `dvc plots show`",

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_image_folder
+from conftest import assert_headline_metrics, make_image_folder
 from PIL import Image
 
 from pipeline import report
@@ -26,17 +26,12 @@ METRIC_KEYS = {
     "accuracy",
     "balanced_accuracy",
     "f1_macro",
-    "f1_weighted",
-    "top_k",
     "top_k_accuracy",
     "log_loss",
-    "log_loss_calibrated",
     "ece_before",
     "ece_after",
-    "temperature",
-    "n_test",
-    "per_class",
 }
+DETAIL_KEYS = {"f1_weighted", "top_k", "log_loss_calibrated", "temperature", "n_test", "per_class"}
 
 
 def _project(root: Path, tta: bool = False, split_of=None, favour: int | None = None) -> Params:
@@ -92,25 +87,20 @@ def evaluated(tmp_path_factory) -> tuple[Params, dict]:
     return params, evaluate.run(params)
 
 
-def test_metrics_json_has_flat_keys_in_range(evaluated):
+def test_metrics_are_headline_scalars_in_range_and_details_hold_the_per_class_table(evaluated):
     params, summary = evaluated
     metrics = read_json(params.paths.metrics("evaluate"))
-    assert set(metrics) == METRIC_KEYS
-    assert metrics["n_test"] == 9 == summary["n_test"]
-    for key in (
-        "accuracy",
-        "balanced_accuracy",
-        "f1_macro",
-        "f1_weighted",
-        "top_k_accuracy",
-        "ece_before",
-        "ece_after",
-    ):
+    details = read_json(params.paths.details("evaluate"))
+    assert set(metrics) == METRIC_KEYS and set(details) == DETAIL_KEYS
+    assert_headline_metrics(metrics, CLASSES)
+    assert details["n_test"] == 9 == summary["n_test"]
+    for key in ("accuracy", "balanced_accuracy", "f1_macro", "top_k_accuracy", "ece_before", "ece_after"):
         assert 0.0 <= metrics[key] <= 1.0, key
-    assert metrics["top_k"] == 2 and metrics["top_k_accuracy"] >= metrics["accuracy"]
-    assert metrics["log_loss"] > 0 and metrics["temperature"] > 0
-    assert set(metrics["per_class"]) == set(CLASSES)
-    assert sum(c["support"] for c in metrics["per_class"].values()) == 9
+    assert 0.0 <= details["f1_weighted"] <= 1.0
+    assert details["top_k"] == 2 and metrics["top_k_accuracy"] >= metrics["accuracy"]
+    assert metrics["log_loss"] > 0
+    assert set(details["per_class"]) == set(CLASSES)
+    assert sum(c["support"] for c in details["per_class"].values()) == 9
     predictions = pd.read_csv(params.paths.predictions)
     assert metrics["accuracy"] == pytest.approx(predictions["correct"].mean())
 
@@ -145,7 +135,7 @@ def test_calibration_file_and_confusion_csv(evaluated):
     assert set(calibration) == {"temperature", "val_nll_before", "val_nll_after"}
     assert calibration["temperature"] > 0
     assert calibration["val_nll_after"] <= calibration["val_nll_before"]
-    assert calibration["temperature"] == read_json(params.paths.metrics("evaluate"))["temperature"]
+    assert calibration["temperature"] == read_json(params.paths.details("evaluate"))["temperature"]
 
     confusion = pd.read_csv(params.paths.reports_dir / "evaluate" / "confusion.csv", dtype=str)
     predictions = pd.read_csv(params.paths.predictions, dtype=str)
@@ -189,6 +179,8 @@ def test_tta_averages_the_flip_and_report_shows_curves_and_stage_metrics(tmp_pat
         tsv.write_text(f"step\t{stem}\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(values)))
     params.paths.metrics_dir.mkdir()
     (params.paths.metrics_dir / "validate.json").write_text('{"n_quarantined": 7, "n_valid": 27}')
+    params.paths.details("validate").parent.mkdir(parents=True)
+    params.paths.details("validate").write_text('{"images_per_class": {"class_0": 12}}')
 
     evaluate.run(params)
 
@@ -210,6 +202,7 @@ def test_tta_averages_the_flip_and_report_shows_curves_and_stage_metrics(tmp_pat
     assert "No training curves found" not in page
     assert page.count('src="data:image/png;base64,') == 5
     assert "n_quarantined" in page and "No metrics file from the split stage" in page
+    assert "details.images_per_class.class_0" in page  # validate's details file, next to its metrics
 
 
 def test_no_mistakes_gives_a_gallery_that_says_so(tmp_path):

@@ -7,7 +7,7 @@ import os
 
 import pandas as pd
 import pytest
-from conftest import data_stage_params, make_image, make_image_folder
+from conftest import assert_headline_metrics, data_stage_params, make_image, make_image_folder
 from PIL import Image, ImageFile
 
 from pipeline.data import images
@@ -34,9 +34,12 @@ def test_folder_source_labels_from_first_level_and_deeper_folders_join_their_cla
     assert labels["class_0/close-ups/deep.png"] == "class_0"
     assert set(manifest["status"]) == {"ok"} and set(manifest["split"]) == {""}
     assert set(manifest["format"]) == {"PNG"} and set(manifest["width"]) == {"32"}
-    assert summary["source"] == "folder" and summary["ok"] == 7 and summary["classes"] == 2
     metrics = read_json(params.paths.metrics("ingest"))
-    assert metrics["status"] == {"ok": 7} and metrics["files_scanned"] == 7
+    assert summary == {"source": "folder", **metrics} and metrics["ok"] == 7 and metrics["files_scanned"] == 7
+    assert set(metrics) == {"files_scanned", "ok", "seconds", "images_per_second"}
+    assert_headline_metrics(metrics, ["class_0", "class_1"])
+    details = read_json(params.paths.details("ingest"))
+    assert details["status"] == {"ok": 7} and details["source"] == "folder" and details["classes"] == 2
 
 
 def test_label_depth_picks_another_folder_level(tmp_path):

@@ -7,7 +7,7 @@ import logging
 
 import pandas as pd
 import pytest
-from conftest import data_stage_params
+from conftest import assert_headline_metrics, data_stage_params
 
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
@@ -52,7 +52,11 @@ def test_stratified_split_gives_every_class_its_share_of_every_split(tmp_path):
         for name, fraction in (("train", 0.7), ("val", 0.15), ("test", 0.15)):
             assert abs(counts.at[label, name] - fraction * n) <= 1, (label, name)
     metrics = read_json(params.paths.metrics("split"))
-    assert metrics["per_class"]["val"] == {label: int(counts.at[label, "val"]) for label in "abc"}
+    assert set(metrics) == {"strategy", "images"}
+    assert_headline_metrics(metrics, "abc")
+    details = read_json(params.paths.details("split"))
+    assert details["classes"] == ["a", "b", "c"] and details["groups"] == 70
+    assert details["per_class"]["val"] == {label: int(counts.at[label, "val"]) for label in "abc"}
     assert (
         summary == {"strategy": "stratified", **metrics["images"]} and sum(metrics["images"].values()) == 70
     )

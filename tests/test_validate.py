@@ -7,7 +7,7 @@ import re
 
 import pandas as pd
 import pytest
-from conftest import data_stage_params, make_image, make_image_folder
+from conftest import assert_headline_metrics, data_stage_params, make_image, make_image_folder
 
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
@@ -25,13 +25,17 @@ def test_clean_dataset_passes_and_writes_every_report(image_folder, tmp_path):
 
     summary = validate.run(params)
 
-    assert summary == {"rows": 36, "usable": 36, "quarantined": 0, "errors": 0, "warnings": 0}
+    assert summary == {"files": 36, "usable": 36, "quarantined": 0, "classes": 3, "errors": 0, "warnings": 0}
     assert params.paths.validated.read_bytes() == params.paths.manifest.read_bytes()
     assert params.paths.quarantine.read_text() == "path,label,reason\n"
     metrics = read_json(params.paths.metrics("validate"))
-    assert metrics["classes"] == {"class_0": 12, "class_1": 12, "class_2": 12}
-    assert all(rule["passed"] for rule in metrics["rules"].values())
-    assert metrics["rules"]["min_side"]["observed"] == 32
+    assert metrics == summary
+    assert_headline_metrics(metrics, ["class_0", "class_1", "class_2"])
+    details = read_json(params.paths.details("validate"))
+    assert details["images_per_class"] == {"class_0": 12, "class_1": 12, "class_2": 12}
+    assert details["rows"] == 36 and details["status"] == {"ok": 36}
+    assert all(rule["passed"] for rule in details["rules"].values())
+    assert details["rules"]["min_side"]["observed"] == 32
     report = params.paths.reports_dir / "validate"
     assert (report / "class_distribution.png").read_bytes()[:4] == b"\x89PNG"
     assert (report / "data_docs" / "index.html").is_file()
@@ -194,7 +198,7 @@ def test_a_rule_set_off_is_neither_checked_nor_excluding(image_folder, tmp_path)
     validate.run(params)
 
     assert "class_0/tiny.png" in set(pd.read_csv(params.paths.validated)["path"])
-    assert read_json(params.paths.metrics("validate"))["rules"]["min_side"] == {"severity": "off"}
+    assert read_json(params.paths.details("validate"))["rules"]["min_side"] == {"severity": "off"}
 
 
 def test_small_class_is_kept_as_a_warning_and_fails_as_an_error(tmp_path, caplog):
@@ -217,3 +221,7 @@ def test_small_class_is_kept_as_a_warning_and_fails_as_an_error(tmp_path, caplog
     )
     assert not fail.paths.validated.exists(), "a failed validate must not leave the previous validated rows"
     assert read_json(fail.paths.metrics("validate"))["errors"] == 1
+    rule = read_json(fail.paths.details("validate"))["rules"]["min_images_per_class"]
+    assert (
+        rule["passed"] is False and rule["detail"] == "classes ['rare' (3)] have fewer than 10 usable images"
+    )

@@ -19,7 +19,7 @@ from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_su
 
 from pipeline import report
 from pipeline.calibration import fit_temperature, log_loss, reliability, softmax
-from pipeline.config import Params
+from pipeline.config import Params, PathsParams
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, read_json, write_json, write_text
 from pipeline.models import TrainedModel, load_trained
@@ -71,10 +71,10 @@ def run(params: Params) -> dict:
 
     pred = scores.probs.argmax(axis=1)
     predictions = _predictions_frame(test, scores, pred, class_names)
-    metrics = _metrics(y_test, pred, scores, class_names, cfg.top_k, cfg.calibration_bins)
-    metrics["temperature"] = fit.temperature
+    metrics, details = _figures(y_test, pred, scores, class_names, cfg.top_k, cfg.calibration_bins)
+    details["temperature"] = fit.temperature
 
-    _write_report_folder(params, trained, splits, predictions, metrics, scores, y_test)
+    _write_report_folder(params, trained, splits, predictions, metrics, details, scores, y_test)
     write_text(paths.predictions, predictions.to_csv(index=False))
     write_json(
         paths.calibration,
@@ -167,30 +167,33 @@ def _top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float(np.mean(rank < k))
 
 
-def _metrics(
+def _figures(
     y: np.ndarray, pred: np.ndarray, scores: _Scores, class_names: list[str], top_k: int, bins: int
-) -> dict:
-    """Flat numeric keys (for `dvc exp show`) plus per-class figures nested under "per_class"."""
+) -> tuple[dict, dict]:
+    """(metrics, details): the headline scalars `dvc exp show` compares, and the rest, per class included."""
     k = min(top_k, len(class_names))
     labels = list(range(len(class_names)))
     precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
-    return {
+    metrics = {
         "accuracy": float(accuracy_score(y, pred)),
         "balanced_accuracy": float(np.mean(recall[support > 0])),  # sklearn's definition, for all K labels
         "f1_macro": float(f1_score(y, pred, average="macro", zero_division=0)),
-        "f1_weighted": float(f1_score(y, pred, average="weighted", zero_division=0)),
-        "top_k": k,
         "top_k_accuracy": _top_k_accuracy(scores.probs, y, k),
         "log_loss": log_loss(scores.probs, y),
-        "log_loss_calibrated": log_loss(scores.probs_calibrated, y),
         "ece_before": reliability(scores.probs, y, bins).ece,
         "ece_after": reliability(scores.probs_calibrated, y, bins).ece,
+    }
+    details = {
         "n_test": len(y),
+        "top_k": k,
+        "f1_weighted": float(f1_score(y, pred, average="weighted", zero_division=0)),
+        "log_loss_calibrated": log_loss(scores.probs_calibrated, y),
         "per_class": {
             name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
             for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=True)
         },
     }
+    return metrics, details
 
 
 def _write_report_folder(
@@ -199,10 +202,12 @@ def _write_report_folder(
     splits: pd.DataFrame,
     predictions: pd.DataFrame,
     metrics: dict,
+    details: dict,
     scores: _Scores,
     y_test: np.ndarray,
 ) -> None:
-    """confusion.csv, the PNGs and report.html, written as one folder so a crash leaves the old one intact."""
+    """confusion.csv, the PNGs, report.html and details.json, written as one folder so a crash leaves the old
+    one intact."""
     paths, cfg = params.paths, params.evaluate
     class_names = list(trained.class_names)
     pred = scores.probs.argmax(axis=1)
@@ -221,7 +226,7 @@ def _write_report_folder(
         )
         for row in mistakes.itertuples(index=False)
     ]
-    temperature = metrics["temperature"]
+    temperature = details["temperature"]
     figures = {
         "confusion_matrix": report.confusion_png(matrix, class_names),
         "reliability": report.reliability_png(
@@ -230,7 +235,7 @@ def _write_report_folder(
             temperature,
         ),
         "per_class_f1": report.per_class_f1_png(
-            class_names, [metrics["per_class"][c]["f1"] for c in class_names]
+            class_names, [details["per_class"][c]["f1"] for c in class_names]
         ),
         "mistakes": report.mistakes_png(tiles, "No mistakes on the test split"),
     }
@@ -241,10 +246,10 @@ def _write_report_folder(
         run_summary=_run_summary(params, trained),
         class_names=class_names,
         split_counts=_split_counts(splits),
-        stage_metrics={s: _read_optional_json(paths.metrics(s)) for s in ("validate", "split")},
-        test_metrics={key: value for key, value in metrics.items() if key != "per_class"},
+        stage_metrics={s: _stage_figures(paths, s) for s in ("validate", "split")},
+        test_metrics={key: value for key, value in {**metrics, **details}.items() if key != "per_class"},
         per_class=pd.DataFrame(
-            [{"class": name, **metrics["per_class"][name]} for name in class_names],
+            [{"class": name, **details["per_class"][name]} for name in class_names],
             columns=["class", "precision", "recall", "f1", "support"],
         ),
         mistakes=mistakes,
@@ -257,6 +262,7 @@ def _write_report_folder(
     confusion = pd.DataFrame({"actual": predictions["label"], "predicted": predictions["pred"]})
     with atomic_dir(paths.reports_dir / "evaluate") as folder:
         confusion.to_csv(folder / "confusion.csv", index=False)
+        write_json(folder / paths.details("evaluate").name, details)
         curves = {} if data.curves_png is None else {"training_curves": data.curves_png}
         for name, png in {**figures, **curves}.items():
             (folder / f"{name}.png").write_bytes(png)
@@ -276,6 +282,12 @@ def _split_counts(splits: pd.DataFrame) -> pd.DataFrame:
     counts.index.name = "class"
     counts.columns.name = None
     return counts
+
+
+def _stage_figures(paths: PathsParams, stage: str) -> dict | None:
+    """A data stage's metrics with its details file under "details"; None when it wrote no metrics."""
+    metrics, details = (_read_optional_json(path) for path in (paths.metrics(stage), paths.details(stage)))
+    return metrics if metrics is None or details is None else {**metrics, "details": details}
 
 
 def _read_optional_json(path: Path) -> dict | None:

@@ -13,7 +13,7 @@ import onnx
 import torch
 
 from pipeline import onnx_runtime as rt
-from pipeline.config import Params
+from pipeline.config import Params, PathsParams
 from pipeline.errors import PipelineError
 from pipeline.export_page import write_export_page
 from pipeline.io import atomic_dir, read_json, write_json, write_text
@@ -54,7 +54,7 @@ def run(params: Params) -> dict:
                 f"export.min_top1_agreement = {params.export.min_top1_agreement:g}; the export is not "
                 f"written. Re-run quantize (dvc repro quantize) or try another export.opset"
             )
-        write_text(out / CARD_FILE, model_card(trained, metrics, meta, paths.metrics_dir, quantized))
+        write_text(out / CARD_FILE, model_card(trained, metrics, meta, paths, quantized))
     write_export_page(paths, paths.export_dir / CARD_FILE)
     return metrics
 
@@ -120,12 +120,11 @@ def write_metadata(source: Path, target: Path, meta: dict[str, str]) -> Path:
 
 
 def model_card(
-    trained: TrainedModel, export: dict, meta: dict[str, str], metrics_dir: Path, quantized: dict[str, Any]
+    trained: TrainedModel, export: dict, meta: dict[str, str], paths: PathsParams, quantized: dict[str, Any]
 ) -> str:
-    """Markdown model card from the stages' metrics files (those present) and the training params."""
-    figures = {
-        name: _read_optional(Path(metrics_dir) / f"{name}.json") for name in ("validate", "split", "evaluate")
-    }
+    """Markdown model card from the stages' metrics files (those present), split's images per class, the
+    quantize report and the training params."""
+    figures = {name: _read_optional(paths.metrics(name)) for name in ("validate", "split", "evaluate")}
     cfg, size = trained.data_config, trained.data_config["input_size"][-1]
     model_params, train_params = trained.params.get("model", {}), trained.params.get("train", {})
     lines = [
@@ -156,6 +155,7 @@ def model_card(
         "## Data",
         *_section(figures["validate"], "validate"),
         *_section(figures["split"], "split"),
+        *_class_table(_read_optional(paths.details("split")).get("per_class", {})),
         "",
         "## Training",
         *_bullets({f"model.{k}": v for k, v in model_params.items()}),
@@ -206,6 +206,19 @@ def _section(figures: dict[str, Any], stage: str) -> list[str]:
     if not figures:
         return [f"(no metrics/{stage}.json)"]
     return _bullets(_flatten(figures))
+
+
+def _class_table(per_class: dict[str, dict[str, int]]) -> list[str]:
+    """Images per class (rows) and split (columns), from split's {split: {class: images}}."""
+    splits = [split for split in ("train", "val", "test") if split in per_class]
+    if not splits:
+        return []
+    header = ["", "| class | " + " | ".join(splits) + " |", "| --- |" + " ---: |" * len(splits)]
+    rows = [
+        f"| {label} | " + " | ".join(str(per_class[s][label]) for s in splits) + " |"
+        for label in per_class[splits[0]]
+    ]
+    return header + rows
 
 
 def _quantize_section(q: dict[str, Any]) -> list[str]:

@@ -52,20 +52,23 @@ _SOURCES: dict[str, Callable[[Params], images.Scan]] = {
 def run(params: Params) -> dict:
     source = check_inputs(params)
     with _collector_paused():
-        metrics = {"source": source, **_scan_and_inspect(params, source)}
+        metrics, details = _scan_and_inspect(params, source)
+    details["source"] = source
+    write_json(params.paths.details("ingest"), details)
     write_json(params.paths.metrics("ingest"), metrics)
     log.info(
-        "ingest: %d of %d files usable (%s); manifest %s",
+        "ingest: %d of %d files usable (%s); manifest %s, details %s",
         metrics["ok"],
         metrics["files_scanned"],
         source,
         params.paths.manifest,
+        params.paths.details("ingest"),
     )
-    return metrics
+    return {"source": source, **metrics}
 
 
-def _scan_and_inspect(params: Params, source: str) -> dict:
-    """Find the candidates, write the manifest; its figures for the metrics."""
+def _scan_and_inspect(params: Params, source: str) -> tuple[dict, dict]:
+    """Find the candidates, write the manifest; its headline figures (metrics) and the rest (details)."""
     scan = _SOURCES[source](params)
     if all(c.status == "empty_class_folder" for c in scan.candidates):
         raise PipelineError(
@@ -92,17 +95,20 @@ def _scan_and_inspect(params: Params, source: str) -> dict:
     seconds = time.perf_counter() - started
 
     files = total - statuses["empty_class_folder"]
-    return {
-        "manifest_rows": total,
+    metrics = {
         "files_scanned": files,
         "ok": statuses["ok"],
+        "seconds": round(seconds, 3),
+        "images_per_second": round(files / seconds, 1) if seconds > 0 else 0.0,
+    }
+    details = {
+        "manifest_rows": total,
         "status": dict(sorted(statuses.items())),
         "skipped_hidden": scan.skipped_hidden,
         "skipped_non_image": scan.skipped_non_image,
         "classes": len(labels),
-        "seconds": round(seconds, 3),
-        "images_per_second": round(files / seconds, 1) if seconds > 0 else 0.0,
     }
+    return metrics, details
 
 
 @contextlib.contextmanager

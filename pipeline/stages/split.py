@@ -43,17 +43,14 @@ def run(params: Params) -> dict:
     with atomic_path(params.paths.splits) as tmp:
         table[list(SPLIT_COLUMNS)].to_csv(tmp, index=False, lineterminator="\n")
     labels = sorted(table["label"].unique())
-    per_class = {
-        split: {label: int(n) for label, n in table[table["split"] == split]["label"].value_counts().items()}
-        for split in SPLITS
-    }
+    counts = pd.crosstab(table["label"], table["split"]).reindex(index=labels, columns=SPLITS, fill_value=0)
+    per_class = {split: {label: int(n) for label, n in counts[split].items()} for split in SPLITS}
     metrics = {
         "strategy": strategy,
-        "classes": len(labels),
-        "groups": int(table["sha256"].nunique()),
-        "images": {split: sum(per_class[split].values()) for split in SPLITS},
-        "per_class": {split: {label: per_class[split].get(label, 0) for label in labels} for split in SPLITS},
+        "images": {split: int(counts[split].sum()) for split in SPLITS},  # 3 columns, whatever the classes
     }
+    details = {"classes": labels, "groups": int(table["sha256"].nunique()), "per_class": per_class}
+    write_json(params.paths.details("split"), details)
     write_json(params.paths.metrics("split"), metrics)
     log.info("split (%s): %s", strategy, metrics["images"])
     return {"strategy": strategy, **metrics["images"]}

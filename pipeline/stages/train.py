@@ -116,7 +116,7 @@ def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
     if env.is_main:
         model.load_state_dict(state.best_state)
         save_trained(paths.model, model, splits.class_names, data_config, params.to_dict())
-        write_json(paths.metrics("train"), _metrics(state, len(plans), splits, num_classes))
+        write_json(paths.metrics("train"), _metrics(state))
         live.end()
         best = f"{tp.early_stopping_metric} {state.best_value:.4f} at epoch {state.best_epoch}"
         log.info(f"train: best {best} -> {paths.model}")
@@ -218,8 +218,10 @@ def _report_epoch(record: dict[str, float], epochs: int, gap_warning: float) -> 
         )
 
 
-def _metrics(state: FitState, epochs_planned: int, splits: Splits, num_classes: int) -> dict:
-    """metrics/train.json: the best epoch's val figures, the last epoch's figures, time and throughput."""
+def _metrics(state: FitState) -> dict:
+    """metrics/train.json: the best epoch's val figures, the last epoch's train loss, time and throughput.
+    The last epoch's other figures are the last points of the dvclive curves (and dvclive's metrics.json);
+    image and class counts are the split stage's."""
     best, last = state.history[state.best_epoch - 1], state.history[-1]
     # Throughput of the epochs that ran the backbone; head-only epochs on cached features would inflate it.
     image_epochs = [r for r in state.history if not r["on_features"]] or state.history
@@ -229,17 +231,8 @@ def _metrics(state: FitState, epochs_planned: int, splits: Splits, num_classes: 
         "best_val_acc": best["val_acc"],
         "best_val_loss": best["val_loss"],
         "best_val_f1": best["val_f1"],
-        "epochs_planned": epochs_planned,
         "epochs_run": len(state.history),
-        "stopped_early": state.stopped_early,
         "final_train_loss": last["train_loss"],
-        "final_train_acc": last["train_acc"],
-        "final_val_loss": last["val_loss"],
-        "final_val_acc": last["val_acc"],
-        "overfit_gap": last["train_acc"] - last["val_acc"],
         "train_seconds": state.seconds,
         "images_per_s": images / max(seconds, 1e-9),
-        "num_train": len(splits.train.labels),
-        "num_val": len(splits.val.labels),
-        "num_classes": num_classes,
     }

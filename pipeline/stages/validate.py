@@ -124,7 +124,8 @@ class _Checked:
     excluded: dict[str, str]  # path -> the rule that excluded it
     usable: pd.DataFrame
     quarantine: pd.DataFrame
-    metrics: dict
+    metrics: dict  # the headline figures `dvc exp show` compares
+    details: dict  # images per class, rows by status, every rule's outcome
     messages: list[str]  # why the stage fails; empty when it passes
 
     @property
@@ -141,6 +142,7 @@ def run(params: Params) -> dict:
         png = _plot_distribution(checked.frames["classes"], manifest, checked.excluded, params)
         (report_dir / "class_distribution.png").write_bytes(png)
         (report_dir / PAGE).write_text(_page(checked, png, params), encoding="utf-8")
+        write_json(report_dir / params.paths.details("validate").name, checked.details)
 
     with atomic_path(params.paths.quarantine) as tmp:
         checked.quarantine.to_csv(tmp, index=False, lineterminator="\n")
@@ -150,7 +152,7 @@ def run(params: Params) -> dict:
     write_json(params.paths.metrics("validate"), checked.metrics)
     if checked.messages:
         params.paths.validated.unlink(missing_ok=True)  # never leave a stale input for `split`
-        details = f"details: {params.paths.quarantine}, {params.paths.metrics('validate')}"
+        details = f"details: {params.paths.quarantine}, {params.paths.details('validate')}"
         raise PipelineError("\n".join([*checked.messages, details]))
     usable = checked.usable
     with atomic_path(params.paths.validated) as tmp:
@@ -162,10 +164,10 @@ def run(params: Params) -> dict:
     log.info(
         "validate: %d usable images in %d classes, %d quarantined",
         len(usable),
-        sum(n > 0 for n in checked.metrics["classes"].values()),
+        checked.metrics["classes"],
         len(checked.quarantine),
     )
-    return {k: checked.metrics[k] for k in ("rows", "usable", "quarantined", "errors", "warnings")}
+    return checked.metrics
 
 
 def _check(manifest: pd.DataFrame, checker: _GxChecker, params: Params) -> _Checked:
@@ -188,22 +190,20 @@ def _check(manifest: pd.DataFrame, checker: _GxChecker, params: Params) -> _Chec
     for name in ("classes", "summary"):
         outcomes.update(checker.check(name, frames[name], params))
     quarantine = _quarantine(manifest, excluded)
-    checked = _Checked(frames, outcomes, excluded, usable, quarantine, {}, [])
+    checked = _Checked(frames, outcomes, excluded, usable, quarantine, {}, {}, [])
     for outcome in checked.failed:
         outcome.detail = _describe(outcome, frames, ok, params)
     errors = [o for o in checked.failed if o.severity == "error"]
     classes = frames["classes"].set_index("label")["images"]
     checked.metrics = {
-        "rows": len(manifest),
         "files": len(files),
         "usable": len(usable),
         "quarantined": len(quarantine),
-        "classes": {label: int(n) for label, n in classes.items()},
-        "status": {s: int(n) for s, n in manifest["status"].value_counts().sort_index().items()},
-        "rules": {rule: _rule_metrics(outcomes.get(rule)) for rule in _RULES},
+        "classes": int((classes > 0).sum()),
         "errors": len(errors),
         "warnings": len(checked.failed) - len(errors),
     }
+    checked.details = _details(manifest, classes, outcomes)
     checked.messages = _failures(errors, classes)
     return checked
 
@@ -450,15 +450,27 @@ def _listing(items: list[str]) -> str:
     return "[" + ", ".join(items[:_SHOWN]) + more + "]"
 
 
-def _rule_metrics(outcome: _Outcome | None) -> dict:
+def _details(manifest: pd.DataFrame, classes: pd.Series, outcomes: dict[str, _Outcome]) -> dict:
+    """What the metrics leave out: usable images per class, manifest rows by status, every rule's outcome."""
+    return {
+        "rows": len(manifest),
+        "images_per_class": {label: int(n) for label, n in classes.items()},
+        "status": {s: int(n) for s, n in manifest["status"].value_counts().sort_index().items()},
+        "rules": {rule: _rule_details(outcomes.get(rule)) for rule in _RULES},
+    }
+
+
+def _rule_details(outcome: _Outcome | None) -> dict:
     if outcome is None:
         return {"severity": "off"}
+    failure = {} if outcome.passed else {"detail": outcome.detail}
     return {
         "severity": outcome.severity,
         "passed": outcome.passed,
         "observed": outcome.observed,
         "threshold": outcome.threshold,
         "offenders": len(outcome.offenders),
+        **failure,
     }
 
 
@@ -500,7 +512,7 @@ def _plot_distribution(
 def _page(checked: _Checked, distribution_png: bytes, params: Params) -> str:
     """The validation view: headline and verdict, every rule, the class distribution, the quarantine."""
     classes = page.image(distribution_png, "images per class") + page.table(
-        ["class", "usable images"], checked.metrics["classes"].items()
+        ["class", "usable images"], checked.details["images_per_class"].items()
     )
     docs = f"<p>{page.link(f'{DOCS_DIR}/index.html', 'Data Docs')}</p>" + page.note(_DOCS_NOTE)
     sections = [
@@ -509,9 +521,15 @@ def _page(checked: _Checked, distribution_png: bytes, params: Params) -> str:
         ("classes", "Class distribution", classes),
         ("quarantine", "Quarantine", _quarantine_list(checked.quarantine, params.paths.quarantine)),
         ("data-docs", "Great Expectations Data Docs", docs),
-        ("raw", "Raw figures", page.details("metrics/validate.json", page.key_values(checked.metrics))),
+        ("raw", "Raw figures", _raw(checked)),
     ]
     return page.document("Data validation", sections)
+
+
+def _raw(checked: _Checked) -> str:
+    return page.details("metrics/validate.json", page.key_values(checked.metrics)) + page.details(
+        "details.json", page.key_values(checked.details)
+    )
 
 
 def _quarantine_list(quarantine: pd.DataFrame, csv_path: Path) -> str:
@@ -540,7 +558,7 @@ def _headline(checked: _Checked) -> str:
         ("files", m["files"], ""),
         ("usable", m["usable"], ""),
         ("quarantined", m["quarantined"], "warn" if m["quarantined"] else ""),
-        ("classes with usable images", sum(n > 0 for n in m["classes"].values()), ""),
+        ("classes with usable images", m["classes"], ""),
         ("verdict", verdict, tone),
     ]
     reasons = "".join(f"<li>{page.esc(line)}</li>" for line in checked.messages)
