@@ -25,6 +25,8 @@ from pipeline.preprocess import preprocess_file
 
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+LABELS_FILE = "labels.json"  # the export folder: class names in logit order
+PREPROCESS_FILE = "preprocess.json"  # the export folder: the eval preprocessing (timm data config)
 QUANTIZE_REPORT = "quantize_report.json"  # the quantize stage's candidates and decision, next to the models
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

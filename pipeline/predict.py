@@ -24,8 +24,6 @@ from pipeline import onnx_runtime as rt
 from pipeline.errors import PipelineError
 from pipeline.preprocess import IMAGE_EXTENSIONS, open_rgb, preprocess
 
-LABELS_FILE = "labels.json"
-PREPROCESS_FILE = "preprocess.json"
 # What PIL raises for missing, truncated, corrupt or oversized files (some decoders raise SyntaxError).
 _READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
@@ -55,14 +53,14 @@ class Predictor:
 
     def __init__(self, model_dir: Path | str, precision: str = "auto", batch_size: int = 32):
         model_dir = Path(model_dir)
-        for needed in (model_dir / rt.FP32_FILE, model_dir / LABELS_FILE, model_dir / PREPROCESS_FILE):
+        for needed in (model_dir / rt.FP32_FILE, model_dir / rt.LABELS_FILE, model_dir / rt.PREPROCESS_FILE):
             if not needed.is_file():
                 raise UsageError(
                     f"{needed}: not found; pass --model with an export folder (`python -m pipeline export`)"
                 )
-        self.class_names: list[str] = json.loads((model_dir / LABELS_FILE).read_text(encoding="utf-8"))
+        self.class_names: list[str] = json.loads((model_dir / rt.LABELS_FILE).read_text(encoding="utf-8"))
         self.data_config: dict[str, Any] = json.loads(
-            (model_dir / PREPROCESS_FILE).read_text(encoding="utf-8")
+            (model_dir / rt.PREPROCESS_FILE).read_text(encoding="utf-8")
         )
         fp32 = rt.session(model_dir / rt.FP32_FILE)
         self.served, self.reason = served_model(model_dir, precision, rt.metadata(fp32), rt.cpu_info())

@@ -21,6 +21,8 @@ from PIL import Image
 
 from pipeline import page
 from pipeline.calibration import Reliability
+from pipeline.config import PathsParams
+from pipeline.io import read_json
 
 _ANNOTATE_MAX_CLASSES = 20  # beyond this, numbers inside confusion cells become unreadable
 _MAX_CURVE_PANELS = 6
@@ -286,6 +288,59 @@ class ReportData:
     )  # confusion_matrix, reliability, per_class_f1, mistakes
     curves_png: bytes | None = None
     curves_note: str = ""
+
+
+def collect(
+    paths: PathsParams,
+    run_summary: list[tuple[str, Any]],
+    splits: pd.DataFrame,
+    test_metrics: dict[str, Any],
+    per_class: dict[str, dict[str, float]],
+    mistakes: pd.DataFrame,
+    figures: dict[str, bytes],
+) -> ReportData:
+    """The report's data: what evaluate computed, plus what earlier stages wrote (their metrics and details
+    files, the dvclive training curves) read from `paths`."""
+    curves_dir = paths.live_dir / "plots" / "metrics"
+    series = read_training_curves(curves_dir) if curves_dir.is_dir() else {}
+    curves_png = training_curves_png(series)
+    class_names = list(per_class)
+    return ReportData(
+        run_summary=run_summary,
+        class_names=class_names,
+        split_counts=_split_counts(splits),
+        stage_metrics={stage: _stage_figures(paths, stage) for stage in ("validate", "split")},
+        test_metrics=test_metrics,
+        per_class=pd.DataFrame(
+            [{"class": name, **per_class[name]} for name in class_names],
+            columns=["class", "precision", "recall", "f1", "support"],
+        ),
+        mistakes=mistakes,
+        figures=figures,
+        curves_png=curves_png,
+        curves_note=curves_note(series)
+        if curves_png
+        else f"No training curves found under {curves_dir} (the train stage writes them via dvclive).",
+    )
+
+
+def _split_counts(splits: pd.DataFrame) -> pd.DataFrame:
+    counts = pd.crosstab(splits["label"], splits["split"])
+    counts = counts[[s for s in ("train", "val", "test") if s in counts.columns]]
+    counts["total"] = counts.sum(axis=1)
+    counts.index.name = "class"
+    counts.columns.name = None
+    return counts
+
+
+def _stage_figures(paths: PathsParams, stage: str) -> dict | None:
+    """A data stage's metrics with its details file under "details"; None when it wrote no metrics."""
+    metrics, details = (_read_optional(path) for path in (paths.metrics(stage), paths.details(stage)))
+    return metrics if metrics is None or details is None else {**metrics, "details": details}
+
+
+def _read_optional(path: Path) -> dict | None:
+    return read_json(path) if Path(path).is_file() else None
 
 
 EXPORT_PAGE = "../export/index.html"  # from reports/evaluate/report.html to the export stage's page

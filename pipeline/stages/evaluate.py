@@ -19,9 +19,9 @@ from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_su
 
 from pipeline import report
 from pipeline.calibration import fit_temperature, log_loss, reliability, softmax
-from pipeline.config import Params, PathsParams
+from pipeline.config import Params
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_dir, read_json, write_json, write_text
+from pipeline.io import atomic_dir, write_json, write_text
 from pipeline.models import TrainedModel, load_trained
 from pipeline.preprocess import open_rgb, preprocess_file
 from pipeline.progress import progress
@@ -45,18 +45,7 @@ def run(params: Params) -> dict:
     trained = load_trained(paths.model)
     class_names = list(trained.class_names)
     splits = _read_splits(paths.splits, class_names, paths.model)
-    test = splits[splits["split"] == "test"].sort_values("path", kind="stable").reset_index(drop=True)
-    val = splits[splits["split"] == "val"].sort_values("path", kind="stable").reset_index(drop=True)
-    if test.empty:
-        raise PipelineError(
-            f"{paths.splits}: the test split has no rows, so there is nothing to evaluate; "
-            "set split.test > 0 (or split.carve_test_from for pre-split data) and re-run `dvc repro split`"
-        )
-    if val.empty:
-        raise PipelineError(
-            f"{paths.splits}: the val split has no rows, so the temperature cannot be fitted; "
-            "set split.val > 0 and re-run `dvc repro split`"
-        )
+    val, test = (_rows(splits, split, paths.splits) for split in ("val", "test"))
     index = {name: i for i, name in enumerate(class_names)}
     y_val = val["label"].map(index).to_numpy()
     y_test = test["label"].map(index).to_numpy()
@@ -92,6 +81,22 @@ def run(params: Params) -> dict:
         "n_test": len(test),
         "report": (paths.reports_dir / "evaluate" / "report.html").as_posix(),
     }
+
+
+_WHY_NEEDED = {
+    "test": "there is nothing to evaluate; set split.test > 0 (or split.carve_test_from for pre-split data)",
+    "val": "the temperature cannot be fitted; set split.val > 0",
+}
+
+
+def _rows(splits: pd.DataFrame, split: str, source: Path) -> pd.DataFrame:
+    """One split's rows sorted by path; a clear error when it has none."""
+    rows = splits[splits["split"] == split].sort_values("path", kind="stable").reset_index(drop=True)
+    if rows.empty:
+        raise PipelineError(
+            f"{source}: the {split} split has no rows, so {_WHY_NEEDED[split]}, and re-run `dvc repro split`"
+        )
+    return rows
 
 
 def _read_splits(path: Path, class_names: list[str], model_path: Path) -> pd.DataFrame:
@@ -160,7 +165,7 @@ def _predictions_frame(
     return frame
 
 
-def _top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
+def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
     """Share of rows whose true class is among the k highest scores (ties count for the true class)."""
     true_score = probs[np.arange(len(labels)), labels]
     rank = (probs > true_score[:, None]).sum(axis=1)
@@ -178,7 +183,7 @@ def _figures(
         "accuracy": float(accuracy_score(y, pred)),
         "balanced_accuracy": float(np.mean(recall[support > 0])),  # sklearn's definition, for all K labels
         "f1_macro": float(f1_score(y, pred, average="macro", zero_division=0)),
-        "top_k_accuracy": _top_k_accuracy(scores.probs, y, k),
+        "top_k_accuracy": top_k_accuracy(scores.probs, y, k),
         "log_loss": log_loss(scores.probs, y),
         "ece_before": reliability(scores.probs, y, bins).ece,
         "ece_after": reliability(scores.probs_calibrated, y, bins).ece,
@@ -208,90 +213,66 @@ def _write_report_folder(
 ) -> None:
     """confusion.csv, the PNGs, report.html and details.json, written as one folder so a crash leaves the old
     one intact."""
-    paths, cfg = params.paths, params.evaluate
-    class_names = list(trained.class_names)
-    pred = scores.probs.argmax(axis=1)
-    matrix = np.zeros((len(class_names), len(class_names)), dtype=int)
-    np.add.at(matrix, (y_test, pred), 1)
+    paths = params.paths
     mistakes = (
         predictions.loc[~predictions["correct"], ["path", "label", "pred", "confidence"]]
         .sort_values(["confidence", "path"], ascending=[False, True], kind="stable")
-        .head(cfg.mistakes_shown)
+        .head(params.evaluate.mistakes_shown)
         .reset_index(drop=True)
     )
-    tiles = [
-        report.Tile(
-            _thumbnail(paths.data_root / row.path),
-            f"true: {row.label}\npred: {row.pred} ({row.confidence:.2f})",
-        )
-        for row in mistakes.itertuples(index=False)
-    ]
-    temperature = details["temperature"]
-    figures = {
-        "confusion_matrix": report.confusion_png(matrix, class_names),
-        "reliability": report.reliability_png(
-            reliability(scores.probs, y_test, cfg.calibration_bins),
-            reliability(scores.probs_calibrated, y_test, cfg.calibration_bins),
-            temperature,
-        ),
-        "per_class_f1": report.per_class_f1_png(
-            class_names, [details["per_class"][c]["f1"] for c in class_names]
-        ),
-        "mistakes": report.mistakes_png(tiles, "No mistakes on the test split"),
-    }
-    curves_dir = paths.live_dir / "plots" / "metrics"
-    series = report.read_training_curves(curves_dir) if curves_dir.is_dir() else {}
-    curves_png = report.training_curves_png(series)
-    data = report.ReportData(
+    data = report.collect(
+        paths,
         run_summary=_run_summary(params, trained),
-        class_names=class_names,
-        split_counts=_split_counts(splits),
-        stage_metrics={s: _stage_figures(paths, s) for s in ("validate", "split")},
+        splits=splits,
         test_metrics={key: value for key, value in {**metrics, **details}.items() if key != "per_class"},
-        per_class=pd.DataFrame(
-            [{"class": name, **details["per_class"][name]} for name in class_names],
-            columns=["class", "precision", "recall", "f1", "support"],
-        ),
+        per_class=details["per_class"],
         mistakes=mistakes,
-        figures=figures,
-        curves_png=curves_png,
-        curves_note=report.curves_note(series)
-        if curves_png
-        else f"No training curves found under {curves_dir} (the train stage writes them via dvclive).",
+        figures=_plots(params, trained.class_names, mistakes, details, scores, y_test),
     )
     confusion = pd.DataFrame({"actual": predictions["label"], "predicted": predictions["pred"]})
     with atomic_dir(paths.reports_dir / "evaluate") as folder:
         confusion.to_csv(folder / "confusion.csv", index=False)
         write_json(folder / paths.details("evaluate").name, details)
         curves = {} if data.curves_png is None else {"training_curves": data.curves_png}
-        for name, png in {**figures, **curves}.items():
+        for name, png in {**data.figures, **curves}.items():
             (folder / f"{name}.png").write_bytes(png)
         (folder / "report.html").write_text(report.render_report(data), encoding="utf-8")
+
+
+def _plots(
+    params: Params,
+    class_names: list[str],
+    mistakes: pd.DataFrame,
+    details: dict,
+    scores: _Scores,
+    y_test: np.ndarray,
+) -> dict[str, bytes]:
+    """The report's PNGs: confusion matrix, reliability before/after scaling, per-class F1, mistakes."""
+    bins = params.evaluate.calibration_bins
+    matrix = np.zeros((len(class_names), len(class_names)), dtype=int)
+    np.add.at(matrix, (y_test, scores.probs.argmax(axis=1)), 1)
+    tiles = [
+        report.Tile(
+            _thumbnail(params.paths.data_root / row.path),
+            f"true: {row.label}\npred: {row.pred} ({row.confidence:.2f})",
+        )
+        for row in mistakes.itertuples(index=False)
+    ]
+    before, after = (reliability(probs, y_test, bins) for probs in (scores.probs, scores.probs_calibrated))
+    return {
+        "confusion_matrix": report.confusion_png(matrix, class_names),
+        "reliability": report.reliability_png(before, after, details["temperature"]),
+        "per_class_f1": report.per_class_f1_png(
+            class_names, [details["per_class"][c]["f1"] for c in class_names]
+        ),
+        "mistakes": report.mistakes_png(tiles, "No mistakes on the test split"),
+    }
 
 
 def _thumbnail(path: Path) -> Image.Image:
     image = open_rgb(path)
     image.thumbnail((_THUMBNAIL_SIDE, _THUMBNAIL_SIDE))
     return image
-
-
-def _split_counts(splits: pd.DataFrame) -> pd.DataFrame:
-    counts = pd.crosstab(splits["label"], splits["split"])
-    counts = counts[[s for s in ("train", "val", "test") if s in counts.columns]]
-    counts["total"] = counts.sum(axis=1)
-    counts.index.name = "class"
-    counts.columns.name = None
-    return counts
-
-
-def _stage_figures(paths: PathsParams, stage: str) -> dict | None:
-    """A data stage's metrics with its details file under "details"; None when it wrote no metrics."""
-    metrics, details = (_read_optional_json(path) for path in (paths.metrics(stage), paths.details(stage)))
-    return metrics if metrics is None or details is None else {**metrics, "details": details}
-
-
-def _read_optional_json(path: Path) -> dict | None:
-    return read_json(path) if Path(path).is_file() else None
 
 
 def _run_summary(params: Params, trained: TrainedModel) -> list[tuple[str, Any]]:

@@ -13,14 +13,13 @@ import onnx
 import torch
 
 from pipeline import onnx_runtime as rt
-from pipeline.config import Params, PathsParams
+from pipeline.config import Params
 from pipeline.errors import PipelineError
 from pipeline.export_page import write_export_page
 from pipeline.io import atomic_dir, read_json, write_json, write_text
+from pipeline.model_card import model_card
 from pipeline.models import TrainedModel, load_trained
 
-LABELS_FILE = "labels.json"
-PREPROCESS_FILE = "preprocess.json"
 CARD_FILE = "model_card.md"
 
 
@@ -42,8 +41,8 @@ def run(params: Params) -> dict:
         write_metadata(fp32, out / rt.FP32_FILE, meta)
         if has_int8:
             write_metadata(int8, out / rt.INT8_FILE, meta)
-        write_json(out / LABELS_FILE, trained.class_names)
-        write_json(out / PREPROCESS_FILE, trained.data_config)
+        write_json(out / rt.LABELS_FILE, trained.class_names)
+        write_json(out / rt.PREPROCESS_FILE, trained.data_config)
         metrics = parity(trained.model, out / rt.FP32_FILE, inputs)
         metrics.update(opset=opset, fp32_mb=rt.file_mb(out / rt.FP32_FILE), served=meta["served"])
         write_json(paths.metrics("export"), metrics)
@@ -119,73 +118,6 @@ def write_metadata(source: Path, target: Path, meta: dict[str, str]) -> Path:
     return target
 
 
-def model_card(
-    trained: TrainedModel, export: dict, meta: dict[str, str], paths: PathsParams, quantized: dict[str, Any]
-) -> str:
-    """Markdown model card from the stages' metrics files (those present), split's images per class, the
-    quantize report and the training params."""
-    figures = {name: _read_optional(paths.metrics(name)) for name in ("validate", "split", "evaluate")}
-    cfg, size = trained.data_config, trained.data_config["input_size"][-1]
-    model_params, train_params = trained.params.get("model", {}), trained.params.get("train", {})
-    lines = [
-        f"# Model card: {model_params.get('backbone', '?')} image classifier",
-        "",
-        f"Classifies an image into one of {len(trained.class_names)} classes: "
-        + ", ".join(f"`{name}`" for name in trained.class_names)
-        + ".",
-        "",
-        "## Files",
-        f"- `{rt.FP32_FILE}`: FP32 ONNX (opset {export['opset']}, dynamic batch), {export['fp32_mb']:.1f} MB",
-        (
-            f"- `{rt.INT8_FILE}`: static INT8 (QDQ, {meta['int8_format']}) ONNX, "
-            f"{quantized.get('int8', {}).get('mb', 0):.1f} MB"
-            if meta["served"] == "int8"
-            else f"- no `{rt.INT8_FILE}`: FP32 only"
-        ),
-        f"- served by default (`predict`): **{meta['served'].upper()}**, because {meta['served_reason']}",
-        f"- `{LABELS_FILE}`: class names in logit order; `{PREPROCESS_FILE}`: preprocessing",
-        "- both ONNX files carry the same in their metadata_props, plus the calibration temperature "
-        f"({meta['temperature']}: probabilities are softmax(logits / temperature))",
-        "",
-        "## Preprocessing",
-        f"RGB; shorter side resized to floor({size} / {cfg['crop_pct']}) with {cfg['interpolation']} "
-        f"interpolation; centre crop {size}x{size}; scaled to [0, 1]; "
-        f"normalised with mean {cfg['mean']} and std {cfg['std']}; NCHW float32.",
-        "",
-        "## Data",
-        *_section(figures["validate"], "validate"),
-        *_section(figures["split"], "split"),
-        *_class_table(_read_optional(paths.details("split")).get("per_class", {})),
-        "",
-        "## Training",
-        *_bullets({f"model.{k}": v for k, v in model_params.items()}),
-        *_bullets({f"train.{k}": v for k, v in train_params.items() if not isinstance(v, dict)}),
-        "",
-        "## Test metrics (PyTorch, evaluate stage)",
-        *_section(figures["evaluate"], "evaluate"),
-        "",
-        "## INT8 vs FP32 (quantize stage, this machine)",
-        *_quantize_section(quantized),
-        "",
-        "## Export check",
-        f"ONNX Runtime FP32 vs PyTorch on {export['n']} test images: top-1 agreement "
-        f"{export['top1_agreement']:.2%}, max |logit difference| {export['max_abs_logit_diff']:.2g}.",
-        "",
-        "## Intended use",
-        "Offline or batch classification of images like the training data (same kind of subject, framing "
-        "and source), with `python -m pipeline predict` or `pipeline.predict.Predictor` (no torch needed).",
-        "",
-        "## Limits",
-        "- It only knows the classes above: any input gets one of them, even if it shows none.",
-        "- Accuracy was measured on a held-out split of the same source; other cameras, backgrounds, "
-        "resolutions or class balance can lower it. Check on your own data before relying on it.",
-        "- Probabilities are calibrated by the evaluate stage with one temperature; treat them as estimates.",
-        "- Latency figures are from the machine that ran the pipeline.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def _opset(path: Path) -> int:
     model = onnx.load(str(path), load_external_data=False)
     return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
@@ -200,88 +132,3 @@ def _temperature(path: Path) -> float:
 
 def _read_optional(path: Path) -> dict[str, Any]:
     return read_json(path) if path.is_file() else {}
-
-
-def _section(figures: dict[str, Any], stage: str) -> list[str]:
-    if not figures:
-        return [f"(no metrics/{stage}.json)"]
-    return _bullets(_flatten(figures))
-
-
-def _class_table(per_class: dict[str, dict[str, int]]) -> list[str]:
-    """Images per class (rows) and split (columns), from split's {split: {class: images}}."""
-    splits = [split for split in ("train", "val", "test") if split in per_class]
-    if not splits:
-        return []
-    header = ["", "| class | " + " | ".join(splits) + " |", "| --- |" + " ---: |" * len(splits)]
-    rows = [
-        f"| {label} | " + " | ".join(str(per_class[s][label]) for s in splits) + " |"
-        for label in per_class[splits[0]]
-    ]
-    return header + rows
-
-
-def _quantize_section(q: dict[str, Any]) -> list[str]:
-    """Speed and size of each runtime, then every INT8 candidate against FP32 on the same val+test images."""
-    if not q:
-        return [f"(no {rt.QUANTIZE_REPORT})"]
-    cpu = q.get("cpu", {})
-    lines = [
-        f"Measured on {cpu.get('model', 'an unknown CPU')} "
-        f"(VNNI: {cpu.get('vnni')}, AVX-512: {cpu.get('avx512')}).",
-        "",
-        "| runtime | size (MB) | batch 1 (ms) | batch 32 (img/s) |",
-        "| --- | --- | --- | --- |",
-    ]
-    for label, key in (
-        ("PyTorch eager", "torch"),
-        ("ONNX Runtime FP32", "fp32"),
-        ("ONNX Runtime INT8", "int8"),
-    ):
-        if key in q:
-            figures = q[key]
-            lines.append(
-                f"| {label} | {_number(figures.get('mb'), '.1f')} | {figures['batch1_ms']:.1f} "
-                f"| {figures['batch32_img_per_s']:.0f} |"
-            )
-    if q.get("candidates"):
-        lines += [
-            "",
-            f"INT8 candidates on {q['compared']['n']} val+test images (FP32 accuracy "
-            f"{q['candidates'][0]['reference_accuracy']:.1%}):",
-            "",
-            "| format | agreement with FP32 | accuracy | worse / better | McNemar p | speed-up | verdict |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-            *(
-                f"| {c['format']} | {c['agreement']:.1%} | {c['candidate_accuracy']:.1%} | {c['worse']} / "
-                f"{c['better']} | {c['p_worse']:.3g} | {c['speedup_batch1']:.2f}x | "
-                f"{'passed' if c['passed'] else 'rejected: ' + '; '.join(c['rejected_because'])} |"
-                for c in q["candidates"]
-            ),
-        ]
-    lines += ["", f"Decision: {q.get('decision', {}).get('reason', 'unknown')}."]
-    return lines
-
-
-def _number(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _bullets(figures: dict[str, Any]) -> list[str]:
-    def show(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-        return text if len(text) <= 120 else text[:117] + "..."
-
-    return [f"- {key}: {show(value)}" for key, value in figures.items()]

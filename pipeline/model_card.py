@@ -1,0 +1,188 @@
+"""The export folder's model card: what the model is, its files and preprocessing, the data and training
+behind it, its test figures, INT8 against FP32, and its limits, as markdown from the stages' JSON files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline import onnx_runtime as rt
+from pipeline.config import PathsParams
+from pipeline.io import read_json
+from pipeline.models import TrainedModel
+
+_USE_AND_LIMITS = [
+    "## Intended use",
+    "Offline or batch classification of images like the training data (same kind of subject, framing "
+    "and source), with `python -m pipeline predict` or `pipeline.predict.Predictor` (no torch needed).",
+    "",
+    "## Limits",
+    "- It only knows the classes above: any input gets one of them, even if it shows none.",
+    "- Accuracy was measured on a held-out split of the same source; other cameras, backgrounds, "
+    "resolutions or class balance can lower it. Check on your own data before relying on it.",
+    "- Probabilities are calibrated by the evaluate stage with one temperature; treat them as estimates.",
+    "- Latency figures are from the machine that ran the pipeline.",
+]
+
+
+def model_card(
+    trained: TrainedModel, export: dict, meta: dict[str, str], paths: PathsParams, quantized: dict[str, Any]
+) -> str:
+    """Markdown model card from the stages' metrics and details files (those present), the quantize report,
+    the export's parity figures and metadata, and the training params."""
+    figures = {name: _read_optional(paths.metrics(name)) for name in ("validate", "split", "evaluate")}
+    names = trained.class_names
+    sections = [
+        [
+            f"# Model card: {trained.params.get('model', {}).get('backbone', '?')} image classifier",
+            "",
+            f"Classifies an image into one of {len(names)} classes: "
+            + ", ".join(f"`{n}`" for n in names)
+            + ".",
+        ],
+        _files(export, meta, quantized),
+        _preprocessing(trained.data_config),
+        [
+            "## Data",
+            *_section(figures["validate"], "validate"),
+            *_section(figures["split"], "split"),
+            *_class_table(_read_optional(paths.details("split")).get("per_class", {})),
+        ],
+        _training(trained.params),
+        ["## Test metrics (PyTorch, evaluate stage)", *_section(figures["evaluate"], "evaluate")],
+        ["## INT8 vs FP32 (quantize stage, this machine)", *_quantize_section(quantized)],
+        [
+            "## Export check",
+            f"ONNX Runtime FP32 vs PyTorch on {export['n']} test images: top-1 agreement "
+            f"{export['top1_agreement']:.2%}, max |logit difference| {export['max_abs_logit_diff']:.2g}.",
+        ],
+        _USE_AND_LIMITS,
+    ]
+    return "\n".join(line for section in sections for line in [*section, ""])
+
+
+def _files(export: dict, meta: dict[str, str], quantized: dict[str, Any]) -> list[str]:
+    int8 = (
+        f"- `{rt.INT8_FILE}`: static INT8 (QDQ, {meta['int8_format']}) ONNX, "
+        f"{quantized.get('int8', {}).get('mb', 0):.1f} MB"
+        if meta["served"] == "int8"
+        else f"- no `{rt.INT8_FILE}`: FP32 only"
+    )
+    return [
+        "## Files",
+        f"- `{rt.FP32_FILE}`: FP32 ONNX (opset {export['opset']}, dynamic batch), {export['fp32_mb']:.1f} MB",
+        int8,
+        f"- served by default (`predict`): **{meta['served'].upper()}**, because {meta['served_reason']}",
+        f"- `{rt.LABELS_FILE}`: class names in logit order; `{rt.PREPROCESS_FILE}`: preprocessing",
+        "- both ONNX files carry the same in their metadata_props, plus the calibration temperature "
+        f"({meta['temperature']}: probabilities are softmax(logits / temperature))",
+    ]
+
+
+def _preprocessing(cfg: dict[str, Any]) -> list[str]:
+    size = cfg["input_size"][-1]
+    return [
+        "## Preprocessing",
+        f"RGB; shorter side resized to floor({size} / {cfg['crop_pct']}) with {cfg['interpolation']} "
+        f"interpolation; centre crop {size}x{size}; scaled to [0, 1]; "
+        f"normalised with mean {cfg['mean']} and std {cfg['std']}; NCHW float32.",
+    ]
+
+
+def _training(params: dict[str, Any]) -> list[str]:
+    model_params, train_params = params.get("model", {}), params.get("train", {})
+    return [
+        "## Training",
+        *_bullets({f"model.{k}": v for k, v in model_params.items()}),
+        *_bullets({f"train.{k}": v for k, v in train_params.items() if not isinstance(v, dict)}),
+    ]
+
+
+def _read_optional(path: Path) -> dict[str, Any]:
+    return read_json(path) if Path(path).is_file() else {}
+
+
+def _section(figures: dict[str, Any], stage: str) -> list[str]:
+    if not figures:
+        return [f"(no metrics/{stage}.json)"]
+    return _bullets(_flatten(figures))
+
+
+def _class_table(per_class: dict[str, dict[str, int]]) -> list[str]:
+    """Images per class (rows) and split (columns), from split's {split: {class: images}}."""
+    splits = [split for split in ("train", "val", "test") if split in per_class]
+    if not splits:
+        return []
+    header = ["", "| class | " + " | ".join(splits) + " |", "| --- |" + " ---: |" * len(splits)]
+    rows = [
+        f"| {label} | " + " | ".join(str(per_class[s][label]) for s in splits) + " |"
+        for label in per_class[splits[0]]
+    ]
+    return header + rows
+
+
+def _quantize_section(q: dict[str, Any]) -> list[str]:
+    """Speed and size of each runtime, then every INT8 candidate against FP32 on the same val+test images."""
+    if not q:
+        return [f"(no {rt.QUANTIZE_REPORT})"]
+    cpu = q.get("cpu", {})
+    lines = [
+        f"Measured on {cpu.get('model', 'an unknown CPU')} "
+        f"(VNNI: {cpu.get('vnni')}, AVX-512: {cpu.get('avx512')}).",
+        "",
+        "| runtime | size (MB) | batch 1 (ms) | batch 32 (img/s) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for label, key in (
+        ("PyTorch eager", "torch"),
+        ("ONNX Runtime FP32", "fp32"),
+        ("ONNX Runtime INT8", "int8"),
+    ):
+        if key in q:
+            figures = q[key]
+            lines.append(
+                f"| {label} | {_number(figures.get('mb'), '.1f')} | {figures['batch1_ms']:.1f} "
+                f"| {figures['batch32_img_per_s']:.0f} |"
+            )
+    if q.get("candidates"):
+        lines += [
+            "",
+            f"INT8 candidates on {q['compared']['n']} val+test images (FP32 accuracy "
+            f"{q['candidates'][0]['reference_accuracy']:.1%}):",
+            "",
+            "| format | agreement with FP32 | accuracy | worse / better | McNemar p | speed-up | verdict |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            *(
+                f"| {c['format']} | {c['agreement']:.1%} | {c['candidate_accuracy']:.1%} | {c['worse']} / "
+                f"{c['better']} | {c['p_worse']:.3g} | {c['speedup_batch1']:.2f}x | "
+                f"{'passed' if c['passed'] else 'rejected: ' + '; '.join(c['rejected_because'])} |"
+                for c in q["candidates"]
+            ),
+        ]
+    lines += ["", f"Decision: {q.get('decision', {}).get('reason', 'unknown')}."]
+    return lines
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _bullets(figures: dict[str, Any]) -> list[str]:
+    def show(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        return text if len(text) <= 120 else text[:117] + "..."
+
+    return [f"- {key}: {show(value)}" for key, value in figures.items()]
