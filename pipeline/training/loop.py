@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,10 +19,10 @@ from torch.utils.data import DataLoader
 from pipeline.config import TrainParams
 from pipeline.data.loader import EpochSampler
 from pipeline.models import ImageClassifier
-from pipeline.models.freezing import EpochPlan, param_groups, set_trainable, train_mode
+from pipeline.models.freezing import EpochPlan, set_trainable, train_mode
 from pipeline.progress import progress
 from pipeline.training.distributed import Dist, all_sum, wrap
-from pipeline.training.optim import build_optimizer, build_scheduler
+from pipeline.training.optim import build_optimizer, build_scheduler, current_lrs
 from pipeline.training.precision import Precision
 
 log = logging.getLogger(__name__)
@@ -88,12 +87,9 @@ class Trainer:
         self.model, self.params, self.groups = model, params, block_groups
         self.precision, self.env = precision, env
         self.criterion, self.batch_mix = criterion.to(precision.device), batch_mix
-        self.optimizer = build_optimizer(
-            param_groups(model, params.weight_decay, params.head_lr_mult), params
-        )
-        phases = Counter(plan.phase for plan in plans)  # phase -> epochs
-        phase_epochs = [phases[p] for p in sorted(phases)]
-        self.scheduler = build_scheduler(self.optimizer, phase_epochs, steps_per_epoch, params.warmup_epochs)
+        self.optimizer = build_optimizer(model, params)
+        epoch_phases = [plan.phase for plan in plans]
+        self.scheduler = build_scheduler(self.optimizer, epoch_phases, steps_per_epoch, params.warmup_epochs)
         self.scaler = precision.grad_scaler()
         self.ema = ModelEmaV3(model, decay=params.ema_decay, use_warmup=True) if params.ema_decay else None
         self._wrapped: tuple[Any, nn.Module] | None = None
@@ -121,13 +117,8 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
 
     def lrs(self) -> dict[str, float]:
-        """The optimizer's lrs now: the backbone's (`lr`), the head's (`lr_head`) and `lr_trained`, which is
-        the backbone's when any of it trains, else the head's (head-only epochs train nothing at `lr`)."""
-        groups = self.optimizer.param_groups  # lr_scale: 1.0 for the backbone, head_lr_mult for the head
-        by_scale = {group["lr_scale"]: group["lr"] for group in groups}
-        trained = {group["lr_scale"] for group in groups if any(p.requires_grad for p in group["params"])}
-        lr, lr_head = by_scale[1.0], by_scale[self.params.head_lr_mult]
-        return {"lr": lr, "lr_head": lr_head, "lr_trained": lr if 1.0 in trained else lr_head}
+        """The lrs the optimizer holds now (pipeline.training.optim.current_lrs): what the logs show."""
+        return current_lrs(self.optimizer, self.params.head_lr_mult)
 
     def train_epoch(self, plan: EpochPlan, batches: Batches, num_batches: int, desc: str) -> dict[str, float]:
         """One pass over `batches`; an optimizer step every `grad_accum_steps` batches (and at the end)."""
