@@ -116,10 +116,10 @@ class _ScriptedTrainer:
 
 
 class _NoData:
-    def train(self, plan, epoch):
+    def train(self, epoch, on_features):
         return [], 0
 
-    def val(self, plan):
+    def val(self, on_features):
         return [], 0
 
 

@@ -19,6 +19,7 @@ from dvclive import Live
 
 from pipeline.config import Params
 from pipeline.data.cache import build_cache, cache_path
+from pipeline.data.epochs import EpochData
 from pipeline.data.loader import (
     CachedImages,
     EpochSampler,
@@ -34,7 +35,7 @@ from pipeline.models.freezing import block_groups, plan_epochs
 from pipeline.training import checkpoint, distributed
 from pipeline.training.distributed import Dist
 from pipeline.training.features import backbone_features
-from pipeline.training.loop import EpochData, FitState, Trainer, fit
+from pipeline.training.loop import FitState, Trainer, fit
 from pipeline.training.loss import build_criterion, class_weights
 from pipeline.training.memory import keep_freed_memory
 from pipeline.training.precision import Precision, resolve_precision

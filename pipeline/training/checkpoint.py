@@ -37,6 +37,7 @@ _PACKAGE = Path(__file__).resolve().parents[1]
 _CODE = (
     "training/*.py",
     "data/cache.py",
+    "data/epochs.py",
     "data/loader.py",
     "data/transforms.py",
     "models/*.py",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,10 +14,9 @@ import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from pipeline.config import TrainParams
-from pipeline.data.loader import EpochSampler
+from pipeline.data.epochs import Batches, EpochData
 from pipeline.models import ImageClassifier
 from pipeline.models.freezing import EpochPlan, set_trainable, train_mode
 from pipeline.progress import progress
@@ -27,46 +26,7 @@ from pipeline.training.precision import Precision
 
 log = logging.getLogger(__name__)
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 LOWER_IS_BETTER = {"val_loss"}  # early-stopping metrics to minimise; val_acc and val_f1 are maximised
-
-
-class EpochData:
-    """Each epoch's batches: augmented images from the cache, or backbone features for head-only epochs."""
-
-    def __init__(
-        self,
-        train_loader: DataLoader,
-        val_loader: DataLoader,
-        features: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-        labels: tuple[torch.Tensor, torch.Tensor],
-    ):
-        self.train_loader, self.val_loader = train_loader, val_loader
-        self._features_fn, self._features = features, None
-        self.labels = labels  # (train, val) int64 label tensors, for the feature batches
-
-    def features(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(train, val) features, computed on first use (never, when resuming past the head-only epochs)."""
-        if self._features is None:
-            self._features = self._features_fn()
-        return self._features
-
-    def train(self, plan: EpochPlan, epoch: int) -> tuple[Batches, int]:
-        """This epoch's training batches and their number."""
-        sampler: EpochSampler = self.train_loader.sampler
-        sampler.set_epoch(epoch)
-        if not plan.on_features:
-            return self.train_loader, len(self.train_loader)
-        features, batches = self.features()[0], list(sampler.index_batches(self.train_loader.batch_size))
-        return ((features[i], self.labels[0][i]) for i in batches), len(batches)
-
-    def val(self, plan: EpochPlan) -> tuple[Batches, int]:
-        """The validation batches and their number (the same batches from images or from features)."""
-        if not plan.on_features:
-            return self.val_loader, len(self.val_loader)
-        sampler: EpochSampler = self.val_loader.sampler
-        features, batches = self.features()[1], sampler.index_batches(self.val_loader.batch_size)
-        return ((features[i], self.labels[1][i]) for i in batches), len(self.val_loader)
 
 
 class Trainer:
@@ -254,10 +214,10 @@ def fit(
         plan, start = plans[epoch], time.perf_counter()
         if epoch > 0 and plans[epoch - 1].phase != plan.phase:
             state.phase_best, state.bad_epochs = None, 0
-        batches, num_batches = data.train(plan, epoch)
+        batches, num_batches = data.train(epoch, plan.on_features)
         desc = f"epoch {epoch + 1}/{len(plans)}"
         train = trainer.train_epoch(plan, batches, num_batches, desc=desc)
-        val = trainer.evaluate(*data.val(plan), plan.on_features, num_classes, desc=f"{desc} val")
+        val = trainer.evaluate(*data.val(plan.on_features), plan.on_features, num_classes, desc=f"{desc} val")
         record = {
             "epoch": epoch + 1,
             "phase": plan.phase,
