@@ -41,6 +41,7 @@ _CODE = (
     "data/loader.py",
     "data/transforms.py",
     "models/*.py",
+    "preprocess.py",  # the cache's resize geometry
     "stages/train.py",
 )
 
