@@ -31,7 +31,8 @@ from typer.testing import CliRunner
 
 from pipeline.__main__ import app
 from pipeline.errors import ParamsError
-from pipeline.flow import STAGES, DvcFailed, retrain, set_params
+from pipeline.flow import DvcFailed, retrain, set_params
+from pipeline.stages import STAGES
 
 
 @pytest.fixture(scope="module")
