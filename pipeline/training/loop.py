@@ -207,50 +207,61 @@ def fit(
     own best: a new phase (e.g. unfreezing after progressive's head-only epochs) starts worse at its peak lr,
     so comparing it with the previous phase's best would stop it before it gets going.
     """
-    monitor, patience = trainer.params.early_stopping_metric, trainer.params.early_stopping_patience
+    patience = trainer.params.early_stopping_patience
     for epoch in range(state.epoch, len(plans)):
         if state.stopped_early:
             break
-        plan, start = plans[epoch], time.perf_counter()
+        plan = plans[epoch]
         if epoch > 0 and plans[epoch - 1].phase != plan.phase:
             state.phase_best, state.bad_epochs = None, 0
-        batches, num_batches = data.train(epoch, plan.on_features)
-        desc = f"epoch {epoch + 1}/{len(plans)}"
-        train = trainer.train_epoch(plan, batches, num_batches, desc=desc)
-        val = trainer.evaluate(*data.val(plan.on_features), plan.on_features, num_classes, desc=f"{desc} val")
-        record = {
-            "epoch": epoch + 1,
-            "phase": plan.phase,
-            "trainable_groups": plan.groups,
-            "on_features": plan.on_features,
-            "train_loss": train["loss"],
-            "train_acc": train["acc"],
-            "val_loss": val["loss"],
-            "val_acc": val["acc"],
-            "val_f1": val["f1"],
-            "images": train["images"],
-            "loop_seconds": train["seconds"],
-            "images_per_s": train["images"] / max(train["seconds"], 1e-9),
-            "seconds": time.perf_counter() - start,
-            **trainer.lrs(),
-        }
+        record = _run_epoch(trainer, plans, epoch, data, num_classes)
         state.history.append(record)
         state.seconds += record["seconds"]
-        value = record[monitor]
-        if _improved(value, state.best_value, monitor):
-            state.best_value, state.best_epoch = value, epoch + 1
-            state.best_state = {
-                k: v.detach().cpu().clone() for k, v in trainer.eval_model.state_dict().items()
-            }
-        if _improved(value, state.phase_best, monitor):
-            state.phase_best, state.bad_epochs = value, 0
-        else:
-            state.bad_epochs += 1
+        _track_best(state, trainer, record[trainer.params.early_stopping_metric], epoch)
         state.epoch = epoch + 1
         in_last_phase = plan.phase == plans[-1].phase and state.epoch < len(plans)
         state.stopped_early = bool(in_last_phase and patience and state.bad_epochs >= patience)
         on_epoch_end(state, record)
     return state
+
+
+def _run_epoch(
+    trainer: Trainer, plans: list[EpochPlan], epoch: int, data: EpochData, num_classes: int
+) -> dict[str, float]:
+    """Train and evaluate one epoch; its record for the history, the logs and the curves."""
+    plan, start = plans[epoch], time.perf_counter()
+    batches, num_batches = data.train(epoch, plan.on_features)
+    desc = f"epoch {epoch + 1}/{len(plans)}"
+    train = trainer.train_epoch(plan, batches, num_batches, desc=desc)
+    val = trainer.evaluate(*data.val(plan.on_features), plan.on_features, num_classes, desc=f"{desc} val")
+    return {
+        "epoch": epoch + 1,
+        "phase": plan.phase,
+        "trainable_groups": plan.groups,
+        "on_features": plan.on_features,
+        "train_loss": train["loss"],
+        "train_acc": train["acc"],
+        "val_loss": val["loss"],
+        "val_acc": val["acc"],
+        "val_f1": val["f1"],
+        "images": train["images"],
+        "loop_seconds": train["seconds"],
+        "images_per_s": train["images"] / max(train["seconds"], 1e-9),
+        "seconds": time.perf_counter() - start,
+        **trainer.lrs(),
+    }
+
+
+def _track_best(state: FitState, trainer: Trainer, value: float, epoch: int) -> None:
+    """Keep the best epoch's weights over all epochs; count the epochs without progress in this phase."""
+    monitor = trainer.params.early_stopping_metric
+    if _improved(value, state.best_value, monitor):
+        state.best_value, state.best_epoch = value, epoch + 1
+        state.best_state = {k: v.detach().cpu().clone() for k, v in trainer.eval_model.state_dict().items()}
+    if _improved(value, state.phase_best, monitor):
+        state.phase_best, state.bad_epochs = value, 0
+    else:
+        state.bad_epochs += 1
 
 
 def _improved(value: float, best: float | None, monitor: str) -> bool:
