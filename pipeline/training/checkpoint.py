@@ -39,6 +39,7 @@ _CODE = (
     "data/cache.py",
     "data/epochs.py",
     "data/loader.py",
+    "data/splits.py",
     "data/transforms.py",
     "models/*.py",
     "preprocess.py",  # the cache's resize geometry
