@@ -3,7 +3,7 @@ Runtime static INT8 of the exported default model, and INT8's test accuracy drop
 
 The model is made by the real stages with the default params (train -> quantize -> export) on a Fashion-MNIST
 subset; the exported files (`paths.export_dir`) and the trained PyTorch model are then timed on real test
-images preprocessed as `predict` does (`pipeline.onnx_runtime.speed`: the median of `inner_repeats` calls
+images preprocessed as `predict` does (`pipeline.timing.speed`: the median of `inner_repeats` calls
 after a warm-up), the three runtimes taking turns in each of `repeats` rounds.
 """
 
@@ -27,6 +27,8 @@ from benchmarks._common import (
     workdir,
 )
 from pipeline import onnx_runtime as rt
+from pipeline import timing
+from pipeline.data.splits import read_split
 from pipeline.models import load_trained
 from pipeline.stages import export, quantize, train
 
@@ -64,9 +66,7 @@ def run(opts: Options) -> dict[str, Any]:
         quantize.run(params)
         export.run(params)
         trained = load_trained(params.paths.model)
-        paths, labels = rt.read_split(
-            params.paths.splits, params.paths.data_root, "test", trained.class_names
-        )
+        paths, labels = read_split(params.paths.splits, params.paths.data_root, "test", trained.class_names)
         inputs = rt.load_inputs(paths, trained.data_config)
         sessions = {name: rt.session(params.paths.export_dir / file) for name, file in
                     (("ort_fp32", rt.FP32_FILE), ("ort_int8", rt.INT8_FILE))}  # fmt: skip
@@ -77,7 +77,7 @@ def run(opts: Options) -> dict[str, Any]:
         speeds: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
         for _ in range(settings["repeats"]):
             for name, runner in runners.items():
-                speeds[name].append(rt.speed(runner, inputs, settings["inner_repeats"]))
+                speeds[name].append(timing.speed(runner, inputs, settings["inner_repeats"]))
         accuracy = {
             "torch_fp32": _accuracy(_batched(runners["torch_fp32"], inputs), labels),
             **{name: _accuracy(rt.logits(s, inputs), labels) for name, s in sessions.items()},

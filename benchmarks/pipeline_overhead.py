@@ -34,7 +34,7 @@ from benchmarks._common import (
     write_params,
 )
 from pipeline.config import DEFAULT_PARAMS_FILE, Params
-from pipeline.flow import STAGES
+from pipeline.stages import STAGES
 
 NAME = "pipeline_overhead"
 SETTINGS = {

@@ -265,7 +265,7 @@ with warnings.catch_warnings():
             if not isinstance(raw, dict):
                 raise ParamsError(f"{path}: expected a mapping of sections at the top level")
             for dotted, value in (overrides or {}).items():
-                _set_dotted(raw, dotted, value)
+                set_dotted(raw, dotted, value)
             return cls.from_dict(raw, source=str(path))
 
         @classmethod
@@ -283,7 +283,9 @@ with warnings.catch_warnings():
             return self.model_dump(mode="json")
 
 
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `dotted` (e.g. "train.augment.hflip") in nested mappings, creating missing sections; raises a
+    ParamsError when a parent is a value, not a section."""
     *parents, leaf = dotted.split(".")
     node = raw
     for key in parents:

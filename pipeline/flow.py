@@ -25,11 +25,11 @@ from prefect.exceptions import ObjectAlreadyExists
 from ruamel.yaml import YAML, RoundTripRepresenter
 
 from pipeline import champion
-from pipeline.config import DEFAULT_PARAMS_FILE, OrchestrateParams, Params
+from pipeline.config import DEFAULT_PARAMS_FILE, OrchestrateParams, Params, set_dotted
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, read_json
+from pipeline.stages import STAGES
 
-STAGES = ("ingest", "validate", "split", "train", "evaluate", "quantize", "export")
 FLOW_NAME = "retrain"
 # Failures worth a retry: another DVC process holds the repo lock, or the OS reported a passing I/O fault.
 # Anything else (a PipelineError about bad data, a bug) fails at once: a retry would fail the same way.
@@ -146,11 +146,7 @@ def set_params(project_dir: str, overrides: dict[str, Any]) -> None:
     path = Path(project_dir) / DEFAULT_PARAMS_FILE
     document = yaml.load(path)
     for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = document
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+        set_dotted(document, dotted, value)
     with atomic_path(path) as tmp:
         yaml.dump(document, tmp)
 

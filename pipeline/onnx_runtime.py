@@ -1,4 +1,5 @@
-"""ONNX export, ONNX Runtime sessions, split inputs and timing, shared by quantize, export and predict.
+"""ONNX export, ONNX Runtime sessions and model metadata, model inputs and the CPU's INT8 features, shared by
+quantize, export and predict (timing: pipeline.timing; splits.csv: pipeline.data.splits).
 
 Only `export_onnx` needs torch and imports it inside, so `pipeline.predict` can use this module in an
 environment where torch is not installed.
@@ -7,13 +8,10 @@ environment where torch is not installed.
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,6 @@ PREPROCESS_FILE = "preprocess.json"  # the export folder: the eval preprocessing
 QUANTIZE_REPORT = "quantize_report.json"  # the quantize stage's candidates and decision, next to the models
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-_SPLIT_COLUMNS = {"path", "label", "split"}
 
 
 def export_onnx(model: Any, path: Path, input_size: Sequence[int], opset: int) -> Path:
@@ -95,32 +92,6 @@ def metadata(sess: ort.InferenceSession) -> dict[str, str]:
     return dict(sess.get_modelmeta().custom_metadata_map)
 
 
-def read_split(
-    splits_csv: Path, data_root: Path, split: str, class_names: Sequence[str]
-) -> tuple[list[Path], np.ndarray]:
-    """Image paths (sorted) and class indices of one split of the splits CSV."""
-    if not Path(splits_csv).is_file():
-        raise PipelineError(f"{splits_csv}: not found; run the split stage first (dvc repro split)")
-    with open(splits_csv, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = _SPLIT_COLUMNS - set(reader.fieldnames or [])
-        if missing:
-            raise PipelineError(f"{splits_csv}: missing columns {sorted(missing)}; re-run the split stage")
-        rows = sorted((row["path"], row["label"]) for row in reader if row["split"] == split)
-    if not rows:
-        raise PipelineError(
-            f"{splits_csv}: no '{split}' rows; check split.{split} in params.yaml, re-run split"
-        )
-    index = {name: i for i, name in enumerate(class_names)}
-    unknown = sorted({label for _, label in rows if label not in index})
-    if unknown:
-        raise PipelineError(
-            f"{splits_csv}: labels {unknown} are not classes of the trained model; re-run train on this split"
-        )
-    labels = np.array([index[label] for _, label in rows], dtype=np.int64)
-    return [Path(data_root) / path for path, _ in rows], labels
-
-
 def load_inputs(paths: Sequence[Path], data_config: dict[str, Any]) -> np.ndarray:
     """Preprocess image files exactly as evaluate and predict do -> (N, 3, S, S) float32."""
     try:
@@ -129,61 +100,6 @@ def load_inputs(paths: Sequence[Path], data_config: dict[str, Any]) -> np.ndarra
         raise PipelineError(
             f"{exc}: an image in the splits file is unreadable; re-run ingest and validate"
         ) from None
-
-
-def stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Indices of `n` items drawn at random with each class in its share of `labels` (all if n >= len)."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(labels))
-    # Each item's position within its (shuffled) class as a fraction of the class size; taking the smallest
-    # fractions first walks through all classes at the same pace, so every prefix is stratified.
-    position = np.empty(len(labels))
-    for label in np.unique(labels):
-        members = order[labels[order] == label]
-        position[members] = (np.arange(len(members)) + 0.5) / len(members)
-    chosen = order[np.argsort(position[order], kind="stable")][:n]
-    return np.sort(chosen)
-
-
-def median_seconds(call: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    """Median wall time of `call` over `repeats` runs after `warmup` untimed ones."""
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def paired_batch1_ms(
-    first: Callable[[np.ndarray], object],
-    second: Callable[[np.ndarray], object],
-    inputs: np.ndarray,
-    repeats: int,
-) -> tuple[float, float]:
-    """Median batch-1 latency (ms) of two runners timed in turns, so that a busy machine slows both alike."""
-    single = np.ascontiguousarray(inputs[:1])
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(3):
-        first(single), second(single)
-    for _ in range(repeats):
-        for run, spent in ((first, times[0]), (second, times[1])):
-            start = time.perf_counter()
-            run(single)
-            spent.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times[0]), 1000.0 * statistics.median(times[1])
-
-
-def speed(run: Callable[[np.ndarray], object], inputs: np.ndarray, repeats: int) -> dict[str, float]:
-    """Latency at batch 1 (ms) and throughput at batch 32 (images/s) of `run` on real inputs."""
-    batch32 = np.ascontiguousarray(np.resize(inputs, (32, *inputs.shape[1:])))  # cycles through the inputs
-    single = np.ascontiguousarray(inputs[:1])
-    return {
-        "batch1_ms": 1000.0 * median_seconds(lambda: run(single), repeats),
-        "batch32_img_per_s": 32.0 / median_seconds(lambda: run(batch32), repeats),
-    }
 
 
 def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:

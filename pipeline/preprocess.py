@@ -57,17 +57,30 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_and_crop(img: Image.Image, size: int, crop_pct: float, interpolation: str) -> Image.Image:
-    """Shorter side to floor(size / crop_pct), then a centered size x size crop (timm eval transform)."""
-    scale_size = math.floor(size / crop_pct)
+def resize_side(size: int, crop_pct: float) -> int:
+    """The shorter side before the eval crop: floor(size / crop_pct) (timm's eval transform)."""
+    return math.floor(size / crop_pct)
+
+
+def resize_shorter_side(img: Image.Image, side: int, interpolation: str) -> Image.Image:
+    """Shorter side to `side`, aspect kept, the longer side truncated as torchvision's Resize(int) does."""
     width, height = img.size
     if width <= height:
-        new_w, new_h = scale_size, int(scale_size * height / width)
+        new_w, new_h = side, int(side * height / width)
     else:
-        new_w, new_h = int(scale_size * width / height), scale_size
-    img = img.resize((new_w, new_h), _INTERPOLATION[interpolation])
-    left = int(round((new_w - size) / 2.0))
-    top = int(round((new_h - size) / 2.0))
+        new_w, new_h = int(side * width / height), side
+    return img.resize((new_w, new_h), _INTERPOLATION[interpolation])
+
+
+def center_offset(length: int, size: int) -> int:
+    """Start of a centered `size` window in `length` pixels (torchvision CenterCrop's rounding)."""
+    return int(round((length - size) / 2.0))
+
+
+def resize_and_crop(img: Image.Image, size: int, crop_pct: float, interpolation: str) -> Image.Image:
+    """Shorter side to floor(size / crop_pct), then a centered size x size crop (timm eval transform)."""
+    img = resize_shorter_side(img, resize_side(size, crop_pct), interpolation)
+    left, top = center_offset(img.width, size), center_offset(img.height, size)
     return img.crop((left, top, left + size, top + size))
 
 

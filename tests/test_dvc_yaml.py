@@ -17,10 +17,9 @@ from conftest import PROJECT_ROOT
 
 from pipeline.__main__ import app
 from pipeline.config import Params
-from pipeline.stages import STAGES as STAGE_MODULES
+from pipeline.stages import STAGES
 
 DVC_FILE = PROJECT_ROOT / "dvc.yaml"
-STAGES = ("ingest", "validate", "split", "train", "evaluate", "quantize", "export")
 TEMPLATE = re.compile(r"\$\{\s*([^}\s]+)\s*\}")
 ARTIFACT_KINDS = ("outs", "metrics", "plots")
 
@@ -93,8 +92,8 @@ def _outputs(stage: dict[str, Any]) -> list[str]:
 
 
 def test_seven_stages_in_pipeline_order(stages):
-    assert tuple(stages) == STAGES
-    assert tuple(STAGE_MODULES) == STAGES, "pipeline.stages.STAGES disagrees with dvc.yaml"
+    assert tuple(stages) == STAGES, "pipeline.stages.STAGES disagrees with dvc.yaml"
+    assert len(STAGES) == 7
 
 
 def test_every_template_resolves_to_a_params_key(dvc):

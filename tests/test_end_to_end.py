@@ -16,6 +16,8 @@ import pytest
 import yaml
 from conftest import PROJECT_ROOT, run_tool
 
+from pipeline.stages import STAGES
+
 # A quick recipe (linear probe at 64 px) so the real-backbone run fits a CI budget; the default recipe's
 # accuracy is measured by the train stage itself (see README) and by benchmarks/.
 QUICK = {
@@ -49,8 +51,7 @@ def sample_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_sample_pipeline_produces_every_artifact_with_real_accuracy(sample_project):
     metrics = {
-        stage: json.loads((sample_project / "metrics" / f"{stage}.json").read_text())
-        for stage in ("ingest", "validate", "split", "train", "evaluate", "quantize", "export")
+        stage: json.loads((sample_project / "metrics" / f"{stage}.json").read_text()) for stage in STAGES
     }
     assert metrics["ingest"]["ok"] == 1200
     # A linear probe on real ImageNet features: far above chance (10%); random features would not get here.

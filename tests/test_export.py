@@ -12,6 +12,7 @@ import pytest
 from conftest import model_project
 
 from pipeline import onnx_runtime as rt
+from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
 from pipeline.models import load_trained
@@ -77,7 +78,7 @@ def test_parity_detects_an_altered_model(exported_project, tmp_path):
     params = exported_project
     trained = load_trained(params.paths.model)
     altered = _negate_classifier(Path(params.paths.export_dir) / rt.FP32_FILE, tmp_path / "altered.onnx")
-    paths, _ = rt.read_split(params.paths.splits, params.paths.data_root, "test", trained.class_names)
+    paths, _ = read_split(params.paths.splits, params.paths.data_root, "test", trained.class_names)
     inputs = rt.load_inputs(paths, trained.data_config)
 
     check = export.parity(trained.model, altered, inputs)

@@ -31,7 +31,8 @@ from typer.testing import CliRunner
 
 from pipeline.__main__ import app
 from pipeline.errors import ParamsError
-from pipeline.flow import STAGES, DvcFailed, retrain, set_params
+from pipeline.flow import DvcFailed, retrain, set_params
+from pipeline.stages import STAGES
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,9 @@ def first_run(prefect_api, built_project, tmp_path_factory):
     return project, state
 
 
-def _task_runs(flow_run_id: UUID, expected: int, timeout: float = 30.0) -> dict[str, object]:
-    """{task name: task run}; task runs reach the server as events, so wait until all have a final state."""
+def _task_runs(flow_run_id: UUID, expected: int, timeout: float = 60.0) -> dict[str, object]:
+    """{task name: task run} once `expected` task runs have a final state. Task runs reach the server as
+    events, so they can lag behind the flow's return; the test fails if they have not arrived by `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
         with get_client(sync_client=True) as client:
@@ -62,8 +64,11 @@ def _task_runs(flow_run_id: UUID, expected: int, timeout: float = 30.0) -> dict[
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
             )
         final = [run for run in runs if run.state and run.state.is_final()]
-        if len(final) >= expected or time.monotonic() > deadline:
+        if len(final) >= expected:
             return {run.name.rsplit("-", 1)[0]: run for run in runs}
+        if time.monotonic() > deadline:
+            states = sorted(f"{run.name}: {run.state.type if run.state else None}" for run in runs)
+            pytest.fail(f"{len(final)} of {expected} task runs final after {timeout} s: {states}")
         time.sleep(0.5)
 
 

@@ -1,4 +1,4 @@
-"""What trains when: block groups, the strategies' per-epoch plans, frozen BatchNorm, optimizer groups."""
+"""What trains when: block groups, the strategies' per-epoch plans, frozen BatchNorm."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from pipeline.config import ModelParams, TrainParams
 from pipeline.models import build_model
-from pipeline.models.freezing import block_groups, param_groups, plan_epochs, set_trainable, train_mode
+from pipeline.models.freezing import block_groups, plan_epochs, set_trainable, train_mode
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TINY = ModelParams(backbone="test_efficientnet", weights="none", image_size=32)
@@ -92,15 +92,3 @@ def test_frozen_batchnorm_statistics_do_not_move_in_a_training_step(model):
     before = model.backbone.bn2.running_mean.clone()
     model(torch.randn(4, 3, 32, 32) * 5 + 3).sum().backward()
     assert torch.equal(before, model.backbone.bn2.running_mean)
-
-
-def test_param_groups_skip_weight_decay_on_norms_and_biases_and_scale_the_head_lr(model):
-    groups = param_groups(model, weight_decay=0.05, head_lr_mult=10.0)
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-    for group in groups:
-        dims = {p.ndim for p in group["params"]}
-        assert (group["weight_decay"] == 0.0) == (dims == {1}), group["weight_decay"]
-    head_ids = {id(p) for p in model.head.parameters()}
-    for group in groups:
-        in_head = {id(p) in head_ids for p in group["params"]}
-        assert in_head == {group["lr_scale"] == 10.0}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 
 import pandas as pd
@@ -220,7 +219,7 @@ def test_bad_source_settings_are_clear_errors(tmp_path, ingest_params, paths, me
 @pytest.mark.parametrize(
     ("name", "status"), [("photo.jpg", "ok"), ("cut.jpg", "truncated"), ("empty.png", "empty_file")]
 )
-def test_files_over_the_read_whole_limit_are_streamed_with_the_same_row(tmp_path, monkeypatch, name, status):
+def test_files_over_the_read_whole_limit_are_streamed_with_the_same_row(tmp_path, name, status):
     make_image(tmp_path / "photo.jpg", 0)
     data = (tmp_path / "photo.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
@@ -228,8 +227,7 @@ def test_files_over_the_read_whole_limit_are_streamed_with_the_same_row(tmp_path
     candidate = images.Candidate(name, "a")
 
     read_whole = images.inspect(str(tmp_path), 10**6, candidate)
-    monkeypatch.setattr(images, "_READ_WHOLE_LIMIT", 0)
-    streamed = images.inspect(str(tmp_path), 10**6, candidate)
+    streamed = images.inspect(str(tmp_path), 10**6, candidate, read_whole_limit=0)
 
     assert streamed == read_whole
     assert read_whole["status"] == status
@@ -241,19 +239,4 @@ def test_files_over_the_read_whole_limit_are_streamed_with_the_same_row(tmp_path
     [(70_000, 2, 1024), (100, 2, 13), (100, 0, 25), (3, 2, 1), (0, 2, 1)],
 )
 def test_tasks_hold_at_most_chunksize_files_and_each_worker_gets_four(files, workers, expected):
-    assert ingest._chunk(files, 1024, workers) == expected
-
-
-def test_the_collector_is_paused_while_the_candidates_exist_and_on_again_after(tmp_path, monkeypatch):
-    root = make_image_folder(tmp_path / "data", classes=2, per_class=3)
-    enabled_during_scan, scan = [], ingest._SOURCES["folder"]
-    monkeypatch.setitem(
-        ingest._SOURCES, "folder", lambda p: (enabled_during_scan.append(gc.isenabled()), scan(p))[1]
-    )
-    ingest.run(data_stage_params(tmp_path, root, ingest={"num_workers": 0}))
-    assert enabled_during_scan == [False] and gc.isenabled()
-
-    (tmp_path / "empty" / "class_0").mkdir(parents=True)
-    with pytest.raises(PipelineError, match="no image files"):
-        ingest.run(data_stage_params(tmp_path, tmp_path / "empty", ingest={"num_workers": 0}))
-    assert gc.isenabled()
+    assert ingest.files_per_task(files, 1024, workers) == expected

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from pipeline import onnx_runtime as rt
 from pipeline.__main__ import app
+from pipeline.data.splits import read_split
 from pipeline.io import read_json
 from pipeline.models import load_trained
 from pipeline.predict import Predictor, format_predictions, predict_paths, served_model
@@ -31,7 +32,7 @@ def project(exported_project, tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     temperature = read_json(params.paths.calibration)["temperature"]
     trained = load_trained(params.paths.model)
-    paths, _ = rt.read_split(params.paths.splits, params.paths.data_root, "test", trained.class_names)
+    paths, _ = read_split(params.paths.splits, params.paths.data_root, "test", trained.class_names)
     folder = root / "inbox"
     for path in paths:
         target = folder / path.parent.name / path.name

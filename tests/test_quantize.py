@@ -15,6 +15,7 @@ from conftest import model_project
 from pipeline import onnx_runtime as rt
 from pipeline import stats
 from pipeline.config import ModelParams, QuantizeParams
+from pipeline.data.sampling import stratified_sample
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
 from pipeline.models import build_model, resolve_data_config
@@ -79,11 +80,11 @@ def test_int8_model_is_static_qdq_with_per_channel_weights(exported_project):
 
 def test_stratified_sample_keeps_class_shares_and_is_seeded():
     labels = np.array([0] * 60 + [1] * 30 + [2] * 10)
-    chosen = rt.stratified_sample(labels, 10, seed=1)
+    chosen = stratified_sample(labels, 10, seed=1)
     assert Counter(labels[chosen].tolist()) == {0: 6, 1: 3, 2: 1}
-    assert np.array_equal(chosen, rt.stratified_sample(labels, 10, seed=1))
-    assert not np.array_equal(chosen, rt.stratified_sample(labels, 10, seed=2))
-    assert len(rt.stratified_sample(labels, 500, seed=1)) == 100
+    assert np.array_equal(chosen, stratified_sample(labels, 10, seed=1))
+    assert not np.array_equal(chosen, stratified_sample(labels, 10, seed=2))
+    assert len(stratified_sample(labels, 500, seed=1)) == 100
 
 
 def _comparison(worse: int, better: int, n: int) -> stats.PairedComparison:

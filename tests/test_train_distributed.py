@@ -43,6 +43,40 @@ def _train_cli(params_file: Path, *launcher: str) -> subprocess.Popen:
     )
 
 
+# `python -m pipeline train` that stops for good right after its `after`-th checkpoint and says so with a
+# marker file, so the test kills it at a known point however fast or loaded the machine is.
+_STOP_AFTER_CHECKPOINT = """
+import time
+from pipeline.__main__ import app
+from pipeline.training import checkpoint
+save, saves = checkpoint.save, []
+def save_then_stop(path, state):
+    save(path, state)
+    saves.append(path)
+    if len(saves) == {after}:
+        open({marker!r}, "w").close()
+        time.sleep(3600)
+checkpoint.save = save_then_stop
+app(["train", "--params", {params!r}])
+"""
+
+
+def _stopped_after_checkpoint(params_file: Path, after: int, tmp_path: Path) -> subprocess.Popen:
+    """The train command, stopped (not ended) right after writing its `after`-th checkpoint."""
+    marker, log = tmp_path / f"checkpoint-{after}-written", tmp_path / "stopped.log"
+    code = _STOP_AFTER_CHECKPOINT.format(after=after, marker=str(marker), params=str(params_file))
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT, stdout=out, stderr=out)
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            pytest.fail(f"train did not reach checkpoint {after}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    return process
+
+
 def _metrics(params) -> dict:
     return {
         k: v for k, v in json.loads(params.paths.metrics("train").read_text()).items() if k not in TIMING_KEYS
@@ -51,23 +85,22 @@ def _metrics(params) -> dict:
 
 def test_sigkill_mid_training_then_rerun_resumes_and_ends_exactly_like_an_uninterrupted_run(tmp_path):
     run = {"train": {"strategy": "progressive", "epochs": 8, "progressive_head_epochs": 2, "ema_decay": 0.5,
-                     "checkpoint_every_s": 0,  # kill it once the first epoch's checkpoint is there
+                     "checkpoint_every_s": 0,  # a checkpoint after every epoch
                      "augment": {"auto_augment": "trivial", "mixup_alpha": 0.2}}}  # fmt: skip
     killed = train_params(tmp_path, paths={"metrics_dir": str(tmp_path / "killed")}, **run)
     ckpt = killed.paths.checkpoint_dir / checkpoint.CHECKPOINT_NAME
-    process = _train_cli(_write(killed, tmp_path / "params.yaml"))
-    deadline = time.monotonic() + 300
-    while not ckpt.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    # Killed after epoch 3: past the two head-only epochs, in the first fine-tuning epoch's phase.
+    process = _stopped_after_checkpoint(_write(killed, tmp_path / "params.yaml"), 3, tmp_path)
     os.kill(process.pid, signal.SIGKILL)
-    process.communicate()
-    assert ckpt.exists() and not killed.paths.metrics("train").exists(), "not killed mid-training"
+    process.wait()
+    assert torch.load(ckpt, weights_only=True)["fit"]["epoch"] == 3
+    assert not killed.paths.metrics("train").exists(), "not killed mid-training"
 
     rerun = _train_cli(tmp_path / "params.yaml")
     output = rerun.communicate()[0]
     assert rerun.returncode == 0, output
     (summary,) = _summaries(output)
-    assert 1 <= summary["resumed_from_epoch"] < 8
+    assert summary["resumed_from_epoch"] == 3
 
     ref = tmp_path / "ref"
     paths = {

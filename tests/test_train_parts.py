@@ -1,4 +1,4 @@
-"""Training machinery on its own: lr schedule, class weights, samplers, precision, checkpoints, stopping."""
+"""Training machinery on its own: class weights, samplers, precision, checkpoints, stopping."""
 
 from __future__ import annotations
 
@@ -19,19 +19,7 @@ from pipeline.training import checkpoint
 from pipeline.training.loop import FitState, fit
 from pipeline.training.loss import class_weights
 from pipeline.training.memory import keep_freed_memory
-from pipeline.training.optim import lr_factor
 from pipeline.training.precision import resolve_device, resolve_precision
-
-
-def test_schedule_warms_up_then_decays_to_zero_and_restarts_for_each_phase():
-    phases, warmup = [10, 20], 4
-    factors = [lr_factor(step, phases, warmup) for step in range(30)]
-    assert factors[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])  # linear warm-up
-    assert factors[4] == pytest.approx(1.0) and all(
-        a > b for a, b in zip(factors[4:9], factors[5:10], strict=True)
-    )
-    assert factors[10] == pytest.approx(0.2)  # second phase starts its own warm-up
-    assert factors[29] < 0.01 and lr_factor(40, phases, warmup) == 0.0
 
 
 def test_class_weights_favour_rare_classes():
@@ -128,10 +116,10 @@ class _ScriptedTrainer:
 
 
 class _NoData:
-    def train(self, plan, epoch):
+    def train(self, epoch, on_features):
         return [], 0
 
-    def val(self, plan):
+    def val(self, on_features):
         return [], 0
 
 

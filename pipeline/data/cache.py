@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +24,7 @@ from PIL import Image
 
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
-from pipeline.preprocess import open_oriented, to_rgb
+from pipeline.preprocess import center_offset, open_oriented, resize_shorter_side, resize_side, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ _FORMAT_VERSION = 1  # bump when the cached pixels would change for the same key
 def cache_side(data_config: dict[str, Any]) -> int:
     """Side of the cached square: the eval resize target, floor(size / crop_pct)."""
     size = int(data_config["input_size"][-1])
-    return max(size, math.floor(size / float(data_config["crop_pct"])))
+    return max(size, resize_side(size, float(data_config["crop_pct"])))
 
 
 def cache_key(identities: Sequence[str], data_config: dict[str, Any]) -> str:
@@ -57,17 +56,11 @@ def cached_square(img: Image.Image, data_config: dict[str, Any]) -> np.ndarray:
     """(3, side, side) uint8 whose centered (size x size) crop equals the eval preprocessing's crop of `img`:
     RGB, or grey ("L"), which is resized as one channel then repeated, the bytes its RGB conversion gives."""
     size, side = int(data_config["input_size"][-1]), cache_side(data_config)
-    width, height = img.size
-    # The eval resize (pipeline.preprocess.resize_and_crop): shorter side to `side`, aspect kept.
-    if width <= height:
-        new_w, new_h = side, int(side * height / width)
-    else:
-        new_w, new_h = int(side * width / height), side
-    resized = img.resize((new_w, new_h), Image.Resampling[data_config["interpolation"].upper()])
+    resized = resize_shorter_side(img, side, data_config["interpolation"])  # the eval resize
     # Place the square so that CenterCrop(size) of it lands on the eval crop's exact offsets.
-    inner = int(round((side - size) / 2.0))
-    left = int(round((new_w - size) / 2.0)) - inner
-    top = int(round((new_h - size) / 2.0)) - inner
+    inner = center_offset(side, size)
+    left = center_offset(resized.width, size) - inner
+    top = center_offset(resized.height, size) - inner
     square = np.asarray(resized.crop((left, top, left + side, top + side)), dtype=np.uint8)
     if square.ndim == 2:
         return np.repeat(square[None], 3, axis=0)

@@ -1,4 +1,5 @@
-"""Training data: the splits table, datasets over the uint8 cache, epoch-seeded samplers, DataLoader factory.
+"""Training data: the train and val splits, datasets over the uint8 cache, epoch-seeded samplers, DataLoader
+factory.
 
 Randomness is a pure function of (seed, epoch, index): the sampler's order comes from (seed, epoch) and each
 item's augmentation from (seed, epoch, index). So results do not depend on the number of workers, on
@@ -14,15 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.config import TrainParams
 from pipeline.data.cache import open_cache
+from pipeline.data.splits import read_splits_table
 from pipeline.errors import PipelineError
-
-SPLITS_COLUMNS = ("path", "label", "split", "sha256")
 
 
 @dataclass(frozen=True)
@@ -42,15 +41,9 @@ class Splits:
 
 
 def read_splits(splits_csv: Path, data_root: Path) -> Splits:
-    """Read the split stage's table; class order is the sorted unique labels over all splits."""
-    if not Path(splits_csv).is_file():
-        raise PipelineError(
-            f"{splits_csv}: splits table not found; run the split stage first (dvc repro split)"
-        )
-    table = pd.read_csv(splits_csv, dtype={"label": str, "path": str, "split": str, "sha256": str})
-    missing = [c for c in SPLITS_COLUMNS if c not in table.columns]
-    if missing:
-        raise PipelineError(f"{splits_csv}: missing columns {missing}; re-run the split stage")
+    """The train and val rows of the split stage's table; class order is the sorted unique labels over all
+    splits."""
+    table = read_splits_table(splits_csv)
     class_names = sorted(table["label"].unique().tolist())
     index = {name: i for i, name in enumerate(class_names)}
 

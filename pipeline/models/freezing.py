@@ -1,5 +1,5 @@
-"""Which parameters train when: block groups, the four strategies as per-epoch plans, frozen BatchNorm, and
-optimizer parameter groups (no weight decay on norms/biases; the head at `head_lr_mult` times the lr)."""
+"""Which parameters train when: block groups, the four strategies as per-epoch plans, frozen BatchNorm. How
+they train (parameter groups, weight decay, lrs) is pipeline.training.optim."""
 
 from __future__ import annotations
 
@@ -102,17 +102,3 @@ def train_mode(model: nn.Module, freeze_bn: bool) -> None:
             module.eval()
         elif freeze_bn and isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
-
-
-def param_groups(model: ImageClassifier, weight_decay: float, head_lr_mult: float) -> list[dict]:
-    """Optimizer groups: backbone/head x decay/no-decay. 1-d tensors (norm scales, biases) and the backbone's
-    `no_weight_decay()` names get none; `lr_scale` multiplies the base lr (the head's is `head_lr_mult`)."""
-    groups = []
-    for part, lr_scale in ((model.backbone, 1.0), (model.head, head_lr_mult)):
-        skip = part.no_weight_decay() if hasattr(part, "no_weight_decay") else set()
-        decay, no_decay = [], []
-        for name, param in part.named_parameters():
-            (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
-        groups.append({"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale})
-        groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale})
-    return [group for group in groups if group["params"]]

@@ -20,6 +20,7 @@ from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_su
 from pipeline import report
 from pipeline.calibration import fit_temperature, log_loss, reliability, softmax
 from pipeline.config import Params
+from pipeline.data.splits import read_splits_table
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, write_json, write_text
 from pipeline.models import TrainedModel, load_trained
@@ -28,7 +29,6 @@ from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 
-_SPLIT_COLUMNS = ("path", "label", "split")
 _THUMBNAIL_SIDE = 160
 
 
@@ -100,19 +100,7 @@ def _rows(splits: pd.DataFrame, split: str, source: Path) -> pd.DataFrame:
 
 
 def _read_splits(path: Path, class_names: list[str], model_path: Path) -> pd.DataFrame:
-    if not Path(path).is_file():
-        raise PipelineError(f"{path}: splits file not found; run the split stage first (dvc repro split)")
-    splits = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in _SPLIT_COLUMNS if c not in splits.columns]
-    if missing:
-        raise PipelineError(f"{path}: missing columns {missing}; re-run the split stage (dvc repro split)")
-    unknown = sorted(set(splits["label"]) - set(class_names))
-    if unknown:
-        raise PipelineError(
-            f"{path}: labels {unknown[:10]} are not classes of the model {model_path} ({class_names[:10]}); "
-            "the model is older than the splits: re-run the train stage (dvc repro train)"
-        )
-    return splits
+    return read_splits_table(path, class_names, model_path)
 
 
 def _logits(

@@ -14,6 +14,7 @@ import torch
 
 from pipeline import onnx_runtime as rt
 from pipeline.config import Params
+from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
 from pipeline.export_page import write_export_page
 from pipeline.io import atomic_dir, read_json, write_json, write_text
@@ -31,7 +32,7 @@ def run(params: Params) -> dict:
         raise PipelineError(f"{fp32}: not found; run the quantize stage first (dvc repro quantize)")
     int8 = Path(paths.onnx_dir) / rt.INT8_FILE
     has_int8 = int8.is_file()
-    test_paths, _ = rt.read_split(paths.splits, paths.data_root, "test", trained.class_names)
+    test_paths, _ = read_split(paths.splits, paths.data_root, "test", trained.class_names)
     inputs = rt.load_inputs(test_paths, trained.data_config)
     opset = _opset(fp32)
     quantized = _read_optional(Path(paths.onnx_dir) / rt.QUANTIZE_REPORT)

@@ -36,8 +36,10 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from pipeline import onnx_runtime as rt
-from pipeline import stats
+from pipeline import stats, timing
 from pipeline.config import Params, QuantizeParams
+from pipeline.data.sampling import stratified_sample
+from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, write_json
 from pipeline.models import load_trained
@@ -88,7 +90,7 @@ def run(params: Params) -> dict:
         report = {
             "cpu": rt.cpu_info(),
             "compared": {"splits": list(COMPARED_SPLITS), "n": len(labels)},
-            "torch": rt.speed(_torch_runner(trained.model), inputs, q.benchmark_repeats),
+            "torch": timing.speed(_torch_runner(trained.model), inputs, q.benchmark_repeats),
             "fp32": _runtime_figures(fp32, inputs, q.benchmark_repeats),
         }
         candidates: list[Candidate] = []
@@ -129,7 +131,7 @@ def _try_formats(out: Path, calibration: np.ndarray, compared: tuple, q: Quantiz
         log.info("quantizing as %s (%d calibration images, %s)", name, len(calibration), q.calibration_method)
         sess = rt.session(quantize_onnx(prepared, out / _CANDIDATES / f"{name}.onnx", calibration, name, q))
         comparison = stats.compare(fp32_pred, rt.logits(sess, inputs).argmax(1), labels, 1.0 - q.alpha)
-        fp32_ms, batch1_ms = rt.paired_batch1_ms(fp32, _ort_runner(sess), inputs, q.benchmark_repeats)
+        fp32_ms, batch1_ms = timing.paired_batch1_ms(fp32, _ort_runner(sess), inputs, q.benchmark_repeats)
         speedup = fp32_ms / batch1_ms
         candidates.append(Candidate(name, comparison, batch1_ms, speedup, gate(comparison, speedup, q)))
     return candidates
@@ -201,7 +203,7 @@ def headline(report: dict, fp32_accuracy: float, int8: Candidate | None) -> dict
 
 def _runtime_figures(model: Path, inputs: np.ndarray, repeats: int) -> dict[str, float]:
     sess = rt.session(model)
-    return {**rt.speed(_ort_runner(sess), inputs, repeats), "mb": rt.file_mb(model)}
+    return {**timing.speed(_ort_runner(sess), inputs, repeats), "mb": rt.file_mb(model)}
 
 
 def prepare(fp32: Path, prepared: Path, excluded: list[str]) -> Path:
@@ -234,15 +236,15 @@ def quantize_onnx(prepared: Path, int8: Path, calibration: np.ndarray, fmt: str,
 def _compared_images(params: Params, names: list[str], cfg: dict) -> tuple[np.ndarray, np.ndarray]:
     """The val and test images, preprocessed as predict does, and their class indices."""
     parts = [
-        rt.read_split(params.paths.splits, params.paths.data_root, split, names) for split in COMPARED_SPLITS
+        read_split(params.paths.splits, params.paths.data_root, split, names) for split in COMPARED_SPLITS
     ]
     inputs = np.concatenate([rt.load_inputs(paths, cfg) for paths, _ in parts])
     return inputs, np.concatenate([labels for _, labels in parts])
 
 
 def _calibration_images(params: Params, names: list[str], cfg: dict) -> np.ndarray:
-    train_paths, train_labels = rt.read_split(params.paths.splits, params.paths.data_root, "train", names)
-    chosen = rt.stratified_sample(train_labels, params.quantize.calibration_images, params.base.seed)
+    train_paths, train_labels = read_split(params.paths.splits, params.paths.data_root, "train", names)
+    chosen = stratified_sample(train_labels, params.quantize.calibration_images, params.base.seed)
     return rt.load_inputs([train_paths[i] for i in chosen], cfg)
 
 

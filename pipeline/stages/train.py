@@ -19,6 +19,7 @@ from dvclive import Live
 
 from pipeline.config import Params
 from pipeline.data.cache import build_cache, cache_path
+from pipeline.data.epochs import EpochData
 from pipeline.data.loader import (
     CachedImages,
     EpochSampler,
@@ -30,11 +31,11 @@ from pipeline.data.loader import (
 from pipeline.data.transforms import build_batch_mix, build_transforms
 from pipeline.io import write_json
 from pipeline.models import ImageClassifier, build_model, resolve_data_config, save_trained
-from pipeline.models.freezing import block_groups, plan_epochs
+from pipeline.models.freezing import EpochPlan, block_groups, plan_epochs
 from pipeline.training import checkpoint, distributed
 from pipeline.training.distributed import Dist
 from pipeline.training.features import backbone_features
-from pipeline.training.loop import EpochData, FitState, Trainer, fit
+from pipeline.training.loop import FitState, Trainer, fit
 from pipeline.training.loss import build_criterion, class_weights
 from pipeline.training.memory import keep_freed_memory
 from pipeline.training.precision import Precision, resolve_precision
@@ -72,18 +73,10 @@ def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
     data_config = resolve_data_config(params.model)
     precision = resolve_precision(tp.precision, device)
     model = _model(params, num_classes, device)
-    groups = block_groups(model.backbone)
-    plans = plan_epochs(tp, len(groups))
-    data = _epoch_data(params, splits, data_config, model, precision, env)
-    weights = class_weights(splits.train.labels, num_classes, tp.class_weighting)
-    steps_per_epoch = math.ceil(len(data.train_loader) / tp.grad_accum_steps)
-    criterion = build_criterion(weights, tp.label_smoothing)
-    mix = build_batch_mix(tp.augment, num_classes)
-    trainer = Trainer(model, tp, plans, groups, steps_per_epoch, precision, env, criterion, mix)
+    plans, data, trainer = _trainer(params, splits, data_config, model, precision, env)
 
-    checkpoint_file = paths.checkpoint_dir / checkpoint.CHECKPOINT_NAME
     fingerprint = checkpoint.fingerprint(params, paths.splits, env.world_size)
-    state = _resume(checkpoint.load(checkpoint_file, fingerprint), trainer)
+    state = _resume(checkpoint.load(paths.checkpoint_dir / checkpoint.CHECKPOINT_NAME, fingerprint), trainer)
     resumed_from = state.epoch
     log.info(
         f"train: {tp.strategy}, {params.model.backbone} on {device}, {precision.name}: "
@@ -91,28 +84,8 @@ def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
         f"{len(plans)} epochs"
     )
     live = _live(paths.live_dir, state.history) if env.is_main else None
-    last_saved = time.monotonic()
-
-    def on_epoch_end(state: FitState, record: dict[str, float]) -> None:
-        nonlocal last_saved
-        if not env.is_main:
-            return
-        # Time-based, as Lightning's train_time_interval: a 0.1 s head-only epoch is not worth a 60 ms write.
-        finished = state.stopped_early or state.epoch == len(plans)
-        if finished or time.monotonic() - last_saved >= tp.checkpoint_every_s:
-            trainer_state, rng = trainer.state_dict(), checkpoint.rng_state()
-            payload = {
-                "fingerprint": fingerprint,
-                "trainer": trainer_state,
-                "fit": state.to_dict(),
-                "rng": rng,
-            }
-            checkpoint.save(checkpoint_file, payload)
-            last_saved = time.monotonic()
-        _log_epoch(live, record)
-        _report_epoch(record, len(plans), tp.overfit_gap_warning)
-
-    state = fit(trainer, plans, data, state, num_classes, on_epoch_end)
+    after_epoch = _AfterEpoch(params, trainer, fingerprint, live, len(plans))
+    state = fit(trainer, plans, data, state, num_classes, after_epoch)
     if env.is_main:
         model.load_state_dict(state.best_state)
         save_trained(paths.model, model, splits.class_names, data_config, params.to_dict())
@@ -130,6 +103,52 @@ def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "world_size": env.world_size,
     }
+
+
+def _trainer(
+    params: Params, splits: Splits, data_config: dict, model: ImageClassifier, precision: Precision, env: Dist
+) -> tuple[list[EpochPlan], EpochData, Trainer]:
+    """What trains when (one plan per epoch), each epoch's data, and the Trainer (loss, optimizer)."""
+    tp, num_classes = params.train, len(splits.class_names)
+    groups = block_groups(model.backbone)
+    plans = plan_epochs(tp, len(groups))
+    data = _epoch_data(params, splits, data_config, model, precision, env)
+    weights = class_weights(splits.train.labels, num_classes, tp.class_weighting)
+    steps_per_epoch = math.ceil(len(data.train_loader) / tp.grad_accum_steps)
+    criterion = build_criterion(weights, tp.label_smoothing)
+    mix = build_batch_mix(tp.augment, num_classes)
+    trainer = Trainer(model, tp, plans, groups, steps_per_epoch, precision, env, criterion, mix)
+    return plans, data, trainer
+
+
+class _AfterEpoch:
+    """Rank 0's work after each epoch (`live` is None on the other ranks, which do nothing): a checkpoint
+    every `train.checkpoint_every_s` and after the last epoch, the dvclive step and the epoch's log line."""
+
+    def __init__(self, params: Params, trainer: Trainer, fingerprint: str, live: Live | None, epochs: int):
+        self.train_params, self.trainer, self.fingerprint = params.train, trainer, fingerprint
+        self.live, self.epochs = live, epochs
+        self.checkpoint_file = params.paths.checkpoint_dir / checkpoint.CHECKPOINT_NAME
+        self.last_saved = time.monotonic()
+
+    def __call__(self, state: FitState, record: dict[str, float]) -> None:
+        if self.live is None:
+            return
+        tp = self.train_params
+        # Time-based, as Lightning's train_time_interval: a 0.1 s head-only epoch is not worth a 60 ms write.
+        finished = state.stopped_early or state.epoch == self.epochs
+        if finished or time.monotonic() - self.last_saved >= tp.checkpoint_every_s:
+            trainer_state, rng = self.trainer.state_dict(), checkpoint.rng_state()
+            payload = {
+                "fingerprint": self.fingerprint,
+                "trainer": trainer_state,
+                "fit": state.to_dict(),
+                "rng": rng,
+            }
+            checkpoint.save(self.checkpoint_file, payload)
+            self.last_saved = time.monotonic()
+        _log_epoch(self.live, record)
+        _report_epoch(record, self.epochs, tp.overfit_gap_warning)
 
 
 def _model(params: Params, num_classes: int, device: torch.device) -> ImageClassifier:

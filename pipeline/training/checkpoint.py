@@ -37,9 +37,12 @@ _PACKAGE = Path(__file__).resolve().parents[1]
 _CODE = (
     "training/*.py",
     "data/cache.py",
+    "data/epochs.py",
     "data/loader.py",
+    "data/splits.py",
     "data/transforms.py",
     "models/*.py",
+    "preprocess.py",  # the cache's resize geometry
     "stages/train.py",
 )
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,59 +14,19 @@ import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from pipeline.config import TrainParams
-from pipeline.data.loader import EpochSampler
+from pipeline.data.epochs import Batches, EpochData
 from pipeline.models import ImageClassifier
-from pipeline.models.freezing import EpochPlan, param_groups, set_trainable, train_mode
+from pipeline.models.freezing import EpochPlan, set_trainable, train_mode
 from pipeline.progress import progress
 from pipeline.training.distributed import Dist, all_sum, wrap
-from pipeline.training.optim import build_optimizer, build_scheduler
+from pipeline.training.optim import build_optimizer, build_scheduler, current_lrs
 from pipeline.training.precision import Precision
 
 log = logging.getLogger(__name__)
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 LOWER_IS_BETTER = {"val_loss"}  # early-stopping metrics to minimise; val_acc and val_f1 are maximised
-
-
-class EpochData:
-    """Each epoch's batches: augmented images from the cache, or backbone features for head-only epochs."""
-
-    def __init__(
-        self,
-        train_loader: DataLoader,
-        val_loader: DataLoader,
-        features: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-        labels: tuple[torch.Tensor, torch.Tensor],
-    ):
-        self.train_loader, self.val_loader = train_loader, val_loader
-        self._features_fn, self._features = features, None
-        self.labels = labels  # (train, val) int64 label tensors, for the feature batches
-
-    def features(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(train, val) features, computed on first use (never, when resuming past the head-only epochs)."""
-        if self._features is None:
-            self._features = self._features_fn()
-        return self._features
-
-    def train(self, plan: EpochPlan, epoch: int) -> tuple[Batches, int]:
-        """This epoch's training batches and their number."""
-        sampler: EpochSampler = self.train_loader.sampler
-        sampler.set_epoch(epoch)
-        if not plan.on_features:
-            return self.train_loader, len(self.train_loader)
-        features, batches = self.features()[0], list(sampler.index_batches(self.train_loader.batch_size))
-        return ((features[i], self.labels[0][i]) for i in batches), len(batches)
-
-    def val(self, plan: EpochPlan) -> tuple[Batches, int]:
-        """The validation batches and their number (the same batches from images or from features)."""
-        if not plan.on_features:
-            return self.val_loader, len(self.val_loader)
-        sampler: EpochSampler = self.val_loader.sampler
-        features, batches = self.features()[1], sampler.index_batches(self.val_loader.batch_size)
-        return ((features[i], self.labels[1][i]) for i in batches), len(self.val_loader)
 
 
 class Trainer:
@@ -88,12 +47,9 @@ class Trainer:
         self.model, self.params, self.groups = model, params, block_groups
         self.precision, self.env = precision, env
         self.criterion, self.batch_mix = criterion.to(precision.device), batch_mix
-        self.optimizer = build_optimizer(
-            param_groups(model, params.weight_decay, params.head_lr_mult), params
-        )
-        phases = Counter(plan.phase for plan in plans)  # phase -> epochs
-        phase_epochs = [phases[p] for p in sorted(phases)]
-        self.scheduler = build_scheduler(self.optimizer, phase_epochs, steps_per_epoch, params.warmup_epochs)
+        self.optimizer = build_optimizer(model, params)
+        epoch_phases = [plan.phase for plan in plans]
+        self.scheduler = build_scheduler(self.optimizer, epoch_phases, steps_per_epoch, params.warmup_epochs)
         self.scaler = precision.grad_scaler()
         self.ema = ModelEmaV3(model, decay=params.ema_decay, use_warmup=True) if params.ema_decay else None
         self._wrapped: tuple[Any, nn.Module] | None = None
@@ -121,13 +77,8 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
 
     def lrs(self) -> dict[str, float]:
-        """The optimizer's lrs now: the backbone's (`lr`), the head's (`lr_head`) and `lr_trained`, which is
-        the backbone's when any of it trains, else the head's (head-only epochs train nothing at `lr`)."""
-        groups = self.optimizer.param_groups  # lr_scale: 1.0 for the backbone, head_lr_mult for the head
-        by_scale = {group["lr_scale"]: group["lr"] for group in groups}
-        trained = {group["lr_scale"] for group in groups if any(p.requires_grad for p in group["params"])}
-        lr, lr_head = by_scale[1.0], by_scale[self.params.head_lr_mult]
-        return {"lr": lr, "lr_head": lr_head, "lr_trained": lr if 1.0 in trained else lr_head}
+        """The lrs the optimizer holds now (pipeline.training.optim.current_lrs): what the logs show."""
+        return current_lrs(self.optimizer, self.params.head_lr_mult)
 
     def train_epoch(self, plan: EpochPlan, batches: Batches, num_batches: int, desc: str) -> dict[str, float]:
         """One pass over `batches`; an optimizer step every `grad_accum_steps` batches (and at the end)."""
@@ -256,50 +207,61 @@ def fit(
     own best: a new phase (e.g. unfreezing after progressive's head-only epochs) starts worse at its peak lr,
     so comparing it with the previous phase's best would stop it before it gets going.
     """
-    monitor, patience = trainer.params.early_stopping_metric, trainer.params.early_stopping_patience
+    patience = trainer.params.early_stopping_patience
     for epoch in range(state.epoch, len(plans)):
         if state.stopped_early:
             break
-        plan, start = plans[epoch], time.perf_counter()
+        plan = plans[epoch]
         if epoch > 0 and plans[epoch - 1].phase != plan.phase:
             state.phase_best, state.bad_epochs = None, 0
-        batches, num_batches = data.train(plan, epoch)
-        desc = f"epoch {epoch + 1}/{len(plans)}"
-        train = trainer.train_epoch(plan, batches, num_batches, desc=desc)
-        val = trainer.evaluate(*data.val(plan), plan.on_features, num_classes, desc=f"{desc} val")
-        record = {
-            "epoch": epoch + 1,
-            "phase": plan.phase,
-            "trainable_groups": plan.groups,
-            "on_features": plan.on_features,
-            "train_loss": train["loss"],
-            "train_acc": train["acc"],
-            "val_loss": val["loss"],
-            "val_acc": val["acc"],
-            "val_f1": val["f1"],
-            "images": train["images"],
-            "loop_seconds": train["seconds"],
-            "images_per_s": train["images"] / max(train["seconds"], 1e-9),
-            "seconds": time.perf_counter() - start,
-            **trainer.lrs(),
-        }
+        record = _run_epoch(trainer, plans, epoch, data, num_classes)
         state.history.append(record)
         state.seconds += record["seconds"]
-        value = record[monitor]
-        if _improved(value, state.best_value, monitor):
-            state.best_value, state.best_epoch = value, epoch + 1
-            state.best_state = {
-                k: v.detach().cpu().clone() for k, v in trainer.eval_model.state_dict().items()
-            }
-        if _improved(value, state.phase_best, monitor):
-            state.phase_best, state.bad_epochs = value, 0
-        else:
-            state.bad_epochs += 1
+        _track_best(state, trainer, record[trainer.params.early_stopping_metric], epoch)
         state.epoch = epoch + 1
         in_last_phase = plan.phase == plans[-1].phase and state.epoch < len(plans)
         state.stopped_early = bool(in_last_phase and patience and state.bad_epochs >= patience)
         on_epoch_end(state, record)
     return state
+
+
+def _run_epoch(
+    trainer: Trainer, plans: list[EpochPlan], epoch: int, data: EpochData, num_classes: int
+) -> dict[str, float]:
+    """Train and evaluate one epoch; its record for the history, the logs and the curves."""
+    plan, start = plans[epoch], time.perf_counter()
+    batches, num_batches = data.train(epoch, plan.on_features)
+    desc = f"epoch {epoch + 1}/{len(plans)}"
+    train = trainer.train_epoch(plan, batches, num_batches, desc=desc)
+    val = trainer.evaluate(*data.val(plan.on_features), plan.on_features, num_classes, desc=f"{desc} val")
+    return {
+        "epoch": epoch + 1,
+        "phase": plan.phase,
+        "trainable_groups": plan.groups,
+        "on_features": plan.on_features,
+        "train_loss": train["loss"],
+        "train_acc": train["acc"],
+        "val_loss": val["loss"],
+        "val_acc": val["acc"],
+        "val_f1": val["f1"],
+        "images": train["images"],
+        "loop_seconds": train["seconds"],
+        "images_per_s": train["images"] / max(train["seconds"], 1e-9),
+        "seconds": time.perf_counter() - start,
+        **trainer.lrs(),
+    }
+
+
+def _track_best(state: FitState, trainer: Trainer, value: float, epoch: int) -> None:
+    """Keep the best epoch's weights over all epochs; count the epochs without progress in this phase."""
+    monitor = trainer.params.early_stopping_metric
+    if _improved(value, state.best_value, monitor):
+        state.best_value, state.best_epoch = value, epoch + 1
+        state.best_state = {k: v.detach().cpu().clone() for k, v in trainer.eval_model.state_dict().items()}
+    if _improved(value, state.phase_best, monitor):
+        state.phase_best, state.bad_epochs = value, 0
+    else:
+        state.bad_epochs += 1
 
 
 def _improved(value: float, best: float | None, monitor: str) -> bool:

@@ -1,4 +1,5 @@
-"""Optimizer and learning-rate schedule factories.
+"""The optimizer story in one place: parameter groups (no weight decay on norms and biases, the head at
+`head_lr_mult` times the lr), the optimizer, the per-step lr schedule and the lrs it sets.
 
 The schedule is per optimizer step: each phase of a strategy (e.g. progressive's head-only epochs, then the
 fine-tuning epochs) gets its own linear warm-up and cosine decay, so unfreezing starts gently.
@@ -7,6 +8,7 @@ fine-tuning epochs) gets its own linear warm-up and cosine decay, so unfreezing 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import torch
@@ -14,6 +16,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from pipeline.config import TrainParams
+from pipeline.models import ImageClassifier
 
 # fused=True: one kernel per step for all tensors (CPU and CUDA); on a 2-core CPU, AdamW's step on lite0 takes
 # 4 ms fused against 22 ms with the default per-tensor loop.
@@ -25,11 +28,36 @@ _OPTIMIZERS: dict[str, Callable[[list[dict], TrainParams], Optimizer]] = {
 }
 
 
-def build_optimizer(groups: list[dict], params: TrainParams) -> Optimizer:
-    """`groups` from freezing.param_groups: each group's lr is params.lr times its `lr_scale`."""
+def build_optimizer(model: ImageClassifier, params: TrainParams) -> Optimizer:
+    """`params.optimizer` over groups backbone/head x decay/no-decay; a group's lr is `params.lr` times its
+    `lr_scale` (1 for the backbone, `params.head_lr_mult` for the head)."""
+    groups = _param_groups(model, params.weight_decay, params.head_lr_mult)
     for group in groups:
         group["lr"] = params.lr * group["lr_scale"]
     return _OPTIMIZERS[params.optimizer](groups, params)
+
+
+def _param_groups(model: ImageClassifier, weight_decay: float, head_lr_mult: float) -> list[dict]:
+    """1-d tensors (norm scales, biases) and the backbone's `no_weight_decay()` names get no weight decay."""
+    groups = []
+    for part, lr_scale in ((model.backbone, 1.0), (model.head, head_lr_mult)):
+        skip = part.no_weight_decay() if hasattr(part, "no_weight_decay") else set()
+        decay, no_decay = [], []
+        for name, param in part.named_parameters():
+            (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+        groups.append({"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale})
+    return [group for group in groups if group["params"]]
+
+
+def current_lrs(optimizer: Optimizer, head_lr_mult: float) -> dict[str, float]:
+    """The optimizer's lrs now: the backbone's (`lr`), the head's (`lr_head`) and `lr_trained`, which is the
+    backbone's when any of it trains, else the head's (head-only epochs train nothing at `lr`)."""
+    groups = optimizer.param_groups
+    by_scale = {group["lr_scale"]: group["lr"] for group in groups}
+    trained = {group["lr_scale"] for group in groups if any(p.requires_grad for p in group["params"])}
+    lr, lr_head = by_scale[1.0], by_scale[head_lr_mult]
+    return {"lr": lr, "lr_head": lr_head, "lr_trained": lr if 1.0 in trained else lr_head}
 
 
 def lr_factor(step: int, phases: Sequence[int], warmup_steps: int) -> float:
@@ -47,9 +75,10 @@ def lr_factor(step: int, phases: Sequence[int], warmup_steps: int) -> float:
 
 
 def build_scheduler(
-    optimizer: Optimizer, phase_epochs: Sequence[int], steps_per_epoch: int, warmup_epochs: float
+    optimizer: Optimizer, epoch_phases: Sequence[int], steps_per_epoch: int, warmup_epochs: float
 ) -> LambdaLR:
-    """LambdaLR stepped once per optimizer step over phases of `phase_epochs` epochs each."""
-    phases = [max(1, epochs * steps_per_epoch) for epochs in phase_epochs]
+    """LambdaLR stepped once per optimizer step; `epoch_phases` holds each epoch's phase (consecutive)."""
+    epochs = Counter(epoch_phases)  # phase -> its number of epochs
+    phases = [max(1, epochs[phase] * steps_per_epoch) for phase in sorted(epochs)]
     warmup_steps = round(warmup_epochs * steps_per_epoch)
     return LambdaLR(optimizer, lambda step: lr_factor(step, phases, warmup_steps))

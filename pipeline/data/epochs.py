@@ -1,0 +1,50 @@
+"""Each epoch's batches: augmented images from the uint8 cache, or backbone features for head-only epochs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.data.loader import EpochSampler
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+class EpochData:
+    """The train and val loaders, and the same images as backbone features (computed on first use)."""
+
+    def __init__(
+        self,
+        train_loader: DataLoader,
+        val_loader: DataLoader,
+        features: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+        labels: tuple[torch.Tensor, torch.Tensor],
+    ):
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self._features_fn, self._features = features, None
+        self.labels = labels  # (train, val) int64 label tensors, for the feature batches
+
+    def features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train, val) features, computed on first use (never, when resuming past the head-only epochs)."""
+        if self._features is None:
+            self._features = self._features_fn()
+        return self._features
+
+    def train(self, epoch: int, on_features: bool) -> tuple[Batches, int]:
+        """This epoch's training batches and their number."""
+        sampler: EpochSampler = self.train_loader.sampler
+        sampler.set_epoch(epoch)
+        if not on_features:
+            return self.train_loader, len(self.train_loader)
+        features, batches = self.features()[0], list(sampler.index_batches(self.train_loader.batch_size))
+        return ((features[i], self.labels[0][i]) for i in batches), len(batches)
+
+    def val(self, on_features: bool) -> tuple[Batches, int]:
+        """The validation batches and their number (the same batches from images or from features)."""
+        if not on_features:
+            return self.val_loader, len(self.val_loader)
+        sampler: EpochSampler = self.val_loader.sampler
+        features, batches = self.features()[1], sampler.index_batches(self.val_loader.batch_size)
+        return ((features[i], self.labels[1][i]) for i in batches), len(self.val_loader)

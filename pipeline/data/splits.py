@@ -1,0 +1,70 @@
+"""splits.csv, the split stage's table: its one reader, in pandas alone (no torch: ONNX-side code uses it).
+
+Every cell is read as text, so a class named NA, None or null keeps its name: pandas' defaults would read
+those as missing values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import PipelineError
+
+SPLITS_COLUMNS = ("path", "label", "split", "sha256")
+
+
+def read_splits_table(
+    splits_csv: Path | str, class_names: Sequence[str] | None = None, model_path: Path | None = None
+) -> pd.DataFrame:
+    """The table in file order, every column a string. With `class_names` (the classes of the model at
+    `model_path`) every label must be one of them.
+
+    Raises:
+        PipelineError: the file or one of SPLITS_COLUMNS is missing, or a label is not in `class_names`.
+    """
+    if not Path(splits_csv).is_file():
+        raise PipelineError(
+            f"{splits_csv}: splits table not found; run the split stage first (dvc repro split)"
+        )
+    table = pd.read_csv(splits_csv, dtype=str, keep_default_na=False)
+    missing = [c for c in SPLITS_COLUMNS if c not in table.columns]
+    if missing:
+        raise PipelineError(
+            f"{splits_csv}: missing columns {missing}; re-run the split stage (dvc repro split)"
+        )
+    if class_names is not None:
+        _check_labels(splits_csv, table["label"], class_names, model_path)
+    return table
+
+
+def read_split(
+    splits_csv: Path | str, data_root: Path, split: str, class_names: Sequence[str]
+) -> tuple[list[Path], np.ndarray]:
+    """Image paths (sorted) and class indices of one split, for a model trained on `class_names`."""
+    table = read_splits_table(splits_csv)
+    part = table[table["split"] == split]
+    if part.empty:
+        raise PipelineError(
+            f"{splits_csv}: no '{split}' rows; check split.{split} in params.yaml, re-run split"
+        )
+    _check_labels(splits_csv, part["label"], class_names)
+    rows = sorted(zip(part["path"], part["label"], strict=True))
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = np.array([index[label] for _, label in rows], dtype=np.int64)
+    return [Path(data_root) / path for path, _ in rows], labels
+
+
+def _check_labels(
+    splits_csv: Path | str, labels: Iterable[str], class_names: Sequence[str], model_path: Path | None = None
+) -> None:
+    unknown = sorted(set(labels) - set(class_names))
+    if unknown:
+        model = f"the model {model_path}" if model_path else "the trained model"
+        raise PipelineError(
+            f"{splits_csv}: labels {unknown[:10]} are not classes of {model} ({list(class_names)[:10]}); "
+            "the model is older than the splits: re-run the train stage (dvc repro train)"
+        )
