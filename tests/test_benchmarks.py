@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_image
+from helpers import make_image
 
 from benchmarks.__main__ import BENCHMARKS, main, run
 from benchmarks._common import RESULTS_DIR, Options

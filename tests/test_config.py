@@ -8,7 +8,7 @@ from typing import Any, get_args
 
 import pytest
 import yaml
-from conftest import PROJECT_ROOT
+from helpers import PROJECT_ROOT
 from typer.testing import CliRunner
 
 from pipeline.__main__ import app

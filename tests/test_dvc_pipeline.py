@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PROJECT_ROOT, assert_headline_metrics, copy_project, make_image, metric_columns, run_tool
+from helpers import PROJECT_ROOT, assert_headline_metrics, copy_project, make_image, metric_columns, run_tool
 
 from pipeline.stages import STAGES as CODE_STAGES
 

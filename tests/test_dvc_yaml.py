@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import typer
 import yaml
-from conftest import PROJECT_ROOT
+from helpers import PROJECT_ROOT
 
 from pipeline.__main__ import app
 from pipeline.config import Params

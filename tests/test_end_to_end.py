@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PROJECT_ROOT, run_tool
+from helpers import PROJECT_ROOT, run_tool
 
 from pipeline.stages import STAGES
 

@@ -15,7 +15,7 @@ from uuid import UUID
 import pytest
 import yaml
 import zc.lockfile
-from conftest import PROJECT_ROOT, copy_project, run_tool
+from helpers import PROJECT_ROOT, copy_project, run_tool
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import PROJECT_ROOT
+from helpers import PROJECT_ROOT
 
 CHECKED = ["pipeline", "benchmarks", "tests", "scripts"]
 

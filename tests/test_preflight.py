@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PROJECT_ROOT, make_image_folder
+from helpers import PROJECT_ROOT, make_image_folder
 
 from pipeline.config import NO_CSV_MANIFEST
 from pipeline.errors import PipelineError

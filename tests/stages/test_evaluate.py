@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import assert_headline_metrics, make_image_folder
+from helpers import assert_headline_metrics, make_image_folder
 from PIL import Image
 
 from pipeline import report

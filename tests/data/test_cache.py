@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import make_image
 from PIL import Image
 
 from pipeline.data import cache
 from pipeline.errors import PipelineError
 from pipeline.preprocess import open_rgb, resize_and_crop
-from tests.conftest import make_image
 
 CONFIG = {
     "input_size": [3, 32, 32],

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import model_project
+from helpers import model_project
 
 from pipeline import onnx_runtime as rt
 from pipeline import stats

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import model_project
+from helpers import model_project
 
 from pipeline import onnx_runtime as rt
 from pipeline.data.splits import read_split

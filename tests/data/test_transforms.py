@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import make_image
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -13,7 +14,6 @@ from pipeline.data.cache import build_cache, cached_square
 from pipeline.data.loader import CachedImages, EpochSampler
 from pipeline.data.transforms import build_batch_mix, build_transforms
 from pipeline.preprocess import preprocess
-from tests.conftest import make_image
 
 CONFIG = {
     "input_size": [3, 32, 32],

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_headline_metrics, train_params
 
 from pipeline import progress
 from pipeline.errors import PipelineError
@@ -16,7 +17,6 @@ from pipeline.models import load_trained
 from pipeline.stages import train
 from pipeline.training import checkpoint
 from pipeline.training.precision import cpu_supports_bf16
-from tests.conftest import assert_headline_metrics, train_params
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 CLASSES = ["class_0", "class_1", "class_2"]

@@ -7,7 +7,7 @@ import logging
 
 import pandas as pd
 import pytest
-from conftest import assert_headline_metrics, data_stage_params
+from helpers import assert_headline_metrics, data_stage_params
 
 from pipeline.errors import PipelineError
 from pipeline.io import read_json

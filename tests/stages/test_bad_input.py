@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import data_stage_params, make_image
+from helpers import data_stage_params, make_image
 from PIL import Image
 
 from pipeline.errors import PipelineError

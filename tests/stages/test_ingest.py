@@ -6,7 +6,7 @@ import os
 
 import pandas as pd
 import pytest
-from conftest import assert_headline_metrics, data_stage_params, make_image, make_image_folder
+from helpers import assert_headline_metrics, data_stage_params, make_image, make_image_folder
 from PIL import Image, ImageFile
 
 from pipeline.data import images

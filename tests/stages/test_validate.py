@@ -7,7 +7,7 @@ import re
 
 import pandas as pd
 import pytest
-from conftest import assert_headline_metrics, data_stage_params, make_image, make_image_folder
+from helpers import assert_headline_metrics, data_stage_params, make_image, make_image_folder
 
 from pipeline.errors import PipelineError
 from pipeline.io import read_json

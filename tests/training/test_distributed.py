@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import PROJECT_ROOT, train_params
 
 from pipeline.stages import train
 from pipeline.training import checkpoint
-from tests.conftest import PROJECT_ROOT, train_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 TIMING_KEYS = {"train_seconds", "images_per_s"}
