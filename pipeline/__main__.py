@@ -16,6 +16,7 @@ import typer
 
 from pipeline.config import DEFAULT_PARAMS_FILE, Params
 from pipeline.errors import PipelineError
+from pipeline.stages import SUMMARIES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -34,46 +35,16 @@ def _run_stage(name: str, params_file: Path) -> None:
     typer.echo(f"{name}: done " + json.dumps(summary or {}, sort_keys=True, default=str)[:400])
 
 
-@app.command()
-def ingest(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
-    """Scan the data source, hash and fully decode every image, write the manifest."""
-    _run_stage("ingest", params)
+def _stage_command(name: str, summary: str) -> None:
+    def command(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
+        _run_stage(name, params)
+
+    command.__doc__ = summary
+    app.command(name=name)(command)
 
 
-@app.command()
-def validate(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
-    """Check the manifest (pandera schema + Great Expectations rules); quarantine unusable files."""
-    _run_stage("validate", params)
-
-
-@app.command()
-def split(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
-    """Stratified train/val/test split that keeps exact duplicates together."""
-    _run_stage("split", params)
-
-
-@app.command()
-def train(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
-    """Fine-tune the pretrained backbone (resumes from the last complete epoch)."""
-    _run_stage("train", params)
-
-
-@app.command()
-def evaluate(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
-    """Test-split metrics, calibration, plots and report.html."""
-    _run_stage("evaluate", params)
-
-
-@app.command()
-def quantize(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
-    """ONNX export and static INT8 quantization, with accuracy and latency measured."""
-    _run_stage("quantize", params)
-
-
-@app.command()
-def export(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
-    """Assemble the self-contained export folder and check ONNX/PyTorch parity."""
-    _run_stage("export", params)
+for _name, _summary in SUMMARIES.items():
+    _stage_command(_name, _summary)
 
 
 @app.command()
