@@ -136,7 +136,7 @@ class _Checked:
 def run(params: Params) -> dict:
     manifest, manifest_lines = _read_manifest(params.paths.manifest)
     with atomic_dir(params.paths.reports_dir / "validate") as report_dir:
-        checker = _GxChecker(report_dir / DOCS_DIR, params.paths.cache_dir / "data_docs_templates")
+        checker = _GxChecker(report_dir / DOCS_DIR)
         checked = _check(manifest, checker, params)
         checker.build_docs()
         png = _plot_distribution(checked.frames["classes"], manifest, checked.excluded, params)
@@ -291,7 +291,7 @@ def _summary(files: pd.DataFrame, classes: pd.DataFrame) -> pd.DataFrame:
 class _GxChecker:
     """A Great Expectations ephemeral context: one suite per frame, results rendered as Data Docs."""
 
-    def __init__(self, docs_dir: Path, template_cache_dir: Path) -> None:
+    def __init__(self, docs_dir: Path) -> None:
         os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
         # GX logs hundreds of INFO lines about its own set-up; only its warnings are worth showing.
         logging.getLogger("great_expectations").setLevel(logging.WARNING)
@@ -302,20 +302,11 @@ class _GxChecker:
             ProgressBarsConfig,
         )
 
-        view = {"module_name": "pipeline.data_docs", "template_cache_dir": str(template_cache_dir.resolve())}
         site = {
             "class_name": "SiteBuilder",
             "store_backend": {
                 "class_name": "TupleFilesystemStoreBackend",
                 "base_directory": str(docs_dir.resolve()),
-            },
-            "site_index_builder": {
-                "class_name": "DefaultSiteIndexBuilder",
-                "view": {**view, "class_name": "IndexPageView"},
-            },
-            "site_section_builders": {
-                section: {"view": {**view, "class_name": "PageView"}}
-                for section in ("expectations", "validations", "profiling")
             },
         }
         config = DataContextConfig(
