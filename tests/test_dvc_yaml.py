@@ -7,7 +7,7 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -121,11 +121,22 @@ def test_stage_command_is_the_cli_command(stages, name):
     assert name in typer.main.get_command(app).commands
 
 
+def _stage_code(name: str) -> tuple[str, list[Path]]:
+    """A stage's code as dvc.yaml lists it (its module, or its package's folder) and its files, the one that
+    defines `run` first."""
+    package = PROJECT_ROOT / "pipeline" / "stages" / name
+    if package.is_dir():
+        init = package / "__init__.py"
+        return f"pipeline/stages/{name}", [init, *sorted(set(package.glob("*.py")) - {init})]
+    return f"pipeline/stages/{name}.py", [package.with_suffix(".py")]
+
+
 @pytest.mark.parametrize("name", STAGES)
 def test_stage_code_is_a_dependency_and_exists(stages, name):
     deps = _entries(stages[name]["deps"])
-    assert f"pipeline/stages/{name}.py" in deps, "a stage lists its own code so code changes re-run it"
-    tree = ast.parse((PROJECT_ROOT / "pipeline" / "stages" / f"{name}.py").read_text())
+    code, files = _stage_code(name)
+    assert code in deps, "a stage lists its own code so code changes re-run it"
+    tree = ast.parse(files[0].read_text())
     assert any(isinstance(node, ast.FunctionDef) and node.name == "run" for node in tree.body)
     for dep in deps:
         if not TEMPLATE.search(dep):
@@ -170,7 +181,8 @@ def _params_read(source: str) -> set[str]:
 def test_params_read_by_stage_code_are_declared(stages, name):
     """DVC re-runs a stage only when a declared param changes, so every one the stage reads must be listed."""
     declared = set(stages[name].get("params", []))
-    for dotted in _params_read((PROJECT_ROOT / "pipeline" / "stages" / f"{name}.py").read_text()):
+    _, files = _stage_code(name)
+    for dotted in set().union(*(_params_read(path.read_text()) for path in files)):
         parts = dotted.split(".")
         if parts[0] not in Params.model_fields or parts[0] == "paths":  # paths are deps/outs, not params
             continue

@@ -1,0 +1,128 @@
+"""The validation page (`index.html`, self-contained: it opens offline) and its class-distribution plot."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from pipeline import page
+from pipeline.config import Params
+from pipeline.stages.validate.gx import DOCS_DIR
+from pipeline.stages.validate.rules import RULES
+
+if TYPE_CHECKING:  # the package imports this module: the name only for annotations
+    from pipeline.stages.validate import Checked
+
+_QUARANTINE_SHOWN = 50  # rows of the quarantine list on the page
+_BOUND = {"min_value": "\u2265", "max_value": "\u2264"}  # >=, <=
+_SUBJECT = {
+    "files": "each image: ",
+    "duplicates": "each repeated content: ",
+    "classes": "each class: ",
+    "summary": "",
+}
+_DOCS_NOTE = (
+    "Great Expectations' own rendering of the same checks. It loads its styling and scripts from the "
+    "internet (CDNs): offline it shows unstyled."
+)
+
+
+def plot_distribution(
+    classes: pd.DataFrame, manifest: pd.DataFrame, excluded: dict[str, str], params: Params
+) -> bytes:
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    dropped = manifest[((manifest["status"] != "ok") | manifest["path"].isin(excluded))]
+    dropped = dropped[dropped["status"] != "empty_class_folder"]["label"].value_counts()
+    dropped = dropped.reindex(classes["label"], fill_value=0).to_numpy()
+    kept = classes["images"].to_numpy()
+    figure = Figure(figsize=(max(4.0, 0.5 * len(classes) + 2), 3.5), layout="constrained")
+    axes = figure.add_subplot()
+    axes.bar(classes["label"], kept, label="usable", color="#4c72b0")
+    axes.bar(classes["label"], dropped, bottom=kept, label="quarantined", color="#dd8452")
+    axes.axhline(
+        params.validate.min_images_per_class, color="grey", linestyle="--", label="min_images_per_class"
+    )
+    axes.set_ylabel("images")
+    axes.set_title("Images per class")
+    axes.tick_params(axis="x", labelrotation=45)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def render(checked: Checked, distribution_png: bytes, params: Params) -> str:
+    """The validation view: headline and verdict, every rule, the class distribution, the quarantine."""
+    classes = page.image(distribution_png, "images per class") + page.table(
+        ["class", "usable images"], checked.details["images_per_class"].items()
+    )
+    docs = f"<p>{page.link(f'{DOCS_DIR}/index.html', 'Data Docs')}</p>" + page.note(_DOCS_NOTE)
+    sections = [
+        ("headline", "Headline", _headline(checked)),
+        ("rules", "Rules", _rules_table(checked, params)),
+        ("classes", "Class distribution", classes),
+        ("quarantine", "Quarantine", _quarantine_list(checked.quarantine, params.paths.quarantine)),
+        ("data-docs", "Great Expectations Data Docs", docs),
+        ("raw", "Raw figures", _raw(checked)),
+    ]
+    return page.document("Data validation", sections)
+
+
+def _raw(checked: Checked) -> str:
+    return page.details("metrics/validate.json", page.key_values(checked.metrics)) + page.details(
+        "details.json", page.key_values(checked.details)
+    )
+
+
+def _quarantine_list(quarantine: pd.DataFrame, csv_path: Path) -> str:
+    """The first rows of the quarantine and how many more the CSV holds."""
+    if quarantine.empty:
+        return f"<p>No file was excluded ({page.esc(csv_path)} is empty).</p>"
+    shown = quarantine.head(_QUARANTINE_SHOWN)
+    more = len(quarantine) - len(shown)
+    return (
+        f"<p><strong>{len(quarantine)}</strong> file(s) excluded, each with its reason; all of them are "
+        f"listed in {page.esc(csv_path)}.</p>"
+        + page.table(list(shown.columns), shown.itertuples(index=False))
+        + (page.note(f"... and {more} more in {csv_path}.") if more > 0 else "")
+    )
+
+
+def _headline(checked: Checked) -> str:
+    m = checked.metrics
+    if checked.messages:
+        verdict, tone = f"FAILED ({len(checked.messages)} error(s))", "bad"
+    elif m["warnings"]:
+        verdict, tone = f"passed, {m['warnings']} warning(s)", "warn"
+    else:
+        verdict, tone = "passed", "good"
+    figures = [
+        ("files", m["files"], ""),
+        ("usable", m["usable"], ""),
+        ("quarantined", m["quarantined"], "warn" if m["quarantined"] else ""),
+        ("classes with usable images", m["classes"], ""),
+        ("verdict", verdict, tone),
+    ]
+    reasons = "".join(f"<li>{page.esc(line)}</li>" for line in checked.messages)
+    return page.cards(figures) + (f"<p>The stage fails because:</p><ul>{reasons}</ul>" if reasons else "")
+
+
+def _rules_table(checked: Checked, params: Params) -> str:
+    rows = []
+    for rule, spec in RULES.items():
+        outcome = checked.outcomes.get(rule)
+        check = f"{_SUBJECT[spec.frame]}{spec.column} {_BOUND[spec.bound]} {spec.threshold(params):g}"
+        if outcome is None:
+            rows.append((rule, "off", "not checked", check, "-", "-"))
+            continue
+        result = "passed" if outcome.passed else f"FAILED ({outcome.severity})"
+        observed = "-" if outcome.observed is None else f"{outcome.observed:.4g}"
+        found = outcome.detail or "nothing wrong"
+        fix = "" if outcome.passed else f"; fix: {spec.fix}"
+        rows.append((rule, outcome.severity, result, check, observed, found + fix))
+    header = ["rule", "severity", "outcome", "checks", "worst value", "what it found"]
+    return page.table(header, rows)
