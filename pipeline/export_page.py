@@ -30,6 +30,18 @@ _AGREEMENT = (
     ("INT8 speed-up at batch 1 (timed in turns with FP32)", "int8_speedup_batch1", "{:.2f}x"),
     ("INT8 format", "int8_format", "{}"),
 )
+# One row per INT8 candidate (the quantize report's keys), then its verdict.
+_CANDIDATE_COLUMNS = (
+    ("format", "format", "{}"),
+    ("images", "n", "{:d}"),
+    ("agreement with FP32", "agreement", "{:.1%}"),
+    ("upper bound", "agreement_upper", "{:.1%}"),
+    ("INT8 accuracy", "candidate_accuracy", "{:.1%}"),
+    ("only FP32 right", "worse", "{:d}"),
+    ("only INT8 right", "better", "{:d}"),
+    ("McNemar p", "p_worse", "{:.3g}"),
+    ("speed-up, batch 1", "speedup_batch1", "{:.2f}x"),
+)
 _PARITY = (
     ("test images", "n", "{:d}"),
     ("ONNX Runtime / PyTorch top-1 agreement", "top1_agreement", "{:.2%}"),
@@ -131,9 +143,18 @@ def _candidates(report: dict) -> str:
     if not candidates:
         parts.append(page.note("No candidates recorded (no quantize report, or quantization disabled)."))
         return "".join(parts)
-    columns = list(dict.fromkeys(key for c in candidates for key in c))
-    parts.append(page.table(columns, ([c.get(key) for key in columns] for c in candidates)))
+    rows = (
+        [_shown(c.get(key), spec) for _, key, spec in _CANDIDATE_COLUMNS] + [_verdict(c)] for c in candidates
+    )
+    parts.append(page.table([label for label, _, _ in _CANDIDATE_COLUMNS] + ["verdict"], rows))
     return "".join(parts)
+
+
+def _verdict(candidate: dict) -> str:
+    reasons = candidate.get("rejected_because")
+    if candidate.get("passed") or reasons == []:
+        return "passed"
+    return "rejected: " + "; ".join(map(str, reasons)) if isinstance(reasons, list) else page.fmt(reasons)
 
 
 def _parity(export: dict) -> str:

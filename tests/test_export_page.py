@@ -71,7 +71,7 @@ def test_int8_served_says_so_and_why_and_compares_with_fp32():
     ):
         assert shown in comparison, shown
     candidates = sections["candidates"]
-    assert "<th>rejected_because</th>" in candidates and "agreement 91.0% &lt; 97%" in candidates
+    assert "<th>verdict</th>" in candidates and "rejected: agreement 91.0% &lt; 97%" in candidates
     assert "s8s8" in candidates and "0.62" in candidates
     assert "AMD EPYC 9R14" in candidates
     assert "1.2e-05" in sections["parity"] and "100.00%" in sections["parity"]
