@@ -21,22 +21,27 @@ def median_seconds(call: Callable[[], object], repeats: int, warmup: int = 3) ->
     return statistics.median(times)
 
 
+_BLOCK = 5  # timed calls in a row of one runner in paired_batch1_ms
+
+
 def paired_batch1_ms(
     first: Callable[[np.ndarray], object],
     second: Callable[[np.ndarray], object],
     inputs: np.ndarray,
     repeats: int,
 ) -> tuple[float, float]:
-    """Median batch-1 latency (ms) of two runners timed in turns, so that a busy machine slows both alike."""
+    """Median batch-1 latency (ms) of two runners timed in alternating blocks, so that a machine whose load
+    drifts slows both alike. Blocks, not single calls: right after one ONNX Runtime session runs, its idle
+    threads still spin for a while and slow the other session; each block's first call is untimed."""
     single = np.ascontiguousarray(inputs[:1])
     times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(3):
-        first(single), second(single)
-    for _ in range(repeats):
+    for _ in range(max(1, -(-repeats // _BLOCK))):
         for run, spent in ((first, times[0]), (second, times[1])):
-            start = time.perf_counter()
             run(single)
-            spent.append(time.perf_counter() - start)
+            for _ in range(_BLOCK):
+                start = time.perf_counter()
+                run(single)
+                spent.append(time.perf_counter() - start)
     return 1000.0 * statistics.median(times[0]), 1000.0 * statistics.median(times[1])
 
 
