@@ -1,0 +1,133 @@
+"""Adversarial input: tampered export folders, hostile params, unparsable overrides, a full disk, unsafe
+pickles, temp folders left by killed runs. Each ends with a non-zero exit and one line naming the file or key
+and a fix, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import PROJECT_ROOT
+from typer.testing import CliRunner
+
+from pipeline.__main__ import app
+from pipeline.config import Params
+from pipeline.errors import ParamsError, PipelineError
+
+
+def _one_line(message: str) -> str:
+    """The single line of an error message (fails when there are more, or a traceback)."""
+    assert "Traceback" not in message, message
+    lines = message.strip().splitlines()
+    assert len(lines) == 1, message
+    return lines[0]
+
+
+def _cli_failure(args: list[str], cwd: Path) -> str:
+    """`python -m pipeline ARGS` in a real process: its one stderr line, once it has exited non-zero."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    return _one_line(proc.stderr)
+
+
+def _runner_failure(args: list[str]) -> str:
+    """The CLI in this process (for monkeypatched faults): non-zero exit, no uncaught exception, one line."""
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    return _one_line(result.output)
+
+
+# --- params -------------------------------------------------------------------------------------------------
+
+
+def _params_file(folder: Path, text: str) -> Path:
+    path = folder / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_empty_params_file_is_refused_naming_the_file(tmp_path):
+    path = _params_file(tmp_path, "# everything commented out\n")
+    line = _runner_failure(["split", "--params", str(path)])
+    assert (
+        line
+        == f"split: {path}: empty; copy the shipped params.yaml (git checkout -- params.yaml) and edit it"
+    )
+
+
+def test_params_file_that_is_no_mapping_says_to_copy_the_shipped_one(tmp_path):
+    with pytest.raises(ParamsError, match="expected a mapping of sections.*copy the shipped params.yaml"):
+        Params.load(_params_file(tmp_path, "just a string\n"))
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ({"train": {"lr": float("inf")}}, "train.lr: expected a finite number, got inf"),
+        ({"train": {"lr": float("nan")}}, "train.lr: expected a finite number, got nan"),
+        (
+            {"validate": {"max_imbalance_ratio": float("-inf")}},
+            "validate.max_imbalance_ratio: expected a finite",
+        ),
+    ],
+)
+def test_non_finite_numbers_are_refused(tmp_path, section, expected):
+    path = _params_file(tmp_path, yaml.safe_dump(section))
+    assert ".inf" in path.read_text() or ".nan" in path.read_text()  # what a user would write
+    with pytest.raises(ParamsError) as info:
+        Params.load(path)
+    assert expected in _one_line(str(info.value))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("train:\n  epochs: true\n", "train.epochs: expected an integer, got True"),
+        ("train:\n  lr: false\n", "train.lr: expected a number, got False"),
+        ("model:\n  image_size: true\n", "model.image_size: expected an integer, got True"),
+    ],
+)
+def test_booleans_where_numbers_belong_are_refused(tmp_path, text, expected):
+    with pytest.raises(ParamsError) as info:
+        Params.load(_params_file(tmp_path, text))
+    assert expected in _one_line(str(info.value))
+
+
+def test_booleans_still_fill_boolean_keys_and_yaml_exponents_still_read_as_numbers(tmp_path):
+    params = Params.load(_params_file(tmp_path, "train:\n  compile: true\n  lr: 3e-4\n"))
+    assert params.train.compile is True and params.train.lr == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize(
+    "value", ["/etc/pipeline-model.pt", "../outside/model.pt", "models/../../model.pt", "."]
+)
+def test_output_paths_outside_the_project_are_refused_naming_the_key(tmp_path, value):
+    project = tmp_path / "project"
+    project.mkdir()
+    with pytest.raises(ParamsError) as info:
+        Params.load(_params_file(project, yaml.safe_dump({"paths": {"model": value}})))
+    line = _one_line(str(info.value))
+    assert f"paths.model: {value} is not inside the project folder {project}" in line
+    assert "relative to it and without `..`" in line
+
+
+def test_output_paths_inside_the_project_and_inputs_anywhere_are_accepted(tmp_path):
+    paths = {
+        "model": str(tmp_path / "models" / "m.pt"),
+        "export_dir": "models/./export",
+        "data_root": "/data",
+    }
+    params = Params.load(_params_file(tmp_path, yaml.safe_dump({"paths": paths})))
+    assert params.paths.model == tmp_path / "models" / "m.pt"
+    assert Params.load(PROJECT_ROOT / "params.yaml").paths.export_dir == Path("models/export")
+
+
+def test_an_override_cannot_move_an_output_out_of_the_project(tmp_path):
+    with pytest.raises(ParamsError, match="paths.export_dir: /tmp is not inside the project folder"):
+        Params.load(_params_file(tmp_path, "base:\n  seed: 1\n"), {"paths.export_dir": "/tmp"})
