@@ -133,7 +133,14 @@ def _overrides(pairs: list[str]) -> dict[str, object]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise PipelineError(f"--set {pair!r}: expected key=value, e.g. --set train.lr=0.001")
-        parsed[key.strip()] = yaml.safe_load(value)
+        try:
+            parsed[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            reason = getattr(exc, "problem", None) or type(exc).__name__
+            raise PipelineError(
+                f"--set {pair!r}: the value is not valid YAML ({reason}); quote it as a string "
+                f"(--set '{key.strip()}=\"...\"') or fix it, e.g. --set train.lr=0.001"
+            ) from None
     return parsed
 
 

@@ -131,3 +131,12 @@ def test_output_paths_inside_the_project_and_inputs_anywhere_are_accepted(tmp_pa
 def test_an_override_cannot_move_an_output_out_of_the_project(tmp_path):
     with pytest.raises(ParamsError, match="paths.export_dir: /tmp is not inside the project folder"):
         Params.load(_params_file(tmp_path, "base:\n  seed: 1\n"), {"paths.export_dir": "/tmp"})
+
+
+# --- overrides ----------------------------------------------------------------------------------------------
+
+
+def test_override_whose_value_is_not_yaml_names_the_override(tmp_path):
+    line = _cli_failure(["flow", "-S", "train.lr=[", "--project", str(tmp_path)], cwd=tmp_path)
+    assert line.startswith("flow: --set 'train.lr=[': the value is not valid YAML"), line
+    assert "quote it as a string" in line
