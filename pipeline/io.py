@@ -4,6 +4,7 @@ so a crash mid-stage leaves the previous version intact."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -27,9 +28,10 @@ def atomic_path(target: Path | str, suffix: str | None = None) -> Iterator[Path]
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        tmp.chmod(0o644)  # mkstemp creates 0600; artifacts are meant to be shared
-        os.replace(tmp, target)
+        with _full_disk_names(target, tmp):
+            yield tmp
+            tmp.chmod(0o644)  # mkstemp creates 0600; artifacts are meant to be shared
+            os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -41,16 +43,30 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp creates 0700
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        with _full_disk_names(target, tmp):
+            yield tmp
+            tmp.chmod(0o755)  # mkdtemp creates 0700
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            if target.exists():
+                os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _full_disk_names(target: Path, tmp: Path) -> Iterator[None]:
+    """A full disk met while writing `tmp` is reported as writing `target`: a write() names no file, and the
+    temp name means nothing to the user."""
+    try:
+        yield
+    except OSError as exc:
+        named = exc.filename is None or str(exc.filename).startswith(str(tmp))
+        if exc.errno != errno.ENOSPC or not named:
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target)) from exc
 
 
 def write_text(target: Path | str, text: str) -> Path:

@@ -4,18 +4,20 @@ and a fix, never a traceback."""
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import PROJECT_ROOT
+from helpers import PROJECT_ROOT, make_image_folder
 from typer.testing import CliRunner
 
 from pipeline.__main__ import app
 from pipeline.config import Params
-from pipeline.errors import ParamsError, PipelineError
+from pipeline.errors import ParamsError
 
 
 def _one_line(message: str) -> str:
@@ -140,3 +142,26 @@ def test_override_whose_value_is_not_yaml_names_the_override(tmp_path):
     line = _cli_failure(["flow", "-S", "train.lr=[", "--project", str(tmp_path)], cwd=tmp_path)
     assert line.startswith("flow: --set 'train.lr=[': the value is not valid YAML"), line
     assert "quote it as a string" in line
+
+
+# --- a full disk --------------------------------------------------------------------------------------------
+
+
+def test_full_disk_during_a_stage_is_one_line_naming_the_artifact(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "images", classes=2, per_class=3)
+    params = _params_file(tmp_path, "paths:\n  data_root: images\ningest:\n  num_workers: 0\n")
+    write_text = Path.write_text
+
+    def disk_full(path: Path, *args, **kwargs):  # what write() raises on a full disk: no file name
+        if path.is_relative_to(tmp_path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_text(path, *args, **kwargs)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    line = _runner_failure(["ingest", "--params", str(params)])
+    details = Params.load(params).paths.details("ingest")
+    assert line == (
+        f"ingest: no space left on device while writing {details}: free space or point paths.* elsewhere"
+    )
+    assert not [p for p in details.parent.iterdir() if p.name.startswith(".")], "a temp file was left"
