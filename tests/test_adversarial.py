@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from pipeline.__main__ import app
 from pipeline.config import Params
-from pipeline.errors import ParamsError
+from pipeline.errors import ParamsError, PipelineError
 
 
 def _one_line(message: str) -> str:
@@ -165,3 +165,73 @@ def test_full_disk_during_a_stage_is_one_line_naming_the_artifact(tmp_path, monk
         f"ingest: no space left on device while writing {details}: free space or point paths.* elsewhere"
     )
     assert not [p for p in details.parent.iterdir() if p.name.startswith(".")], "a temp file was left"
+
+
+# --- unsafe or corrupt torch files --------------------------------------------------------------------------
+
+
+class Payload:
+    """Any class: unpickling it means importing and running code named by the file."""
+
+
+def _torch_file(path: Path, kind: str) -> Path:
+    import torch
+
+    if kind == "pickled object":
+        torch.save({"state_dict": {}, "extra": Payload()}, path)
+    elif kind == "text":
+        path.write_text("a model, honestly\n")
+    elif kind == "truncated zip":
+        torch.save({"weight": torch.zeros(64)}, path)
+        path.write_bytes(path.read_bytes()[:200])
+    else:  # tensors, but not what the reader expects
+        torch.save({"weight": torch.zeros(2)}, path)
+    return path
+
+
+def _assert_safe_refusal(line: str, path: Path, fix: str) -> None:
+    assert str(path) in line and fix in line, line
+    assert "weights_only" not in line, f"the message points at unsafe loading: {line}"
+
+
+def test_model_artifact_holding_a_pickled_object_fails_in_the_cli_with_one_safe_line(tmp_path):
+    _torch_file(tmp_path / "model.pt", "pickled object")
+    params = _params_file(tmp_path, "paths:\n  model: model.pt\n")
+    line = _cli_failure(["evaluate", "--params", str(params)], cwd=tmp_path)
+    assert line.startswith("evaluate: model.pt: not plain tensors that load without running code"), line
+    _assert_safe_refusal(line, Path("model.pt"), "re-run the train stage (dvc repro train)")
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated zip", "other tensors"])
+def test_model_artifact_that_is_no_artifact_is_refused_with_one_line(tmp_path, kind):
+    from pipeline.models import load_trained
+
+    path = _torch_file(tmp_path / "model.pt", kind)
+    with pytest.raises(PipelineError) as info:
+        load_trained(path)
+    _assert_safe_refusal(_one_line(str(info.value)), path, "re-run the train stage (dvc repro train)")
+
+
+@pytest.mark.parametrize("kind", ["pickled object", "text", "truncated zip"])
+def test_weights_file_that_is_no_safe_state_dict_is_refused_naming_the_key(tmp_path, kind):
+    from pipeline.config import ModelParams
+    from pipeline.models import build_model
+
+    path = _torch_file(tmp_path / "weights.pth", kind)
+    params = ModelParams(backbone="test_efficientnet", weights=f"file:{path}")
+    with pytest.raises(PipelineError) as info:
+        build_model(params, num_classes=3)
+    line = _one_line(str(info.value))
+    assert line.startswith(f"model.weights: {path}: "), line
+    _assert_safe_refusal(line, path, "save a plain state dict (torch.save(model.state_dict(), path))")
+
+
+def test_corrupt_safetensors_weights_are_refused_with_one_line(tmp_path):
+    from pipeline.config import ModelParams
+    from pipeline.models import build_model
+
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(b"\xff" * 64)
+    with pytest.raises(PipelineError) as info:
+        build_model(ModelParams(backbone="test_efficientnet", weights=f"file:{path}"), num_classes=3)
+    assert _one_line(str(info.value)).startswith(f"model.weights: {path}: not a readable .safetensors file")
