@@ -235,3 +235,52 @@ def test_corrupt_safetensors_weights_are_refused_with_one_line(tmp_path):
     with pytest.raises(PipelineError) as info:
         build_model(ModelParams(backbone="test_efficientnet", weights=f"file:{path}"), num_classes=3)
     assert _one_line(str(info.value)).startswith(f"model.weights: {path}: not a readable .safetensors file")
+
+
+# --- temp files of killed runs ------------------------------------------------------------------------------
+
+# A writer in the middle of replacing a folder and a file: it prints both temp paths, then waits to be killed.
+_WRITER = """
+import sys, time
+from pipeline.io import atomic_dir, atomic_path
+with atomic_dir(sys.argv[1]) as folder, atomic_path(sys.argv[2]) as file:
+    (folder / "model.onnx").write_bytes(b"half a model")
+    file.write_text("half a file")
+    print(folder, file, sep="\\n", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_temps_of_a_killed_writer_are_removed_by_the_next_write_and_a_live_writers_are_not(tmp_path):
+    from pipeline.io import atomic_dir, write_text
+
+    folder, file = tmp_path / "models" / "onnx", tmp_path / "models" / "model.pt"
+    legacy = tmp_path / "models" / ".onnx.k3j2_x9"  # a temp named before temps carried their owner
+    legacy.mkdir(parents=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(folder), str(file)],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        temps = [Path(writer.stdout.readline().strip()) for _ in range(2)]
+        assert all(temp.exists() and temp.parent == folder.parent for temp in temps), temps
+        with atomic_dir(folder) as out:  # a concurrent write while the writer is alive: its temps stay
+            (out / "model.onnx").write_bytes(b"a whole model")
+        write_text(file, "a whole file")
+        assert all(temp.exists() for temp in temps), "a live writer's temp was removed"
+    finally:
+        writer.kill()
+        writer.wait()
+    assert all(temp.exists() for temp in temps), "SIGKILL runs no clean-up: the temps are left behind"
+
+    with atomic_dir(folder) as out:
+        (out / "model.onnx").write_bytes(b"the next model")
+    assert not temps[0].exists(), "the killed run's temp folder was not removed"
+    assert temps[1].exists(), "a file's temp goes with the next write of that file, not of the folder"
+    write_text(file, "the next file")
+    assert not temps[1].exists()
+    assert legacy.is_dir(), "a temp without an owner in its name cannot be judged and must stay"
+    assert (folder / "model.onnx").read_bytes() == b"the next model"
+    assert sorted(p.name for p in folder.parent.iterdir()) == [legacy.name, "model.pt", "onnx"]
