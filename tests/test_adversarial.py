@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import PROJECT_ROOT, make_image_folder
+from helpers import PROJECT_ROOT, make_image, make_image_folder
 from typer.testing import CliRunner
 
 from pipeline.__main__ import app
@@ -284,3 +284,106 @@ def test_temps_of_a_killed_writer_are_removed_by_the_next_write_and_a_live_write
     assert legacy.is_dir(), "a temp without an owner in its name cannot be judged and must stay"
     assert (folder / "model.onnx").read_bytes() == b"the next model"
     assert sorted(p.name for p in folder.parent.iterdir()) == [legacy.name, "model.pt", "onnx"]
+
+
+# --- a tampered export folder -------------------------------------------------------------------------------
+
+CLASSES = ["cat", "dog", "fox"]
+PREPROCESS = {
+    "input_size": [3, 32, 32],
+    "interpolation": "bilinear",
+    "mean": [0.5, 0.5, 0.5],
+    "std": [0.5, 0.5, 0.5],
+    "crop_pct": 0.875,
+    "crop_mode": "center",
+}
+
+
+def _onnx_classifier(path: Path, classes: int, size: int) -> Path:
+    """A real ONNX model taking (N, 3, size, size) and giving (N, classes): mean colour x a fixed matrix."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.arange(3 * classes, dtype=np.float32).reshape(3, classes), "weight")
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["colour"]),
+            helper.make_node("MatMul", ["colour", "weight"], ["logits"]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture
+def export_folder(tmp_path):
+    """A working export folder (model.onnx, labels.json, preprocess.json) and an image to classify."""
+    import json
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    _onnx_classifier(folder / "model.onnx", len(CLASSES), 32)
+    (folder / "labels.json").write_text(json.dumps(CLASSES))
+    (folder / "preprocess.json").write_text(json.dumps(PREPROCESS))
+    return folder, make_image(tmp_path / "photo.png", 1)
+
+
+def test_the_untampered_export_folder_predicts(export_folder):
+    from pipeline.predict import Predictor
+
+    folder, image = export_folder
+    (prediction,) = Predictor(folder).predict([image])
+    assert prediction.ok and prediction.labels[0][0] in CLASSES
+
+
+def _tamper(folder: Path, name: str, content) -> None:
+    import json
+
+    (folder / name).write_text(content if isinstance(content, str) else json.dumps(content))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("labels.json", '["cat", "dog",', "labels.json: not valid JSON"),
+        ("preprocess.json", "{input_size: 32}", "preprocess.json: not valid JSON"),
+        ("labels.json", {"0": "cat"}, "labels.json: expected a JSON list of class names"),
+        ("labels.json", ["cat", "dog"], "labels.json: 2 class names but model.onnx outputs 3 scores"),
+        ("labels.json", ["cat", "dog", "fox", "owl"], "labels.json: 4 class names but model.onnx outputs 3"),
+        ("labels.json", ["cat", "cat", "fox"], "labels.json: a class name appears twice"),
+        ("preprocess.json", {**PREPROCESS, "crop_pct": None}, "preprocess.json: crop_pct must be"),
+        (
+            "preprocess.json",
+            {k: v for k, v in PREPROCESS.items() if k != "mean"},
+            "preprocess.json: missing keys ['mean']",
+        ),
+        (
+            "preprocess.json",
+            {**PREPROCESS, "input_size": [3, 64, 64]},
+            "preprocess.json: input_size [3, 64, 64] but model.onnx takes [3, 32, 32]",
+        ),
+        ("preprocess.json", {**PREPROCESS, "input_size": [3, 99999, 99999]}, "sides of 8 to 4096 px"),
+        ("preprocess.json", {**PREPROCESS, "input_size": [3, 4, 4]}, "sides of 8 to 4096 px"),
+        ("preprocess.json", {**PREPROCESS, "crop_pct": 0}, "crop_pct must be a number in (0, 2], got 0"),
+        ("preprocess.json", {**PREPROCESS, "crop_pct": 50}, "crop_pct must be a number in (0, 2], got 50"),
+        ("preprocess.json", {**PREPROCESS, "std": [0.5, 0, 0.5]}, "std must be 3 positive numbers"),
+        ("preprocess.json", {**PREPROCESS, "mean": [0.5, 0.5]}, "mean must be 3 numbers"),
+        ("preprocess.json", {**PREPROCESS, "interpolation": "magic"}, "interpolation must be one of"),
+        ("model.onnx", "not a model, but a note", "model.onnx: not an ONNX model ONNX Runtime can load"),
+    ],
+)
+def test_tampered_export_folder_fails_predict_with_one_line(export_folder, name, content, expected):
+    folder, image = export_folder
+    _tamper(folder, name, content)
+    line = _runner_failure(["predict", str(image), "--model", str(folder), "--precision", "fp32"])
+    assert line.startswith(f"predict: {folder}/"), line
+    assert expected in line, line
+    assert line.endswith("re-run the export stage (dvc repro export) or copy the whole export folder again")
