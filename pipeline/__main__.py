@@ -5,12 +5,13 @@ Commands only load params, call the stage's `run`, and turn `PipelineError` into
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NoReturn
 
 import typer
 
@@ -30,9 +31,18 @@ def _run_stage(name: str, params_file: Path) -> None:
         stage = importlib.import_module(f"pipeline.stages.{name}")
         summary = stage.run(params)
     except PipelineError as exc:
-        typer.secho(f"{name}: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(1) from None
+        _fail(name, str(exc))
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        where = exc.filename or "an output"
+        _fail(name, f"no space left on device while writing {where}: free space or point paths.* elsewhere")
     typer.echo(f"{name}: done " + json.dumps(summary or {}, sort_keys=True, default=str)[:400])
+
+
+def _fail(command: str, message: str) -> NoReturn:
+    typer.secho(f"{command}: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(1) from None
 
 
 def _stage_command(name: str, summary: str) -> None:
@@ -133,7 +143,14 @@ def _overrides(pairs: list[str]) -> dict[str, object]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise PipelineError(f"--set {pair!r}: expected key=value, e.g. --set train.lr=0.001")
-        parsed[key.strip()] = yaml.safe_load(value)
+        try:
+            parsed[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            reason = getattr(exc, "problem", None) or type(exc).__name__
+            raise PipelineError(
+                f"--set {pair!r}: the value is not valid YAML ({reason}); quote it as a string "
+                f"(--set '{key.strip()}=\"...\"') or fix it, e.g. --set train.lr=0.001"
+            ) from None
     return parsed
 
 

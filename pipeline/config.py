@@ -7,12 +7,21 @@ Every tunable lives in one section per stage; every file the pipeline reads or w
 from __future__ import annotations
 
 import difflib
+import os
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import ParamsError
 from pipeline.preprocess import IMAGE_EXTENSIONS
@@ -29,8 +38,23 @@ PositiveFloat = Annotated[float, Field(gt=0.0)]
 Severity = Literal["error", "warning", "off"]
 
 
+def _is_number(annotation: Any, kinds: tuple[type, ...] = (int, float)) -> bool:
+    """Whether a field's annotation (int, float, `PositiveInt | None` ...) takes a number of `kinds`."""
+    return annotation in kinds or any(_is_number(arg, kinds) for arg in get_args(annotation))
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan=False: YAML's .inf and .nan are floats, and no tunable means anything at either.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """Pydantic's lax mode reads `epochs: true` as 1; a boolean where a number belongs is a mistake."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and _is_number(annotation):
+            raise ValueError("expected an integer" if _is_number(annotation, (int,)) else "expected a number")
+        return value
 
 
 class BaseParams(_Section):
@@ -254,33 +278,71 @@ with warnings.catch_warnings():
         ) -> Params:
             """Parse a params file (plus optional dotted overrides such as {"train.lr": 1e-3})."""
             path = Path(path)
-            if not path.is_file():
-                raise ParamsError(
-                    f"{path}: params file not found; run from the project root or pass --params"
-                )
-            try:
-                raw = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
-            if not isinstance(raw, dict):
-                raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+            raw = _read_mapping(path)
             for dotted, value in (overrides or {}).items():
                 set_dotted(raw, dotted, value)
-            return cls.from_dict(raw, source=str(path))
+            params = cls.from_dict(raw, source=str(path))
+            _check_outputs_inside(params.paths, path.parent, source=str(path))
+            return params
 
         @classmethod
         def from_dict(cls, raw: dict[str, Any], source: str = "params") -> Params:
             try:
                 return cls.model_validate(raw)
             except ValidationError as exc:
-                lines = _describe(exc)
-                # One problem: one line; several: a line each under the file's name.
-                joined = f": {lines[0]}" if len(lines) == 1 else "\n  " + "\n  ".join(lines)
-                raise ParamsError(f"{source}: invalid params{joined}") from None
+                raise _invalid(source, _describe(exc)) from None
 
         def to_dict(self) -> dict[str, Any]:
             """JSON-safe dict (paths as strings) that travels inside checkpoints and exports."""
             return self.model_dump(mode="json")
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """The params file's top-level mapping; a missing, empty, unparsable or non-mapping file is refused."""
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found; run from the project root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    if raw is None:
+        raise ParamsError(
+            f"{path}: empty; copy the shipped params.yaml (git checkout -- params.yaml) and edit it"
+        )
+    if not isinstance(raw, dict):
+        raise ParamsError(
+            f"{path}: expected a mapping of sections at the top level; copy the shipped params.yaml, edit it"
+        )
+    return raw
+
+
+# Inputs may live anywhere; every other path is written (some folders are replaced whole by a stage).
+_INPUT_PATHS = {"data_root", "csv_manifest"}
+
+
+def _check_outputs_inside(paths: PathsParams, project: Path, source: str) -> None:
+    """Refuse output paths outside the project folder (the params file's): relative ones that climb out
+    with `..`, absolute ones elsewhere, and the folder itself. A stage replacing `paths.export_dir: /home/me`
+    as a whole would delete it, and DVC refuses outputs outside the repository anyway."""
+    root = os.path.abspath(project)
+    problems = []
+    for key, value in paths:
+        if key in _INPUT_PATHS:
+            continue
+        target = os.path.normpath(os.path.join(root, value))  # an absolute `value` stays as it is
+        if os.path.commonpath([root, target]) != root or target == root:
+            problems.append(
+                f"paths.{key}: {value} is not inside the project folder {root}; use a path inside it, "
+                "relative to it and without `..` (e.g. the shipped params.yaml's)"
+            )
+    if problems:
+        raise _invalid(source, problems)
+
+
+def _invalid(source: str, problems: list[str]) -> ParamsError:
+    """One problem: one line; several: a line each under the file's name."""
+    joined = f": {problems[0]}" if len(problems) == 1 else "\n  " + "\n  ".join(problems)
+    return ParamsError(f"{source}: invalid params{joined}")
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -307,6 +369,7 @@ _EXPECTATIONS = {
     "int_from_float": "expected an integer",
     "bool_parsing": "expected true or false",
     "bool_type": "expected true or false",
+    "finite_number": "expected a finite number",
     "extra_forbidden": "unknown key{suggestion} (see README 'Params reference')",
     "model_type": "expected a section (a mapping of keys)",
 }

@@ -10,6 +10,7 @@ import csv
 import glob
 import io
 import json
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,15 +18,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from PIL import Image
 from tqdm import tqdm
 
 from pipeline import onnx_runtime as rt
 from pipeline.errors import PipelineError
-from pipeline.preprocess import IMAGE_EXTENSIONS, open_rgb, preprocess
+from pipeline.preprocess import IMAGE_EXTENSIONS, INTERPOLATIONS, open_rgb, preprocess
 
 # What PIL raises for missing, truncated, corrupt or oversized files (some decoders raise SyntaxError).
 _READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# What ONNX Runtime raises for a model file it cannot load (its own classes, not OSError or ValueError).
+_ORT_LOAD_ERRORS = (
+    ort_state.Fail,
+    ort_state.InvalidArgument,
+    ort_state.InvalidGraph,
+    ort_state.InvalidProtobuf,
+    ort_state.NotImplemented,
+    ort_state.RuntimeException,
+)
+_REEXPORT = "re-run the export stage (dvc repro export) or copy the whole export folder again"
+_PREPROCESS_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct")
+_SIDE_PX = (8, 4096)  # sane input sides: below, nothing is recognisable; above, one image outgrows memory
 
 
 class UsageError(PipelineError):
@@ -58,13 +72,13 @@ class Predictor:
                 raise UsageError(
                     f"{needed}: not found; pass --model with an export folder (`python -m pipeline export`)"
                 )
-        self.class_names: list[str] = json.loads((model_dir / rt.LABELS_FILE).read_text(encoding="utf-8"))
-        self.data_config: dict[str, Any] = json.loads(
-            (model_dir / rt.PREPROCESS_FILE).read_text(encoding="utf-8")
-        )
-        fp32 = rt.session(model_dir / rt.FP32_FILE)
+        self.class_names: list[str] = _read_labels(model_dir / rt.LABELS_FILE)
+        self.data_config: dict[str, Any] = _read_preprocess(model_dir / rt.PREPROCESS_FILE)
+        fp32 = _open_model(model_dir / rt.FP32_FILE)
         self.served, self.reason = served_model(model_dir, precision, rt.metadata(fp32), rt.cpu_info())
-        self._session = fp32 if self.served == "fp32" else rt.session(model_dir / rt.INT8_FILE)
+        served = model_dir / (rt.FP32_FILE if self.served == "fp32" else rt.INT8_FILE)
+        self._session = fp32 if self.served == "fp32" else _open_model(served)
+        _check_fits(self._session, served, self.class_names, self.data_config)
         self.temperature = float(rt.metadata(self._session).get("temperature", 1.0))
         self.batch_size = batch_size
 
@@ -107,6 +121,91 @@ class Predictor:
     def _top(self, probs: np.ndarray, top_k: int) -> list[tuple[str, float]]:
         order = np.argsort(-probs, kind="stable")[:top_k]
         return [(self.class_names[i], float(probs[i])) for i in order]
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); {_REEXPORT}") from None
+    except UnicodeDecodeError:
+        raise PipelineError(f"{path}: not UTF-8 text; {_REEXPORT}") from None
+
+
+def _read_labels(path: Path) -> list[str]:
+    """The class names in logit order: a JSON list of distinct, non-empty strings."""
+    names = _read_json(path)
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise PipelineError(f"{path}: expected a JSON list of class names (strings); {_REEXPORT}")
+    if len(set(names)) != len(names):
+        raise PipelineError(f"{path}: a class name appears twice; {_REEXPORT}")
+    return names
+
+
+def _read_preprocess(path: Path) -> dict[str, Any]:
+    """The eval preprocessing, every value within sane bounds (a tampered file would mis-size every image)."""
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise PipelineError(f"{path}: expected a JSON object of {', '.join(_PREPROCESS_KEYS)}; {_REEXPORT}")
+    missing = [key for key in _PREPROCESS_KEYS if key not in config]
+    problem = f"missing keys {missing}" if missing else _preprocess_problem(config)
+    if problem:
+        raise PipelineError(f"{path}: {problem}; {_REEXPORT}")
+    return config
+
+
+def _preprocess_problem(config: dict[str, Any]) -> str | None:
+    """What is wrong with a data config's values, or None."""
+    size, crop_pct = config["input_size"], config["crop_pct"]
+    low, high = _SIDE_PX
+    if not (_numbers(size, 3, int) and size[0] == 3 and all(low <= side <= high for side in size[1:])):
+        return f"input_size must be [3, H, W] with sides of {low} to {high} px, got {size!r}"
+    if not (_numbers([crop_pct], 1) and 0 < crop_pct <= 2):
+        return f"crop_pct must be a number in (0, 2], got {crop_pct!r}"
+    if config["interpolation"] not in INTERPOLATIONS:
+        return f"interpolation must be one of {list(INTERPOLATIONS)}, got {config['interpolation']!r}"
+    if not _numbers(config["mean"], 3):
+        return f"mean must be 3 numbers (one per channel), got {config['mean']!r}"
+    if not (_numbers(config["std"], 3) and all(value > 0 for value in config["std"])):
+        return f"std must be 3 positive numbers (one per channel), got {config['std']!r}"
+    return None
+
+
+def _numbers(values: Any, count: int, kind: type = float) -> bool:
+    """Whether `values` is a list of `count` finite numbers (integers if `kind` is int); booleans are not."""
+    kinds = (int,) if kind is int else (int, float)
+    return (
+        isinstance(values, list)
+        and len(values) == count
+        and all(isinstance(v, kinds) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    )
+
+
+def _open_model(path: Path) -> Any:
+    """An ONNX Runtime session of `path`; a file ONNX Runtime cannot load is one line naming it."""
+    try:
+        return rt.session(path)
+    except _ORT_LOAD_ERRORS as exc:
+        raise PipelineError(
+            f"{path}: not an ONNX model ONNX Runtime can load ({type(exc).__name__}); {_REEXPORT}"
+        ) from None
+
+
+def _check_fits(session: Any, model: Path, class_names: list[str], data_config: dict[str, Any]) -> None:
+    """The labels and the preprocessed size agree with the model's output and input (where they are fixed)."""
+    classes = session.get_outputs()[0].shape[-1]
+    if isinstance(classes, int) and classes != len(class_names):
+        raise PipelineError(
+            f"{model.parent / rt.LABELS_FILE}: {len(class_names)} class names but {model.name} outputs "
+            f"{classes} scores; {_REEXPORT}"
+        )
+    inputs = session.get_inputs()[0].shape[1:]  # (channels, height, width); a dynamic one is a name
+    wanted = data_config["input_size"]
+    if any(isinstance(have, int) and have != want for have, want in zip(inputs, wanted, strict=False)):
+        raise PipelineError(
+            f"{model.parent / rt.PREPROCESS_FILE}: input_size {wanted} but {model.name} takes {inputs}; "
+            f"{_REEXPORT}"
+        )
 
 
 def served_model(model_dir: Path, precision: str, meta: dict[str, str], cpu: dict) -> tuple[str, str]:

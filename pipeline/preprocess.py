@@ -25,6 +25,7 @@ _INTERPOLATION = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
+INTERPOLATIONS = tuple(_INTERPOLATION)  # the names a data config's `interpolation` may take
 
 
 def open_rgb(path: Path | str) -> Image.Image:

