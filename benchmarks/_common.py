@@ -29,7 +29,7 @@ import numpy as np
 import psutil  # a dependency of dvc, so always installed with the pipeline
 import yaml
 
-from pipeline.config import DEFAULT_PARAMS_FILE, Params
+from pipeline.config import DEFAULT_PARAMS_FILE, Params, set_dotted
 from pipeline.io import read_json, write_json, write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -249,18 +249,16 @@ def project_params(root: Path, overrides: dict[str, Any] | None = None) -> Param
         for key, value in base.paths.model_dump().items()
         if value is not None and key not in ("data_root", "csv_manifest")
     }
-    return Params.load(REPO_ROOT / DEFAULT_PARAMS_FILE, {**moved, **(overrides or {})})
+    # Outputs outside the project folder are refused when a params file is loaded; a benchmark's workdir is
+    # such a place on purpose, so its params are built from the loaded ones rather than loaded again.
+    return with_overrides(base, {**moved, **(overrides or {})})
 
 
 def with_overrides(params: Params, overrides: dict[str, Any]) -> Params:
     """A copy of `params` with dotted overrides such as {"train.epochs": 3}, validated like params.yaml."""
     raw = params.to_dict()
     for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = raw
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
+        set_dotted(raw, dotted, value)
     return Params.from_dict(raw, source="benchmark overrides")
 
 
