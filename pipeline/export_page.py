@@ -27,7 +27,7 @@ _RUNTIME = (
 )
 _AGREEMENT = (
     ("INT8 / FP32 top-1 agreement", "top1_agreement", "{:.2%}"),
-    ("INT8 speed-up at batch 1 (timed in turns with FP32)", "int8_speedup_batch1", "{:.2f}x"),
+    ("INT8 speed-up at batch 1 (timed right after FP32)", "int8_speedup_batch1", "{:.2f}x"),
     ("INT8 format", "int8_format", "{}"),
 )
 # One row per INT8 candidate (the quantize report's keys), then its verdict.

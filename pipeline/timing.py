@@ -1,4 +1,4 @@
-"""Wall-clock timing of a model runner: median latency, throughput, and two runners timed in turns."""
+"""Wall-clock timing of a model runner: median latency, throughput, two runners timed one after the other."""
 
 from __future__ import annotations
 
@@ -21,28 +21,18 @@ def median_seconds(call: Callable[[], object], repeats: int, warmup: int = 3) ->
     return statistics.median(times)
 
 
-_BLOCK = 5  # timed calls in a row of one runner in paired_batch1_ms
-
-
-def paired_batch1_ms(
+def adjacent_batch1_ms(
     first: Callable[[np.ndarray], object],
     second: Callable[[np.ndarray], object],
     inputs: np.ndarray,
     repeats: int,
 ) -> tuple[float, float]:
-    """Median batch-1 latency (ms) of two runners timed in alternating blocks, so that a machine whose load
-    drifts slows both alike. Blocks, not single calls: right after one ONNX Runtime session runs, its idle
-    threads still spin for a while and slow the other session; each block's first call is untimed."""
+    """Median batch-1 latency (ms) of two runners timed one right after the other, each after its own warm-up,
+    so that a machine whose speed drifts over minutes times both alike. Not call by call in turns: each ONNX
+    Runtime session then ran slower right after the other (its threads, its weights out of cache), and the
+    default run read a 4.6x INT8 speed-up where separate timings gave 1.7x."""
     single = np.ascontiguousarray(inputs[:1])
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(max(1, -(-repeats // _BLOCK))):
-        for run, spent in ((first, times[0]), (second, times[1])):
-            run(single)
-            for _ in range(_BLOCK):
-                start = time.perf_counter()
-                run(single)
-                spent.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times[0]), 1000.0 * statistics.median(times[1])
+    return tuple(1000.0 * median_seconds(lambda run=run: run(single), repeats) for run in (first, second))
 
 
 def speed(run: Callable[[np.ndarray], object], inputs: np.ndarray, repeats: int) -> dict[str, float]:

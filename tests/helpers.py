@@ -5,6 +5,7 @@ A plain module (imported as `helpers`), so that tests import what they use; fixt
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -201,3 +202,38 @@ def train_params(root: Path, classes: int = 3, per_class: int = 10, **sections: 
     }
     train = {"epochs": 2, "batch_size": 8, "progressive_head_epochs": 1, **sections.pop("train", {})}
     return Params.from_dict({"paths": paths, "model": model, "train": train, **sections})
+
+
+def module_file(module: str) -> Path | None:
+    """The file of a `pipeline...` module (a package's __init__.py), or None when `module` is not a module."""
+    path = PROJECT_ROOT.joinpath(*module.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def pipeline_imports(path: Path) -> set[str]:
+    """The pipeline modules a file imports, at any depth of its code: `from pipeline.x import y` counts as
+    pipeline.x.y when that is a module, else as pipeline.x."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if module_file(sub) else node.module)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("pipeline")}
+    return found
+
+
+def import_closure(files: list[Path]) -> set[Path]:
+    """Every pipeline file that `files` import, directly or through each other, and `files` themselves."""
+    seen: set[Path] = set()
+    todo = list(files)
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo.extend(f for f in map(module_file, pipeline_imports(path)) if f is not None)
+    return seen

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import typer
 import yaml
-from helpers import PROJECT_ROOT
+from helpers import PROJECT_ROOT, import_closure
 
 from pipeline.__main__ import app
 from pipeline.config import Params
@@ -129,6 +129,19 @@ def _stage_code(name: str) -> tuple[str, list[Path]]:
         init = package / "__init__.py"
         return f"pipeline/stages/{name}", [init, *sorted(set(package.glob("*.py")) - {init})]
     return f"pipeline/stages/{name}.py", [package.with_suffix(".py")]
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_every_module_a_stage_imports_is_a_dependency(stages, name):
+    """DVC re-runs a stage exactly when code it runs changed: each file in the import closure of the stage's
+    code is listed, itself or through a listed folder (the package's own pipeline/__init__.py aside)."""
+    _, files = _stage_code(name)
+    needed = {p for p in import_closure(files) if p != PROJECT_ROOT / "pipeline" / "__init__.py"}
+    listed = [PROJECT_ROOT / d for d in _entries(stages[name]["deps"]) if d.startswith("pipeline/")]
+    missing = sorted(
+        str(p.relative_to(PROJECT_ROOT)) for p in needed if not any(p == d or d in p.parents for d in listed)
+    )
+    assert not missing, f"{name}: add to its deps in dvc.yaml: {missing}"
 
 
 @pytest.mark.parametrize("name", STAGES)

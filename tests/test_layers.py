@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
-from helpers import PROJECT_ROOT
+from helpers import PROJECT_ROOT, pipeline_imports
 
 PACKAGE = PROJECT_ROOT / "pipeline"
 FOUNDATION = {"pipeline.config", "pipeline.io", "pipeline.errors", "pipeline.preprocess"}
@@ -17,18 +16,7 @@ def _module(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path) -> set[str]:
-    """Pipeline modules `path` imports (`from pipeline.x import y` counts as pipeline.x and pipeline.x.y)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
-            found |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
-        elif isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names if alias.name.startswith("pipeline")}
-    return found
-
-
-MODULES = {_module(path): _imports(path) for path in sorted(PACKAGE.rglob("*.py"))}
+MODULES = {_module(path): pipeline_imports(path) for path in sorted(PACKAGE.rglob("*.py"))}
 
 
 def _under(name: str, prefix: str) -> bool:

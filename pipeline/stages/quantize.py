@@ -121,7 +121,7 @@ def run(params: Params) -> dict:
 
 def _try_formats(out: Path, calibration: np.ndarray, compared: tuple, q: QuantizeParams) -> list[Candidate]:
     """Quantize in each of `q.formats` into out/candidates/<format>.onnx and judge each against FP32 on the
-    `compared` (inputs, labels, FP32's predictions); speed is timed in turns with FP32."""
+    `compared` (inputs, labels, FP32's predictions); speed is timed right after FP32's."""
     inputs, labels, fp32_pred = compared
     fp32 = _ort_runner(rt.session(out / rt.FP32_FILE))
     (out / _CANDIDATES).mkdir()
@@ -131,7 +131,7 @@ def _try_formats(out: Path, calibration: np.ndarray, compared: tuple, q: Quantiz
         log.info("quantizing as %s (%d calibration images, %s)", name, len(calibration), q.calibration_method)
         sess = rt.session(quantize_onnx(prepared, out / _CANDIDATES / f"{name}.onnx", calibration, name, q))
         comparison = stats.compare(fp32_pred, rt.logits(sess, inputs).argmax(1), labels, 1.0 - q.alpha)
-        fp32_ms, batch1_ms = timing.paired_batch1_ms(fp32, _ort_runner(sess), inputs, q.benchmark_repeats)
+        fp32_ms, batch1_ms = timing.adjacent_batch1_ms(fp32, _ort_runner(sess), inputs, q.benchmark_repeats)
         speedup = fp32_ms / batch1_ms
         candidates.append(Candidate(name, comparison, batch1_ms, speedup, gate(comparison, speedup, q)))
     return candidates
