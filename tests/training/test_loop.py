@@ -1,12 +1,23 @@
-"""training/loop: early stopping within the last phase, the best epoch kept."""
+"""training/loop: early stopping within the last phase, the best epoch kept; the real Trainer's gradient
+accumulation, EMA weights (evaluated and kept), MixUp/CutMix and channels_last inputs on a tiny conv net."""
 
 from __future__ import annotations
 
+import pytest
+import torch
 from torch import nn
 
-from pipeline.config import TrainParams
-from pipeline.models.freezing import EpochPlan
-from pipeline.training.loop import FitState, fit
+from pipeline.config import AugmentParams, TrainParams
+from pipeline.data.transforms import build_batch_mix
+from pipeline.models import ImageClassifier
+from pipeline.models.freezing import EpochPlan, block_groups
+from pipeline.training.distributed import Dist
+from pipeline.training.loop import FitState, Trainer, fit
+from pipeline.training.loss import build_criterion
+from pipeline.training.precision import Precision
+
+CLASSES = 3
+TRAIN_ALL = EpochPlan(0, 1, False)  # the tiny net's backbone is one block group: everything trains
 
 
 class _ScriptedTrainer:
@@ -49,3 +60,137 @@ def test_patience_zero_runs_every_epoch():
     trainer = _ScriptedTrainer([0.5, 0.4, 0.3, 0.2], patience=0)
     state = fit(trainer, plans, _NoData(), FitState(), 3, lambda *a: None)
     assert len(state.history) == 4 and not state.stopped_early and state.best_epoch == 1
+
+
+class _FormatProbe(nn.Module):
+    """Identity that records whether each input it sees is channels_last."""
+
+    def __init__(self):
+        super().__init__()
+        self.channels_last: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.channels_last.append(x.is_contiguous(memory_format=torch.channels_last))
+        return x
+
+
+def _tiny_classifier() -> ImageClassifier:
+    """Conv net without dropout or BatchNorm: a step depends only on the batch, not on train/eval mode."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(_FormatProbe(), nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return ImageClassifier(conv, nn.Linear(4, CLASSES))
+
+
+def _trainer(model: ImageClassifier | None = None, steps_per_epoch: int = 2, mix=None, **train) -> Trainer:
+    """The real Trainer with plain SGD (no momentum, weight decay, clipping or warm-up) on the CPU in fp32."""
+    settings = {"optimizer": "sgd", "lr": 0.5, "momentum": 0.0, "weight_decay": 0.0, "grad_clip_norm": 0.0}
+    params = TrainParams(**{**settings, "warmup_epochs": 0.0, "label_smoothing": 0.0, **train})
+    model = model or _tiny_classifier()
+    return Trainer(
+        model,
+        params,
+        [TRAIN_ALL],
+        block_groups(model.backbone),
+        steps_per_epoch,
+        Precision(torch.device("cpu"), None),
+        Dist(),
+        build_criterion(None, params.label_smoothing),
+        mix,
+    )
+
+
+def _batches(sizes: list[int], seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(n, 3, 6, 6, generator=generator), torch.randint(0, CLASSES, (n,), generator=generator))
+        for n in sizes
+    ]
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("micro_batches", [[2, 2], [2, 2, 2]])
+def test_accumulation_steps_once_per_k_batches_as_one_step_on_their_concatenation(micro_batches):
+    # k=2: [2, 2] is one step on 4 images; [2, 2, 2] is a step on 4 images, then one on the last 2 alone.
+    accumulating, plain = _trainer(grad_accum_steps=2), _trainer(grad_accum_steps=1)
+    batches = _batches(micro_batches)
+    groups = [batches[i : i + 2] for i in range(0, len(batches), 2)]
+    concatenated = [(torch.cat([x for x, _ in g]), torch.cat([y for _, y in g])) for g in groups]
+
+    accumulating.train_epoch(TRAIN_ALL, batches, len(batches), "accumulating")
+    plain.train_epoch(TRAIN_ALL, concatenated, len(concatenated), "plain")
+
+    assert accumulating.scheduler.last_epoch == plain.scheduler.last_epoch == len(groups)  # optimizer steps
+    moved = _weights(accumulating.model)
+    assert not torch.allclose(moved["head.weight"], _weights(_tiny_classifier())["head.weight"], atol=1e-3)
+    for name, value in _weights(plain.model).items():
+        torch.testing.assert_close(moved[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class _SnapshotData:
+    """Two training batches; the live weights are recorded after each optimizer step (one per batch)."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer, self.live = trainer, []
+        self.train_batches, self.val_batches = _batches([4, 4], seed=2), _batches([6], seed=3)
+
+    def _train(self):
+        for batch in self.train_batches:
+            yield batch
+            self.live.append(_weights(self.trainer.model))
+
+    def train(self, epoch, on_features):
+        return self._train(), len(self.train_batches)
+
+    def val(self, on_features):
+        return self.val_batches, 1
+
+
+def test_the_ema_weights_are_the_ones_evaluated_and_kept_as_the_best_epoch():
+    decay = 0.3  # timm's warm-up: decay 0 at the first step (a copy), then min(0.3, 1 - 2 ** -2/3 = 0.37)
+    trainer = _trainer(ema_decay=decay, lr=2.0)
+    data = _SnapshotData(trainer)
+
+    state = fit(trainer, [TRAIN_ALL], data, FitState(), CLASSES, lambda *a: None)
+
+    first, live = data.live
+    expected = {name: decay * first[name] + (1 - decay) * live[name] for name in live}
+    assert not torch.allclose(expected["head.weight"], live["head.weight"], atol=1e-2)  # a large update
+    for name, value in expected.items():
+        torch.testing.assert_close(state.best_state[name], value, msg=name)  # what the stage saves
+
+    x, y = data.val_batches[0]
+    ema_loss = nn.functional.cross_entropy(torch.func.functional_call(trainer.model, expected, (x,)), y)
+    live_loss = nn.functional.cross_entropy(trainer.model(x), y)
+    assert state.history[0]["val_loss"] == pytest.approx(ema_loss.item(), rel=1e-5)
+    assert ema_loss.item() != pytest.approx(live_loss.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("augment", [{"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0}])
+def test_the_training_loss_is_taken_on_the_mixed_batch_and_its_soft_targets(augment):
+    mix = build_batch_mix(AugmentParams(**augment), CLASSES)
+    trainer = _trainer(mix=mix, lr=1e-9)  # the weights barely move: the loss below uses the same model
+    with torch.no_grad():
+        trainer.model.head.weight.mul_(50.0)  # confident logits, so mixed and unmixed losses differ
+    (x, y), seed = _batches([4])[0], 7
+
+    torch.manual_seed(seed)
+    loss = trainer.train_epoch(TRAIN_ALL, [(x, y)], 1, "mixed")["loss"]
+
+    torch.manual_seed(seed)
+    mixed, soft = mix(x, y)
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(trainer.model(mixed), soft).item()
+        unmixed = nn.functional.cross_entropy(trainer.model(x), y).item()
+    assert loss == pytest.approx(expected, rel=1e-4) and loss != pytest.approx(unmixed, rel=1e-3)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_inputs_reach_the_model_in_that_memory_format(channels_last):
+    trainer = _trainer(channels_last=channels_last)
+    probe = trainer.model.backbone[0]
+    trainer.train_epoch(TRAIN_ALL, _batches([2]), 1, "train")
+    trainer.evaluate(_batches([2]), 1, on_features=False, num_classes=CLASSES)
+    assert probe.channels_last == [channels_last, channels_last]
