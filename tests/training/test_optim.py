@@ -4,6 +4,7 @@ per-phase schedule, and the lrs read back from the optimizer."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pipeline.config import ModelParams, TrainParams
 from pipeline.models import build_model
@@ -63,3 +64,20 @@ def test_logged_lrs_are_the_optimizers_own_through_the_phases(model):
     assert [s["lr_head"] for s in seen] == pytest.approx([0.004 * f for f in expected])
     assert [s["lr_trained"] for s in seen] == [s["lr_head"] for s in seen[:4]] + [s["lr"] for s in seen[4:]]
     assert seen[4]["lr"] == pytest.approx(0.001 / 3)  # the second phase restarts its warm-up
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_one_step_moves_the_head_head_lr_mult_times_as_far_as_the_backbone(optimizer):
+    torch.manual_seed(0)
+    model = build_model(TINY, num_classes=3)
+    params = TrainParams(optimizer=optimizer, lr=0.01, head_lr_mult=5.0, weight_decay=0.0, momentum=0.0)
+    opt = build_optimizer(model, params)
+    model(torch.rand(2, 3, 32, 32)).logsumexp(1).sum().backward()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    opt.step()
+    for name, p in model.named_parameters():
+        grad = p.grad
+        # A first step without momentum or weight decay: SGD moves lr * g, AdamW lr * g / (|g| + eps).
+        unit = grad if optimizer == "sgd" else grad / (grad.abs() + 1e-8)
+        scale = 5.0 if name.startswith("head.") else 1.0
+        torch.testing.assert_close(p.detach() - before[name], -0.01 * scale * unit, rtol=1e-3, atol=1e-6)
