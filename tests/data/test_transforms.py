@@ -74,3 +74,22 @@ def test_evaluation_batches_are_transformed_whole_with_the_images_one_by_one_giv
     expected = torch.stack([one_by_one[(0, i)][0] for i in range(7)])
     assert torch.equal(torch.cat([x for x, _ in batches]), expected)
     assert torch.cat([y for _, y in batches]).tolist() == labels.tolist()
+
+
+@pytest.mark.parametrize("augment", [{"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0}])
+def test_batch_mix_mixes_two_images_and_weights_their_labels_by_the_same_lambda(augment):
+    # Image k is flat with value k and has label k: a mixed image's pixels are its target-weighted labels.
+    mix = build_batch_mix(AugmentParams(**augment), num_classes=4)
+    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 8).contiguous()
+    labels = torch.arange(4)
+    torch.manual_seed(3)
+    mixed, targets = mix(images, labels)
+    torch.manual_seed(3)
+    assert torch.equal(mix(images, labels)[0], mixed)  # seeded: reproducible
+    torch.testing.assert_close(targets.sum(1), torch.ones(4))
+    for image, target, label in zip(mixed, targets, labels, strict=True):
+        sources = target.nonzero().flatten().tolist()
+        assert len(sources) == 2 and label in sources and 0.0 < target[label] < 1.0  # two images, mixed
+        torch.testing.assert_close(image.mean(), (target * torch.arange(4.0)).sum())
+        if "cutmix_alpha" in augment:  # a pasted box: every pixel is one of the two images'
+            assert set(image.unique().tolist()) == {float(k) for k in sources}
