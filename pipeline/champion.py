@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline.config import Params
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_dir, read_json, write_json
+from pipeline.io import atomic_dir, read_json, read_optional_json, write_json
 
 CHAMPION_METRICS = "metrics.json"
 # The metrics that travel with a champion: the test figures and what quantization/export measured.
@@ -95,7 +95,7 @@ def _read_metrics(path: Path) -> dict[str, Any]:
 
 def _read_champion(path: Path) -> dict[str, Any]:
     """The current champion's record, or {} when there is none (a folder without a record is replaced)."""
-    return read_json(path) if path.is_file() else {}
+    return read_optional_json(path) or {}
 
 
 def _sha256(path: Path) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 from pipeline import onnx_runtime as rt
 from pipeline import page
 from pipeline.config import PathsParams
-from pipeline.io import read_json, write_text
+from pipeline.io import read_optional_json, write_text
 
 PAGE = Path("export") / "index.html"  # under paths.reports_dir
 _FILES = {"int8": rt.INT8_FILE, "fp32": rt.FP32_FILE}
@@ -65,9 +65,7 @@ def write_export_page(paths: PathsParams, model_card: Path) -> Path:
 
 
 def _read(path: Path) -> dict[str, Any] | None:
-    if not Path(path).is_file():
-        return None
-    data = read_json(path)
+    data = read_optional_json(path)
     return data if isinstance(data, dict) else None
 
 

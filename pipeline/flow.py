@@ -27,7 +27,7 @@ from ruamel.yaml import YAML, RoundTripRepresenter
 from pipeline import champion
 from pipeline.config import DEFAULT_PARAMS_FILE, OrchestrateParams, Params, set_dotted
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, read_json
+from pipeline.io import atomic_path, read_optional_json
 from pipeline.stages import STAGES
 
 FLOW_NAME = "retrain"
@@ -246,7 +246,7 @@ def _metrics_markdown(params: Params, project: Path, stages: list[dict], decisio
     lines = ["| stage | status | seconds | metrics |", "| --- | --- | ---: | --- |"]
     for run in stages:
         path = project / params.paths.metrics(run["stage"])
-        figures = read_json(path) if path.is_file() else {}
+        figures = read_optional_json(path) or {}
         shown = ", ".join(f"{key} {value:.4g}" for key, value in figures.items() if _is_number(value))
         lines.append(f"| {run['stage']} | {run['status']} | {run['seconds']:.1f} | {shown} |")
     verdict = "promoted" if decision["promoted"] else "not promoted"

@@ -137,6 +137,11 @@ def read_json(source: Path | str) -> Any:
     return json.loads(Path(source).read_text(encoding="utf-8"))
 
 
+def read_optional_json(source: Path | str) -> Any:
+    """A JSON file's content, or None when there is no such file (a stage that has not run, no champion)."""
+    return read_json(source) if Path(source).is_file() else None
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return value.as_posix()

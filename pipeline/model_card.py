@@ -4,12 +4,11 @@ behind it, its test figures, INT8 against FP32, and its limits, as markdown from
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from pipeline import onnx_runtime as rt
 from pipeline.config import PathsParams
-from pipeline.io import read_json
+from pipeline.io import read_optional_json
 from pipeline.models import TrainedModel
 
 _USE_AND_LIMITS = [
@@ -31,7 +30,9 @@ def model_card(
 ) -> str:
     """Markdown model card from the stages' metrics and details files (those present), the quantize report,
     the export's parity figures and metadata, and the training params."""
-    figures = {name: _read_optional(paths.metrics(name)) for name in ("validate", "split", "evaluate")}
+    figures = {
+        name: read_optional_json(paths.metrics(name)) or {} for name in ("validate", "split", "evaluate")
+    }
     names = trained.class_names
     sections = [
         [
@@ -47,7 +48,7 @@ def model_card(
             "## Data",
             *_section(figures["validate"], "validate"),
             *_section(figures["split"], "split"),
-            *_class_table(_read_optional(paths.details("split")).get("per_class", {})),
+            *_class_table((read_optional_json(paths.details("split")) or {}).get("per_class", {})),
         ],
         _training(trained.params),
         ["## Test metrics (PyTorch, evaluate stage)", *_section(figures["evaluate"], "evaluate")],
@@ -97,10 +98,6 @@ def _training(params: dict[str, Any]) -> list[str]:
         *_bullets({f"model.{k}": v for k, v in model_params.items()}),
         *_bullets({f"train.{k}": v for k, v in train_params.items() if not isinstance(v, dict)}),
     ]
-
-
-def _read_optional(path: Path) -> dict[str, Any]:
-    return read_json(path) if Path(path).is_file() else {}
 
 
 def _section(figures: dict[str, Any], stage: str) -> list[str]:

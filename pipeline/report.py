@@ -22,7 +22,7 @@ from PIL import Image
 from pipeline import page
 from pipeline.calibration import Reliability
 from pipeline.config import PathsParams
-from pipeline.io import read_json
+from pipeline.io import read_optional_json
 
 _ANNOTATE_MAX_CLASSES = 20  # beyond this, numbers inside confusion cells become unreadable
 _MAX_CURVE_PANELS = 6
@@ -335,12 +335,8 @@ def _split_counts(splits: pd.DataFrame) -> pd.DataFrame:
 
 def _stage_figures(paths: PathsParams, stage: str) -> dict | None:
     """A data stage's metrics with its details file under "details"; None when it wrote no metrics."""
-    metrics, details = (_read_optional(path) for path in (paths.metrics(stage), paths.details(stage)))
+    metrics, details = (read_optional_json(path) for path in (paths.metrics(stage), paths.details(stage)))
     return metrics if metrics is None or details is None else {**metrics, "details": details}
-
-
-def _read_optional(path: Path) -> dict | None:
-    return read_json(path) if Path(path).is_file() else None
 
 
 EXPORT_PAGE = "../export/index.html"  # from reports/evaluate/report.html to the export stage's page

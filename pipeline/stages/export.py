@@ -17,7 +17,7 @@ from pipeline.config import Params
 from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
 from pipeline.export_page import write_export_page
-from pipeline.io import atomic_dir, read_json, write_json, write_text
+from pipeline.io import atomic_dir, read_optional_json, write_json, write_text
 from pipeline.model_card import model_card
 from pipeline.models import TrainedModel, load_trained
 
@@ -35,7 +35,7 @@ def run(params: Params) -> dict:
     test_paths, _ = read_split(paths.splits, paths.data_root, "test", trained.class_names)
     inputs = rt.load_inputs(test_paths, trained.data_config)
     opset = _opset(fp32)
-    quantized = _read_optional(Path(paths.onnx_dir) / rt.QUANTIZE_REPORT)
+    quantized = read_optional_json(Path(paths.onnx_dir) / rt.QUANTIZE_REPORT) or {}
     meta = model_metadata(trained, _temperature(paths.calibration), opset, serving(has_int8, quantized))
 
     with atomic_dir(paths.export_dir) as out:
@@ -126,10 +126,4 @@ def _opset(path: Path) -> int:
 
 def _temperature(path: Path) -> float:
     """The evaluate stage's calibration temperature; 1.0 (raw softmax) when it wrote none."""
-    if not Path(path).is_file():
-        return 1.0
-    return float(read_json(path).get("temperature", 1.0))
-
-
-def _read_optional(path: Path) -> dict[str, Any]:
-    return read_json(path) if path.is_file() else {}
+    return float((read_optional_json(path) or {}).get("temperature", 1.0))
