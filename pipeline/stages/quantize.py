@@ -86,25 +86,23 @@ def run(params: Params) -> dict:
         fp32 = rt.export_onnx(
             trained.model, out / rt.FP32_FILE, trained.data_config["input_size"], params.export.opset
         )
-        fp32_session = rt.session(fp32)
-        fp32_pred = rt.logits(fp32_session, inputs).argmax(1)
+        fp32_pred = rt.logits(rt.session(fp32), inputs).argmax(1)
         report = {
             "cpu": rt.cpu_info(),
             "compared": {"splits": list(COMPARED_SPLITS), "n": len(labels)},
             "torch": timing.speed(_torch_runner(trained.model), inputs, q.benchmark_repeats),
-            "fp32": _runtime_figures(fp32_session, fp32, inputs, q.benchmark_repeats),
+            "fp32": _runtime_figures(fp32, inputs, q.benchmark_repeats),
         }
         candidates: list[Candidate] = []
         if q.enabled:
             calibration = _calibration_images(params, trained.class_names, trained.data_config)
-            candidates = _try_formats(out, calibration, (inputs, labels, fp32_pred), fp32_session, q)
+            candidates = _try_formats(out, calibration, (inputs, labels, fp32_pred), q)
         chosen = choose(candidates)
         report["decision"] = _decision(chosen, candidates)
         report["candidates"] = [_candidate_row(c) for c in candidates]
         if chosen is not None:
             shutil.move(out / _CANDIDATES / f"{chosen.format}.onnx", out / rt.INT8_FILE)
-            int8 = out / rt.INT8_FILE
-            report["int8"] = _runtime_figures(rt.session(int8), int8, inputs, q.benchmark_repeats)
+            report["int8"] = _runtime_figures(out / rt.INT8_FILE, inputs, q.benchmark_repeats)
         shutil.rmtree(out / _CANDIDATES, ignore_errors=True)
         write_json(out / rt.QUANTIZE_REPORT, report)
 
@@ -121,13 +119,11 @@ def run(params: Params) -> dict:
     return metrics
 
 
-def _try_formats(
-    out: Path, calibration: np.ndarray, compared: tuple, fp32_session, q: QuantizeParams
-) -> list[Candidate]:
+def _try_formats(out: Path, calibration: np.ndarray, compared: tuple, q: QuantizeParams) -> list[Candidate]:
     """Quantize in each of `q.formats` into out/candidates/<format>.onnx and judge each against FP32 on the
     `compared` (inputs, labels, FP32's predictions); speed is timed right after FP32's."""
     inputs, labels, fp32_pred = compared
-    fp32 = _ort_runner(fp32_session)
+    fp32 = _ort_runner(rt.session(out / rt.FP32_FILE))
     (out / _CANDIDATES).mkdir()
     prepared = prepare(out / rt.FP32_FILE, out / _CANDIDATES / "prepared.onnx", q.exclude_nodes)
     candidates = []
@@ -205,7 +201,8 @@ def headline(report: dict, fp32_accuracy: float, int8: Candidate | None) -> dict
     return metrics
 
 
-def _runtime_figures(sess, model: Path, inputs: np.ndarray, repeats: int) -> dict[str, float]:
+def _runtime_figures(model: Path, inputs: np.ndarray, repeats: int) -> dict[str, float]:
+    sess = rt.session(model)
     return {**timing.speed(_ort_runner(sess), inputs, repeats), "mb": rt.file_mb(model)}
 
 
