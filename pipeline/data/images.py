@@ -335,11 +335,11 @@ def _walk(root: Path, extensions: set[str], follow_inside: bool) -> _Tree:
 
 
 def dvc_blockers(root: Path) -> tuple[list[str], list[str]]:
-    """(dangling links, names that are not UTF-8) under `root`, as paths relative to it (str, with surrogates
-    for the bytes that are not UTF-8, as os.fsdecode makes them): entries that stop
-    DVC from hashing the folder as a dependency, so that `dvc repro` fails before ingest runs (DVC 3.67 stats
-    every file, following links, and its `[Errno 2]` names one file). Walks as DVC does: hidden entries too,
-    links to folders not followed; a link loop counts as dangling (`find -xtype l` lists both)."""
+    """(dangling links, names that are not UTF-8) under `root`, relative to it (bytes that are not UTF-8 as
+    os.fsdecode's surrogates): the entries that stop DVC from hashing the folder as a dependency, so that
+    `dvc repro` fails before ingest runs (DVC 3.67 stats every file, following links, and its `[Errno 2]`
+    names one file). Walks as DVC does: hidden entries too, links to folders not followed; a link loop
+    counts as dangling (`find -xtype l` lists both); a folder whose name is not UTF-8 is not entered."""
     dangling, non_utf8 = [], []
     stack = [("", root)]
     while stack:

@@ -41,6 +41,7 @@ def _scan_tree(params: Params, presplit: bool) -> images.Scan:
 
 
 def _read_listing(params: Params) -> images.Scan:
+    """The CSV manifest's candidates; the rows that repeat an earlier row are ignored with a warning."""
     listing = params.paths.csv_manifest
     scan = images.read_listing(params.paths.data_root, listing, params.ingest.follow_symlinks_inside_root)
     if scan.repeated_rows:
