@@ -59,7 +59,8 @@ for _name, _summary in SUMMARIES.items():
 
 @app.command()
 def check(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
-    """Preflight (run.sh runs it before `dvc repro`): params load, and ingest's input paths exist."""
+    """Preflight (run.sh runs it before `dvc repro`): params load, ingest's input paths exist, and DVC can
+    hash the data folder (no dangling links, only UTF-8 names)."""
     from pipeline.stages.ingest import check_inputs
 
     try:
@@ -164,11 +165,14 @@ def flow(
 ) -> None:
     """Run the stages as a Prefect flow through DVC (unchanged stages are skipped), then the champion gate."""
     from pipeline.flow import DvcFailed, require_git_identity, retrain
+    from pipeline.stages.ingest import check_dvc_inputs
 
     try:
         if name:  # before Prefect starts: a missing git identity would otherwise fail only at the end
             require_git_identity(project)
-        result = retrain(project_dir=str(project), overrides=_overrides(overrides or []), experiment=name)
+        parsed = _overrides(overrides or [])
+        check_dvc_inputs(Params.load(project / DEFAULT_PARAMS_FILE, parsed), project)
+        result = retrain(project_dir=str(project), overrides=parsed, experiment=name)
     except (PipelineError, DvcFailed) as exc:
         typer.secho(f"flow: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from None

@@ -29,6 +29,7 @@ from pipeline.config import DEFAULT_PARAMS_FILE, OrchestrateParams, Params, set_
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, read_optional_json
 from pipeline.stages import STAGES
+from pipeline.stages.ingest import check_dvc_inputs
 
 FLOW_NAME = "retrain"
 # Failures worth a retry: another DVC process holds the repo lock, or the OS reported a passing I/O fault.
@@ -199,6 +200,7 @@ def retrain(
         require_git_identity(project)
     # Validates the overrides (unknown key, wrong type) before anything runs or params.yaml changes.
     params = Params.load(Path(project) / DEFAULT_PARAMS_FILE, overrides)
+    check_dvc_inputs(params, Path(project))  # DVC's own message would be a bare [Errno 2]
     if overrides:
         set_params(project, overrides)
     stages = [_stage_task(stage, params.orchestrate)(stage, project) for stage in STAGES]

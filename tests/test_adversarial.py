@@ -387,3 +387,26 @@ def test_tampered_export_folder_fails_predict_with_one_line(export_folder, name,
     assert line.startswith(f"predict: {folder}/"), line
     assert expected in line, line
     assert line.endswith("re-run the export stage (dvc repro export) or copy the whole export folder again")
+
+
+# --- a data folder DVC cannot hash --------------------------------------------------------------------------
+
+
+def test_flow_stops_before_prefect_on_a_data_folder_dvc_cannot_hash(tmp_path):
+    project = tmp_path / "project"
+    make_image_folder(project / "images", classes=2, per_class=1)
+    for i in range(7):
+        os.symlink(f"gone_{i}.png", project / "images" / "class_0" / f"link_{i}.png")
+    (project / "pipeline" / "data").mkdir(parents=True)
+    (project / "pipeline" / "data" / "no_csv_manifest.csv").write_text("")
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    raw["paths"]["data_root"] = "images"
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    line = _cli_failure(["flow", "--project", str(project), "-S", "train.lr=0.5"], tmp_path)
+    assert line == (
+        f"flow: paths.data_root: 7 dangling symbolic link(s) under {project / 'images'}, which DVC cannot "
+        "hash: 'class_0/link_0.png', 'class_0/link_1.png', 'class_0/link_2.png', 'class_0/link_3.png', "
+        f"'class_0/link_4.png', ... and 2 more; delete them (find {project / 'images'} -xtype l -delete) or "
+        "replace each with a copy of its target"
+    )
+    assert yaml.safe_load((project / "params.yaml").read_text()) == raw, "the override was written"

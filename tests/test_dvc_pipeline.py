@@ -10,13 +10,26 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import PROJECT_ROOT, assert_headline_metrics, copy_project, make_image, metric_columns, run_tool
+from helpers import (
+    PROJECT_ROOT,
+    assert_headline_metrics,
+    copy_project,
+    make_image,
+    make_image_folder,
+    metric_columns,
+    run_tool,
+    skip_local_state,
+)
 
 from pipeline.stages import STAGES as CODE_STAGES
 
@@ -125,6 +138,74 @@ def test_a_csv_manifest_outside_data_root_is_a_dependency_of_ingest(project):
     listing.write_text(listing.read_text().replace(f"{images[0]},", f"{images[0]},relabelled_"))
     status = json.loads(run_tool(project, "dvc", "status", "--json"))
     assert {"changed deps": {"lists/labels.csv": "modified"}} in status["ingest"], status
+
+
+def _ingest_project(root: Path) -> Path:
+    """This project's dvc.yaml, params and code in a fresh git+DVC repo over 2 classes x 2 images in
+    `images/`: enough for `dvc repro ingest` and the preflight, without the built project's whole run."""
+    shutil.copytree(PROJECT_ROOT / "pipeline", root / "pipeline", ignore=skip_local_state)
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy2(PROJECT_ROOT / name, root / name)
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    raw["paths"]["data_root"] = "images"
+    raw["ingest"]["num_workers"] = 0
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    make_image_folder(root / "images", classes=2, per_class=2)
+    run_tool(root, "git", "init", "-q")
+    run_tool(root, "dvc", "init", "-q")
+    return root
+
+
+def _run_sh_pipeline(project: Path) -> subprocess.CompletedProcess:
+    """The commands of `./run.sh pipeline` (its `pipeline)` branch, read from run.sh), run as run.sh runs
+    them: bash with -euo pipefail, this environment's python and dvc first on PATH."""
+    branch = re.search(r"\n\s*pipeline\)\n(.*?);;", (PROJECT_ROOT / "run.sh").read_text(), re.S)
+    assert branch and "dvc repro" in branch.group(1)
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", branch.group(1)],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.mark.slow  # about 10 s each: git, DVC and ingest in a fresh project
+@pytest.mark.parametrize("blocker", ["dangling link", "name not UTF-8"])
+def test_a_data_folder_dvc_cannot_hash_stops_run_sh_in_one_line_whose_fix_works(tmp_path, blocker):
+    project = _ingest_project(tmp_path / "project")
+    images = project / "images"
+    if blocker == "dangling link":
+        os.symlink("gone.png", images / "class_0" / "broken.png")
+        expected = (
+            "check: paths.data_root: 1 dangling symbolic link(s) under images, which DVC cannot hash: "
+            "'class_0/broken.png'; delete them (find images -xtype l -delete) or replace each with a copy of "
+            "its target"
+        )
+    else:
+        shutil.copy2(images / "class_0" / "img_000.png", os.path.join(os.fsencode(images), b"caf\xe9.png"))
+        expected = (
+            "check: paths.data_root: 1 name(s) under images are not valid UTF-8, which DVC cannot hash: "
+            "'caf\\xe9.png'; rename them to UTF-8 (e.g. convmv -r -f latin1 -t utf-8 --notest images) or "
+            "remove them"
+        )
+    bare = subprocess.run(  # what the user met before the preflight knew: DVC fails before ingest runs
+        [sys.executable, "-m", "dvc", "repro", "ingest"], cwd=project, capture_output=True, text=True
+    )
+    assert bare.returncode != 0 and "ERROR: failed to reproduce 'ingest'" in bare.stderr
+
+    run = _run_sh_pipeline(project)
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr.strip() == expected  # one line: no DVC message, no traceback
+
+    if blocker == "dangling link":
+        fix = re.search(r"\((find .*? -delete)\)", run.stderr).group(1)
+        subprocess.run(fix, shell=True, cwd=project, check=True)
+    else:
+        os.rename(os.path.join(os.fsencode(images), b"caf\xe9.png"), images / "class_0" / "café.png")
+    assert "source: folder" in run_tool(project, sys.executable, "-m", "pipeline", "check")
+    assert _ran(run_tool(project, "dvc", "repro", "ingest")) == ["ingest"]
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import io
 import os
 import posixpath
 import stat
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ STATUSES = (
     "decode_error",  # identified, but decoding or colour conversion failed
     "too_large",  # header pixels > ingest.max_decode_pixels: never decoded (decompression bomb)
     "unreadable",  # the OS refused to read it
+    "non_utf8_name",  # its name or a folder's above it is not UTF-8: never read, shown with \xNN escapes
     "symlink_outside_root",  # refused: a link that leaves paths.data_root
     "symlink_not_followed",  # a link inside the root while ingest.follow_symlinks_inside_root is false
     "symlink_loop",  # a folder link back into one of its own parents
@@ -79,6 +81,22 @@ class Scan:
     candidates: list[Candidate]
     skipped_hidden: int = 0
     skipped_non_image: int = 0
+    repeated_rows: list[int] = field(default_factory=list)  # CSV lines that repeat an earlier row: ignored
+
+
+@dataclass
+class _Row:
+    """One row of a CSV manifest: its line number, its path normalised ("" when none is given)."""
+
+    line: int
+    path: str
+    label: str
+    split: str  # as given, lower case
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What two rows of the same file must agree on: the label and the split (`valid` = `val`)."""
+        return self.label, SPLIT_ALIASES.get(self.split, self.split)
 
 
 @dataclass
@@ -99,7 +117,8 @@ def scan_tree(
     root: Path, extensions: list[str], *, follow_symlinks_inside_root: bool, label_depth: int, presplit: bool
 ) -> Scan:
     """Candidates of a class-folder tree (`presplit`: below train/ val/ test/ folders), labels taken from the
-    folder `label_depth` levels below the (split) root; class folders without any image file get a row too."""
+    folder `label_depth` levels below the (split) root; class folders without any image file get a row too.
+    A class folder whose name breaks a rule of `label_problem` is refused, naming the folder."""
     tree = _walk(root, {ext.lower() for ext in extensions}, follow_symlinks_inside_root)
     depth = label_depth + (1 if presplit else 0)  # folder levels above the file that name split and class
     candidates = []
@@ -111,45 +130,150 @@ def scan_tree(
             status = "no_label"
         elif not status and presplit and not split:
             status = "unknown_split"
-        candidates.append(Candidate(rel, label, split, status))
+        candidates.append(_candidate(rel, label, split, status))
     used = {"/".join(c.path.split("/")[:depth]) for c in candidates}
     for folder in tree.dirs:
         parts = folder.split("/")
-        if len(parts) == depth and folder not in used and (not presplit or parts[0] in SPLIT_ALIASES):
+        if (
+            len(parts) == depth
+            and _escaped(folder) not in used
+            and (not presplit or parts[0] in SPLIT_ALIASES)
+        ):
             split = SPLIT_ALIASES[parts[0]] if presplit else ""
-            candidates.append(Candidate(folder + "/", parts[-1], split, "empty_class_folder"))
+            candidates.append(_candidate(folder + "/", parts[-1], split, "empty_class_folder"))
+    _check_class_folders(root, candidates, depth)
     return Scan(sorted(candidates, key=lambda c: c.path), tree.hidden, tree.non_image)
 
 
-def read_listing(root: Path, listing: Path, follow_symlinks_inside_root: bool) -> Scan:
-    """Candidates of a CSV manifest with columns path,label[,split] (paths relative to `root`)."""
-    try:
-        with listing.open(newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
-            columns = set(rows[0]) if rows else set()
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise PipelineError(f"paths.csv_manifest: cannot read {listing}: {exc}") from None
-    if not {"path", "label"} <= columns:
+def label_problem(label: str) -> str:
+    """The rule a non-empty class name breaks, or "". Class names are written into labels.json, the reports
+    and one-line messages, and name the model's outputs: `cat/dog` or `../x` read as paths, `cat ` beside
+    `cat` looks like one class but is two, and a control character breaks a line. Any other text (`café`,
+    `猫`) is fine."""
+    if any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in label):
+        return "no control characters (tab, line break, ...)"
+    if label != label.strip():
+        return "no leading or trailing spaces"
+    if "/" in label or "\\" in label or label in (".", ".."):
+        return "no / or \\, and not . or .."
+    return ""
+
+
+def _check_class_folders(root: Path, candidates: list[Candidate], depth: int) -> None:
+    """Refuse class folders whose names cannot be class names (`label_problem`), naming the folders."""
+    folders = {"/".join(c.path.split("/")[:depth]): c.label for c in candidates if c.label}
+    bad = [
+        f"{folder!r} ({problem})" for folder, label in folders.items() if (problem := label_problem(label))
+    ]
+    if bad:
         raise PipelineError(
-            f"{listing}: expected a header with columns path,label[,split] and at least one row; "
-            f"got columns {sorted(c for c in columns if c)}"
+            f"paths.data_root: {len(bad)} class folder name(s) under {root} cannot be class names: "
+            f"{first_few(sorted(bad))}; rename these folders"
         )
+
+
+def _candidate(path: str, label: str, split: str, status: str) -> Candidate:
+    """A candidate as the manifest can hold it. A name that is not valid UTF-8 (its bytes decoded to
+    surrogates by Python) cannot be written there, nor hashed by DVC: its row gets `non_utf8_name` and the
+    path with \\xNN escapes; a label that is not valid UTF-8 is dropped."""
+    shown = _escaped(path)
+    if shown == path:
+        return Candidate(path, label, split, status)
+    return Candidate(shown, label if _escaped(label) == label else "", split, "non_utf8_name")
+
+
+def _escaped(name: str) -> str:
+    """`name` with the bytes that were not UTF-8 (os.fsdecode's surrogates) as \\xNN escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def first_few(items: list[str], shown: int = 5) -> str:
+    """The first `shown` items, comma-separated, and how many more there are: a one-line message's list."""
+    more = f", ... and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
+def read_listing(root: Path, listing: Path, follow_symlinks_inside_root: bool) -> Scan:
+    """Candidates of a CSV manifest with columns path,label[,split] (paths relative to `root`), one per file.
+    A row that repeats an earlier one (the same file, label and split) is ignored and its line returned in
+    `repeated_rows`; rows with no path, labels that cannot be class names (`label_problem`) and a file listed
+    under two labels or splits are refused in one line each, naming the CSV's lines."""
+    rows, repeated = _unique_rows(listing, _listing_rows(listing))
     real_root = str(root.resolve())
     real_folders: dict[str, str | None] = {}
     candidates = []
     for row in rows:
-        raw = (row["path"] or "").strip().replace("\\", "/")
-        rel = posixpath.normpath(raw) if raw else ""
-        given = (row.get("split") or "").strip().lower()
-        split = SPLIT_ALIASES.get(given, "")
-        label = (row["label"] or "").strip()
-        status = _listed_file_status(root, real_root, rel, follow_symlinks_inside_root, real_folders)
-        if not status and not label:
+        split = SPLIT_ALIASES.get(row.split, "")
+        status = _listed_file_status(root, real_root, row.path, follow_symlinks_inside_root, real_folders)
+        if not status and not row.label:
             status = "no_label"
-        elif not status and given and not split:
+        elif not status and row.split and not split:
             status = "unknown_split"
-        candidates.append(Candidate(rel or raw, label, split, status))
-    return Scan(sorted(candidates, key=lambda c: c.path))
+        candidates.append(Candidate(row.path, row.label, split, status))
+    return Scan(sorted(candidates, key=lambda c: c.path), repeated_rows=repeated)
+
+
+def _listing_rows(listing: Path) -> list[_Row]:
+    """The CSV's rows with the line each starts on (the header is line 1); a blank label reads as none."""
+    try:
+        with listing.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, [])
+            rows, line = [], reader.line_num + 1
+            for values in reader:
+                if values:  # a blank line reads as []
+                    rows.append((line, dict(zip(header, values, strict=False))))
+                line = reader.line_num + 1
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise PipelineError(f"paths.csv_manifest: cannot read {listing}: {exc}") from None
+    columns = set(header)
+    if not rows or not {"path", "label"} <= columns:
+        raise PipelineError(
+            f"{listing}: expected a header with columns path,label[,split] and at least one row; "
+            f"got columns {sorted(c for c in columns if c)}"
+        )
+    parsed = []
+    for line, row in rows:
+        raw = row.get("path", "").strip().replace("\\", "/")
+        label = row.get("label", "")
+        split = row.get("split", "").strip().lower()
+        parsed.append(
+            _Row(line, posixpath.normpath(raw) if raw else "", label if label.strip() else "", split)
+        )
+    return parsed
+
+
+def _unique_rows(listing: Path, rows: list[_Row]) -> tuple[list[_Row], list[int]]:
+    """(the first row of each file, the lines of the rows that repeat one), once every row is fine."""
+    first: dict[str, _Row] = {}
+    repeated, conflicts = [], []
+    for row in rows:
+        earlier = first.setdefault(row.path, row) if row.path else row
+        if earlier is row:
+            continue
+        if earlier.key == row.key:
+            repeated.append(row.line)
+        else:
+            conflicts.append(
+                f"{row.path!r} on lines {earlier.line} ({_shown(earlier)}), {row.line} ({_shown(row)})"
+            )
+    blank = [str(row.line) for row in rows if not row.path]
+    labels = [f"line {r.line} {r.label!r} ({why})" for r in rows if (why := label_problem(r.label))]
+    problems = [
+        (blank, f"no path on line(s) {first_few(blank)}; give each row its image's path (relative to "
+                "paths.data_root) or delete the row"),
+        (labels, f"{len(labels)} label(s) cannot be class names: {first_few(labels)}; correct these labels"),
+        (conflicts, f"{len(conflicts)} file(s) listed again with another label or split: "
+                    f"{first_few(conflicts)}; decide each file's label (and split), delete its other row(s)"),
+    ]  # fmt: skip
+    lines = [f"paths.csv_manifest: {listing}: {text}" for found, text in problems if found]
+    if lines:
+        raise PipelineError("\n".join(lines))
+    return list(first.values()), repeated
+
+
+def _shown(row: _Row) -> str:
+    return f"{row.label!r}, split {row.split!r}" if row.split else repr(row.label)
 
 
 def inspect(
@@ -208,6 +332,28 @@ def _walk(root: Path, extensions: set[str], follow_inside: bool) -> _Tree:
             else:
                 tree.non_image += 1
     return tree
+
+
+def dvc_blockers(root: Path) -> tuple[list[str], list[str]]:
+    """(dangling links, names that are not UTF-8) under `root`, relative to it (bytes that are not UTF-8 as
+    os.fsdecode's surrogates): the entries that stop DVC from hashing the folder as a dependency, so that
+    `dvc repro` fails before ingest runs (DVC 3.67 stats every file, following links, and its `[Errno 2]`
+    names one file). Walks as DVC does: hidden entries too, links to folders not followed; a link loop
+    counts as dangling (`find -xtype l` lists both); a folder whose name is not UTF-8 is not entered."""
+    dangling, non_utf8 = [], []
+    stack = [("", root)]
+    while stack:
+        prefix, directory = stack.pop()
+        for entry in _list_dir(directory):
+            rel = prefix + entry.name
+            if _escaped(entry.name) != entry.name:
+                non_utf8.append(rel)
+            elif entry.is_symlink():
+                if not os.path.exists(entry.path):  # False for a dangling link or a loop
+                    dangling.append(rel)
+            elif entry.is_dir(follow_symlinks=False):
+                stack.append((rel + "/", Path(entry.path)))
+    return sorted(dangling), sorted(non_utf8)
 
 
 def _list_dir(directory: Path) -> list[os.DirEntry]:

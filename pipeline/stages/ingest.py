@@ -13,9 +13,12 @@ import io
 import logging
 import math
 import multiprocessing
+import os
+import shlex
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import NO_CSV_MANIFEST, Params
@@ -37,14 +40,26 @@ def _scan_tree(params: Params, presplit: bool) -> images.Scan:
     )
 
 
+def _read_listing(params: Params) -> images.Scan:
+    """The CSV manifest's candidates; the rows that repeat an earlier row are ignored with a warning."""
+    listing = params.paths.csv_manifest
+    scan = images.read_listing(params.paths.data_root, listing, params.ingest.follow_symlinks_inside_root)
+    if scan.repeated_rows:
+        lines = images.first_few([str(line) for line in scan.repeated_rows])
+        log.warning(
+            "ingest: %s: ignored %d row(s) that repeat an earlier row (same file, label and split), on "
+            "line(s) %s; delete them to silence this",
+            listing,
+            len(scan.repeated_rows),
+            lines,
+        )
+    return scan
+
+
 _SOURCES: dict[str, Callable[[Params], images.Scan]] = {
     "folder": lambda p: _scan_tree(p, presplit=False),
     "presplit": lambda p: _scan_tree(p, presplit=True),
-    "csv": lambda p: images.read_listing(
-        p.paths.data_root,
-        p.paths.csv_listing,
-        follow_symlinks_inside_root=p.ingest.follow_symlinks_inside_root,
-    ),
+    "csv": _read_listing,
 }
 
 
@@ -104,6 +119,7 @@ def _scan_and_inspect(params: Params, source: str) -> tuple[dict, dict]:
         "status": dict(sorted(statuses.items())),
         "skipped_hidden": scan.skipped_hidden,
         "skipped_non_image": scan.skipped_non_image,
+        "repeated_csv_rows": len(scan.repeated_rows),
         "classes": len(labels),
     }
     return metrics, details
@@ -118,10 +134,27 @@ def files_per_task(total: int, chunksize: int, workers: int) -> int:
 
 def check_inputs(params: Params, for_dvc: bool = False) -> str:
     """The source ingest will read (folder, presplit or csv), once its input paths are checked: raises a
-    PipelineError with one line per problem. `python -m pipeline check` runs this before `dvc repro` (whose
-    message for a missing dependency is a bare `[Errno 2]`) with `for_dvc`: the NO_CSV_MANIFEST placeholder,
-    which only DVC reads, must exist too."""
-    root, listing = params.paths.data_root, params.paths.csv_manifest
+    PipelineError with one line per problem. `python -m pipeline check` runs this before `dvc repro` with
+    `for_dvc`, which adds the checks of `check_dvc_inputs`."""
+    problems = _path_problems(params, Path("."), for_dvc)
+    if problems:
+        raise PipelineError("\n".join(problems))
+    return _resolve_source(params)
+
+
+def check_dvc_inputs(params: Params, project: Path = Path(".")) -> None:
+    """Raise a PipelineError, one line per problem, on the inputs that make `dvc repro` fail before ingest
+    runs with a bare `[Errno 2]`: a data_root or CSV manifest that is not there (the NO_CSV_MANIFEST
+    placeholder included: DVC reads it), and entries of the data folder DVC cannot hash. Paths are relative to
+    `project`, the folder of params.yaml. The flow runs this at its start; the source settings are ingest's
+    to report."""
+    problems = _path_problems(params, project, for_dvc=True)
+    if problems:
+        raise PipelineError("\n".join(problems))
+
+
+def _path_problems(params: Params, project: Path, for_dvc: bool) -> list[str]:
+    root, listing = project / params.paths.data_root, project / params.paths.csv_manifest
     placeholder = params.paths.csv_listing is None
     problems = []
     if not root.is_dir():
@@ -130,6 +163,8 @@ def check_inputs(params: Params, for_dvc: bool = False) -> str:
             f"paths.data_root: {root} is not a folder ({what}); set it in params.yaml (relative to the "
             "project folder) to the folder of your images: <class>/<image>, or train/ val/ [test/] of classes"
         )
+    elif for_dvc:
+        problems += _dvc_blockers(root)
     if (for_dvc or not placeholder) and not listing.is_file():
         fix = (
             f"restore this placeholder for 'no CSV manifest' (git checkout -- {listing})"
@@ -137,9 +172,30 @@ def check_inputs(params: Params, for_dvc: bool = False) -> str:
             else f"fix it in params.yaml (relative to the project folder), or set it to {NO_CSV_MANIFEST}"
         )
         problems.append(f"paths.csv_manifest: {listing} is not a file; {fix}")
-    if problems:
-        raise PipelineError("\n".join(problems))
-    return _resolve_source(params)
+    return problems
+
+
+def _dvc_blockers(root: Path) -> list[str]:
+    """One line per kind of entry under `root` that DVC cannot hash, naming the first few and what to do.
+    Ingest run by itself lists them in the manifest (`broken_symlink`, `non_utf8_name`)."""
+    dangling, non_utf8 = images.dvc_blockers(root)
+    where = shlex.quote(str(root))
+    problems = []
+    if dangling:
+        named = images.first_few([repr(path) for path in dangling])
+        problems.append(
+            f"paths.data_root: {len(dangling)} dangling symbolic link(s) under {root}, which DVC cannot "
+            f"hash: {named}; delete them (find {where} -xtype l -delete) or replace each with a copy of its "
+            "target"
+        )
+    if non_utf8:
+        named = images.first_few([repr(os.fsencode(path))[1:] for path in non_utf8])  # 'bad\xff.png'
+        problems.append(
+            f"paths.data_root: {len(non_utf8)} name(s) under {root} are not valid UTF-8, which DVC cannot "
+            f"hash: {named}; rename them to UTF-8 (e.g. convmv -r -f latin1 -t utf-8 --notest {where}) or "
+            "remove them"
+        )
+    return problems
 
 
 def _resolve_source(params: Params) -> str:

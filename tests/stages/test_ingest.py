@@ -12,7 +12,8 @@ from PIL import Image, ImageFile
 from pipeline.data import images
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
-from pipeline.stages import ingest
+from pipeline.stages import ingest, validate
+from pipeline.stages import split as split_stage
 
 
 def _manifest(params) -> pd.DataFrame:
@@ -240,3 +241,174 @@ def test_files_over_the_read_whole_limit_are_streamed_with_the_same_row(tmp_path
 )
 def test_tasks_hold_at_most_chunksize_files_and_each_worker_gets_four(files, workers, expected):
     assert ingest.files_per_task(files, 1024, workers) == expected
+
+
+def test_names_that_are_not_utf8_are_quarantined_and_every_later_writer_copes(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=12)
+    png = (root / "class_0" / "img_000.png").read_bytes()
+    for raw in (b"class_0/bad\xff.png", b"caf\xe9/x.png"):  # a Latin-1 file name, a Latin-1 class folder
+        file = os.path.join(os.fsencode(root), raw)
+        os.makedirs(os.path.dirname(file), exist_ok=True)
+        with open(file, "wb") as fh:
+            fh.write(png)
+    params = data_stage_params(
+        tmp_path,
+        root,
+        ingest={"num_workers": 0},
+        validate={"max_bad_fraction": 0.5},
+        split={"test": 0.3, "val": 0.2, "train": 0.5},
+    )
+
+    assert ingest.run(params)["ok"] == 24
+
+    rows = _manifest(params).set_index("path")
+    assert rows.loc["class_0/bad\\xff.png", ["label", "status"]].tolist() == ["class_0", "non_utf8_name"]
+    assert rows.loc["caf\\xe9/x.png", ["label", "status"]].tolist() == ["", "non_utf8_name"]
+    validate.run(params)
+    quarantine = pd.read_csv(params.paths.quarantine, dtype=str, keep_default_na=False)
+    assert quarantine.to_dict("records") == [
+        {"path": "caf\\xe9/x.png", "label": "", "reason": "non_utf8_name"},
+        {"path": "class_0/bad\\xff.png", "label": "class_0", "reason": "non_utf8_name"},
+    ]
+    split_stage.run(params)
+    splits = pd.read_csv(params.paths.splits, dtype=str, keep_default_na=False)
+    assert len(splits) == 24 and not splits["path"].str.contains("\\\\").any()
+
+
+def _csv_params(tmp_path, text: str, **sections):
+    """Params reading the CSV manifest `text` (tmp_path/labels.csv) over 2 classes x 2 images."""
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=2)
+    listing = tmp_path / "labels.csv"
+    listing.write_text(text, encoding="utf-8")
+    paths = {"csv_manifest": str(listing)}
+    return data_stage_params(tmp_path, root, paths=paths, ingest={"num_workers": 0}, **sections)
+
+
+def test_csv_rows_that_repeat_an_earlier_row_are_ignored_with_a_note(tmp_path, caplog):
+    params = _csv_params(
+        tmp_path,
+        "path,label,split\n"
+        "class_0/img_000.png,cat,train\n"
+        "class_1/img_000.png,dog,val\n"
+        "./class_0/img_000.png,cat,train\n"  # the same file, spelled another way
+        "class_1/img_000.png,dog,validation\n",  # the same split, spelled another way
+        validate={"min_images_per_class": 1},
+    )
+
+    with caplog.at_level("WARNING"):
+        ingest.run(params)
+
+    assert _manifest(params)["path"].tolist() == ["class_0/img_000.png", "class_1/img_000.png"]
+    assert read_json(params.paths.details("ingest"))["repeated_csv_rows"] == 2
+    assert f"{params.paths.csv_manifest}: ignored 2 row(s) that repeat an earlier row" in caplog.text
+    assert "on line(s) 4, 5; delete them" in caplog.text
+    assert validate.run(params)["usable"] == 2  # the manifest passes its schema: one row per file
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        (
+            "a/x.png,cat\nb/y.png,dog\n./a/x.png,dog\n",
+            "1 file(s) listed again with another label or split: 'a/x.png' on lines 2 ('cat'), 4 ('dog'); "
+            "decide each file's label (and split), delete its other row(s)",
+        ),
+        (
+            "a/x.png,cat,train\na/x.png,cat,test\n",
+            "'a/x.png' on lines 2 ('cat', split 'train'), 3 ('cat', split 'test');",
+        ),
+        ("a/x.png,cat\n,dog\n", "no path on line(s) 3; give each row its image's path"),
+    ],
+)
+def test_csv_conflicts_are_refused_in_one_line_naming_the_csv_lines_and_the_fix(tmp_path, rows, expected):
+    header = "path,label,split\n" if "train" in rows else "path,label\n"
+    params = _csv_params(tmp_path, header + rows)
+    with pytest.raises(PipelineError) as failure:
+        ingest.run(params)
+    message = str(failure.value)
+    assert message.startswith(f"paths.csv_manifest: {params.paths.csv_manifest}: ") and "\n" not in message
+    assert expected in message
+    assert not params.paths.manifest.exists()
+
+
+@pytest.mark.parametrize(
+    ("label", "rule"),
+    [
+        ("cat/dog", "no / or \\, and not . or .."),
+        ("../x", "no / or \\, and not . or .."),
+        ("..", "no / or \\, and not . or .."),
+        ("cat\\dog", "no / or \\, and not . or .."),
+        (" cat", "no leading or trailing spaces"),
+        ("cat ", "no leading or trailing spaces"),
+        ("ca\tt", "no control characters (tab, line break, ...)"),
+        ('"cat\ndog"', "no control characters (tab, line break, ...)"),  # quoted over two lines
+    ],
+)
+def test_csv_labels_that_cannot_be_class_names_are_refused_naming_the_line_and_rule(tmp_path, label, rule):
+    params = _csv_params(tmp_path, f"path,label\nclass_0/img_000.png,cat\nclass_0/img_001.png,{label}\n")
+    shown = repr(label.strip('"') if label.startswith('"') else label)
+    with pytest.raises(PipelineError) as failure:
+        ingest.run(params)
+    assert str(failure.value) == (
+        f"paths.csv_manifest: {params.paths.csv_manifest}: 1 label(s) cannot be class names: line 3 {shown} "
+        f"({rule}); correct these labels"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "rule"),
+    [
+        ("cat ", "no leading or trailing spaces"),
+        (" cat", "no leading or trailing spaces"),
+        ("ca\tt", "no control characters (tab, line break, ...)"),
+        ("cat\n", "no control characters (tab, line break, ...)"),
+    ],
+)
+def test_class_folders_that_cannot_be_class_names_are_refused_naming_the_folder(tmp_path, name, rule):
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=1)
+    make_image(root / name / "a.png", 0)
+    params = data_stage_params(tmp_path, root, ingest={"num_workers": 0})
+    with pytest.raises(PipelineError) as failure:
+        ingest.run(params)
+    assert str(failure.value) == (
+        f"paths.data_root: 1 class folder name(s) under {root} cannot be class names: {name!r} ({rule}); "
+        "rename these folders"
+    )
+
+
+def test_unicode_class_names_are_fine_from_folders_and_from_a_csv(tmp_path):
+    root = tmp_path / "data"
+    for k, name in enumerate(("café", "猫", "Ünïcødé ✓")):
+        make_image(root / name / "a.png", k, seed=k)
+    params = data_stage_params(tmp_path, root, ingest={"num_workers": 0})
+    ingest.run(params)
+    assert set(_manifest(params)["label"]) == {"café", "猫", "Ünïcødé ✓"}
+
+    listing = tmp_path / "labels.csv"
+    listing.write_text("path,label\ncafé/a.png,кошка\n猫/a.png,chat noir\n", encoding="utf-8")
+    csv_params = data_stage_params(
+        tmp_path, root, paths={"csv_manifest": str(listing)}, ingest={"num_workers": 0}
+    )
+    ingest.run(csv_params)
+    assert _manifest(csv_params)[["path", "label", "status"]].values.tolist() == [
+        ["café/a.png", "кошка", "ok"],
+        ["猫/a.png", "chat noir", "ok"],
+    ]
+
+
+def test_dvc_blockers_are_the_entries_dvc_stats_and_fails_on(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=1)
+    os.symlink("gone.png", root / "class_0" / "broken.png")
+    os.symlink("loop.png", root / "class_0" / "loop.png")  # a link to itself: ELOOP, as dangling for DVC
+    os.symlink("nowhere", root / "class_1" / ".hidden")  # DVC hashes hidden entries too
+    os.symlink(root / "class_0", root / "linked")  # a folder link: DVC does not walk into it
+    os.symlink(tmp_path / "elsewhere.png", root / "class_1" / "away.png")
+    make_image(tmp_path / "elsewhere.png", 0)  # a live link that leaves the root is DVC's to hash, fine
+    bad_folder = os.path.join(os.fsencode(root), b"caf\xe9")
+    os.mkdir(bad_folder)
+    os.symlink(b"gone", os.path.join(bad_folder, b"x\xff.png"))  # inside a bad folder: reported once
+
+    dangling, non_utf8 = images.dvc_blockers(root)
+
+    assert dangling == ["class_0/broken.png", "class_0/loop.png", "class_1/.hidden"]
+    assert [os.fsencode(name) for name in non_utf8] == [b"caf\xe9"]

@@ -204,3 +204,27 @@ def test_small_class_is_kept_as_a_warning_and_fails_as_an_error(tmp_path, caplog
     assert (
         rule["passed"] is False and rule["detail"] == "classes ['rare' (3)] have fewer than 10 usable images"
     )
+
+
+def test_one_class_is_told_to_add_a_second_class_not_to_lower_min_classes(tmp_path):
+    root = tmp_path / "data"
+    for i in range(12):
+        make_image(root / "cats" / f"{i}.png", 0, seed=i)
+    with pytest.raises(PipelineError) as caught:
+        validate.run(_ingested(tmp_path, root))
+    first = str(caught.value).splitlines()[0]
+    assert first == (
+        "rule min_classes failed: 1 class(es) with usable images ['cats'], need at least 2; a classifier "
+        "needs at least 2 classes: add a second class (a folder of its images under paths.data_root, or rows "
+        "with its label in paths.csv_manifest)"
+    )
+
+
+def test_fewer_classes_than_min_classes_above_2_may_lower_the_param(image_folder, tmp_path):
+    with pytest.raises(PipelineError) as caught:
+        validate.run(_ingested(tmp_path, image_folder, validate={"min_classes": 4}))
+    assert str(caught.value).splitlines()[0] == (
+        "rule min_classes failed: 3 class(es) with usable images ['class_0', 'class_1', 'class_2'], need at "
+        "least 4; add class folders or lower validate.min_classes "
+        "(or set validate.severity.min_classes: warning)"
+    )

@@ -136,10 +136,7 @@ def _check(manifest: pd.DataFrame, checker: GxChecker, params: Params) -> Checke
 
 def _failures(errors: list[Outcome], classes: pd.Series) -> list[str]:
     """One line per reason the stage fails: each rule failed at severity error, and fewer than 2 classes."""
-    messages = [
-        f"rule {o.rule} failed: {o.detail}; {RULES[o.rule].fix} (or set validate.severity.{o.rule}: warning)"
-        for o in errors
-    ]
+    messages = [f"rule {o.rule} failed: {o.detail}; {rules.advice(o)}" for o in errors]
     usable_classes = sorted(classes[classes > 0].index)
     if len(usable_classes) < 2 and not any(o.rule == "min_classes" for o in errors):
         messages.append(

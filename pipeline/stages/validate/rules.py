@@ -219,6 +219,17 @@ def describe(outcome: Outcome, frames: dict[str, pd.DataFrame], ok: pd.DataFrame
     )
 
 
+def advice(outcome: Outcome) -> str:
+    """How to fix a failed rule. Below 2 classes only more classes can help: `validate.min_classes` cannot go
+    below 2, and as a warning the stage still fails, since a classifier needs 2 classes."""
+    if outcome.rule == "min_classes" and (outcome.observed or 0) < 2:
+        return (
+            "a classifier needs at least 2 classes: add a second class (a folder of its images under "
+            "paths.data_root, or rows with its label in paths.csv_manifest)"
+        )
+    return f"{RULES[outcome.rule].fix} (or set validate.severity.{outcome.rule}: warning)"
+
+
 def _listing(items: list[str]) -> str:
     more = f", ... and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
     return "[" + ", ".join(items[:_SHOWN]) + more + "]"
