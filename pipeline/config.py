@@ -141,6 +141,7 @@ class SplitParams(_Section):
     train: Fraction = 0.7
     val: Fraction = 0.15
     test: Fraction = 0.15
+    method: Literal["stable", "stratified"] = "stable"
     keep_given_splits: bool = True
     carve_test_from: Literal["none", "val", "train"] = "none"
     small_class: Literal["error", "warning"] = "error"
