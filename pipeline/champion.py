@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline import onnx_runtime as rt
 from pipeline.config import OrchestrateParams, Params
 from pipeline.data.splits import read_splits_table
 from pipeline.errors import PipelineError
@@ -61,7 +62,7 @@ def decide(comparison: PairedComparison | None, margin: float, alpha: float) -> 
         return True, "the champion knows none of the test split's classes, so it cannot be scored"
     new, held, n = comparison.candidate_accuracy, comparison.reference_accuracy, comparison.n
     p, counts = comparison.p_worse, f"{comparison.worse} images lost, {comparison.better} won"
-    if new < held - margin:
+    if new < held - margin - 1e-12:  # float slack: a loss of exactly the margin passes
         return False, f"new accuracy {new:.4f} < champion {held:.4f} - margin {margin} on the same {n} images"
     if p < alpha:
         return False, f"McNemar: the new model is less accurate (p {p:.3g} < {alpha}; {counts} of {n})"
@@ -85,9 +86,12 @@ def promote(params: Params, root: Path | str = ".") -> dict[str, Any]:
     model_sha256 = _sha256(root / paths.model)
     test = _test_images(root / paths.splits)
     files = [root / paths.data_root / path for path in test["path"]]
-    new_classes, test["new"] = _top1(root / paths.export_dir, files)
+    new_classes, test["new"] = _top1(root / paths.export_dir, files, "run the pipeline (dvc repro) first")
     current = _read_champion(root / paths.champion_dir / CHAMPION_METRICS)
-    held_classes, test["champion"] = _top1(root / paths.champion_dir / paths.export_dir.name, files, current)
+    held_classes, test["champion"] = None, None
+    if current:
+        lost = f"restore it, or delete {paths.champion_dir} to promote the next model unconditionally"
+        held_classes, test["champion"] = _top1(root / paths.champion_dir / paths.export_dir.name, files, lost)
     decision = _gate(test, new_classes, held_classes, params.orchestrate)
     write_text(root / paths.reports_dir / "promote" / GATE_PREDICTIONS, test.to_csv(index=False))
     if current.get("model_sha256") == model_sha256:
@@ -155,18 +159,11 @@ def _test_images(splits_csv: Path) -> pd.DataFrame:
     return test.sort_values("path", kind="stable").reset_index(drop=True)
 
 
-def _top1(
-    export_dir: Path, files: list[Path], record: dict[str, Any] | None = None
-) -> tuple[list[str] | None, list[str | None]]:
-    """(class names, top-1 class per file) of the FP32 model in `export_dir`; (None, [None, ...]) when
-    `record` is given but empty (no champion yet)."""
-    if record is not None and not record:
-        return None, [None] * len(files)
-    if not (export_dir / "model.onnx").is_file():
-        raise PipelineError(
-            f"{export_dir}: the champion has no exported model to score; restore the folder, or delete "
-            f"{export_dir.parent} to promote the next model unconditionally"
-        )
+def _top1(export_dir: Path, files: list[Path], fix: str) -> tuple[list[str], list[str]]:
+    """(class names, top-1 class per file) of the FP32 model of an export folder; `fix` says what to do
+    when the folder has no model."""
+    if not (export_dir / rt.FP32_FILE).is_file():
+        raise PipelineError(f"{export_dir}: no exported model to score; {fix}")
     predictor = Predictor(export_dir, precision="fp32")
     predictions = predictor.predict(files)
     unreadable = [p.source for p in predictions if not p.ok]

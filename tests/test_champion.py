@@ -155,7 +155,7 @@ def test_the_gate_scores_champion_and_new_model_on_the_same_current_test_images(
     assert again == second
 
 
-def test_a_model_within_the_margin_is_promoted_and_its_record_holds_the_gate(tmp_path):
+def test_a_better_model_is_promoted_and_its_record_holds_the_gate(tmp_path):
     params = _project(tmp_path)
     _write_splits(tmp_path, params, {"class_0": 12, "class_1": 12, "class_2": 12})
     _candidate(tmp_path, params, 3, BLIND_TO_2, b"weak")
@@ -207,7 +207,9 @@ def test_a_champion_without_its_export_says_how_to_recover(tmp_path):
     promote(params, tmp_path)
     (tmp_path / params.paths.champion_dir / "export" / "model.onnx").unlink()
     _candidate(tmp_path, params, 2, (0, 1), b"two")
-    with pytest.raises(PipelineError, match=r"champion/export: the champion has no exported model"):
+    with pytest.raises(
+        PipelineError, match=r"champion/export: no exported model to score; restore it, or del"
+    ):
         promote(params, tmp_path)
 
 
