@@ -1,75 +1,101 @@
-"""Promotion quality gate: a new model replaces the champion only if its test metric is not worse by more
-than `orchestrate.promote_tolerance`, so a noisy retrain cannot silently ship a regression."""
+"""Promotion gate, like for like: the champion's exported model and the new one both predict the current test
+split (ONNX Runtime, FP32, no torch), and the new model replaces the champion only if, on the same images, it
+is not less accurate by more than `orchestrate.promote_margin` and an exact McNemar test on the images where
+exactly one of them is right does not show it less accurate (p >= `orchestrate.promote_alpha`).
+
+Class changes: the comparison uses the test images of the classes both models know. Test images of added
+classes cannot be scored for the champion: the new model's accuracy on them is reported, not gated.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import math
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Params
+import numpy as np
+import pandas as pd
+
+from pipeline import onnx_runtime as rt
+from pipeline.config import OrchestrateParams, Params
+from pipeline.data.splits import read_splits_table
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_dir, read_json, read_optional_json, write_json
+from pipeline.io import atomic_dir, read_json, read_optional_json, write_json, write_text
+from pipeline.predict import Predictor
+from pipeline.stats import PairedComparison, compare
 
 CHAMPION_METRICS = "metrics.json"
+GATE_PREDICTIONS = "predictions.csv"  # in reports_dir/promote: every test image and both models' top-1
 # The metrics that travel with a champion: the test figures and what quantization/export measured.
 _CARRIED_STAGES = ("evaluate", "quantize", "export")
 
 
 @dataclass(frozen=True)
 class Decision:
+    """The gate's verdict and the figures it rests on, all measured on the same `images` test images."""
+
     promoted: bool
-    metric: str
-    new: float
-    champion: float | None
-    tolerance: float
     reason: str
+    metric: str  # top-1 accuracy, the one figure McNemar's test speaks about
+    new: float | None  # the new model's accuracy on the compared images (None: there are none)
+    champion: float | None  # the champion's on the same images; None when there is no champion to score
+    images: int  # compared: the current test images of the classes both models know
+    worse: int  # compared images only the champion gets right
+    better: int  # compared images only the new model gets right
+    p_value: float | None  # exact one-sided McNemar p-value for "the new model is less accurate"
+    margin: float
+    alpha: float
+    test_sha256: str  # fingerprint of the compared images: sha256 of their sorted content hashes
+    classes_added: list[str]
+    classes_removed: list[str]
+    new_on_added: float | None  # the new model's accuracy on the test images of the added classes
 
 
-def decide(metric: str, new: float, champion: float | None, tolerance: float) -> Decision:
-    """Promote when there is no champion or `new >= champion - tolerance` (higher is better)."""
-    if math.isnan(new):
-        return Decision(False, metric, new, champion, tolerance, f"new {metric} is NaN")
-    if champion is None:
-        return Decision(True, metric, new, None, tolerance, "no champion yet")
-    floor = champion - tolerance
-    if new >= floor:
-        return Decision(True, metric, new, champion, tolerance, f"new {metric} {new:.4f} >= {floor:.4f}")
-    return Decision(False, metric, new, champion, tolerance, f"new {metric} {new:.4f} < {floor:.4f}")
+def decide(comparison: PairedComparison | None, margin: float, alpha: float) -> tuple[bool, str]:
+    """(promoted, reason) from the paired comparison of the champion (reference) and the new model."""
+    if comparison is None:
+        return True, "no champion yet"
+    if comparison.n == 0:
+        return True, "the champion knows none of the test split's classes, so it cannot be scored"
+    new, held, n = comparison.candidate_accuracy, comparison.reference_accuracy, comparison.n
+    p, counts = comparison.p_worse, f"{comparison.worse} images lost, {comparison.better} won"
+    if new < held - margin - 1e-12:  # float slack: a loss of exactly the margin passes
+        return False, f"new accuracy {new:.4f} < champion {held:.4f} - margin {margin} on the same {n} images"
+    if p < alpha:
+        return False, f"McNemar: the new model is less accurate (p {p:.3g} < {alpha}; {counts} of {n})"
+    return True, f"new accuracy {new:.4f} >= {held - margin:.4f} and McNemar p {p:.3g} >= {alpha} ({counts})"
 
 
 def promote(params: Params, root: Path | str = ".") -> dict[str, Any]:
-    """Apply the gate to the pipeline's current model; on success copy it to `paths.champion_dir`.
+    """Score the new export and the champion's on the current test split; on success copy the new model to
+    `paths.champion_dir`.
 
-    Paths in `params` are relative to `root` (the project folder). The champion folder receives the export
-    folder, the trained model and `metrics.json` (metric, value, model hash and the stages' metrics) in one
-    atomic swap, so a reader never sees half a champion.
+    Paths in `params` are relative to `root` (the project folder). Both models' top-1 per test image go to
+    `reports_dir/promote/predictions.csv`. The champion folder receives the export folder, the trained model
+    and `metrics.json` (model hash, the stages' metrics and this decision) in one atomic swap, so a reader
+    never sees half a champion.
 
     Returns:
-        The decision as a dict: promoted, metric, new, champion, tolerance, reason.
+        The Decision as a dict.
     """
-    root = Path(root)
-    paths, gate = params.paths, params.orchestrate
+    root, paths = Path(root), params.paths
     metrics = {stage: _read_metrics(root / paths.metrics(stage)) for stage in _CARRIED_STAGES}
-    if gate.promote_metric not in metrics["evaluate"]:
-        raise PipelineError(
-            f"{paths.metrics('evaluate')}: no metric {gate.promote_metric!r}; set orchestrate.promote_metric "
-            f"to one of {sorted(metrics['evaluate'])}"
-        )
-    new = float(metrics["evaluate"][gate.promote_metric])
     model_sha256 = _sha256(root / paths.model)
+    test = _test_images(root / paths.splits)
+    files = [root / paths.data_root / path for path in test["path"]]
+    new_classes, test["new"] = _top1(root / paths.export_dir, files, "run the pipeline (dvc repro) first")
     current = _read_champion(root / paths.champion_dir / CHAMPION_METRICS)
-    # Compare on the champion's own evaluate figures, so changing promote_metric compares like with like.
-    held = current.get("stages", {}).get("evaluate", {}).get(gate.promote_metric)
-    held = None if held is None else float(held)
+    held_classes, test["champion"] = None, None
+    if current:
+        lost = f"restore it, or delete {paths.champion_dir} to promote the next model unconditionally"
+        held_classes, test["champion"] = _top1(root / paths.champion_dir / paths.export_dir.name, files, lost)
+    decision = _gate(test, new_classes, held_classes, params.orchestrate)
+    write_text(root / paths.reports_dir / "promote" / GATE_PREDICTIONS, test.to_csv(index=False))
     if current.get("model_sha256") == model_sha256:
-        decision = Decision(False, gate.promote_metric, new, held, gate.promote_tolerance, "already champion")
-        return asdict(decision)
-    decision = decide(gate.promote_metric, new, held, gate.promote_tolerance)
+        return asdict(replace(decision, promoted=False, reason="already champion"))
     if decision.promoted:
         with atomic_dir(root / paths.champion_dir) as staging:
             shutil.copytree(root / paths.export_dir, staging / paths.export_dir.name)
@@ -77,14 +103,73 @@ def promote(params: Params, root: Path | str = ".") -> dict[str, Any]:
             write_json(
                 staging / CHAMPION_METRICS,
                 {
-                    "metric": gate.promote_metric,
-                    "value": new,
                     "model_sha256": model_sha256,
                     "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "gate": asdict(decision),
                     "stages": metrics,
                 },
             )
     return asdict(decision)
+
+
+def _gate(
+    test: pd.DataFrame, new_classes: list[str], held_classes: list[str] | None, gate: OrchestrateParams
+) -> Decision:
+    """The decision from both models' top-1 (columns `new`, `champion`) on the test rows."""
+    held = new_classes if held_classes is None else held_classes
+    added, removed = sorted(set(new_classes) - set(held)), sorted(set(held) - set(new_classes))
+    shared = test[test["label"].isin(held)]
+    comparison = None
+    if held_classes is not None:
+        comparison = compare(*(shared[column].to_numpy() for column in ("champion", "new", "label")))
+    promoted, reason = decide(comparison, gate.promote_margin, gate.promote_alpha)
+    if added or removed:
+        reason += f"; classes added {added}, removed {removed}"
+    scored = comparison if comparison is not None and comparison.n else None
+    return Decision(
+        promoted=promoted,
+        reason=reason,
+        metric="accuracy",
+        new=_accuracy(shared, "new"),
+        champion=_accuracy(shared, "champion") if scored else None,
+        images=len(shared),
+        worse=scored.worse if scored else 0,
+        better=scored.better if scored else 0,
+        p_value=scored.p_worse if scored else None,
+        margin=gate.promote_margin,
+        alpha=gate.promote_alpha,
+        test_sha256=hashlib.sha256("\n".join(sorted(shared["sha256"])).encode()).hexdigest(),
+        classes_added=added,
+        classes_removed=removed,
+        new_on_added=_accuracy(test[test["label"].isin(added)], "new"),
+    )
+
+
+def _accuracy(rows: pd.DataFrame, column: str) -> float | None:
+    """Top-1 accuracy of `column` against `label`; None when there are no rows."""
+    return float(np.mean(rows[column] == rows["label"])) if len(rows) else None
+
+
+def _test_images(splits_csv: Path) -> pd.DataFrame:
+    """The current test split (path, label, sha256), sorted by path."""
+    table = read_splits_table(splits_csv)
+    test = table.loc[table["split"] == "test", ["path", "label", "sha256"]]
+    if test.empty:
+        raise PipelineError(f"{splits_csv}: no test images to compare the models on; set split.test > 0")
+    return test.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def _top1(export_dir: Path, files: list[Path], fix: str) -> tuple[list[str], list[str]]:
+    """(class names, top-1 class per file) of the FP32 model of an export folder; `fix` says what to do
+    when the folder has no model."""
+    if not (export_dir / rt.FP32_FILE).is_file():
+        raise PipelineError(f"{export_dir}: no exported model to score; {fix}")
+    predictor = Predictor(export_dir, precision="fp32")
+    predictions = predictor.predict(files)
+    unreadable = [p.source for p in predictions if not p.ok]
+    if unreadable:
+        raise PipelineError(f"{unreadable[0]}: a test image is unreadable; re-run the pipeline (dvc repro)")
+    return predictor.class_names, [p.labels[0][0] for p in predictions]
 
 
 def _read_metrics(path: Path) -> dict[str, Any]:

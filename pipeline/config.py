@@ -141,6 +141,7 @@ class SplitParams(_Section):
     train: Fraction = 0.7
     val: Fraction = 0.15
     test: Fraction = 0.15
+    method: Literal["stable", "stratified"] = "stable"
     keep_given_splits: bool = True
     carve_test_from: Literal["none", "val", "train"] = "none"
     small_class: Literal["error", "warning"] = "error"
@@ -248,8 +249,9 @@ class OrchestrateParams(_Section):
 
     retries: NonNegInt = 2  # per stage, only for transient errors (DVC lock contention, I/O hiccups)
     retry_delay_seconds: Annotated[float, Field(ge=0.0)] = 10.0
-    promote_metric: str = "accuracy"  # a key of the evaluate metrics; higher is better
-    promote_tolerance: Annotated[float, Field(ge=0.0)] = 0.005
+    # The gate compares the new model and the champion on the same test images (pipeline.champion).
+    promote_margin: Annotated[float, Field(ge=0.0, le=1.0)] = 0.005  # largest accepted accuracy loss
+    promote_alpha: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.05  # McNemar: reject a loss below this p
 
 
 # The `validate` section shadows pydantic's deprecated BaseModel.validate; the name is the stage's, so the

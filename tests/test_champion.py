@@ -1,100 +1,215 @@
-"""Promotion gate: the decision rule, and what promote() copies (or leaves alone) in champion_dir."""
+"""Promotion gate: the decision rule, and promote() scoring the champion's export and the new one on the same
+current test images with ONNX Runtime (real, hand-built ONNX classifiers), then copying (or not)."""
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
-import math
 from pathlib import Path
 
+import numpy as np
+import onnx
+import pandas as pd
 import pytest
+from helpers import make_image
+from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.champion import CHAMPION_METRICS, decide, promote
+from pipeline.champion import CHAMPION_METRICS, GATE_PREDICTIONS, decide, promote
 from pipeline.config import Params
 from pipeline.errors import PipelineError
+from pipeline.stats import compare, mcnemar_p
+
+PERFECT = (0, 1, 2)  # class k scored by the mean of input channel k: right on every `make_image` image
+BLIND_TO_2 = (0, 1, None)  # class_2 never wins: wrong on every class_2 image
+
+
+def _comparison(worse: int, better: int, same: int):
+    """A paired comparison with `worse` images only the champion gets right, `better` only the new model."""
+    labels = np.zeros(worse + better + same, dtype=int)
+    champion = np.r_[np.zeros(worse), np.ones(better), np.zeros(same)]
+    new = np.r_[np.ones(worse), np.zeros(better), np.zeros(same)]
+    return compare(champion, new, labels)
 
 
 @pytest.mark.parametrize(
-    ("new", "champion", "promoted"),
+    ("comparison", "promoted", "reason"),
     [
-        (0.80, None, True),  # first model ever
-        (0.90, 0.80, True),  # better
-        (0.796, 0.80, True),  # worse, but within the tolerance
-        (0.794, 0.80, False),  # worse by more than the tolerance
-        (math.nan, 0.80, False),
-        (math.nan, None, False),
+        (None, True, "no champion yet"),
+        (_comparison(0, 0, 0), True, "cannot be scored"),
+        (_comparison(3, 3, 194), True, "McNemar p"),  # equal
+        (_comparison(2, 1, 197), True, "McNemar p"),  # 0.5 point worse: within the margin
+        (_comparison(3, 1, 196), False, "< champion"),  # 1 point worse: beyond the margin
+        (_comparison(60, 20, 9920), False, "McNemar: the new model is less accurate"),  # within, but sure
+        (_comparison(0, 5, 10), True, "McNemar p 1 >= 0.05"),  # better
     ],
 )
-def test_decide(new, champion, promoted):
-    decision = decide("accuracy", new, champion, tolerance=0.005)
-    assert decision.promoted is promoted
-    assert (decision.new, decision.champion, decision.tolerance) == (
-        pytest.approx(new, nan_ok=True),
-        champion,
-        0.005,
+def test_decide(comparison, promoted, reason):
+    verdict, why = decide(comparison, margin=0.005, alpha=0.05)
+    assert verdict is promoted and reason in why, why
+
+
+def _onnx_classifier(folder: Path, class_names: list[str], channels: tuple) -> Path:
+    """An export folder whose real ONNX model scores class k by the mean of input channel `channels[k]`
+    (None: a constant -1, so that class never wins): GlobalAveragePool, Flatten, MatMul, Add."""
+    weights = np.zeros((3, len(class_names)), dtype=np.float32)
+    bias = np.zeros(len(class_names), dtype=np.float32)
+    for k, channel in enumerate(channels):
+        if channel is None:
+            bias[k] = -10.0
+        else:
+            weights[channel, k] = 1.0
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "weights"], ["scores"]),
+        helper.make_node("Add", ["scores", "bias"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(class_names)])],
+        [numpy_helper.from_array(weights, "weights"), numpy_helper.from_array(bias, "bias")],
     )
-    assert decision.reason
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), folder / "model.onnx")
+    (folder / "labels.json").write_text(json.dumps(class_names))
+    config = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3}
+    (folder / "preprocess.json").write_text(json.dumps({**config, "crop_pct": 1.0}))
+    return folder
 
 
-def _candidate(root: Path, params: Params, accuracy: float, weights: bytes) -> None:
-    """What the pipeline leaves behind: a model, an export folder and the stages' metrics."""
+def _project(root: Path) -> Params:
+    paths = {"data_root": "images", "splits": "splits.csv", "model": "model.pt", "export_dir": "export"}
+    return Params.from_dict({"paths": paths})
+
+
+def _write_splits(root: Path, params: Params, per_class: dict[str, int], test_every: int = 4) -> None:
+    """class_k/img_i.png for the counts given (made if missing); every `test_every`-th image is test."""
+    rows = []
+    for label, n in per_class.items():
+        for i in range(n):
+            path = root / params.paths.data_root / label / f"img_{i:03d}.png"
+            if not path.is_file():
+                make_image(path, int(label.split("_")[1]), seed=1000 * int(label.split("_")[1]) + i)
+            sha = hashlib.sha256(path.read_bytes()).hexdigest()
+            split = "test" if i % test_every == 0 else "train"
+            rows.append({"path": f"{label}/{path.name}", "label": label, "split": split, "sha256": sha})
+    with (root / params.paths.splits).open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "split", "sha256"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _candidate(root: Path, params: Params, classes: int, channels: tuple, name: bytes) -> None:
+    """What the pipeline leaves behind: a trained model, an export folder and the stages' metrics."""
     paths = params.paths
-    (root / paths.model).parent.mkdir(parents=True, exist_ok=True)
-    (root / paths.model).write_bytes(weights)
-    (root / paths.export_dir).mkdir(parents=True, exist_ok=True)
-    (root / paths.export_dir / "model.onnx").write_bytes(weights[::-1])
-    (root / paths.metrics_dir).mkdir(parents=True, exist_ok=True)
-    metrics = {"evaluate": {"accuracy": accuracy, "macro_f1": accuracy - 0.1}, "quantize": {}, "export": {}}
-    for stage, values in metrics.items():
-        (root / paths.metrics(stage)).write_text(json.dumps(values))
+    (root / paths.model).write_bytes(name)
+    _onnx_classifier(root / paths.export_dir, [f"class_{k}" for k in range(classes)], channels)
+    for stage in ("evaluate", "quantize", "export"):
+        (root / paths.metrics(stage)).parent.mkdir(parents=True, exist_ok=True)
+        (root / paths.metrics(stage)).write_text(json.dumps({"accuracy": 0.5} if stage == "evaluate" else {}))
 
 
-def _champion(root: Path, params: Params) -> tuple[dict, bytes]:
-    folder = root / params.paths.champion_dir
-    record = json.loads((folder / CHAMPION_METRICS).read_text())
-    return record, (folder / params.paths.model.name).read_bytes()
+def _record(root: Path, params: Params) -> dict:
+    return json.loads((root / params.paths.champion_dir / CHAMPION_METRICS).read_text())
 
 
-def test_promote_copies_first_model_then_gates_the_next(tmp_path):
-    params = Params.from_dict({"orchestrate": {"promote_tolerance": 0.01}})
-    _candidate(tmp_path, params, accuracy=0.80, weights=b"first")
+def _gate_rows(root: Path, params: Params) -> pd.DataFrame:
+    return pd.read_csv(root / params.paths.reports_dir / "promote" / GATE_PREDICTIONS, dtype=str)
 
+
+def _test_split(root: Path, params: Params) -> pd.DataFrame:
+    table = pd.read_csv(root / params.paths.splits, dtype=str)
+    return table[table["split"] == "test"].sort_values("path").reset_index(drop=True)
+
+
+def test_the_gate_scores_champion_and_new_model_on_the_same_current_test_images(tmp_path):
+    params = _project(tmp_path)
+    _write_splits(tmp_path, params, {"class_0": 20, "class_1": 20, "class_2": 20})
+    _candidate(tmp_path, params, 3, PERFECT, b"first")
     first = promote(params, tmp_path)
-    assert first["promoted"] and first["champion"] is None
-    record, weights = _champion(tmp_path, params)
-    assert weights == b"first"
-    assert record["stages"]["evaluate"]["accuracy"] == 0.80
-    assert (tmp_path / params.paths.champion_dir / "export" / "model.onnx").read_bytes() == b"tsrif"
+    assert first["promoted"] and first["reason"] == "no champion yet" and first["champion"] is None
+    assert first["new"] == 1.0 and first["images"] == 15
+    assert _record(tmp_path, params)["gate"] == first
 
-    again = promote(params, tmp_path)
-    assert again == {**first, "promoted": False, "champion": 0.80, "reason": "already champion"}
+    # The data grows by 10% and a retrained model blind to class_2 arrives: both are scored on today's test
+    # split, including the new test images the champion has never seen.
+    _write_splits(tmp_path, params, {"class_0": 22, "class_1": 22, "class_2": 22})
+    _candidate(tmp_path, params, 3, BLIND_TO_2, b"second")
+    second = promote(params, tmp_path)
 
-    _candidate(tmp_path, params, accuracy=0.78, weights=b"worse")
-    worse = promote(params, tmp_path)
-    assert not worse["promoted"] and worse["new"] == 0.78 and worse["champion"] == 0.80
-    assert _champion(tmp_path, params)[1] == b"first", "a rejected model must not touch the champion"
+    test, scored = _test_split(tmp_path, params), _gate_rows(tmp_path, params)
+    assert list(scored["path"]) == list(test["path"]) and second["images"] == len(test) == 18
+    assert (scored["champion"] == scored["label"]).all()  # the champion's export really ran on them
+    assert list(scored["new"] == scored["label"]) == list(scored["label"] != "class_2")
+    expected_fingerprint = hashlib.sha256("\n".join(sorted(test["sha256"])).encode()).hexdigest()
+    assert second["test_sha256"] == expected_fingerprint
+    assert (second["champion"], second["new"]) == (1.0, pytest.approx(12 / 18))
+    assert (second["worse"], second["better"]) == (6, 0) and second["p_value"] == mcnemar_p(6, 0)
+    assert not second["promoted"] and "< champion 1.0000" in second["reason"]
+    assert (tmp_path / params.paths.champion_dir / params.paths.model.name).read_bytes() == b"first"
 
-    _candidate(tmp_path, params, accuracy=0.795, weights=b"close")
-    close = promote(params, tmp_path)
-    assert close["promoted"], close
-    record, weights = _champion(tmp_path, params)
-    assert weights == b"close" and record["value"] == 0.795
+    again = promote(params, tmp_path)  # the same gate twice: same figures
+    assert again == second
 
 
-def test_gate_compares_on_the_configured_metric(tmp_path):
-    params = Params.from_dict({"orchestrate": {"promote_metric": "macro_f1", "promote_tolerance": 0.0}})
-    _candidate(tmp_path, params, accuracy=0.80, weights=b"first")
+def test_a_better_model_is_promoted_and_its_record_holds_the_gate(tmp_path):
+    params = _project(tmp_path)
+    _write_splits(tmp_path, params, {"class_0": 12, "class_1": 12, "class_2": 12})
+    _candidate(tmp_path, params, 3, BLIND_TO_2, b"weak")
     promote(params, tmp_path)
-    _candidate(tmp_path, params, accuracy=0.79, weights=b"second")
+    _candidate(tmp_path, params, 3, PERFECT, b"strong")
     decision = promote(params, tmp_path)
-    assert decision["metric"] == "macro_f1"
-    assert decision["champion"] == pytest.approx(0.70) and decision["new"] == pytest.approx(0.69)
-    assert not decision["promoted"]
+    assert decision["promoted"] and (decision["champion"], decision["new"]) == (pytest.approx(6 / 9), 1.0)
+    assert (decision["worse"], decision["better"]) == (0, 3) and decision["p_value"] == 1.0
+    record = _record(tmp_path, params)
+    assert record["gate"] == decision and record["model_sha256"] == hashlib.sha256(b"strong").hexdigest()
+    assert promote(params, tmp_path)["reason"] == "already champion"
 
 
-def test_unknown_metric_names_the_file_and_the_key(tmp_path):
-    params = Params.from_dict({"orchestrate": {"promote_metric": "acc"}})
-    _candidate(tmp_path, params, accuracy=0.8, weights=b"m")
-    with pytest.raises(PipelineError, match=r"evaluate\.json: no metric 'acc'.*orchestrate\.promote_metric"):
+def test_an_added_class_is_compared_on_the_shared_classes_and_reported(tmp_path):
+    params = _project(tmp_path)
+    _write_splits(tmp_path, params, {"class_0": 12, "class_1": 12})
+    _candidate(tmp_path, params, 2, (0, 1), b"two classes")
+    promote(params, tmp_path)
+    _write_splits(tmp_path, params, {"class_0": 12, "class_1": 12, "class_2": 12})
+    _candidate(tmp_path, params, 3, PERFECT, b"three classes")
+
+    decision = promote(params, tmp_path)
+
+    assert decision["classes_added"] == ["class_2"] and decision["classes_removed"] == []
+    assert decision["images"] == 6 and decision["new_on_added"] == 1.0  # 3 test images per class
+    assert decision["promoted"] and "classes added ['class_2']" in decision["reason"]
+    assert set(_gate_rows(tmp_path, params)["label"]) == {"class_0", "class_1", "class_2"}
+
+
+def test_a_removed_class_is_named_and_the_shared_classes_decide(tmp_path):
+    params = _project(tmp_path)
+    _write_splits(tmp_path, params, {"class_0": 12, "class_1": 12, "class_2": 12})
+    _candidate(tmp_path, params, 3, PERFECT, b"three classes")
+    promote(params, tmp_path)
+    _write_splits(tmp_path, params, {"class_0": 12, "class_1": 12})
+    _candidate(tmp_path, params, 2, (0, 1), b"two classes")
+
+    decision = promote(params, tmp_path)
+
+    assert decision["classes_removed"] == ["class_2"] and decision["classes_added"] == []
+    assert decision["images"] == 6 and decision["promoted"]
+    assert decision["champion"] == decision["new"] == 1.0
+
+
+def test_a_champion_without_its_export_says_how_to_recover(tmp_path):
+    params = _project(tmp_path)
+    _write_splits(tmp_path, params, {"class_0": 8, "class_1": 8})
+    _candidate(tmp_path, params, 2, (0, 1), b"one")
+    promote(params, tmp_path)
+    (tmp_path / params.paths.champion_dir / "export" / "model.onnx").unlink()
+    _candidate(tmp_path, params, 2, (0, 1), b"two")
+    with pytest.raises(
+        PipelineError, match=r"champion/export: no exported model to score; restore it, or del"
+    ):
         promote(params, tmp_path)
 
 

@@ -3,6 +3,7 @@ tiny `built_project` (the whole DAG already run once by DVC)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -12,10 +13,11 @@ import sys
 import time
 from uuid import UUID
 
+import pandas as pd
 import pytest
 import yaml
 import zc.lockfile
-from helpers import PROJECT_ROOT, copy_project, run_tool
+from helpers import PROJECT_ROOT, copy_project, make_image, run_tool
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -33,6 +35,7 @@ from pipeline.__main__ import app
 from pipeline.errors import ParamsError
 from pipeline.flow import DvcFailed, retrain, set_params
 from pipeline.stages import STAGES
+from pipeline.stages.split import stable_position
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +225,54 @@ def test_cli_flow_rejects_a_malformed_override():
     result = CliRunner().invoke(app, ["flow", "--set", "train.lr"])
     assert result.exit_code == 1
     assert "expected key=value" in result.output
+
+
+def _natural_split(sha256: str, params: dict) -> str:
+    """The split a stable split gives a file from its hash alone (classes too small for that get fillers)."""
+    position, split = stable_position(sha256, params["base"]["seed"]), params["split"]
+    return (
+        "test" if position < split["test"] else "val" if position < split["test"] + split["val"] else "train"
+    )
+
+
+@pytest.mark.slow
+def test_retraining_on_grown_data_gates_both_models_on_the_same_test_images(
+    prefect_api, built_project, tmp_path
+):
+    project = copy_project(built_project, tmp_path / "project")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert retrain(project_dir=str(project))["champion"]["promoted"]
+    splits_csv = project / params["paths"]["splits"]
+    before = pd.read_csv(splits_csv, dtype=str, keep_default_na=False).set_index("path")
+    data_root = project / params["paths"]["data_root"]
+    for k in range(3):  # 16 -> 18 images per class: 12.5% more
+        for i in range(2):
+            make_image(data_root / f"class_{k}" / f"new_{i}.png", k, seed=9000 + 10 * k + i)
+
+    state = retrain(project_dir=str(project), return_state=True)
+
+    assert state.is_completed(), state.message
+    result, gate = state.result(), state.result()["champion"]
+    assert _statuses(result)["train"] == "ran"
+    after = pd.read_csv(splits_csv, dtype=str, keep_default_na=False).set_index("path")
+    by_hash = [
+        path for path, row in before.iterrows() if row["split"] == _natural_split(row["sha256"], params)
+    ]
+    assert after.loc[by_hash, "split"].equals(before.loc[by_hash, "split"])  # stable: nothing moved
+    test = after[after["split"] == "test"]
+    assert gate["images"] == len(test) and gate["champion"] is not None and gate["p_value"] is not None
+    assert gate["test_sha256"] == hashlib.sha256("\n".join(sorted(test["sha256"])).encode()).hexdigest()
+    scored = pd.read_csv(
+        project / "reports" / "promote" / "predictions.csv", dtype=str, keep_default_na=False
+    )
+    assert list(scored["path"]) == sorted(test.index) and (scored["champion"] != "").all()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    table = {artifact.key: artifact.data for artifact in artifacts}["retrain-metrics"]
+    assert f"On the same {gate['images']} test images" in table and "McNemar p" in table
+    record = json.loads((project / "models" / "champion" / "metrics.json").read_text())
+    assert record["gate"] == gate if gate["promoted"] else record["gate"]["champion"] is None

@@ -1,16 +1,28 @@
-"""Stage: split. Stratified train/val/test split of the usable images that keeps identical files together.
+"""Stage: split. Train/val/test split of the usable images per class, keeping duplicates together.
 
-The unit of splitting is a group of byte-identical files (same sha256), drawn per class with scikit-learn, so
-duplicates never straddle splits and every class gets its share of every split. A pre-split source keeps its
-given splits (and can carve `test` out of `val` or `train`). Same input and params: byte-identical output.
+The unit of splitting is a group of byte-identical files (same sha256), joined by the optional `group` column
+(near-duplicate groups) when the validated table has one, so a unit never straddles splits. Two methods:
+
+- `stable` (default): a unit's split depends only on the keyed hash of its content and the seed (its
+  position in [0, 1), compared with the cumulative fractions test, val, train), so adding, removing or
+  relabelling other images never moves it. A class's count in a split is then Binomial(n, fraction): with
+  99.9% probability its share is within 3.29 * sqrt(f (1 - f) / n) of the fraction f. A class whose draw
+  leaves a wanted split empty gets it filled by rank (its units with the smallest positions go to test, then
+  val); only these fillers can move when that class changes.
+- `stratified`: an exact per-class draw with scikit-learn; any change to the data can reshuffle it.
+
+A pre-split source keeps its given splits (and can carve `test` out of `val` or `train` by the same method).
+Same input and params: byte-identical output.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
@@ -22,6 +34,7 @@ from pipeline.io import atomic_path, write_json
 log = logging.getLogger(__name__)
 
 SPLIT_COLUMNS = ("path", "label", "split", "sha256", "width", "height")
+GROUP_COLUMN = "group"  # optional in the validated table: rows with the same non-empty value stay together
 
 
 def run(params: Params) -> dict:
@@ -35,9 +48,11 @@ def run(params: Params) -> dict:
                 f"(e.g. {examples}) while others do; give every row a split, or set "
                 "split.keep_given_splits: false"
             )
-        table, strategy = _keep_given(table, params)
+        table, strategy, by_rank = _keep_given(table, params)
     else:
-        table, strategy = _stratified(table, params), "stratified"
+        fractions = {"train": params.split.train, "val": params.split.val, "test": params.split.test}
+        split_of, by_rank = _split_units(table, fractions, params, "their images all go to train")
+        table, strategy = table.assign(split=_unit_keys(table).map(split_of)), params.split.method
 
     table = table.sort_values("path", kind="stable").reset_index(drop=True)
     with atomic_path(params.paths.splits) as tmp:
@@ -49,7 +64,12 @@ def run(params: Params) -> dict:
         "strategy": strategy,
         "images": {split: int(counts[split].sum()) for split in SPLITS},  # 3 columns, whatever the classes
     }
-    details = {"classes": labels, "groups": int(table["sha256"].nunique()), "per_class": per_class}
+    details = {
+        "classes": labels,
+        "groups": int(table["sha256"].nunique()),
+        "per_class": per_class,
+        "placed_by_rank": by_rank,  # stable: units per class placed by rank to fill an empty split
+    }
     write_json(params.paths.details("split"), details)
     write_json(params.paths.metrics("split"), metrics)
     log.info("split (%s): %s", strategy, metrics["images"])
@@ -59,7 +79,7 @@ def run(params: Params) -> dict:
 def _read_validated(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise PipelineError(f"paths.validated: {path} not found; run `python -m pipeline validate` first")
-    text_columns = {"path": str, "label": str, "split": str, "sha256": str}
+    text_columns = {"path": str, "label": str, "split": str, "sha256": str, GROUP_COLUMN: str}
     table = pd.read_csv(path, dtype=text_columns, keep_default_na=False)
     missing = [column for column in SPLIT_COLUMNS if column not in table.columns]
     if missing:
@@ -69,31 +89,76 @@ def _read_validated(path: Path) -> pd.DataFrame:
     return table
 
 
-def _stratified(table: pd.DataFrame, params: Params) -> pd.DataFrame:
-    """Per class, draw whole duplicate groups into test, then val (sizes from `_allocate`); rest: train."""
-    fractions = {"train": params.split.train, "val": params.split.val, "test": params.split.test}
-    wanted = [split for split, fraction in fractions.items() if fraction > 0]
+def stable_position(sha256: str, seed: int) -> float:
+    """Where a file falls in [0, 1): a keyed hash (BLAKE2b, the seed as key) of its content hash, so it is
+    uniform, independent between files, and changes with the seed only."""
+    digest = hashlib.blake2b(sha256.encode("ascii"), key=str(seed).encode("ascii"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def _split_units(
+    table: pd.DataFrame, fractions: dict[str, float], params: Params, consequence: str
+) -> tuple[dict[str, str], dict[str, int]]:
+    """(unit -> split, class -> units placed by rank) for the rows of `table`, class by class.
+
+    `fractions` starts with the split that takes the rest (train, or the split that test is carved from);
+    the others are filled first, in reverse order (test, then val), by `split.method`.
+    """
+    rest, *drawn = fractions
+    order = [*reversed(drawn), rest]
+    wanted = [split for split in fractions if fractions[split] > 0]
+    units = _units(table, params.base.seed)
     split_of: dict[str, str] = {}
+    by_rank: dict[str, int] = {}
     small = []
-    for label, shas in _groups(table).items():
-        if len(shas) < len(wanted):
-            small.append(f"{label!r} ({len(shas)} distinct images)")
-            split_of.update(dict.fromkeys(shas, "train"))
+    for label, rows in units.groupby("label", sort=True):
+        if len(rows) < len(wanted):
+            small.append(f"{label!r} ({len(rows)} distinct images)")
+            split_of.update(dict.fromkeys(rows.index, rest))
             continue
-        counts = _allocate(len(shas), fractions)
-        rest = shas
-        for split in ("test", "val"):
-            rest, drawn = _draw(rest, counts[split], params.base.seed)
-            split_of.update(dict.fromkeys(drawn, split))
-        split_of.update(dict.fromkeys(rest, "train"))
-    _small_classes(small, f"appear in each of {wanted}", "their images all go to train", params)
-    return table.assign(split=table["sha256"].map(split_of))
+        if params.split.method == "stable":
+            assigned, placed = _stable(rows["position"], [(s, fractions[s]) for s in order])
+            by_rank.update({label: placed} if placed else {})
+        else:
+            assigned = _stratified(list(rows.index), fractions, order, params.base.seed)
+        split_of.update(assigned)
+    _small_classes(small, f"appear in each of {wanted}", consequence, params)
+    return split_of, by_rank
 
 
-def _keep_given(table: pd.DataFrame, params: Params) -> tuple[pd.DataFrame, str]:
-    """The source's own splits; with `split.carve_test_from`, a stratified test set of fraction `split.test`
-    of that split is carved out of it when the source gave no test split."""
-    source, strategy = params.split.carve_test_from, "given"
+def _stable(positions: pd.Series, order: list[tuple[str, float]]) -> tuple[dict[str, str], int]:
+    """Units (the index) by position against the cumulative fractions of `order`; then each split with a
+    non-zero fraction that got no unit takes the nearest units by rank. Returns (unit -> split, moved)."""
+    ranked = positions.sort_values(kind="stable")  # units come sorted by key: ties stay deterministic
+    values, n = ranked.to_numpy(), len(ranked)
+    wanted = [split for split, fraction in order if fraction > 0]
+    cuts = np.cumsum([fraction for _, fraction in order if fraction > 0])[:-1]
+    ends, previous = [], 0  # rank where each split but the last ends, at least one unit each
+    for j, end in enumerate(np.searchsorted(values, cuts, side="left")):
+        previous = min(max(int(end), previous + 1), n - (len(wanted) - 1 - j))
+        ends.append(previous)
+    natural = np.searchsorted(cuts, values, side="right")  # from the position alone
+    placed = np.searchsorted(ends, np.arange(n), side="right")
+    splits = [wanted[i] for i in placed]
+    return dict(zip(ranked.index, splits, strict=True)), int(np.sum(placed != natural))
+
+
+def _stratified(units: list[str], fractions: dict[str, float], order: list[str], seed: int) -> dict[str, str]:
+    """Exact counts (`_allocate`): whole units drawn at random into each split of `order` but the last, which
+    takes the rest."""
+    counts = _allocate(len(units), fractions)
+    split_of, rest = {}, units
+    for split in order[:-1]:
+        rest, drawn = _draw(rest, counts[split], seed)
+        split_of.update(dict.fromkeys(drawn, split))
+    split_of.update(dict.fromkeys(rest, order[-1]))
+    return split_of
+
+
+def _keep_given(table: pd.DataFrame, params: Params) -> tuple[pd.DataFrame, str, dict[str, int]]:
+    """The source's own splits; with `split.carve_test_from`, fraction `split.test` of each class of that
+    split is carved out into test (by `split.method`) when the source gave no test split."""
+    source, strategy, by_rank = params.split.carve_test_from, "given", {}
     if source != "none" and (table["split"] == "test").any():
         log.info("split: the source has a test split; split.carve_test_from: %s is not needed", source)
     elif source != "none":
@@ -102,17 +167,12 @@ def _keep_given(table: pd.DataFrame, params: Params) -> tuple[pd.DataFrame, str]
                 f"split.carve_test_from is {source} but split.test is 0; set split.test to the fraction "
                 f"of {source} to move into test"
             )
-        carved, small = set(), []
-        for label, shas in _groups(table[table["split"] == source]).items():
-            if len(shas) < 2:
-                small.append(f"{label!r} ({len(shas)} distinct images in {source})")
-                continue
-            counts = _allocate(len(shas), {source: 1.0 - params.split.test, "test": params.split.test})
-            carved.update(_draw(shas, counts["test"], params.base.seed)[1])
-        _small_classes(small, f"give images to both {source} and test", f"they stay in {source}", params)
-        moved = (table["split"] == source) & table["sha256"].isin(carved)
+        fractions = {source: 1.0 - params.split.test, "test": params.split.test}
+        in_source = table["split"] == source
+        split_of, by_rank = _split_units(table[in_source], fractions, params, f"they stay in {source}")
+        moved = in_source & _unit_keys(table).map(split_of).eq("test")
         table = table.assign(split=table["split"].where(~moved, "test"))
-        strategy = f"given, test carved from {source}"
+        strategy = f"given, test carved from {source} ({params.split.method})"
     present = [split for split in SPLITS if (table["split"] == split).any()]
     missing = [
         f"{label!r} (not in {[s for s in present if s not in set(rows['split'])]})"
@@ -120,13 +180,38 @@ def _keep_given(table: pd.DataFrame, params: Params) -> tuple[pd.DataFrame, str]
         if not set(present) <= set(rows["split"])
     ]
     _small_classes(missing, f"appear in each given split {present}", "the splits stay as given", params)
-    return table, strategy
+    return table, strategy, by_rank
 
 
-def _groups(table: pd.DataFrame) -> dict[str, list[str]]:
-    """Class -> sorted sha256 of its duplicate groups (a group under two labels goes with the first)."""
-    group_label = table.groupby("sha256", sort=True)["label"].min()
-    return {label: shas.index.tolist() for label, shas in group_label.groupby(group_label, sort=True)}
+def _units(table: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """One row per unit, indexed by its key (sorted): `label`, the smallest of its labels (a unit under two
+    labels goes with the first), and `position`, the smallest `stable_position` of its files."""
+    shas = table["sha256"].unique()
+    position = dict(zip(shas, (stable_position(sha, seed) for sha in shas), strict=True))
+    rows = pd.DataFrame(
+        {"unit": _unit_keys(table), "label": table["label"], "position": table["sha256"].map(position)}
+    )
+    return rows.groupby("unit", sort=True).agg(label=("label", "min"), position=("position", "min"))
+
+
+def _unit_keys(table: pd.DataFrame) -> pd.Series:
+    """Each row's unit: the smallest sha256 among the files linked to it by equal bytes or an equal non-empty
+    `group` value (connected components); the row's own sha256 when there is no group column."""
+    if GROUP_COLUMN not in table.columns or not (table[GROUP_COLUMN] != "").any():
+        return table["sha256"]
+    parent: dict[str, str] = {}
+
+    def root(node: str) -> str:
+        while parent.setdefault(node, node) != node:
+            parent[node] = parent[parent[node]]  # path halving
+            node = parent[node]
+        return node
+
+    for sha, group in zip(table["sha256"], table[GROUP_COLUMN], strict=True):
+        if group != "":
+            parent[root(sha)] = root("group:" + group)  # a group's node can never equal a hex digest
+    roots = table["sha256"].map(root)
+    return table["sha256"].groupby(roots).transform("min")
 
 
 def _allocate(n: int, fractions: dict[str, float]) -> dict[str, int]:

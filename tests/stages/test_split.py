@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 
+import numpy as np
 import pandas as pd
 import pytest
 from helpers import assert_headline_metrics, data_stage_params
@@ -12,13 +14,14 @@ from helpers import assert_headline_metrics, data_stage_params
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
 from pipeline.stages import split
-from pipeline.stages.split import _allocate
+from pipeline.stages.split import _allocate, stable_position
 
 
-def _rows(label: str, n: int, given: str = "", copies: int = 1) -> list[dict]:
-    """n distinct images of a class (each present `copies` times under different names)."""
+def _rows(label: str, n: int, given: str = "", copies: int = 1, start: int = 0) -> list[dict]:
+    """n distinct images of a class (each present `copies` times under different names), numbered from
+    `start`."""
     rows = []
-    for i in range(n):
+    for i in range(start, start + n):
         sha = hashlib.sha256(f"{label}-{given}-{i}".encode()).hexdigest()
         for c in range(copies):
             path = f"{given + '/' if given else ''}{label}/{i:03d}_{c}.png"
@@ -40,7 +43,9 @@ def _splits(params) -> pd.DataFrame:
 
 
 def test_stratified_split_gives_every_class_its_share_of_every_split(tmp_path):
-    params = _params(tmp_path, _rows("a", 40) + _rows("b", 20) + _rows("c", 10))
+    params = _params(
+        tmp_path, _rows("a", 40) + _rows("b", 20) + _rows("c", 10), split={"method": "stratified"}
+    )
 
     summary = split.run(params)
 
@@ -125,11 +130,10 @@ def test_given_splits_are_kept(tmp_path):
 
 
 def test_carving_test_out_of_val_moves_a_stratified_fraction_of_val(tmp_path):
-    params = _params(
-        tmp_path, _presplit_rows(test=False), split={"carve_test_from": "val", "test": 0.2, "val": 0.1}
-    )
+    carve = {"carve_test_from": "val", "test": 0.2, "val": 0.1, "method": "stratified"}
+    params = _params(tmp_path, _presplit_rows(test=False), split=carve)
 
-    assert split.run(params)["strategy"] == "given, test carved from val"
+    assert split.run(params)["strategy"] == "given, test carved from val (stratified)"
 
     table = _splits(params)
     given = table["path"].str.split("/").str[0]
@@ -140,7 +144,7 @@ def test_carving_test_out_of_val_moves_a_stratified_fraction_of_val(tmp_path):
 
 def test_given_splits_can_be_ignored(tmp_path):
     params = _params(tmp_path, _presplit_rows(test=True), split={"keep_given_splits": False})
-    assert split.run(params)["strategy"] == "stratified"
+    assert split.run(params)["strategy"] == "stable"
     table = _splits(params)
     assert (table["split"] != table["path"].str.split("/").str[0]).any()
 
@@ -178,3 +182,130 @@ def test_missing_validated_table_says_to_run_validate(tmp_path):
 def test_allocation_sums_up_and_gives_every_nonzero_split_one(n, fractions, expected):
     counts = _allocate(n, dict(zip(("train", "val", "test"), fractions, strict=True)))
     assert tuple(counts.values()) == expected
+
+
+# Stable splits: a file's split is a function of its bytes and the seed.
+
+_Z_999 = 3.2905  # two-sided 99.9% normal quantile
+
+
+def _share_bound(n: int, fraction: float) -> float:
+    """The stated bound: with 99.9% probability a class of n distinct images gets a share of a split within
+    this of the split's fraction (normal approximation of Binomial(n, fraction)), plus one filler image."""
+    return _Z_999 * math.sqrt(fraction * (1 - fraction) / n) + 1 / n
+
+
+def _split_of(params) -> dict[str, str]:
+    table = _splits(params)
+    return dict(zip(table["path"], table["split"], strict=True))
+
+
+def test_ten_percent_more_images_move_no_existing_image(tmp_path):
+    rows = _rows("a", 300) + _rows("b", 120, copies=2) + _rows("c", 60)
+    before = _params(tmp_path / "before", rows)
+    split.run(before)
+    assert read_json(before.paths.details("split"))["placed_by_rank"] == {}  # every image placed by hash
+
+    new_rows = _rows("a", 30, start=300) + _rows("b", 12, copies=2, start=120) + _rows("c", 6, start=60)
+    grown = rows + new_rows
+    after = _params(tmp_path / "after", grown)
+    split.run(after)
+
+    old, new = _split_of(before), _split_of(after)
+    assert len(new) == len(old) + len(new_rows) == len(old) + 60
+    moved = {path: (was, new[path]) for path, was in old.items() if new[path] != was}
+    assert moved == {}
+    assert {new[row["path"]] for row in new_rows} == {"train", "val", "test"}  # the new images are split too
+
+
+def test_removing_and_relabelling_other_images_moves_no_image(tmp_path):
+    rows = _rows("a", 200) + _rows("b", 200)
+    first = _params(tmp_path / "first", rows)
+    split.run(first)
+    changed = [row for i, row in enumerate(rows) if i % 10 != 0]  # a tenth removed
+    for row in changed[::7]:
+        row["label"] = "b" if row["label"] == "a" else "a"  # and some relabelled
+    second = _params(tmp_path / "second", changed)
+    split.run(second)
+    old, new = _split_of(first), _split_of(second)
+    assert {path: new[path] for path in new} == {path: old[path] for path in new}
+
+
+def test_stable_split_is_the_hash_position_against_the_cumulative_fractions(tmp_path):
+    params = _params(tmp_path, _rows("a", 200))
+    split.run(params)
+    for _, row in _splits(params).iterrows():
+        position = stable_position(row["sha256"], 42)
+        expected = "test" if position < 0.15 else "val" if position < 0.30 else "train"
+        assert row["split"] == expected, (row["path"], position)
+
+
+@pytest.mark.parametrize("n", [20, 100, 1000])
+def test_stable_shares_stay_within_the_stated_bound(n):
+    """Over 300 seeds, a class's share of each split leaves the 99.9% bound about 0.1% of the time."""
+    shas = [hashlib.sha256(f"img-{i}".encode()).hexdigest() for i in range(n)]
+    outside = 0
+    for seed in range(300):
+        positions = np.array([stable_position(sha, seed) for sha in shas])
+        shares = {"test": np.mean(positions < 0.15), "val": np.mean((positions >= 0.15) & (positions < 0.3))}
+        outside += sum(abs(share - 0.15) > _share_bound(n, 0.15) for share in shares.values())
+    assert outside <= 3  # of 600 figures; 0.6 expected at 0.1%, and a broken hash is far off
+
+
+def test_stable_stage_shares_on_a_skewed_dataset_are_within_the_bound(tmp_path):
+    sizes = {"big": 1500, "mid": 300, "small": 40, "tiny": 10}
+    params = _params(tmp_path, [row for label, n in sizes.items() for row in _rows(label, n)])
+    split.run(params)
+    per_class = read_json(params.paths.details("split"))["per_class"]
+    for label, n in sizes.items():
+        for name, fraction in (("train", 0.7), ("val", 0.15), ("test", 0.15)):
+            share = per_class[name][label] / n
+            assert abs(share - fraction) <= _share_bound(n, fraction), (label, name, share)
+
+
+@pytest.mark.parametrize("n", [3, 4, 6, 10])
+def test_small_classes_get_an_image_in_every_split_by_rank(tmp_path, n):
+    fillers = 0
+    for seed in range(25):
+        params = _params(tmp_path, _rows("a", 40) + _rows("small", n), base={"seed": seed})
+        split.run(params)
+        table = _splits(params)
+        small = table[table["label"] == "small"]
+        assert set(small["split"]) == {"train", "val", "test"}, (seed, small["split"].tolist())
+        ranked = sorted(small["sha256"], key=lambda sha: stable_position(sha, seed))
+        by_rank = read_json(params.paths.details("split"))["placed_by_rank"].get("small", 0)
+        if by_rank:  # the filled splits take the smallest positions: test first, then val
+            split_by_sha = dict(zip(small["sha256"], small["split"], strict=True))
+            order = [split_by_sha[sha] for sha in ranked]
+            assert order == sorted(order, key=["test", "val", "train"].index)
+        fillers += by_rank
+    assert fillers > 0  # the rule was exercised, not only the lucky draws
+
+
+def test_duplicate_and_near_duplicate_groups_stay_together(tmp_path):
+    rows = _rows("a", 60, copies=2) + _rows("b", 60)
+    for i, row in enumerate(rows):
+        row["group"] = f"g{i // 6}" if i % 3 == 0 else ""  # chains exact copies and near-duplicates together
+    for method in ("stable", "stratified"):
+        params = _params(tmp_path, rows, split={"method": method})
+        split.run(params)
+        table = _splits(params).merge(pd.DataFrame(rows)[["path", "group"]], on="path")
+        linked = table[table["group"] != ""].groupby("group")["split"].nunique()
+        assert (linked == 1).all() and len(linked) == 30, method
+        assert (table.groupby("sha256")["split"].nunique() == 1).all(), method
+        assert set(table["split"]) == {"train", "val", "test"}
+
+
+def test_stable_carving_moves_val_images_by_hash_and_keeps_them_when_val_grows(tmp_path):
+    carve = {"carve_test_from": "val", "train": 0.6, "val": 0.1, "test": 0.3}
+    first = _params(tmp_path / "first", _presplit_rows(test=False), split=carve)
+    assert split.run(first)["strategy"] == "given, test carved from val (stable)"
+    table = _splits(first)
+    moved = table[table["split"] == "test"]
+    assert set(moved["path"].str.split("/").str[0]) == {"val"} and set(moved["label"]) == {"a", "b"}
+
+    grown = _presplit_rows(test=False) + _rows("a", 3, "val", start=10) + _rows("b", 3, "train", start=14)
+    second = _params(tmp_path / "second", grown, split=carve)
+    split.run(second)
+    old, new = _split_of(first), _split_of(second)
+    assert {path: new[path] for path in old} == old
