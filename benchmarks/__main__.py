@@ -21,6 +21,7 @@ BENCHMARKS = (
     "linear_probe",
     "inference",
     "ingest",
+    "ingest_photos",
     "fashion_mnist",
     "transfer_vs_scratch",
     "pipeline_overhead",

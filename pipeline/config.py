@@ -109,6 +109,7 @@ class IngestParams(_Section):
     extensions: list[str] = Field(default_factory=lambda: list(IMAGE_EXTENSIONS))
     follow_symlinks_inside_root: bool = True
     max_decode_pixels: PositiveInt = 178_956_970
+    max_decode_mib: PositiveInt = 640
     num_workers: NonNegInt = 2
     chunksize: PositiveInt = 1024
 

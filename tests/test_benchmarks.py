@@ -169,3 +169,14 @@ def test_pipeline_overhead_times_noop_repro_and_the_flow(results: _Results) -> N
     figures = _load(results, "pipeline_overhead")["results"]
     assert figures["noop_dvc_repro_seconds"]["median"] > 0
     assert figures["noop"]["flow_seconds"]["median"] > figures["noop"]["flow_task_seconds"]["median"] > 0
+
+
+def test_ingest_photos_compares_both_decodes_and_catches_the_cut_photo(results: _Results) -> None:
+    payload = _load(results, "ingest_photos")
+    figures = payload["results"]
+    assert figures["images"] == 12  # the cut photo is quarantined, the 12 whole ones reach the cache
+    for arm in ("reduced", "full_resolution"):
+        assert figures[arm]["images_per_s"] == pytest.approx(12 / figures[arm]["seconds"]["median"])
+        assert figures[arm]["cache_seconds"]["median"] > 0
+    assert 0 < figures["reduced"]["ingest_worker_peak_rss_mib"] < 1024
+    assert payload["targets"]["truncated_caught"]["met"] is True

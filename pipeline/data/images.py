@@ -1,4 +1,5 @@
-"""Finding candidate image files under a data root, and inspecting one file (hash, header, full decode).
+"""Finding candidate image files under a data root, inspecting one file (hash, header, a decode within a
+memory budget), and decoding one reduced for a target size.
 
 Everything here only reads: source files are opened read-only and never moved, rewritten or deleted.
 Each candidate becomes one manifest row; a file that cannot be used keeps its row with a short status that
@@ -15,11 +16,11 @@ import os
 import posixpath
 import stat
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from pipeline.errors import PipelineError
 from pipeline.preprocess import to_rgb
@@ -45,6 +46,7 @@ STATUSES = (
     "truncated",  # the data ends before the image does
     "decode_error",  # identified, but decoding or colour conversion failed
     "too_large",  # header pixels > ingest.max_decode_pixels: never decoded (decompression bomb)
+    "over_memory_budget",  # decoding would take more than ingest.max_decode_mib: never decoded
     "unreadable",  # the OS refused to read it
     "non_utf8_name",  # its name or a folder's above it is not UTF-8: never read, shown with \xNN escapes
     "symlink_outside_root",  # refused: a link that leaves paths.data_root
@@ -63,6 +65,20 @@ _HASH_CHUNK = 1 << 20
 # of two, which matters with many small files (ingest of Fashion-MNIST's 70,000 PNGs: 7.8 -> 6.3 s with 1
 # worker). Larger files are hashed in chunks and decoded from disk, so a worker never holds more in bytes.
 READ_WHOLE_LIMIT = 64 << 20
+MIB = 1 << 20
+
+# Memory a decode takes, measured with Pillow 13 (peak RSS of a process decoding one image): PIL holds 1, 2
+# or 4 bytes per pixel by mode (an RGB image takes 4); libwebp decodes through buffers of its own (a 36 MP
+# WebP peaked at 16 bytes per pixel); libtiff reads a whole strip or tile into a buffer beside PIL's (a
+# single-strip TIFF: the raw image once more); a progressive JPEG keeps every DCT coefficient of the full-size
+# image, 2 bytes each (a 150 MP one decoded at 1/8 scale still peaked at 441 MiB), a baseline JPEG a few rows.
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+_FORMAT_PIXEL_BYTES = {"WEBP": 16}
+# Image.reduce refuses these modes; such images are resized from full size.
+_NO_REDUCE = ("1", "P", "I;16", "I;16L", "I;16B", "I;16N")
+# A reduced decode keeps at least this many times the target side, then resamples (PIL's thumbnail does the
+# same): DCT scaling and box reduction alone would alias.
+REDUCING_GAP = 2
 
 
 @dataclass
@@ -277,11 +293,16 @@ def _shown(row: _Row) -> str:
 
 
 def inspect(
-    root: str, max_decode_pixels: int, candidate: Candidate, read_whole_limit: int = READ_WHOLE_LIMIT
+    root: str,
+    max_decode_pixels: int,
+    candidate: Candidate,
+    read_whole_limit: int = READ_WHOLE_LIMIT,
+    max_decode_bytes: int | None = None,
 ) -> dict[str, object]:
-    """The manifest row of one candidate: sha256 and size of its bytes, then a full decode (EXIF-rotated, to
-    RGB, exactly as `pipeline.preprocess.open_rgb` does) whose width/height are recorded. A file up to
-    `read_whole_limit` bytes is read once and decoded from memory, a larger one hashed in chunks."""
+    """The manifest row of one candidate: sha256 and size of its bytes, then a decode that proves the file
+    whole (`_decode`; `max_decode_bytes` None: no memory budget) and records its EXIF-rotated width/height.
+    A file up to `read_whole_limit` bytes is read once and decoded from memory, a larger one hashed in chunks.
+    """
     row: dict[str, object] = dict.fromkeys(MANIFEST_COLUMNS, "")
     row.update(path=candidate.path, label=candidate.label, split=candidate.split, status=candidate.status)
     if candidate.status:
@@ -295,7 +316,8 @@ def inspect(
     if row["size_bytes"] == 0:
         row["status"] = "empty_file"
         return row
-    row.update(_decode(file if contents is None else io.BytesIO(contents), max_decode_pixels))
+    source = file if contents is None else io.BytesIO(contents)
+    row.update(_decode(source, max_decode_pixels, max_decode_bytes))
     return row
 
 
@@ -431,16 +453,66 @@ def _read_and_hash(file: Path, read_whole_limit: int) -> tuple[bytes | None, str
     return None, digest.hexdigest(), size
 
 
-def _decode(file: Path | io.BytesIO, max_decode_pixels: int) -> dict[str, object]:
+def open_reduced(path: Path | str, side: int) -> Image.Image:
+    """Decode an image for a resize of its shorter side to `side`: in its own mode, EXIF orientation applied,
+    scaled down by a whole factor that divides both sides and keeps the shorter at least REDUCING_GAP x
+    `side`. A JPEG is decoded at such a DCT scale (1/2, 1/4 or 1/8), any image box-reduced by such a factor.
+    The result is the full image scaled exactly, so the resize that follows samples the same places; no
+    full-size copy is ever made."""
+    with Image.open(path) as img:
+        keep = REDUCING_GAP * side
+        if isinstance(img, JpegImagePlugin.JpegImageFile):
+            scale = _whole_factor(img.size, keep, (8, 4, 2))
+            img.draft(None, (img.width // scale, img.height // scale))
+        ImageOps.exif_transpose(img, in_place=True)  # loads; copies only a rotated image
+        factor = _whole_factor(img.size, keep, range(min(img.size) // keep, 1, -1))
+        return img.reduce(factor) if factor > 1 and img.mode not in _NO_REDUCE else img
+
+
+def _whole_factor(size: tuple[int, int], keep: int, factors: Iterable[int]) -> int:
+    """The first of `factors` that divides both sides and leaves the shorter at least `keep`, else 1."""
+    width, height = size
+    return next((f for f in factors if width % f == 0 and height % f == 0 and min(size) // f >= keep), 1)
+
+
+def _decode_bytes(img: Image.Image, full_size: tuple[int, int]) -> int:
+    """Peak memory of decoding `img` (opened, maybe drafted; its header said `full_size`): see _MODE_BYTES."""
+    pixels = img.width * img.height
+    total = pixels * _FORMAT_PIXEL_BYTES.get(img.format or "", _MODE_BYTES.get(img.mode, 4))
+    if img.format == "TIFF":
+        bits = img.tag_v2.get(258, 8)  # bits per sample
+        total += pixels * len(img.getbands()) * (max(bits) if isinstance(bits, tuple) else bits) // 8
+    if isinstance(img, JpegImagePlugin.JpegImageFile) and img.info.get("progressive"):
+        layers = [(h, v) for _, h, v, _ in img.layer]  # each component's sampling factors
+        most = max(h for h, _ in layers) * max(v for _, v in layers)
+        total += 2 * full_size[0] * full_size[1] * sum(h * v for h, v in layers) // most
+    return total
+
+
+def _decode(
+    file: Path | io.BytesIO, max_decode_pixels: int, max_decode_bytes: int | None
+) -> dict[str, object]:
+    """Format, mode, EXIF-rotated size and status of one image. It is decoded to the end, which proves it
+    whole (a truncated file fails here), but in as little memory as the format allows: a JPEG at 1/8 scale
+    (libjpeg still reads every coefficient), the rest in full, never copied; the conversion to RGB that the
+    pipeline applies later is tried on a corner. An image whose decode needs more than `max_decode_bytes` is
+    not decoded at all (over_memory_budget), so a worker never holds more than that in pixels."""
     info: dict[str, object] = {}
     try:
         with _own_limits(), Image.open(file) as img:
             info = {"format": img.format or "", "mode": img.mode, "width": img.width, "height": img.height}
             if img.width * img.height > max_decode_pixels:
                 return {**info, "status": "too_large"}
+            full_size = img.size
+            img.draft(None, (1, 1))  # JPEG: the smallest DCT scale; a no-op for other formats
+            if max_decode_bytes is not None and _decode_bytes(img, full_size) > max_decode_bytes:
+                return {**info, "status": "over_memory_budget"}
             img.load()
-            rgb = to_rgb(ImageOps.exif_transpose(img))
-            return {**info, "width": rgb.width, "height": rgb.height, "status": "ok"}
+            to_rgb(img.crop((0, 0, min(img.width, 8), min(img.height, 8))))
+            # A PNG may keep its EXIF after the pixels, so the orientation is read once they are loaded.
+            rotated = img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+            width, height = reversed(full_size) if rotated else full_size
+            return {**info, "width": width, "height": height, "status": "ok"}
     except UnidentifiedImageError:
         return {**info, "status": "not_an_image"}
     except OSError as exc:

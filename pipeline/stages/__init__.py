@@ -5,7 +5,7 @@ command of each, the Prefect flow a task, and the tests check `dvc.yaml` against
 """
 
 SUMMARIES = {
-    "ingest": "Scan the data source, hash and fully decode every image, write the manifest.",
+    "ingest": "Scan the data source, hash and decode every image (in bounded memory), write the manifest.",
     "validate": "Check the manifest (pandera schema + Great Expectations rules); quarantine unusable files.",
     "split": "Stratified train/val/test split that keeps exact duplicates together.",
     "train": "Fine-tune the pretrained backbone (resumes from the last complete epoch).",

@@ -1,4 +1,5 @@
-"""Stage: ingest. Find every candidate image in the data source, hash and fully decode it, write the manifest.
+"""Stage: ingest. Find every candidate image in the data source, hash and decode it (within a memory budget),
+write the manifest.
 
 The manifest has one row per candidate (usable or not, with the reason), sorted by path and free of
 timestamps, so the same input gives a byte-identical file. Files are inspected in a process pool and rows
@@ -69,6 +70,15 @@ def run(params: Params) -> dict:
     details["source"] = source
     write_json(params.paths.details("ingest"), details)
     write_json(params.paths.metrics("ingest"), metrics)
+    if over := details["status"].get("over_memory_budget"):
+        log.warning(
+            "ingest: %d image(s) need more than ingest.max_decode_mib = %d MiB to decode: status "
+            "over_memory_budget in %s (with their width, height and mode); raise ingest.max_decode_mib or "
+            "downscale them",
+            over,
+            params.ingest.max_decode_mib,
+            params.paths.manifest,
+        )
     log.info(
         "ingest: %d of %d files usable (%s); manifest %s, details %s",
         metrics["ok"],
@@ -221,8 +231,15 @@ def _resolve_source(params: Params) -> str:
 _INSPECTOR: dict[str, Any] = {}
 
 
-def _start_inspector(root: str, max_decode_pixels: int, candidates: list[images.Candidate]) -> None:
-    _INSPECTOR.update(root=root, max_decode_pixels=max_decode_pixels, candidates=candidates)
+def _start_inspector(
+    root: str, max_decode_pixels: int, max_decode_bytes: int, candidates: list[images.Candidate]
+) -> None:
+    _INSPECTOR.update(
+        root=root,
+        max_decode_pixels=max_decode_pixels,
+        max_decode_bytes=max_decode_bytes,
+        candidates=candidates,
+    )
 
 
 def _inspect_range(bounds: tuple[int, int]) -> tuple[str, Counter[str], set[str]]:
@@ -232,7 +249,12 @@ def _inspect_range(bounds: tuple[int, int]) -> tuple[str, Counter[str], set[str]
     statuses: Counter[str] = Counter()
     labels: set[str] = set()
     for candidate in _INSPECTOR["candidates"][slice(*bounds)]:
-        row = images.inspect(_INSPECTOR["root"], _INSPECTOR["max_decode_pixels"], candidate)
+        row = images.inspect(
+            _INSPECTOR["root"],
+            _INSPECTOR["max_decode_pixels"],
+            candidate,
+            max_decode_bytes=_INSPECTOR["max_decode_bytes"],
+        )
         writer.writerow([row[column] for column in images.MANIFEST_COLUMNS])
         statuses[row["status"]] += 1
         if row["status"] == "ok":
@@ -244,7 +266,8 @@ def _inspect_range(bounds: tuple[int, int]) -> tuple[str, Counter[str], set[str]
 def _inspector(params: Params, candidates: list[images.Candidate]) -> Iterator[Callable]:
     """An ordered lazy map for _inspect_range: in this process for `ingest.num_workers: 0`, else over a
     process pool whose workers get the candidates once, when they start."""
-    settings = (str(params.paths.data_root), params.ingest.max_decode_pixels, candidates)
+    budget = params.ingest.max_decode_mib * images.MIB
+    settings = (str(params.paths.data_root), params.ingest.max_decode_pixels, budget, candidates)
     if params.ingest.num_workers == 0:
         _start_inspector(*settings)
         try:

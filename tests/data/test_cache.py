@@ -8,6 +8,7 @@ from helpers import make_image
 from PIL import Image
 
 from pipeline.data import cache
+from pipeline.data.images import open_reduced
 from pipeline.errors import PipelineError
 from pipeline.preprocess import open_rgb, resize_and_crop
 
@@ -80,3 +81,45 @@ def test_an_undecodable_file_names_itself_and_leaves_no_cache(tmp_path):
     with pytest.raises(PipelineError, match="broken.png"):
         cache.build_cache([bad], ["broken.png:x"], CONFIG, tmp_path / "cache", workers=1)
     assert not list((tmp_path / "cache").glob("*.npy"))
+
+
+def _photo(path, width, height, **save):
+    """Smooth colour waves with a little noise: a stand-in for a photo."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    waves = [
+        128 + 60 * np.sin(x / (37 + 10 * c)) * np.cos(y / (53 - 7 * c)) + 40 * np.sin((x + y) / 211)
+        for c in range(3)
+    ]
+    noise = np.random.default_rng(width).normal(0, 6, (height, width, 3))
+    Image.fromarray(np.clip(np.stack(waves, -1) + noise, 0, 255).astype(np.uint8)).save(path, **save)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "orientation", "decoded"),
+    [
+        ("photo.jpg", (1600, 1200), 1, (100, 75)),  # DCT scale 1/8, then box-reduced by 2: 75 >= 2 x 36
+        ("photo.jpg", (1600, 1200), 6, (75, 100)),  # shown rotated
+        ("photo.png", (1600, 1200), 1, (100, 75)),  # box-reduced by 16
+        ("odd.jpg", (1600, 1201), 1, (1600, 1201)),  # no whole factor divides both sides: decoded in full
+    ],
+)
+def test_large_images_are_decoded_reduced_by_a_factor_that_divides_both_sides(
+    tmp_path, name, size, orientation, decoded
+):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = _photo(tmp_path / name, *size, exif=exif)
+
+    assert open_reduced(path, cache.cache_side(CONFIG)).size == decoded
+
+
+@pytest.mark.parametrize("name", ["photo.jpg", "photo.png"])
+def test_a_reduced_decode_is_cached_within_a_few_grey_levels_of_the_full_decode(tmp_path, name):
+    path = _photo(tmp_path / name, 1600, 1200, quality=90)
+
+    built = cache.open_cache(cache.build_cache([path], ["x"], CONFIG, tmp_path / "cache", workers=1))[0]
+
+    full = cache.cached_square(open_rgb(path), CONFIG)
+    difference = np.abs(built.astype(int) - full.astype(int))
+    assert difference.mean() < 1.5 and difference.max() <= 8, (difference.mean(), difference.max())

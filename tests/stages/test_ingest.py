@@ -412,3 +412,123 @@ def test_dvc_blockers_are_the_entries_dvc_stats_and_fails_on(tmp_path):
 
     assert dangling == ["class_0/broken.png", "class_0/loop.png", "class_1/.hidden"]
     assert [os.fsencode(name) for name in non_utf8] == [b"caf\xe9"]
+
+
+def _png(path, width, height, rows=None):
+    """An RGB PNG of width x height written row by row (little memory however large); `rows` None writes a
+    header that claims that size with almost no pixel data after it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, RGB, no interlace
+    with path.open("wb") as fh:
+        fh.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header))
+        packer = zlib.compressobj(1)
+        row = b"\0" + bytes(range(256)) * (3 * width // 256) + b"\7" * (3 * width % 256)
+        data = b"".join(packer.compress(row) for _ in range(height if rows else 1))
+        data += packer.flush(zlib.Z_FINISH if rows else zlib.Z_SYNC_FLUSH)  # unfinished: PIL says truncated
+        fh.write(chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("side", "budget_mib", "status"),
+    [(13000, None, "over_memory_budget"), (3000, 32, "over_memory_budget"), (3000, 40, "truncated")],
+)
+def test_an_image_over_the_memory_budget_is_never_decoded(tmp_path, caplog, side, budget_mib, status):
+    """PIL holds 4 bytes per RGB pixel: 13000 x 13000 needs 645 MiB, over the default 640 (though under
+    max_decode_pixels), 3000 x 3000 needs 34 MiB. A header-only PNG that is decoded comes out truncated."""
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=1)
+    _png(root / "class_0" / "poster.png", side, side)
+    budget = {} if budget_mib is None else {"max_decode_mib": budget_mib}
+    params = data_stage_params(tmp_path, root, ingest={"num_workers": 0, **budget})
+
+    ingest.run(params)
+
+    row = _manifest(params).set_index("path").loc["class_0/poster.png"]
+    assert (row["status"], row["width"], row["height"], row["mode"]) == (status, str(side), str(side), "RGB")
+    warned = "ingest.max_decode_mib" in caplog.text and "over_memory_budget" in caplog.text
+    assert warned == (status == "over_memory_budget")
+
+
+@pytest.mark.parametrize(
+    ("name", "over", "within"),
+    [
+        ("flat.png", 3_900_000, 4_100_000),
+        ("baseline.jpg", 60_000, 70_000),
+        ("progressive.jpg", 3_000_000, 3_100_000),
+    ],
+)
+def test_the_budget_counts_what_the_decode_holds(tmp_path, name, over, within):
+    """1000 x 1000 RGB: a PNG is held whole (4 MB); a JPEG is decoded at 1/8 scale (125 x 125 x 4 bytes),
+    but a progressive one also keeps every DCT coefficient (2 bytes, 1.5 per pixel at 4:2:0 sampling: 3 MB).
+    """
+    img = Image.new("RGB", (1000, 1000), (90, 120, 150))
+    img.save(tmp_path / name, progressive=name.startswith("progressive"))
+    candidate = images.Candidate(name, "a")
+
+    assert (
+        images.inspect(str(tmp_path), 10**8, candidate, max_decode_bytes=over)["status"]
+        == "over_memory_budget"
+    )
+    assert images.inspect(str(tmp_path), 10**8, candidate, max_decode_bytes=within)["status"] == "ok"
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_the_reduced_jpeg_decode_still_proves_the_file_whole(tmp_path, progressive):
+    """A JPEG is checked at 1/8 scale, but libjpeg reads it to the end: one byte missing is caught. Width and
+    height are the EXIF-rotated full size."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees
+    pixels = Image.radial_gradient("L").resize((640, 480)).convert("RGB")
+    pixels.save(tmp_path / "whole.jpg", quality=90, progressive=progressive, exif=exif)
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[:-1])
+
+    whole = images.inspect(str(tmp_path), 10**8, images.Candidate("whole.jpg", "a"), max_decode_bytes=10**8)
+    cut = images.inspect(str(tmp_path), 10**8, images.Candidate("cut.jpg", "a"), max_decode_bytes=10**8)
+
+    assert (whole["status"], whole["width"], whole["height"]) == ("ok", 480, 640)
+    assert cut["status"] == "truncated"
+
+
+_PEAK_RSS = """
+import json, resource, sys
+from pipeline.config import Params
+from pipeline.stages import ingest
+ingest.run(Params.load(sys.argv[1]))
+print(json.dumps({who: resource.getrusage(getattr(resource, "RUSAGE_" + who.upper())).ru_maxrss
+                  for who in ("self", "children")}))
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_stays_under_one_gib_on_a_150_megapixel_png(tmp_path):
+    """12247 x 12247 RGB (150 MP, 572 MiB as PIL holds it) is decoded; a worker's peak RSS (the kernel's
+    high-water mark, read in the stage's process once its workers are reaped) stays under 1 GiB. Decoded as
+    before (EXIF-rotated and RGB-converted copies of the full image) it peaked at 1.7 GiB."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=2)
+    _png(root / "class_0" / "poster.png", 12247, 12247, rows=True)
+    params = data_stage_params(tmp_path, root, ingest={"num_workers": 1})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.to_dict()), encoding="utf-8")
+
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, str(tmp_path / "params.yaml")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+    peak_kib = json.loads(done.stdout.strip().splitlines()[-1])
+    row = _manifest(params).set_index("path").loc["class_0/poster.png"]
+    assert (row["status"], row["width"]) == ("ok", "12247")
+    assert 572 * 1024 < peak_kib["children"] < 1024 * 1024, peak_kib
