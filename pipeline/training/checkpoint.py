@@ -21,6 +21,7 @@ import torch
 
 from pipeline.config import Params
 from pipeline.io import atomic_path
+from pipeline.training.distributed import Dist, from_main
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ _RESULT_NEUTRAL = {
     "persistent_workers",
     "overfit_gap_warning",
     "checkpoint_every_s",
+    "dist_timeout_min",
+    "nproc_per_node",  # the world size, which is in the fingerprint, is what matters
 }
 _PACKAGE = Path(__file__).resolve().parents[1]
 _CODE = (
@@ -77,6 +80,12 @@ def load(path: Path, expected_fingerprint: str) -> dict[str, Any] | None:
         log.warning("%s: written for other data, params or code; training from scratch", path)
         return None
     return state
+
+
+def load_for_every_rank(path: Path, expected_fingerprint: str, env: Dist) -> dict[str, Any] | None:
+    """`load` by rank 0 only, its result sent to every rank: one decision (resume or start fresh) for all, and
+    the other machines of a multi-node run need no copy of the file, which only rank 0 writes."""
+    return from_main(env, load(path, expected_fingerprint) if env.is_main else None)
 
 
 def rng_state() -> dict[str, Any]:
