@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -144,3 +145,65 @@ def test_two_process_ddp_on_cpu_completes_and_writes_one_set_of_outputs(tmp_path
         18,
     ]  # both ranks' shards summed: all 18 train images
     assert json.loads(params.paths.metrics("train").read_text())["epochs_run"] == 2
+
+
+def _torchrun(script: str, tmp_path: Path, *args: str) -> str:
+    """`script` as 2 CPU processes under torchrun (this checkout's `pipeline` imported); their output."""
+    path = tmp_path / "script.py"
+    path.write_text(script)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(path)]
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    run = {"env": env, "capture_output": True, "text": True, "timeout": 240, "cwd": tmp_path}
+    done = subprocess.run([*command, *args], **run)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+# Rank 0 never reaches the barrier (it waits until rank 1 has given up, at most 150 s): rank 1 must give up
+# after the timeout it was set up with, not torch's default 30 minutes.
+_LATE_RANK = """
+import os, sys, time
+from pipeline.training import distributed
+env, _ = distributed.setup("cpu", timeout_min=float(sys.argv[1]))
+gave_up = "gave-up"
+if env.rank == 0:
+    deadline = time.monotonic() + 150
+    while not os.path.exists(gave_up) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os._exit(0)
+start = time.monotonic()
+try:
+    distributed.barrier(env)
+    print("rank 1: barrier passed", flush=True)
+except Exception as exc:
+    print(f"rank 1: gave up after {time.monotonic() - start:.1f} s: {type(exc).__name__}", flush=True)
+open(gave_up, "w").close()
+os._exit(0)
+"""
+
+
+def test_the_process_group_timeout_is_the_one_asked_for(tmp_path):
+    output = _torchrun(_LATE_RANK, tmp_path, "0.05")  # 3 s
+    waited = re.findall(r"rank 1: gave up after ([\d.]+) s", output)
+    assert waited and 2.5 <= float(waited[0]) < 60, output
+
+
+# Rank 0 sees a checkpoint; rank 1, as on another machine without shared storage, sees an empty folder.
+_CHECKPOINT_ON_RANK_0_ONLY = """
+import sys
+from pathlib import Path
+from pipeline.training import checkpoint, distributed
+env, _ = distributed.setup("cpu")
+folder = Path(sys.argv[1] if env.rank == 0 else sys.argv[2])
+state = checkpoint.load_for_every_rank(folder / checkpoint.CHECKPOINT_NAME, "run-1", env)
+print(f"rank {env.rank}: epoch {None if state is None else int(state['fit']['epoch'])}", flush=True)
+distributed.teardown(env)
+"""
+
+
+def test_every_rank_resumes_from_the_checkpoint_only_rank_0_can_read(tmp_path):
+    (tmp_path / "node0").mkdir(), (tmp_path / "node1").mkdir()
+    state = {"fingerprint": "run-1", "fit": {"epoch": torch.tensor(4)}}
+    checkpoint.save(tmp_path / "node0" / checkpoint.CHECKPOINT_NAME, state)
+    output = _torchrun(_CHECKPOINT_ON_RANK_0_ONLY, tmp_path, *(str(tmp_path / f"node{i}") for i in (0, 1)))
+    assert "rank 0: epoch 4" in output and "rank 1: epoch 4" in output, output
