@@ -4,8 +4,10 @@ torchrun with two CPU processes (gloo) it completes with one set of outputs. Sub
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import PROJECT_ROOT, train_params
+from helpers import (
+    PROJECT_ROOT,
+    TINY_PARAMS,
+    commit,
+    make_image_folder,
+    run_tool,
+    skip_local_state,
+    train_params,
+)
 
 from pipeline.stages import train
 from pipeline.training import checkpoint
@@ -207,3 +217,62 @@ def test_every_rank_resumes_from_the_checkpoint_only_rank_0_can_read(tmp_path):
     checkpoint.save(tmp_path / "node0" / checkpoint.CHECKPOINT_NAME, state)
     output = _torchrun(_CHECKPOINT_ON_RANK_0_ONLY, tmp_path, *(str(tmp_path / f"node{i}") for i in (0, 1)))
     assert "rank 0: epoch 4" in output and "rank 1: epoch 4" in output, output
+
+
+def _tiny_project(root: Path) -> Path:
+    """This project's dvc.yaml, code and params (made tiny: 3 classes x 16 images, timm's test_efficientnet,
+    2 epochs of which 1 head-only) in a git+DVC repo, nothing run yet."""
+    shutil.copytree(PROJECT_ROOT / "pipeline", root / "pipeline", ignore=skip_local_state)
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy2(PROJECT_ROOT / name, root / name)
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    for section, values in TINY_PARAMS.items():
+        raw[section].update(values)
+    raw["train"].update(epochs=2, progressive_head_epochs=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    make_image_folder(root / raw["paths"]["data_root"], classes=3, per_class=16)
+    run_tool(root, "git", "init", "-q")
+    run_tool(root, "dvc", "init", "-q")
+    commit(root, "tiny project")
+    return root
+
+
+def _train_outputs(project: Path) -> dict:
+    """What the train stage leaves, in form: its files, the metric keys, epochs logged, images trained on per
+    epoch (summed over the processes: every train image, padded to a multiple of the process count as
+    DistributedSampler does), the model's classes and tensor shapes."""
+    files = {
+        folder: sorted(path.relative_to(project).as_posix() for path in (project / folder).rglob("*"))
+        for folder in ("models", "dvclive")
+    }
+    curve = (project / "dvclive/plots/metrics/val/acc.tsv").read_text().splitlines()
+    saved = torch.load(project / "models/checkpoints" / checkpoint.CHECKPOINT_NAME, weights_only=True)
+    trained = torch.load(project / "models/model.pt", weights_only=True)
+    shapes = {name: tuple(tensor.shape) for name, tensor in trained["state_dict"].items()}
+    return {
+        **files,
+        "metric keys": sorted(json.loads((project / "metrics/train.json").read_text())),
+        "epochs logged": len(curve) - 1,
+        "images per epoch": [record["images"] for record in saved["fit"]["history"]],
+        "model": (trained["class_names"], shapes),
+    }
+
+
+def test_nproc_per_node_makes_dvc_repro_train_with_two_processes_and_the_same_outputs(tmp_path):
+    project = _tiny_project(tmp_path / "project")
+    run_tool(project, "dvc", "repro", "train")
+    one_process = _train_outputs(project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["nproc_per_node"] = 2
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    output = run_tool(project, "dvc", "repro", "train")
+    assert re.findall(r"Running stage '([\w-]+)'", output) == ["train"], output
+    assert "train: starting 2 processes" in output, output
+    assert [s["world_size"] for s in _summaries(output) if "world_size" in s] == [2, 2], output
+    two_processes = _train_outputs(project)
+    train_images = int(one_process.pop("images per epoch")[0])
+    assert two_processes.pop("images per epoch") == [2 * math.ceil(train_images / 2)] * 2
+    assert two_processes == one_process
+    assert not list(project.glob(".train-params-*")), "the launched processes' params file is left"
+    assert json.loads(run_tool(project, "dvc", "status", "train", "--json")) == {}  # train and upstream
