@@ -72,7 +72,7 @@ LIVE_METRICS = {
 
 def run(params: Params) -> dict[str, Any]:
     tp = params.train
-    nproc = distributed.resolve_nproc(tp.nproc_per_node, visible_gpus())
+    nproc = distributed.resolve_nproc(tp.nproc_per_node, visible_gpus(), tp.device)
     if nproc > 1 and not distributed.under_launcher(os.environ):
         return _launch(params, nproc)
     keep_freed_memory()

@@ -113,9 +113,12 @@ def wrap(module: nn.Module, env: Dist, device: torch.device) -> nn.Module:
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def resolve_nproc(spec: int | str, gpu_count: int) -> int:
-    """Processes to start on this machine: `auto` = one per visible GPU (one on a machine without)."""
-    return max(gpu_count, 1) if spec == "auto" else int(spec)
+def resolve_nproc(spec: int | str, gpu_count: int, device_spec: str) -> int:
+    """Processes to start on this machine: `auto` = one per visible GPU when the device spec lets each
+    process take its own (auto, cuda), else one (a CPU run, a machine without GPUs, an explicit cuda:N)."""
+    if spec != "auto":
+        return int(spec)
+    return max(gpu_count, 1) if device_spec in ("auto", "cuda") else 1
 
 
 def under_launcher(environ: Mapping[str, str]) -> bool:

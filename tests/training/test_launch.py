@@ -13,8 +13,9 @@ import pytest
 import torch
 from helpers import train_params
 
+from pipeline.config import Params
 from pipeline.data.loader import CachedImages
-from pipeline.errors import PipelineError
+from pipeline.errors import ParamsError, PipelineError
 from pipeline.training import checkpoint, distributed
 from pipeline.training.distributed import Dist
 from pipeline.training.features import features_key
@@ -37,9 +38,26 @@ def test_the_process_group_gets_the_timeout_from_params():
     assert distributed.process_group_options(env, torch.device("cuda", 1), 0.5)["backend"] == "nccl"
 
 
-@pytest.mark.parametrize(("spec", "gpus", "expected"), [(1, 4, 1), (2, 0, 2), ("auto", 0, 1), ("auto", 4, 4)])
-def test_processes_per_machine(spec, gpus, expected):
-    assert distributed.resolve_nproc(spec, gpus) == expected
+@pytest.mark.parametrize(
+    ("spec", "gpus", "device", "expected"),
+    [
+        (1, 4, "auto", 1),
+        (2, 0, "auto", 2),  # CPU processes (gloo)
+        ("auto", 0, "auto", 1),
+        ("auto", 4, "auto", 4),  # one per GPU
+        ("auto", 4, "cuda", 4),
+        ("auto", 4, "cpu", 1),  # a CPU run on a GPU machine: one process, not four
+        ("auto", 4, "cuda:2", 1),  # the one GPU asked for
+    ],
+)
+def test_processes_per_machine(spec, gpus, device, expected):
+    assert distributed.resolve_nproc(spec, gpus, device) == expected
+
+
+@pytest.mark.parametrize("value", [0, -2, True, "two", 1.5])
+def test_a_process_count_that_is_not_auto_or_a_positive_integer_is_refused_naming_the_key(value):
+    with pytest.raises(ParamsError, match="train.nproc_per_node"):
+        Params.from_dict({"train": {"nproc_per_node": value}})
 
 
 def test_only_a_process_that_torchrun_did_not_start_launches_it():
