@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -36,7 +34,6 @@ from pipeline.data.loader import (
     resolve_eval_batch_size,
 )
 from pipeline.data.transforms import build_batch_mix, build_transforms
-from pipeline.errors import PipelineError
 from pipeline.io import write_json
 from pipeline.models import ImageClassifier, build_model, resolve_data_config, save_trained
 from pipeline.models.freezing import EpochPlan, block_groups, plan_epochs
@@ -88,14 +85,8 @@ def _launch(params: Params, nproc: int) -> dict[str, Any]:
     """This stage again, as `nproc` processes under torch.distributed.run, on exactly these params."""
     resolve_device(params.train.device, local_rank=nproc - 1, world_size=nproc)  # refused here, not N times
     with _params_file(params) as params_file:
-        command = distributed.launch_command(sys.executable, nproc, params_file, os.environ)
-        log.info("train: starting %d processes: %s", nproc, " ".join(command))
-        code = subprocess.run(command, check=False).returncode
-    if code:
-        raise PipelineError(
-            f"the {nproc} processes under torch.distributed.run failed (exit code {code}); "
-            "their messages are above"
-        )
+        log.info("train: starting %d processes under torch.distributed.run", nproc)
+        distributed.launch(nproc, params_file)
     return {"launcher": "torch.distributed.run", "nproc_per_node": nproc}
 
 

@@ -126,8 +126,8 @@ def under_launcher(environ: Mapping[str, str]) -> bool:
     return "LOCAL_RANK" in environ
 
 
-def launch_command(python: str, nproc: int, params_file: Path, environ: Mapping[str, str]) -> list[str]:
-    """`python -m pipeline train` under `torch.distributed.run` with `nproc` processes on this machine.
+def launcher_args(nproc: int, params_file: Path, environ: Mapping[str, str]) -> list[str]:
+    """torchrun's arguments for `python -m pipeline train` as `nproc` processes on this machine.
 
     One machine: `--standalone` (a rendezvous on a free local port). Several: torchrun reads the rendezvous
     from the environment (PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT or PET_RDZV_ENDPOINT),
@@ -137,5 +137,30 @@ def launch_command(python: str, nproc: int, params_file: Path, environ: Mapping[
         raise PipelineError(f"train.nproc_per_node: expected auto or a positive integer, got {nproc}")
     nodes = environ.get("PET_NNODES", "1")
     rendezvous = ["--standalone"] if nodes in ("1", "1:1") else []
-    module = ["-m", "pipeline", "train", "--params", str(params_file)]
-    return [python, "-m", "torch.distributed.run", *rendezvous, f"--nproc_per_node={nproc}", *module]
+    return [*rendezvous, f"--nproc_per_node={nproc}", "-m", "pipeline", "train", "--params", str(params_file)]
+
+
+def launch(nproc: int, params_file: Path) -> None:
+    """`launcher_args` run by torchrun's launcher in this process, which waits for the training processes;
+    a failure is one line (each process has printed its own message), not torchrun's traceback."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+
+    saved = dict(os.environ)  # torchrun sets OMP_NUM_THREADS for its processes in its own environment
+    try:
+        torchrun.run(torchrun.parse_args(launcher_args(nproc, params_file, os.environ)))
+    except ChildFailedError as exc:
+        rank, first = exc.get_first_failure()  # the others may only have been stopped because of it
+        raise PipelineError(
+            f"the {nproc} training processes under torch.distributed.run stopped: rank {rank} failed first "
+            f"(exit code {first.exitcode}); the messages above say why"
+        ) from None
+    except RendezvousError as exc:
+        raise PipelineError(
+            f"torch.distributed.run could not bring the processes together ({exc}); check the PET_* "
+            "rendezvous variables (README, GPU)"
+        ) from None
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

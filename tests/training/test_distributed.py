@@ -276,3 +276,21 @@ def test_nproc_per_node_makes_dvc_repro_train_with_two_processes_and_the_same_ou
     assert two_processes == one_process
     assert not list(project.glob(".train-params-*")), "the launched processes' params file is left"
     assert json.loads(run_tool(project, "dvc", "status", "train", "--json")) == {}  # train and upstream
+
+
+def test_a_failure_in_the_launched_processes_is_one_line_without_a_traceback(tmp_path):
+    params = train_params(tmp_path, train={"nproc_per_node": 2}).to_dict()
+    params["paths"]["splits"] = "missing.csv"  # relative to the working folder
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    command = [sys.executable, "-m", "pipeline", "train", "--params", str(params_file)]
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    expected = r"train: the 2 training processes under torch.distributed.run stopped: rank [01] failed first "
+    assert re.fullmatch(expected + r"\(exit code 1\); the messages above say why", lines[-1]), done.stderr
+    each = "train: missing.csv: splits table not found; run the split stage first (dvc repro split)"
+    assert lines.count(each) == 2, done.stderr  # one from each process
+    assert "Traceback" not in done.stdout + done.stderr
+    assert not list(tmp_path.glob(".train-params-*"))

@@ -4,7 +4,6 @@ a checkpoint key or a cache key depends on. The same code in real processes: tes
 
 from __future__ import annotations
 
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -65,17 +64,14 @@ def test_only_a_process_that_torchrun_did_not_start_launches_it():
 
 
 def test_one_machine_launches_standalone_several_read_the_rendezvous_from_the_environment():
-    one = distributed.launch_command("/py", 2, Path("p.yaml"), {})
-    assert one == [
-        "/py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "pipeline", "train", "--params", "p.yaml",
-    ]  # fmt: skip
+    one = distributed.launcher_args(2, Path("p.yaml"), {})
+    assert one == ["--standalone", "--nproc_per_node=2", "-m", "pipeline", "train", "--params", "p.yaml"]
     several = {"PET_NNODES": "2", "PET_NODE_RANK": "1", "PET_MASTER_ADDR": "node0", "PET_MASTER_PORT": "29"}
-    command = distributed.launch_command("/py", 4, Path("p.yaml"), several)
+    command = distributed.launcher_args(4, Path("p.yaml"), several)
     assert "--standalone" not in command and "--nproc_per_node=4" in command
-    assert distributed.launch_command(sys.executable, 2, Path("p"), {"PET_NNODES": "1"})[3] == "--standalone"
+    assert distributed.launcher_args(2, Path("p"), {"PET_NNODES": "1"})[0] == "--standalone"
     with pytest.raises(PipelineError, match="train.nproc_per_node"):
-        distributed.launch_command("/py", 0, Path("p.yaml"), {})
+        distributed.launcher_args(0, Path("p.yaml"), {})
 
 
 def test_launch_and_timeout_params_do_not_orphan_a_checkpoint_but_the_device_does(tmp_path):
