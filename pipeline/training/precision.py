@@ -151,15 +151,16 @@ def backend_settings(device_type: str, tf32: bool) -> dict[str, object]:
     (its figures should be those of the fp32 export). Nothing to set on a CPU."""
     if device_type != "cuda":
         return {}
-    fp32 = "tf32" if tf32 else "ieee"
-    return {"cudnn_benchmark": True, "matmul_fp32_precision": fp32, "conv_fp32_precision": fp32}
+    return {"cudnn_benchmark": True, "matmul_precision": "high" if tf32 else "highest", "cudnn_tf32": tf32}
 
 
 def configure_backends(device: torch.device, tf32: bool) -> dict[str, object]:
-    """Apply `backend_settings` for `device` (process-wide); returns what was set."""
+    """Apply `backend_settings` for `device` (process-wide); returns what was set. Through the API whose
+    state every reader agrees on: torch 2.9+'s per-backend `fp32_precision` alone leaves
+    `torch.get_float32_matmul_precision()` (read by torch.compile) raising about mixed APIs."""
     settings = backend_settings(device.type, tf32)
     if settings:
         torch.backends.cudnn.benchmark = settings["cudnn_benchmark"]
-        torch.backends.cuda.matmul.fp32_precision = settings["matmul_fp32_precision"]
-        torch.backends.cudnn.conv.fp32_precision = settings["conv_fp32_precision"]
+        torch.set_float32_matmul_precision(settings["matmul_precision"])
+        torch.backends.cudnn.allow_tf32 = settings["cudnn_tf32"]
     return settings

@@ -126,32 +126,33 @@ def test_evaluate_runs_on_the_train_device_where_there_is_a_gpu(spec, gpus, expe
 def test_cuda_backends_are_set_deliberately_and_the_cpu_is_left_alone():
     assert backend_settings("cpu", tf32=True) == {} and backend_settings("cpu", tf32=False) == {}
     train = backend_settings("cuda", tf32=True)
-    assert train == {"cudnn_benchmark": True, "matmul_fp32_precision": "tf32", "conv_fp32_precision": "tf32"}
+    assert train == {"cudnn_benchmark": True, "matmul_precision": "high", "cudnn_tf32": True}
     evaluate = backend_settings("cuda", tf32=False)
-    assert evaluate["matmul_fp32_precision"] == evaluate["conv_fp32_precision"] == "ieee"
+    assert evaluate == {"cudnn_benchmark": True, "matmul_precision": "highest", "cudnn_tf32": False}
 
 
 @pytest.fixture
 def restore_backends():
-    saved = (
+    benchmark, matmul, cudnn_tf32 = (
         torch.backends.cudnn.benchmark,
-        torch.backends.cuda.matmul.fp32_precision,
-        torch.backends.cudnn.conv.fp32_precision,
+        torch.get_float32_matmul_precision(),
+        torch.backends.cudnn.allow_tf32,
     )
     yield
-    torch.backends.cudnn.benchmark = saved[0]
-    torch.backends.cuda.matmul.fp32_precision = saved[1]
-    torch.backends.cudnn.conv.fp32_precision = saved[2]
+    torch.backends.cudnn.benchmark = benchmark
+    torch.set_float32_matmul_precision(matmul)
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32
 
 
 @pytest.mark.usefixtures("restore_backends")
 @pytest.mark.parametrize("tf32", [True, False])
 def test_configure_backends_sets_torchs_switches_for_a_cuda_device(tf32):
-    """The switches are process-wide flags, so setting them needs no GPU (the device is only described)."""
+    """The switches are process-wide flags, so setting them needs no GPU (the device is only described).
+    Every way torch reads them must agree and not raise (torch.compile reads the matmul precision)."""
     torch.backends.cudnn.benchmark = False
-    torch.backends.cuda.matmul.fp32_precision = "none"
     assert configure_backends(CPU, tf32) == {} and torch.backends.cudnn.benchmark is False
     configure_backends(torch.device("cuda", 1), tf32)
     assert torch.backends.cudnn.benchmark is True
-    expected = "tf32" if tf32 else "ieee"
-    assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == expected
+    assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")
+    assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+    assert torch.backends.cuda.matmul.fp32_precision == ("tf32" if tf32 else "ieee")
