@@ -94,7 +94,9 @@ def rng_state() -> dict[str, Any]:
     version, internal, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # The current GPU's only (setup makes it this process's): get_rng_state_all would open a context,
+        # hundreds of MB, on every visible GPU from every process. None when CUDA is unused (a CPU run).
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [],
         "numpy": {
             "keys": torch.from_numpy(keys.astype(np.int64)),
             "pos": pos,
@@ -107,8 +109,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"][0])
     numpy = state["numpy"]
     np.random.set_state(
         ("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["gauss"])

@@ -62,9 +62,9 @@ def setup(device_spec: str, timeout_min: float = DEFAULT_TIMEOUT_MIN) -> tuple[D
     to build the image and feature caches while the others wait."""
     env = Dist.from_env(os.environ)
     device = resolve_device(device_spec, env.local_rank, env.world_size)
+    if device.type == "cuda":  # the current device: where NCCL, the CUDA RNG state and caching act
+        torch.cuda.set_device(device)
     if env.enabled and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         dist.init_process_group(**process_group_options(env, device, timeout_min))
     return env, device
 
