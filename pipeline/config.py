@@ -206,6 +206,8 @@ class TrainParams(_Section):
     freeze_bn: bool = True
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"
+    nproc_per_node: Literal["auto"] | PositiveInt = 1  # >1: the stage starts itself under torchrun
+    dist_timeout_min: PositiveFloat = 60.0  # collectives' timeout, cache builds included
     channels_last: bool = True
     compile: bool = False
     num_workers: NonNegInt | None = None  # None: 0 on CPU (cores go to the model), up to 8 per GPU

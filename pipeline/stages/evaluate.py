@@ -2,6 +2,7 @@
 
 Images go through `pipeline.preprocess.preprocess_file`, the same torch-free function the ONNX `predict`
 command uses, so evaluate's predictions are those a user gets from the export (test-time augmentation aside).
+The model runs in fp32 on the train stage's device when the machine has a GPU (TF32 off), else on the CPU.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pipeline.io import atomic_dir, write_json, write_text
 from pipeline.models import TrainedModel, load_trained
 from pipeline.preprocess import open_rgb, preprocess_file
 from pipeline.progress import progress
+from pipeline.training.precision import configure_backends, evaluation_device, visible_gpus
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,9 @@ def run(params: Params) -> dict:
     index = {name: i for i, name in enumerate(class_names)}
     y_val = val["label"].map(index).to_numpy()
     y_test = test["label"].map(index).to_numpy()
+    device = evaluation_device(params.train.device, visible_gpus())
+    configure_backends(device, tf32=False)
+    trained.model.float().to(device).eval()
 
     val_logits = _logits(trained, paths.data_root, val["path"], cfg.batch_size, False, "evaluate val")[0]
     fit = fit_temperature(val_logits, y_val)
@@ -106,17 +111,20 @@ def _read_splits(path: Path, class_names: list[str], model_path: Path) -> pd.Dat
 def _logits(
     trained: TrainedModel, data_root: Path, files: pd.Series, batch_size: int, tta: bool, desc: str
 ) -> np.ndarray:
-    """(V, N, K) fp32 logits on CPU; V = 2 with TTA (the image and its horizontal flip), else 1."""
-    model = trained.model.float().cpu().eval()
+    """(V, N, K) fp32 logits of the model (in eval mode, on its device); V = 2 with TTA (the image and its
+    horizontal flip), else 1."""
+    model = trained.model
+    device = next(model.parameters()).device
     views: list[list[np.ndarray]] = [[] for _ in range(2 if tta else 1)]
     files = list(files)
     with torch.inference_mode(), progress(desc, len(files), "img") as bar:
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
-            batch = torch.from_numpy(np.stack([_load(data_root, f, trained.data_config) for f in chunk]))
-            views[0].append(model(batch).numpy())
+            images = np.stack([_load(data_root, f, trained.data_config) for f in chunk])
+            batch = torch.from_numpy(images).to(device)
+            views[0].append(model(batch).cpu().numpy())
             if tta:
-                views[1].append(model(torch.flip(batch, dims=[3])).numpy())  # (B, C, H, W): flip W
+                views[1].append(model(torch.flip(batch, dims=[3])).cpu().numpy())  # (B, C, H, W): flip W
             bar.update(len(chunk))
     return np.stack([np.concatenate(v) for v in views])
 

@@ -2,7 +2,8 @@
 
 This module only wires the pieces: data (pipeline.data: uint8 cache, transforms, loaders), what trains when
 (pipeline.models.freezing) and the machinery (pipeline.training: precision, DDP, optimizer, checkpoint, loop).
-Runs as is under `torchrun` (DDP); only rank 0 writes. Resumes from the last complete epoch.
+Runs as is under `torchrun` (DDP), and starts it itself when `train.nproc_per_node` > 1; only rank 0 writes.
+Resumes from the last complete epoch.
 """
 
 from __future__ import annotations
@@ -10,11 +11,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from dvclive import Live
 
 from pipeline.config import Params
@@ -38,7 +43,13 @@ from pipeline.training.features import backbone_features
 from pipeline.training.loop import FitState, Trainer, fit
 from pipeline.training.loss import build_criterion, class_weights
 from pipeline.training.memory import keep_freed_memory
-from pipeline.training.precision import Precision, resolve_precision
+from pipeline.training.precision import (
+    Precision,
+    configure_backends,
+    resolve_device,
+    resolve_precision,
+    visible_gpus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +68,39 @@ LIVE_METRICS = {
 
 
 def run(params: Params) -> dict[str, Any]:
+    tp = params.train
+    nproc = distributed.resolve_nproc(tp.nproc_per_node, visible_gpus(), tp.device)
+    if nproc > 1 and not distributed.under_launcher(os.environ):
+        return _launch(params, nproc)
     keep_freed_memory()
-    env, device = distributed.setup(params.train.device)
+    env, device = distributed.setup(tp.device, tp.dist_timeout_min)
+    configure_backends(device, tf32=True)
     try:
         return _train(params, env, device)
     finally:
         distributed.teardown(env)
+
+
+def _launch(params: Params, nproc: int) -> dict[str, Any]:
+    """This stage again, as `nproc` processes under torch.distributed.run, on exactly these params."""
+    resolve_device(params.train.device, local_rank=nproc - 1, world_size=nproc)  # refused here, not N times
+    with _params_file(params) as params_file:
+        log.info("train: starting %d processes under torch.distributed.run", nproc)
+        distributed.launch(nproc, params_file)
+    return {"launcher": "torch.distributed.run", "nproc_per_node": nproc}
+
+
+@contextmanager
+def _params_file(params: Params) -> Iterator[Path]:
+    """The params as a file in the working folder, which relative paths are relative to (and which a params
+    file's outputs must stay inside), for the launched processes; removed afterwards."""
+    handle, name = tempfile.mkstemp(prefix=".train-params-", suffix=".yaml", dir=Path.cwd())
+    try:
+        with os.fdopen(handle, "w") as out:
+            yaml.safe_dump(params.to_dict(), out, sort_keys=False)
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
 
 
 def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
@@ -76,7 +114,8 @@ def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
     plans, data, trainer = _trainer(params, splits, data_config, model, precision, env)
 
     fingerprint = checkpoint.fingerprint(params, paths.splits, env.world_size)
-    state = _resume(checkpoint.load(paths.checkpoint_dir / checkpoint.CHECKPOINT_NAME, fingerprint), trainer)
+    checkpoint_file = paths.checkpoint_dir / checkpoint.CHECKPOINT_NAME
+    state = _resume(checkpoint.load_for_every_rank(checkpoint_file, fingerprint, env), trainer)
     resumed_from = state.epoch
     log.info(
         f"train: {tp.strategy}, {params.model.backbone} on {device}, {precision.name}: "

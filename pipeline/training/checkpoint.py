@@ -21,6 +21,7 @@ import torch
 
 from pipeline.config import Params
 from pipeline.io import atomic_path
+from pipeline.training.distributed import Dist, from_main
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ _RESULT_NEUTRAL = {
     "persistent_workers",
     "overfit_gap_warning",
     "checkpoint_every_s",
+    "dist_timeout_min",
+    "nproc_per_node",  # the world size, which is in the fingerprint, is what matters
 }
 _PACKAGE = Path(__file__).resolve().parents[1]
 _CODE = (
@@ -79,13 +82,21 @@ def load(path: Path, expected_fingerprint: str) -> dict[str, Any] | None:
     return state
 
 
+def load_for_every_rank(path: Path, expected_fingerprint: str, env: Dist) -> dict[str, Any] | None:
+    """`load` by rank 0 only, its result sent to every rank: one decision (resume or start fresh) for all, and
+    the other machines of a multi-node run need no copy of the file, which only rank 0 writes."""
+    return from_main(env, load(path, expected_fingerprint) if env.is_main else None)
+
+
 def rng_state() -> dict[str, Any]:
     """torch, CUDA, numpy and Python RNG states as tensors and primitives (weights_only-loadable)."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # The current GPU's only (setup makes it this process's): get_rng_state_all would open a context,
+        # hundreds of MB, on every visible GPU from every process. None when CUDA is unused (a CPU run).
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [],
         "numpy": {
             "keys": torch.from_numpy(keys.astype(np.int64)),
             "pos": pos,
@@ -98,8 +109,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"][0])
     numpy = state["numpy"]
     np.random.set_state(
         ("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["gauss"])

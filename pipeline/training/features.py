@@ -1,8 +1,9 @@
 """Pooled backbone features of every image, computed once (eval transform, no augmentation) so head-only
 epochs train a linear layer on (N, C) tensors instead of running the backbone: orders of magnitude faster.
 
-Features are also cached on disk, keyed by the image cache, a digest of the backbone's weights and the numeric
-settings, so experiments that change only head/optimizer params skip the backbone entirely.
+Features are also cached on disk, keyed by the image cache, a digest of the backbone's weights, the numeric
+settings and what computed them (CPU or GPU model, precision), so experiments that change only head/optimizer
+params skip the backbone entirely, and features made in bf16 on one GPU are not reused in fp32 on another.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pipeline.data.loader import CachedImages, EpochSampler
 from pipeline.io import atomic_path
 from pipeline.progress import progress
 from pipeline.training.distributed import Dist, barrier
-from pipeline.training.precision import Precision
+from pipeline.training.precision import Precision, device_tag
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,8 @@ def backbone_features(
 ) -> list[torch.Tensor]:
     """(N, C) float32 CPU features of each image set (built by one process per machine, read by the others).
     One call for all sets: the weights are digested and the backbone folded once."""
-    weights = _weights_digest(backbone)
-    targets = [
-        Path(cache_dir) / f"features-{_key(weights, images, precision, channels_last)}.pt"
-        for images in image_sets
-    ]
+    settings = (_weights_digest(backbone), precision.name, channels_last, device_tag(precision.device))
+    targets = [Path(cache_dir) / f"features-{features_key(images, *settings)}.pt" for images in image_sets]
     missing = [i for i, target in enumerate(targets) if not target.is_file()]
     computed: dict[int, torch.Tensor] = {}
     if env.is_local_main and missing:
@@ -136,7 +134,9 @@ def _weights_digest(backbone: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _key(weights: str, images: CachedImages, precision: Precision, channels_last: bool) -> str:
-    # The transform's repr carries the crop size and normalisation; the weights digest the exact weights.
-    spec = f"{images.cache_file.name}|{images.transform!r}|{precision.name}|{channels_last}|{weights}"
+def features_key(images: CachedImages, weights: str, precision: str, channels_last: bool, device: str) -> str:
+    """The features file's key. The transform's repr carries the crop size and normalisation, `weights`
+    digests the exact weights, `precision` (fp32 | bf16 | fp16) and `device` (`device_tag`) say what
+    computed them."""
+    spec = f"{images.cache_file.name}|{images.transform!r}|{precision}|{channels_last}|{device}|{weights}"
     return hashlib.sha256(spec.encode()).hexdigest()[:20]

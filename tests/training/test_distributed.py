@@ -4,7 +4,10 @@ torchrun with two CPU processes (gloo) it completes with one set of outputs. Sub
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import PROJECT_ROOT, train_params
+from helpers import (
+    PROJECT_ROOT,
+    TINY_PARAMS,
+    commit,
+    make_image_folder,
+    run_tool,
+    skip_local_state,
+    train_params,
+)
 
 from pipeline.stages import train
 from pipeline.training import checkpoint
@@ -144,3 +155,142 @@ def test_two_process_ddp_on_cpu_completes_and_writes_one_set_of_outputs(tmp_path
         18,
     ]  # both ranks' shards summed: all 18 train images
     assert json.loads(params.paths.metrics("train").read_text())["epochs_run"] == 2
+
+
+def _torchrun(script: str, tmp_path: Path, *args: str) -> str:
+    """`script` as 2 CPU processes under torchrun (this checkout's `pipeline` imported); their output."""
+    path = tmp_path / "script.py"
+    path.write_text(script)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(path)]
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    run = {"env": env, "capture_output": True, "text": True, "timeout": 240, "cwd": tmp_path}
+    done = subprocess.run([*command, *args], **run)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+# Rank 0 never reaches the barrier (it waits until rank 1 has given up, at most 150 s): rank 1 must give up
+# after the timeout it was set up with, not torch's default 30 minutes.
+_LATE_RANK = """
+import os, sys, time
+from pipeline.training import distributed
+env, _ = distributed.setup("cpu", timeout_min=float(sys.argv[1]))
+gave_up = "gave-up"
+if env.rank == 0:
+    deadline = time.monotonic() + 150
+    while not os.path.exists(gave_up) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os._exit(0)
+start = time.monotonic()
+try:
+    distributed.barrier(env)
+    print("rank 1: barrier passed", flush=True)
+except Exception as exc:
+    print(f"rank 1: gave up after {time.monotonic() - start:.1f} s: {type(exc).__name__}", flush=True)
+open(gave_up, "w").close()
+os._exit(0)
+"""
+
+
+def test_the_process_group_timeout_is_the_one_asked_for(tmp_path):
+    output = _torchrun(_LATE_RANK, tmp_path, "0.05")  # 3 s
+    waited = re.findall(r"rank 1: gave up after ([\d.]+) s", output)
+    assert waited and 2.5 <= float(waited[0]) < 60, output
+
+
+# Rank 0 sees a checkpoint; rank 1, as on another machine without shared storage, sees an empty folder.
+_CHECKPOINT_ON_RANK_0_ONLY = """
+import sys
+from pathlib import Path
+from pipeline.training import checkpoint, distributed
+env, _ = distributed.setup("cpu")
+folder = Path(sys.argv[1] if env.rank == 0 else sys.argv[2])
+state = checkpoint.load_for_every_rank(folder / checkpoint.CHECKPOINT_NAME, "run-1", env)
+print(f"rank {env.rank}: epoch {None if state is None else int(state['fit']['epoch'])}", flush=True)
+distributed.teardown(env)
+"""
+
+
+def test_every_rank_resumes_from_the_checkpoint_only_rank_0_can_read(tmp_path):
+    (tmp_path / "node0").mkdir(), (tmp_path / "node1").mkdir()
+    state = {"fingerprint": "run-1", "fit": {"epoch": torch.tensor(4)}}
+    checkpoint.save(tmp_path / "node0" / checkpoint.CHECKPOINT_NAME, state)
+    output = _torchrun(_CHECKPOINT_ON_RANK_0_ONLY, tmp_path, *(str(tmp_path / f"node{i}") for i in (0, 1)))
+    assert "rank 0: epoch 4" in output and "rank 1: epoch 4" in output, output
+
+
+def _tiny_project(root: Path) -> Path:
+    """This project's dvc.yaml, code and params (made tiny: 3 classes x 16 images, timm's test_efficientnet,
+    2 epochs of which 1 head-only) in a git+DVC repo, nothing run yet."""
+    shutil.copytree(PROJECT_ROOT / "pipeline", root / "pipeline", ignore=skip_local_state)
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy2(PROJECT_ROOT / name, root / name)
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    for section, values in TINY_PARAMS.items():
+        raw[section].update(values)
+    raw["train"].update(epochs=2, progressive_head_epochs=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    make_image_folder(root / raw["paths"]["data_root"], classes=3, per_class=16)
+    run_tool(root, "git", "init", "-q")
+    run_tool(root, "dvc", "init", "-q")
+    commit(root, "tiny project")
+    return root
+
+
+def _train_outputs(project: Path) -> dict:
+    """What the train stage leaves, in form: its files, the metric keys, epochs logged, images trained on per
+    epoch (summed over the processes: every train image, padded to a multiple of the process count as
+    DistributedSampler does), the model's classes and tensor shapes."""
+    files = {
+        folder: sorted(path.relative_to(project).as_posix() for path in (project / folder).rglob("*"))
+        for folder in ("models", "dvclive")
+    }
+    curve = (project / "dvclive/plots/metrics/val/acc.tsv").read_text().splitlines()
+    saved = torch.load(project / "models/checkpoints" / checkpoint.CHECKPOINT_NAME, weights_only=True)
+    trained = torch.load(project / "models/model.pt", weights_only=True)
+    shapes = {name: tuple(tensor.shape) for name, tensor in trained["state_dict"].items()}
+    return {
+        **files,
+        "metric keys": sorted(json.loads((project / "metrics/train.json").read_text())),
+        "epochs logged": len(curve) - 1,
+        "images per epoch": [record["images"] for record in saved["fit"]["history"]],
+        "model": (trained["class_names"], shapes),
+    }
+
+
+def test_nproc_per_node_makes_dvc_repro_train_with_two_processes_and_the_same_outputs(tmp_path):
+    project = _tiny_project(tmp_path / "project")
+    run_tool(project, "dvc", "repro", "train")
+    one_process = _train_outputs(project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["nproc_per_node"] = 2
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    output = run_tool(project, "dvc", "repro", "train")
+    assert re.findall(r"Running stage '([\w-]+)'", output) == ["train"], output
+    assert "train: starting 2 processes" in output, output
+    assert [s["world_size"] for s in _summaries(output) if "world_size" in s] == [2, 2], output
+    two_processes = _train_outputs(project)
+    train_images = int(one_process.pop("images per epoch")[0])
+    assert two_processes.pop("images per epoch") == [2 * math.ceil(train_images / 2)] * 2
+    assert two_processes == one_process
+    assert not list(project.glob(".train-params-*")), "the launched processes' params file is left"
+    assert json.loads(run_tool(project, "dvc", "status", "train", "--json")) == {}  # train and upstream
+
+
+def test_a_failure_in_the_launched_processes_is_one_line_without_a_traceback(tmp_path):
+    params = train_params(tmp_path, train={"nproc_per_node": 2}).to_dict()
+    params["paths"]["splits"] = "missing.csv"  # relative to the working folder
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    command = [sys.executable, "-m", "pipeline", "train", "--params", str(params_file)]
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    expected = r"train: the 2 training processes under torch.distributed.run stopped: rank [01] failed first "
+    assert re.fullmatch(expected + r"\(exit code 1\); the messages above say why", lines[-1]), done.stderr
+    each = "train: missing.csv: splits table not found; run the split stage first (dvc repro split)"
+    assert lines.count(each) == 2, done.stderr  # one from each process
+    assert "Traceback" not in done.stdout + done.stderr
+    assert not list(tmp_path.glob(".train-params-*"))
