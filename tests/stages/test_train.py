@@ -134,6 +134,26 @@ def test_class_weighting_from_the_train_split_changes_the_training_loss(tmp_path
     assert losses["none"] != losses["inverse"]
 
 
+def test_label_smoothing_from_params_reaches_the_training_loss(tmp_path):
+    losses = {}
+    for smoothing in (0.0, 0.3):
+        params = train_params(
+            tmp_path / str(smoothing), train={"strategy": "full", "label_smoothing": smoothing}
+        )
+        train.run(params)
+        losses[smoothing] = _metrics(params)["final_train_loss"]
+    assert losses[0.0] != losses[0.3]
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_the_stage_builds_conv_weights_in_the_memory_format_asked_for(tmp_path, channels_last):
+    params = train_params(tmp_path, train={"channels_last": channels_last})
+    model = train._model(params, num_classes=3, device=torch.device("cpu"))
+    convs = [p for p in model.parameters() if p.ndim == 4 and p.shape[-1] > 1 and p.shape[1] > 1]
+    assert convs
+    assert all(p.is_contiguous(memory_format=torch.channels_last) is channels_last for p in convs)
+
+
 def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(tmp_path):
     # A learning rate this small leaves val accuracy unchanged, so epochs 2 and 3 cannot improve on epoch 1.
     params = train_params(
