@@ -163,7 +163,8 @@ def flow(
     project: ProjectOption = Path("."),
 ) -> None:
     """Run the stages as a Prefect flow through DVC (unchanged stages are skipped), then the champion gate."""
-    from pipeline.flow import DvcFailed, require_git_identity, retrain
+    from pipeline.dvc_api import DvcFailed
+    from pipeline.flow import require_git_identity, retrain
 
     try:
         if name:  # before Prefect starts: a missing git identity would otherwise fail only at the end

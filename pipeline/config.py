@@ -250,6 +250,7 @@ class OrchestrateParams(_Section):
     retry_delay_seconds: Annotated[float, Field(ge=0.0)] = 10.0
     promote_metric: str = "accuracy"  # a key of the evaluate metrics; higher is better
     promote_tolerance: Annotated[float, Field(ge=0.0)] = 0.005
+    push: bool = False  # dvc pull before the run, dvc push (outputs, run cache) after; needs a default remote
 
 
 # The `validate` section shadows pydantic's deprecated BaseModel.validate; the name is the stage's, so the
