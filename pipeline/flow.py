@@ -24,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectAlreadyExists
+from prefect.runner.storage import GitRepository
 from ruamel.yaml import YAML, RoundTripRepresenter
 
 from pipeline import champion, dvc_api
@@ -34,6 +35,7 @@ from pipeline.io import atomic_path, read_optional_json
 from pipeline.stages import STAGES
 
 FLOW_NAME = "retrain"
+ENTRYPOINT = "pipeline/flow.py:retrain"  # relative to the project folder
 
 
 def require_git_identity(project_dir: str | Path) -> None:
@@ -170,7 +172,7 @@ def push(params: Params, project_dir: str, decision: dict, commit: bool) -> dict
     files, output = dvc_api.call(project, "push", share)
     get_run_logger().info("push: %d files\n%s", files, output)
     pointers = [DEFAULT_PARAMS_FILE, "dvc.lock", params.paths.metrics_dir, params.paths.live_dir,
-                Path(f"{champion_dir}.dvc"), champion_dir.parent / ".gitignore"]  # fmt: skip
+                Path(f"{champion_dir}.dvc")]  # fmt: skip
     revision = _commit_and_push(project, pointers, _commit_message(decision)) if record else None
     return {"files": files, "commit": revision}
 
@@ -268,11 +270,47 @@ def deploy(cron: str, name: str, work_pool: str, project_dir: str = ".", serve: 
     _ensure_process_pool(work_pool)
     # The worker loads this file from the folder that holds the `pipeline` package and runs in it.
     code_root = Path(__file__).resolve().parents[1]
-    source = retrain.from_source(source=str(code_root), entrypoint="pipeline/flow.py:retrain")
+    source = retrain.from_source(source=str(code_root), entrypoint=ENTRYPOINT)
     source.deploy(
         name=name, work_pool_name=work_pool, cron=cron, parameters=parameters, print_next_steps=False
     )
     return f"{FLOW_NAME}/{name}"
+
+
+def deploy_from_git(cron: str, name: str, work_pool: str, repository: str, ref: str, install: str) -> str:
+    """Create a scheduled deployment whose runs fetch the project themselves, for a worker on any machine.
+
+    Each run's pull steps clone `repository` at branch `ref`, run `install` in the clone (one command per
+    line; empty: none) and enter the clone; the flow then pulls from the DVC remote of the committed
+    `.dvc/config` (orchestrate.push must be true there), runs, pushes, and commits and pushes a promoted
+    model's pointers to `ref`. Returns the deployment's name.
+    """
+    _ensure_process_pool(work_pool)
+    deployment = retrain.to_deployment(
+        name=name, cron=cron, parameters={"project_dir": ".", "commit": True}, work_pool_name=work_pool
+    )
+    deployment.entrypoint = ENTRYPOINT  # relative to the clone, whatever this process's folder is
+    deployment.storage = _GitProject(repository, ref, install)
+    deployment.apply()
+    return f"{FLOW_NAME}/{name}"
+
+
+class _GitProject(GitRepository):
+    """A git clone of the project as Prefect pull steps: clone, install, then work in the clone."""
+
+    def __init__(self, url: str, branch: str, install: str):
+        super().__init__(url=url, branch=branch)
+        self._install = install
+
+    def to_pull_step(self) -> list[dict[str, Any]]:
+        clone = super().to_pull_step()
+        clone["prefect.deployments.steps.git_clone"]["id"] = "clone"
+        folder = "{{ clone.directory }}"
+        steps = [clone]
+        if self._install.strip():
+            script = {"script": self._install, "directory": folder, "stream_output": True}
+            steps.append({"prefect.deployments.steps.run_shell_script": script})
+        return [*steps, {"prefect.deployments.steps.set_working_directory": {"directory": folder}}]
 
 
 def _ensure_process_pool(name: str) -> None:
