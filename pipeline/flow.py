@@ -59,11 +59,7 @@ def require_git_identity(project_dir: str | Path) -> None:
 
 def _git_config(project: Path, key: str) -> str:
     """`git config --get key` as git resolves it in `project` (repo, global, system); '' when unset."""
-    try:
-        proc = subprocess.run(["git", "config", "--get", key], cwd=project, capture_output=True, text=True)
-    except OSError:  # no git at all: DVC experiments cannot work either
-        return ""
-    return proc.stdout.strip() if proc.returncode == 0 else ""
+    return _git(project, "config", "--get", key, check=False)
 
 
 def _retry_if_transient(task, task_run, state) -> bool:
@@ -244,7 +240,12 @@ def _commit_and_push(project: Path, paths: list[Path | str], message: str) -> st
 
 def _git(project: Path, *args: str, check: bool = True) -> str:
     """`git args` in `project`; its output, or '' when it failed and not `check` (else a PipelineError)."""
-    proc = subprocess.run(["git", *args], cwd=project, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(["git", *args], cwd=project, capture_output=True, text=True)
+    except OSError as exc:  # no git at all: DVC experiments and commits cannot work either
+        if check:
+            raise PipelineError(f"{project}: git is not installed ({exc}); install git") from None
+        return ""
     if proc.returncode != 0 and check:
         raise PipelineError(
             f"{project}: git {' '.join(args[:2])} failed: {(proc.stderr or proc.stdout).strip()}"
