@@ -8,15 +8,22 @@ reproduced once (or a copy of an already reproduced project, --project, is used)
   `dvc repro --single-item <stage>` calls the flow's tasks make, run directly;
 - forced (full mode only): the seven stage commands (`python -m pipeline <stage>`) run directly, then the
   flow after removing dvc.lock and DVC's run cache, so it runs every stage too.
-Overhead per stage = (flow wall time - the direct calls' total) / 7. The flow starts Prefect's temporary local
-server (no PREFECT_API_URL), as `python -m pipeline flow` does on a machine with no Prefect server.
+Overhead per stage = (flow wall time - the direct calls' total) / 7; the target is at most 1 s. The flow talks
+to a running local Prefect server (`prefect server start` on 127.0.0.1, started once here and healthy before
+anything is timed), as on a machine where the flow is used regularly; the server's start-up is not timed.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +37,7 @@ from benchmarks._common import (
     run_command,
     summary,
     target,
+    tool_env,
     workdir,
     write_params,
 )
@@ -57,16 +65,12 @@ _PROJECT_FILES = ("dvc.yaml", ".dvcignore")
 
 def run(opts: Options) -> dict[str, Any]:
     started, settings = machine(), opts.settings(SETTINGS)
-    with workdir(opts, NAME) as root:
+    with workdir(opts, NAME) as root, _prefect_server(root / "prefect") as prefect:
         if opts.project is None:
             project = _project(root / "project", settings)
             first: float | None = _dvc(project, "repro").seconds
         else:
             project, first = _copy(Path(opts.project), root / "project"), None
-        prefect = {
-            "PREFECT_HOME": str(root / "prefect"),
-            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-        }
         _noop_repro(project)
         noop_repro = [_noop_repro(project) for _ in range(settings["repeats"])]
         noop = [_flow_vs_direct(project, prefect, forced=False) for _ in range(settings["repeats"])]
@@ -82,8 +86,16 @@ def run(opts: Options) -> dict[str, Any]:
     if forced is not None:
         results["forced"] = forced
         ratios["forced_flow_vs_direct"] = forced["flow_seconds"] / forced["direct_seconds"]
-    targets = {"noop_dvc_repro_seconds": target(results["noop_dvc_repro_seconds"]["median"], "<=", 2.0)}
-    settings.update(stages=list(STAGES), prefect_server="temporary (started by the flow process)",
+    overhead = (
+        forced["overhead_per_stage_seconds"]
+        if forced
+        else results["noop"]["overhead_per_stage_seconds"]["median"]
+    )
+    targets = {
+        "noop_dvc_repro_seconds": target(results["noop_dvc_repro_seconds"]["median"], "<=", 2.0),
+        "flow_overhead_per_stage_seconds": target(overhead, "<=", 1.0),  # forced run when measured
+    }
+    settings.update(stages=list(STAGES), prefect_server="running local server (prefect server start)",
                     project=str(opts.project) if opts.project else "built from this repo")  # fmt: skip
     return result(NAME, opts, started, settings, results, ratios, targets)
 
@@ -107,6 +119,43 @@ def _project(project: Path, settings: dict[str, Any]) -> Path:
             shutil.copy2(file, project / params.paths.data_root / folder.name / file.name)
     _dvc(project, "init", "--no-scm", "-q")
     return project
+
+
+@contextmanager
+def _prefect_server(home: Path) -> Iterator[dict[str, str]]:
+    """`prefect server start` on a free port of 127.0.0.1; yields the environment pointing the flow at it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {"PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "server.log", "w") as log:
+        server = subprocess.Popen(command, env=tool_env(env), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_healthy(env["PREFECT_API_URL"] + "/health", server, timeout=180.0)
+        yield env
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"prefect server start exited {server.returncode}; see its server.log")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"the Prefect server was not healthy at {url} after {timeout:.0f} s")
 
 
 def _copy(source: Path, target: Path) -> Path:

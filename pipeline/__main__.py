@@ -133,6 +133,9 @@ SetOption = Annotated[
     typer.Option("--set", "-S", help="Param override key=value (value read as YAML), as `dvc exp run -S`."),
 ]
 ProjectOption = Annotated[Path, typer.Option("--project", help="Project folder (dvc.yaml, params.yaml).")]
+# What a worker whose environment may lag behind the clone runs: the clone's dependencies, checked by pip
+# (a few seconds when they are installed already). The clone's own code is imported from the clone itself.
+DEFAULT_INSTALL = "python -m pip install --quiet -e ."
 
 
 def _overrides(pairs: list[str]) -> dict[str, object]:
@@ -164,7 +167,8 @@ def flow(
     project: ProjectOption = Path("."),
 ) -> None:
     """Run the stages as a Prefect flow through DVC (unchanged stages are skipped), then the champion gate."""
-    from pipeline.flow import DvcFailed, require_git_identity, retrain
+    from pipeline.dvc_api import DvcFailed
+    from pipeline.flow import require_git_identity, retrain
     from pipeline.stages.ingest import check_dvc_inputs
 
     try:
@@ -186,12 +190,29 @@ def deploy(
     pool: Annotated[str, typer.Option(help="Process work pool; created when missing.")] = "local",
     serve: Annotated[bool, typer.Option("--serve", help="Serve the schedule from here (blocks).")] = False,
     project: ProjectOption = Path("."),
+    repository: Annotated[
+        str | None,
+        typer.Option(
+            help="Git URL: each run clones it (at --ref) instead of using --project, for any worker."
+        ),
+    ] = None,
+    ref: Annotated[str, typer.Option(help="Branch the runs clone and push promoted models to.")] = "main",
+    install: Annotated[
+        str,
+        typer.Option(help="Command(s) each run executes in its clone with the worker's python; '' = none."),
+    ] = DEFAULT_INSTALL,
 ) -> None:
     """Create a scheduled deployment of the retraining flow, run by `prefect worker start --pool POOL`
-    (or, with --serve, by this process until it is stopped)."""
+    (or, with --serve, by this process until it is stopped). With --repository, runs fetch the project."""
     from pipeline.flow import deploy as create_deployment
+    from pipeline.flow import deploy_from_git
 
-    deployment = create_deployment(cron, name, work_pool=pool, project_dir=str(project), serve=serve)
+    if repository and serve:
+        _fail("deploy", "--serve runs this folder; use --repository with a worker (prefect worker start)")
+    if repository:
+        deployment = deploy_from_git(cron, name, pool, repository, ref, install)
+    else:
+        deployment = create_deployment(cron, name, work_pool=pool, project_dir=str(project), serve=serve)
     if serve:  # returns only once the serving process is stopped
         return
     typer.echo(f"deployment {deployment} scheduled {cron!r} in work pool {pool!r}")

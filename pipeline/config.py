@@ -255,6 +255,7 @@ class OrchestrateParams(_Section):
     # The gate compares the new model and the champion on the same test images (pipeline.champion).
     promote_margin: Annotated[float, Field(ge=0.0, le=1.0)] = 0.005  # largest accepted accuracy loss
     promote_alpha: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.05  # McNemar: reject a loss below this p
+    push: bool = False  # dvc pull before the run, dvc push (outputs, run cache) after; needs a default remote
 
 
 # The `validate` section shadows pydantic's deprecated BaseModel.validate; the name is the stage's, so the

@@ -1,17 +1,19 @@
 """Prefect orchestration of the DVC pipeline: wiring only.
 
-Each stage is a Prefect task that runs `dvc repro --single-item <stage>`, so DVC alone decides whether the
-stage is stale (a stage whose inputs did not change is skipped, not recomputed) while Prefect orders the
-stages, retries transient failures, logs and reports. Param overrides are written into params.yaml first
-(as `dvc exp run -S` does); with an experiment name the finished workspace is saved with `dvc exp save`,
-so it shows up in `dvc exp show` next to experiments made with `dvc exp run`.
+Each stage is a Prefect task that reproduces that one stage through DVC's Python API (one DVC in the flow's
+process for the whole run, not a `dvc` process per stage), so DVC alone decides whether the stage is stale:
+a stage whose inputs did not change is skipped, and one that another machine ran is restored from the run
+cache, not recomputed. Prefect orders the stages, retries transient failures, logs and reports. Param
+overrides are written into params.yaml first (as `dvc exp run -S` does); with an experiment name the finished
+workspace is saved with `dvc exp save`, so it shows up in `dvc exp show` next to `dvc exp run` experiments.
+With `orchestrate.push` the run pulls from the default DVC remote first and pushes outputs and run cache
+after it.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,36 +24,19 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectAlreadyExists
+from prefect.runner.storage import GitRepository
 from ruamel.yaml import YAML, RoundTripRepresenter
 
-from pipeline import champion
+from pipeline import champion, dvc_api
 from pipeline.config import DEFAULT_PARAMS_FILE, OrchestrateParams, Params, set_dotted
+from pipeline.dvc_api import TransientDvcFailure
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, read_optional_json
 from pipeline.stages import STAGES
 from pipeline.stages.ingest import check_dvc_inputs
 
 FLOW_NAME = "retrain"
-# Failures worth a retry: another DVC process holds the repo lock, or the OS reported a passing I/O fault.
-# Anything else (a PipelineError about bad data, a bug) fails at once: a retry would fail the same way.
-_TRANSIENT_MARKERS = (
-    "Unable to acquire lock",
-    "Resource temporarily unavailable",
-    "Device or resource busy",
-    "Stale file handle",
-    "Input/output error",
-    "Connection reset",
-    "Interrupted system call",
-)
-_OUTPUT_TAIL = 4000
-
-
-class DvcFailed(RuntimeError):
-    """A dvc command (a stage's `repro`, `exp save`) exited non-zero; the message ends with its output."""
-
-
-class TransientDvcFailure(DvcFailed):
-    """A failure that a retry may cure (lock contention, passing I/O fault)."""
+ENTRYPOINT = "pipeline/flow.py:retrain"  # relative to the project folder
 
 
 def require_git_identity(project_dir: str | Path) -> None:
@@ -75,49 +60,22 @@ def require_git_identity(project_dir: str | Path) -> None:
 
 def _git_config(project: Path, key: str) -> str:
     """`git config --get key` as git resolves it in `project` (repo, global, system); '' when unset."""
-    try:
-        proc = subprocess.run(["git", "config", "--get", key], cwd=project, capture_output=True, text=True)
-    except OSError:  # no git at all: DVC experiments cannot work either
-        return ""
-    return proc.stdout.strip() if proc.returncode == 0 else ""
+    return _git(project, "config", "--get", key, check=False)
 
 
 def _retry_if_transient(task, task_run, state) -> bool:
     return isinstance(state.result(raise_on_failure=False), TransientDvcFailure)
 
 
-def _dvc(project: Path, *args: str) -> str:
-    """Run DVC (this interpreter's) in `project` and return its combined output; raise DvcFailed."""
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    # Stage commands are `python -m pipeline ...`: make `python` this environment's interpreter.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", *args],
-        cwd=project,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    if proc.returncode != 0:
-        error = TransientDvcFailure if any(m in proc.stdout for m in _TRANSIENT_MARKERS) else DvcFailed
-        raise error(f"dvc {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-_OUTPUT_TAIL:]}")
-    return proc.stdout
-
-
 @task(cache_policy=NO_CACHE)
-def run_stage(stage: str, project_dir: str) -> dict[str, Any]:
+def run_stage(stage: str, project_dir: str, pull: bool = False) -> dict[str, Any]:
     """One stage through DVC. Returns {stage, status: ran | restored | unchanged, ran, seconds}."""
     started = time.perf_counter()
-    output = _dvc(Path(project_dir), "repro", "--single-item", stage)
+    status, output = dvc_api.call(
+        Path(project_dir), f"repro {stage}", lambda repo: dvc_api.reproduce(repo, stage, pull)
+    )
     seconds = round(time.perf_counter() - started, 3)
-    get_run_logger().info("%s", output.strip())
-    if f"Running stage '{stage}'" in output:
-        status = "ran"
-    elif f"Stage '{stage}' is cached" in output:  # DVC's run cache restored outputs of an earlier run
-        status = "restored"
-    else:
-        status = "unchanged"
+    get_run_logger().info("%s", output)
     return {"stage": stage, "status": status, "ran": status == "ran", "seconds": seconds}
 
 
@@ -165,9 +123,12 @@ def save_experiment(params: Params, project_dir: str, name: str) -> str:
     project = Path(project_dir)
     # `cache: false` outputs live in git, not the DVC cache; on a clone they may not be committed yet.
     folders = [p for p in (params.paths.metrics_dir, params.paths.live_dir) if (project / p).exists()]
-    include = [arg for folder in folders for arg in ("--include-untracked", str(folder))]
-    output = _dvc(project, "exp", "save", "--force", "--name", name, *include)
-    get_run_logger().info("%s", output.strip())
+    untracked = [str(folder) for folder in folders]
+
+    def save(repo) -> None:
+        repo.experiments.save(name=name, force=True, include_untracked=untracked)
+
+    get_run_logger().info("%s", dvc_api.call(project, "exp save", save)[1])
     return name
 
 
@@ -184,9 +145,41 @@ def publish(params: Params, project_dir: str, stages: list[dict], decision: dict
     create_link_artifact(key="evaluation-report", link=report.as_uri(), link_text=str(report))
 
 
+@task(cache_policy=NO_CACHE)
+def pull(project_dir: str) -> dict[str, Any]:
+    """Bring the workspace to what the default remote holds for this commit: data, outputs, run cache."""
+    stats, output = dvc_api.call(Path(project_dir), "pull", dvc_api.pull)
+    get_run_logger().info("pull: %s\n%s", stats, output)
+    return stats
+
+
+@task(cache_policy=NO_CACHE)
+def push(params: Params, project_dir: str, decision: dict, commit: bool) -> dict[str, Any]:
+    """Push outputs and run cache to the default remote. With `commit` and a promoted model, the champion
+    folder is tracked by DVC too, and dvc.lock, params, metrics and the champion's pointer are committed and
+    pushed to the branch's upstream, so any clone of the branch can `dvc pull` the champion."""
+    project, champion_dir = Path(project_dir), params.paths.champion_dir
+    record = commit and decision["promoted"]
+
+    def share(repo) -> int:
+        if record:
+            repo.add(str(project / champion_dir))
+        return dvc_api.push(repo)
+
+    files, output = dvc_api.call(project, "push", share)
+    get_run_logger().info("push: %d files\n%s", files, output)
+    pointers = [DEFAULT_PARAMS_FILE, "dvc.lock", params.paths.metrics_dir, params.paths.live_dir,
+                Path(f"{champion_dir}.dvc")]  # fmt: skip
+    revision = _commit_and_push(project, pointers, _commit_message(decision)) if record else None
+    return {"files": files, "commit": revision}
+
+
 @flow(name=FLOW_NAME)
 def retrain(
-    project_dir: str = ".", overrides: dict[str, Any] | None = None, experiment: str | None = None
+    project_dir: str = ".",
+    overrides: dict[str, Any] | None = None,
+    experiment: str | None = None,
+    commit: bool = False,
 ) -> dict[str, Any]:
     """Run the seven stages in DAG order, gate promotion of the new model and publish artifacts.
 
@@ -194,21 +187,72 @@ def retrain(
         project_dir: the project folder (dvc.yaml, params.yaml).
         overrides: dotted params such as {"train.lr": 0.001}, written into params.yaml before the run.
         experiment: when given, the result is saved as a DVC experiment of that name.
+        commit: when the model is promoted, commit its pointers and push the branch (needs orchestrate.push);
+            what a deployment from git does, so that the next run and every clone find the champion.
     """
     project = str(Path(project_dir).resolve())
-    if experiment:
+    if experiment or commit:
         require_git_identity(project)
     # Validates the overrides (unknown key, wrong type) before anything runs or params.yaml changes.
     params = Params.load(Path(project) / DEFAULT_PARAMS_FILE, overrides)
+    sharing = _sharing(params, project, commit)
+    if sharing:
+        pull(project)
     check_dvc_inputs(params, Path(project))  # DVC's own message would be a bare [Errno 2]
     if overrides:
         set_params(project, overrides)
-    stages = [_stage_task(stage, params.orchestrate)(stage, project) for stage in STAGES]
+    stages = [_stage_task(stage, params.orchestrate)(stage, project, sharing) for stage in STAGES]
     decision = promotion_gate(params, project)
     if experiment:
         save_experiment(params, project, experiment)
+    pushed = push(params, project, decision, commit) if sharing else None
     publish(params, project, stages, decision)
-    return {"stages": stages, "champion": decision, "experiment": experiment}
+    return {"stages": stages, "champion": decision, "experiment": experiment, "pushed": pushed}
+
+
+def _sharing(params: Params, project: str, commit: bool) -> bool:
+    """Whether the run pulls and pushes: orchestrate.push, checked against the DVC remote config up front."""
+    if commit and not params.orchestrate.push:
+        raise PipelineError(
+            "commit needs orchestrate.push: true (the commit points at data on the DVC remote)"
+        )
+    if params.orchestrate.push:
+        dvc_api.call(Path(project), "remote list", dvc_api.require_remote)
+    return params.orchestrate.push
+
+
+def _commit_message(decision: dict) -> str:
+    return f"retrain: promote the new model ({decision['reason']})"
+
+
+def _commit_and_push(project: Path, paths: list[Path | str], message: str) -> str:
+    """Commit `paths` (those that exist) and push to the branch's upstream when it has one; the new commit."""
+    present = [str(path) for path in paths if (project / path).exists()]
+    _git(project, "add", "--", *present)
+    _git(project, "commit", "-q", "-m", message)
+    revision = _git(project, "rev-parse", "HEAD")
+    if _git(project, "rev-parse", "--abbrev-ref", "--symbolic-full-name", "@{upstream}", check=False):
+        _git(project, "push", "-q")
+    else:
+        get_run_logger().warning(
+            "%s: the branch has no upstream; committed %s without pushing", project, revision
+        )
+    return revision
+
+
+def _git(project: Path, *args: str, check: bool = True) -> str:
+    """`git args` in `project`; its output, or '' when it failed and not `check` (else a PipelineError)."""
+    try:
+        proc = subprocess.run(["git", *args], cwd=project, capture_output=True, text=True)
+    except OSError as exc:  # no git at all: DVC experiments and commits cannot work either
+        if check:
+            raise PipelineError(f"{project}: git is not installed ({exc}); install git") from None
+        return ""
+    if proc.returncode != 0 and check:
+        raise PipelineError(
+            f"{project}: git {' '.join(args[:2])} failed: {(proc.stderr or proc.stdout).strip()}"
+        )
+    return proc.stdout.strip() if proc.returncode == 0 else ""
 
 
 def deploy(cron: str, name: str, work_pool: str, project_dir: str = ".", serve: bool = False) -> str:
@@ -229,11 +273,47 @@ def deploy(cron: str, name: str, work_pool: str, project_dir: str = ".", serve: 
     _ensure_process_pool(work_pool)
     # The worker loads this file from the folder that holds the `pipeline` package and runs in it.
     code_root = Path(__file__).resolve().parents[1]
-    source = retrain.from_source(source=str(code_root), entrypoint="pipeline/flow.py:retrain")
+    source = retrain.from_source(source=str(code_root), entrypoint=ENTRYPOINT)
     source.deploy(
         name=name, work_pool_name=work_pool, cron=cron, parameters=parameters, print_next_steps=False
     )
     return f"{FLOW_NAME}/{name}"
+
+
+def deploy_from_git(cron: str, name: str, work_pool: str, repository: str, ref: str, install: str) -> str:
+    """Create a scheduled deployment whose runs fetch the project themselves, for a worker on any machine.
+
+    Each run's pull steps clone `repository` at branch `ref`, run `install` in the clone (one command per
+    line; empty: none) and enter the clone; the flow then pulls from the DVC remote of the committed
+    `.dvc/config` (orchestrate.push must be true there), runs, pushes, and commits and pushes a promoted
+    model's pointers to `ref`. Returns the deployment's name.
+    """
+    _ensure_process_pool(work_pool)
+    deployment = retrain.to_deployment(
+        name=name, cron=cron, parameters={"project_dir": ".", "commit": True}, work_pool_name=work_pool
+    )
+    deployment.entrypoint = ENTRYPOINT  # relative to the clone, whatever this process's folder is
+    deployment.storage = _GitProject(repository, ref, install)
+    deployment.apply()
+    return f"{FLOW_NAME}/{name}"
+
+
+class _GitProject(GitRepository):
+    """A git clone of the project as Prefect pull steps: clone, install, then work in the clone."""
+
+    def __init__(self, url: str, branch: str, install: str):
+        super().__init__(url=url, branch=branch)
+        self._install = install
+
+    def to_pull_step(self) -> list[dict[str, Any]]:
+        clone = super().to_pull_step()
+        clone["prefect.deployments.steps.git_clone"]["id"] = "clone"
+        folder = "{{ clone.directory }}"
+        steps = [clone]
+        if self._install.strip():
+            script = {"script": self._install, "directory": folder, "stream_output": True}
+            steps.append({"prefect.deployments.steps.run_shell_script": script})
+        return [*steps, {"prefect.deployments.steps.set_working_directory": {"directory": folder}}]
 
 
 def _ensure_process_pool(name: str) -> None:

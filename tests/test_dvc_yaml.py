@@ -28,7 +28,6 @@ FINAL_ARTIFACTS = {
     "${paths.quarantine}": "the rejected files with reasons, for a person to fix the data",
     "${paths.reports_dir}/ingest/details.json": "files by ingest status, skipped entries: for a person",
     "${paths.reports_dir}/validate": "the validation page (rules, classes, quarantine) and Data Docs",
-    "${paths.checkpoint_dir}": "train's resumable state (persist: true) so an interrupted run resumes",
     "${paths.live_dir}/plots/metrics": "training curves, shown by `dvc plots show`",
     "${paths.predictions}": "per-image test predictions, for error analysis",
     "${paths.reports_dir}/evaluate": "the evaluation report and its figures",

@@ -32,8 +32,9 @@ from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
 from pipeline.__main__ import app
+from pipeline.dvc_api import DvcFailed
 from pipeline.errors import ParamsError
-from pipeline.flow import DvcFailed, retrain, set_params
+from pipeline.flow import retrain, set_params
 from pipeline.stages import STAGES
 from pipeline.stages.split import stable_position
 
