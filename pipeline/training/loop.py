@@ -49,7 +49,7 @@ class Trainer:
         self.criterion, self.batch_mix = criterion.to(precision.device), batch_mix
         self.optimizer = build_optimizer(model, params)
         epoch_phases = [plan.phase for plan in plans]
-        self.scheduler = build_scheduler(self.optimizer, epoch_phases, steps_per_epoch, params.warmup_epochs)
+        self.scheduler = build_scheduler(self.optimizer, epoch_phases, steps_per_epoch, params)
         self.scaler = precision.grad_scaler()
         self.ema = ModelEmaV3(model, decay=params.ema_decay, use_warmup=True) if params.ema_decay else None
         self._wrapped: tuple[Any, nn.Module] | None = None
