@@ -239,7 +239,8 @@ class EvaluateParams(_Section):
 
 class QuantizeParams(_Section):
     enabled: bool = True
-    method: Literal["static", "dynamic"] = "static"  # dynamic: weights only, no calibration images    calibration_images: PositiveInt = 64
+    method: Literal["static", "dynamic"] = "static"  # dynamic: weights only, no calibration images
+    calibration_images: PositiveInt = 64
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     per_channel: bool = True
     exclude_nodes: list[str] = Field(default_factory=list)
