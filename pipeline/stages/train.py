@@ -36,7 +36,7 @@ from pipeline.training import checkpoint, distributed
 from pipeline.training.distributed import Dist
 from pipeline.training.features import backbone_features
 from pipeline.training.loop import FitState, Trainer, fit
-from pipeline.training.loss import build_criterion, class_weights
+from pipeline.training.loss import build_criterion, class_weights, with_teacher
 from pipeline.training.memory import keep_freed_memory
 from pipeline.training.precision import Precision, resolve_precision
 
@@ -116,8 +116,9 @@ def _trainer(
     weights = class_weights(splits.train.labels, num_classes, tp.class_weighting)
     steps_per_epoch = math.ceil(len(data.train_loader) / tp.grad_accum_steps)
     criterion = build_criterion(weights, tp.label_smoothing)
+    criterion, teacher = with_teacher(criterion, params, splits.class_names, data_config)
     mix = build_batch_mix(tp.augment, num_classes)
-    trainer = Trainer(model, tp, plans, groups, steps_per_epoch, precision, env, criterion, mix)
+    trainer = Trainer(model, tp, plans, groups, steps_per_epoch, precision, env, criterion, mix, teacher)
     return plans, data, trainer
 
 

@@ -43,10 +43,14 @@ class Trainer:
         env: Dist,
         criterion: nn.Module,
         batch_mix: Callable | None,
+        teacher: nn.Module | None = None,
     ):
         self.model, self.params, self.groups = model, params, block_groups
         self.precision, self.env = precision, env
         self.criterion, self.batch_mix = criterion.to(precision.device), batch_mix
+        # Distillation: the teacher sees each batch as the student does (augmented, mixed); head-only epochs
+        # on cached features train on the labels alone (the teacher needs images).
+        self.teacher = teacher.to(precision.device) if teacher is not None else None
         self.optimizer = build_optimizer(model, params)
         epoch_phases = [plan.phase for plan in plans]
         self.scheduler = build_scheduler(self.optimizer, epoch_phases, steps_per_epoch, params)
@@ -144,7 +148,8 @@ class Trainer:
             x, target = self.batch_mix(x, y)
         with self.precision.autocast():
             logits = module(x)
-        loss = self.criterion(logits.float(), target)
+            taught = (self.teacher(x).float(),) if self.teacher is not None and x.ndim == 4 else ()
+        loss = self.criterion(logits.float(), target, *taught)
         self.scaler.scale(loss / group_size).backward()
         return loss.detach(), logits.detach()
 
