@@ -100,9 +100,16 @@ def predict(
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes shown per image.")] = 1,
     output_format: Annotated[Literal["table", "json", "csv"], typer.Option("--format")] = "table",
     precision: Annotated[
-        Literal["auto", "fp32", "int8"],
+        Literal["auto", "fp32", "int8", "fp16"],
         typer.Option(
-            help="Model file to run; auto: the one the export serves (INT8 when it passed the gate)."
+            help="Model file to run; auto: the one the export serves (INT8 when it passed the gate), FP16 "
+            "on a GPU provider when exported."
+        ),
+    ] = "auto",
+    provider: Annotated[
+        Literal["auto", "cpu", "cuda", "tensorrt", "openvino"],
+        typer.Option(
+            help="ONNX Runtime execution provider; auto: the first of tensorrt, cuda, openvino, cpu."
         ),
     ] = "auto",
     params: ParamsOption = DEFAULT_PARAMS_FILE,
@@ -114,8 +121,10 @@ def predict(
     from pipeline.predict import Predictor, format_predictions, predict_paths
 
     try:
-        predictor = Predictor(model or Params.load(params).paths.export_dir, precision=precision)
-        typer.echo(f"predict: running {predictor.served.upper()}: {predictor.reason}", err=True)
+        export_dir = model or Params.load(params).paths.export_dir
+        predictor = Predictor(export_dir, precision=precision, provider=provider)
+        running = f"{predictor.served.upper()}: {predictor.reason} (provider {predictor.provider})"
+        typer.echo(f"predict: running {running}", err=True)
         results = predict_paths(paths, predictor, top_k=top_k)
     except PipelineError as exc:
         typer.secho(f"predict: {exc}", err=True, fg=typer.colors.RED)
