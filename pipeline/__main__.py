@@ -136,6 +136,28 @@ def predict(
         raise typer.Exit(1)
 
 
+@app.command("lr-find")
+def lr_find(
+    steps: Annotated[
+        int, typer.Option(min=8, help="Lr values tried, one batch each (stops early on divergence).")
+    ] = 100,
+    start_lr: Annotated[float, typer.Option(help="First train.lr of the exponential ramp.")] = 1e-7,
+    end_lr: Annotated[float, typer.Option(help="Last train.lr of the ramp.")] = 10.0,
+    params: ParamsOption = DEFAULT_PARAMS_FILE,
+) -> None:
+    """Learning-rate range test on the split data with the current strategy: a plot and a suggested train.lr
+    under paths.reports_dir/lr_find (run the split stage first)."""
+    from pipeline import lr_find as finder
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        figures = finder.run(Params.load(params), steps=steps, start_lr=start_lr, end_lr=end_lr)
+    except PipelineError as exc:
+        _fail("lr-find", str(exc))
+    readings = f"steepest {figures['steepest_lr']:.2e}, minimum/10 {figures['min_over_10_lr']:.2e}"
+    typer.echo(f"lr-find: suggested train.lr: {figures['suggested_lr']:.2e} ({readings})")
+
+
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", "-S", help="Param override key=value (value read as YAML), as `dvc exp run -S`."),

@@ -73,7 +73,7 @@ def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
     data_config = resolve_data_config(params.model)
     precision = resolve_precision(tp.precision, device)
     model = _model(params, num_classes, device)
-    plans, data, trainer = _trainer(params, splits, data_config, model, precision, env)
+    plans, data, trainer = build_trainer(params, splits, data_config, model, precision, env)
 
     fingerprint = checkpoint.fingerprint(params, paths.splits, env.world_size)
     state = _resume(checkpoint.load(paths.checkpoint_dir / checkpoint.CHECKPOINT_NAME, fingerprint), trainer)
@@ -105,7 +105,7 @@ def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
     }
 
 
-def _trainer(
+def build_trainer(
     params: Params, splits: Splits, data_config: dict, model: ImageClassifier, precision: Precision, env: Dist
 ) -> tuple[list[EpochPlan], EpochData, Trainer]:
     """What trains when (one plan per epoch), each epoch's data, and the Trainer (loss, optimizer)."""

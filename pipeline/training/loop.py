@@ -86,9 +86,7 @@ class Trainer:
 
     def train_epoch(self, plan: EpochPlan, batches: Batches, num_batches: int, desc: str) -> dict[str, float]:
         """One pass over `batches`; an optimizer step every `grad_accum_steps` batches (and at the end)."""
-        set_trainable(self.model, self.groups, plan.groups)
-        train_mode(self.model, self.params.freeze_bn)
-        module, accum = self._module(plan), self.params.grad_accum_steps
+        module, accum = self.start_epoch(plan), self.params.grad_accum_steps
         totals = torch.zeros(3, dtype=torch.float64, device=self.precision.device)  # loss sum, correct, count
         bar = progress(f"{desc} train", num_batches, "batch", enabled=self.env.is_main)
         start = time.perf_counter()
@@ -109,6 +107,19 @@ class Trainer:
         bar.close()
         loss_sum, correct, images = all_sum(self.env, totals).cpu().tolist()
         return {"loss": loss_sum / images, "acc": correct / images, "images": images, "seconds": seconds}
+
+    def start_epoch(self, plan: EpochPlan) -> nn.Module:
+        """Freeze and unfreeze for `plan`, set train mode; the module that trains (head or whole model)."""
+        set_trainable(self.model, self.groups, plan.groups)
+        train_mode(self.model, self.params.freeze_bn)
+        return self._module(plan)
+
+    def step(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimizer step on one batch (no accumulation): its training loss (the lr finder's unit)."""
+        x, y = self._to_device(x, y)
+        loss, _ = self._forward_backward(module, x, y, 1)
+        self._optimizer_step()
+        return loss.item()
 
     @torch.no_grad()
     def evaluate(
