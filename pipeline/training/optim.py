@@ -107,7 +107,7 @@ def lr_factor(step: int, phases: Sequence[int], warmup_steps: int, shape: Shape 
             local, warmup = step - start, min(warmup_steps, length)
             if local < warmup:
                 return (local + 1) / (warmup + 1)
-            return 0.0 if local >= length else shape(local, length - warmup, warmup)
+            return shape(local, length - warmup, warmup)
         start += length
     return 0.0
 
