@@ -25,6 +25,8 @@ BENCHMARKS = (
     "fashion_mnist",
     "transfer_vs_scratch",
     "pipeline_overhead",
+    "openvino_vs_ort",
+    "distill",
 )
 
 

@@ -9,6 +9,7 @@ after a warm-up), the three runtimes taking turns in each of `repeats` rounds.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,8 +29,9 @@ from benchmarks._common import (
 )
 from pipeline import onnx_runtime as rt
 from pipeline import timing
+from pipeline.config import Params
 from pipeline.data.splits import read_split
-from pipeline.models import load_trained
+from pipeline.models import TrainedModel, load_trained
 from pipeline.stages import export, quantize, train
 
 NAME = "inference"
@@ -60,14 +62,7 @@ SETTINGS = {
 def run(opts: Options) -> dict[str, Any]:
     started, settings = machine(), opts.settings(SETTINGS)
     with workdir(opts, NAME) as root:
-        params = listed_params(opts, root, settings["listing"], settings["params"])
-        prepare_splits(params)
-        train.run(params)
-        quantize.run(params)
-        export.run(params)
-        trained = load_trained(params.paths.model)
-        paths, labels = read_split(params.paths.splits, params.paths.data_root, "test", trained.class_names)
-        inputs = rt.load_inputs(paths, trained.data_config)
+        params, trained, inputs, labels = exported_model(opts, root, settings)
         sessions = {name: rt.session(params.paths.export_dir / file) for name, file in
                     (("ort_fp32", rt.FP32_FILE), ("ort_int8", rt.INT8_FILE))}  # fmt: skip
         runners = {
@@ -115,6 +110,21 @@ def run(opts: Options) -> dict[str, Any]:
         model=resolved["model"], quantize=resolved["quantize"], input_size=trained.data_config["input_size"]
     )
     return result(NAME, opts, started, settings, results, ratios, targets)
+
+
+def exported_model(
+    opts: Options, root: Path, settings: dict[str, Any]
+) -> tuple[Params, TrainedModel, np.ndarray, np.ndarray]:
+    """The recipe of `settings` trained, quantized and exported by the real stages in `root`; the trained
+    model and the test split's inputs (preprocessed as predict does) and labels."""
+    params = listed_params(opts, root, settings["listing"], settings["params"])
+    prepare_splits(params)
+    train.run(params)
+    quantize.run(params)
+    export.run(params)
+    trained = load_trained(params.paths.model)
+    paths, labels = read_split(params.paths.splits, params.paths.data_root, "test", trained.class_names)
+    return params, trained, rt.load_inputs(paths, trained.data_config), labels
 
 
 def _torch_runner(model: torch.nn.Module):

@@ -101,9 +101,16 @@ def predict(
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes shown per image.")] = 1,
     output_format: Annotated[Literal["table", "json", "csv"], typer.Option("--format")] = "table",
     precision: Annotated[
-        Literal["auto", "fp32", "int8"],
+        Literal["auto", "fp32", "int8", "fp16"],
         typer.Option(
-            help="Model file to run; auto: the one the export serves (INT8 when it passed the gate)."
+            help="Model file to run; auto: the one the export serves (INT8 when it passed the gate), FP16 "
+            "on a GPU provider when exported."
+        ),
+    ] = "auto",
+    provider: Annotated[
+        Literal["auto", "cpu", "cuda", "tensorrt", "openvino"],
+        typer.Option(
+            help="ONNX Runtime execution provider; auto: the first of tensorrt, cuda, openvino, cpu."
         ),
     ] = "auto",
     params: ParamsOption = DEFAULT_PARAMS_FILE,
@@ -115,8 +122,10 @@ def predict(
     from pipeline.predict import Predictor, format_predictions, predict_paths
 
     try:
-        predictor = Predictor(model or Params.load(params).paths.export_dir, precision=precision)
-        typer.echo(f"predict: running {predictor.served.upper()}: {predictor.reason}", err=True)
+        export_dir = model or Params.load(params).paths.export_dir
+        predictor = Predictor(export_dir, precision=precision, provider=provider)
+        running = f"{predictor.served.upper()}: {predictor.reason} (provider {predictor.provider})"
+        typer.echo(f"predict: running {running}", err=True)
         results = predict_paths(paths, predictor, top_k=top_k)
     except PipelineError as exc:
         typer.secho(f"predict: {exc}", err=True, fg=typer.colors.RED)
@@ -126,6 +135,28 @@ def predict(
     if failed:
         typer.secho(f"predict: {failed} of {len(results)} inputs failed", err=True, fg=typer.colors.RED)
         raise typer.Exit(1)
+
+
+@app.command("lr-find")
+def lr_find(
+    steps: Annotated[
+        int, typer.Option(min=8, help="Lr values tried, one batch each (stops early on divergence).")
+    ] = 100,
+    start_lr: Annotated[float, typer.Option(help="First train.lr of the exponential ramp.")] = 1e-7,
+    end_lr: Annotated[float, typer.Option(help="Last train.lr of the ramp.")] = 10.0,
+    params: ParamsOption = DEFAULT_PARAMS_FILE,
+) -> None:
+    """Learning-rate range test on the split data with the current strategy: a plot and a suggested train.lr
+    under paths.reports_dir/lr_find (run the split stage first)."""
+    from pipeline import lr_find as finder
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        figures = finder.run(Params.load(params), steps=steps, start_lr=start_lr, end_lr=end_lr)
+    except PipelineError as exc:
+        _fail("lr-find", str(exc))
+    readings = f"steepest {figures['steepest_lr']:.2e}, minimum/10 {figures['min_over_10_lr']:.2e}"
+    typer.echo(f"lr-find: suggested train.lr: {figures['suggested_lr']:.2e} ({readings})")
 
 
 SetOption = Annotated[

@@ -158,8 +158,9 @@ class SplitParams(_Section):
 class ModelParams(_Section):
     backbone: str = "tf_efficientnet_lite0"
     weights: str = "bundled"  # bundled | hub | none | file:<path>
-    head: Literal["linear", "mlp"] = "linear"
+    head: Literal["linear", "mlp", "se_mlp"] = "linear"
     head_hidden: PositiveInt = 512
+    se_reduction: PositiveInt = 16  # se_mlp: the SE gate's bottleneck is features / se_reduction
     drop_rate: Fraction = 0.2
     image_size: PositiveInt | None = None  # None: the backbone's pretrained input size
 
@@ -181,6 +182,14 @@ class AugmentParams(_Section):
     cutmix_alpha: Annotated[float, Field(ge=0.0)] = 0.0
 
 
+class DistillParams(_Section):
+    """Knowledge distillation from a trained teacher (Hinton et al. 2015); teacher "none" = off."""
+
+    teacher: str = "none"  # none | champion | <path to a model.pt of this pipeline>
+    alpha: Fraction = 0.5  # weight of the teacher's soft targets; 1 - alpha on the labels
+    temperature: PositiveFloat = 4.0
+
+
 class TrainParams(_Section):
     strategy: Literal["linear_probe", "partial", "full", "progressive"] = "progressive"
     epochs: PositiveInt = 11
@@ -192,6 +201,11 @@ class TrainParams(_Section):
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.05
     momentum: Fraction = 0.9
     warmup_epochs: Annotated[float, Field(ge=0.0)] = 1.0
+    schedule: Literal["cosine", "cosine_restarts", "step"] = "cosine"  # after each phase's warm-up
+    restart_epochs: PositiveFloat = 2.0  # cosine_restarts: length of the first cycle (SGDR's T_0)
+    restart_mult: Annotated[float, Field(ge=1.0)] = 1.0  # cosine_restarts: each cycle this much longer
+    step_milestones: list[Annotated[float, Field(gt=0.0)]] = Field(default_factory=lambda: [3.0, 6.0])
+    step_gamma: PositiveFloat = 0.1  # step: the lr is multiplied by this at each milestone
     label_smoothing: Fraction = 0.1
     class_weighting: Literal["none", "inverse", "effective"] = "none"
     balanced_sampler: bool = False
@@ -216,6 +230,7 @@ class TrainParams(_Section):
     overfit_gap_warning: Fraction = 0.15
     checkpoint_every_s: Annotated[float, Field(ge=0.0)] = 60.0
     augment: AugmentParams = AugmentParams()
+    distill: DistillParams = DistillParams()
 
 
 class EvaluateParams(_Section):
@@ -228,6 +243,7 @@ class EvaluateParams(_Section):
 
 class QuantizeParams(_Section):
     enabled: bool = True
+    method: Literal["static", "dynamic"] = "static"  # dynamic: weights only, no calibration images
     calibration_images: PositiveInt = 64
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     per_channel: bool = True
@@ -245,6 +261,7 @@ class QuantizeParams(_Section):
 class ExportParams(_Section):
     opset: Annotated[int, Field(ge=13)] = 18
     min_top1_agreement: Fraction = 0.999
+    fp16: bool = False  # also write model.fp16.onnx (half weights, float32 inputs/outputs) for GPU providers
 
 
 class OrchestrateParams(_Section):

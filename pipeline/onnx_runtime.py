@@ -23,6 +23,8 @@ from pipeline.preprocess import preprocess_file
 
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+FP16_FILE = "model.fp16.onnx"  # half-precision weights, float32 inputs and outputs: for GPU providers
+MODEL_FILES = {"fp32": FP32_FILE, "int8": INT8_FILE, "fp16": FP16_FILE}
 LABELS_FILE = "labels.json"  # the export folder: class names in logit order
 PREPROCESS_FILE = "preprocess.json"  # the export folder: the eval preprocessing (timm data config)
 QUANTIZE_REPORT = "quantize_report.json"  # the quantize stage's candidates and decision, next to the models
@@ -70,13 +72,61 @@ def quiet_logs(*names: str) -> Iterator[None]:
             logger.setLevel(level)
 
 
-def session(path: Path | str) -> ort.InferenceSession:
-    """A CPU session using every core (ORT's default thread count can be lower in containers)."""
+def session(path: Path | str, providers: Sequence[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
+    """A session using every core (ORT's default thread count can be lower in containers), on `providers`
+    in order of preference (see `providers_for`)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 2
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: ORT warns about every unused initializer otherwise
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=list(providers))
+
+
+# --provider name -> ONNX Runtime execution provider; `auto` takes the first one this ONNX Runtime offers.
+PROVIDERS = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+GPU_PROVIDERS = {"tensorrt", "cuda"}
+_PROVIDER_PACKAGES = {
+    "tensorrt": "onnxruntime-gpu",
+    "cuda": "onnxruntime-gpu",
+    "openvino": "onnxruntime-openvino",
+}
+
+
+def providers_for(choice: str, available: Sequence[str] | None = None) -> tuple[str, list[str]]:
+    """(the provider chosen, the providers list for a session: it, then the CPU for nodes it cannot run).
+
+    Raises:
+        PipelineError: `choice` is unknown, or this ONNX Runtime does not offer it.
+    """
+    available = list(ort.get_available_providers() if available is None else available)
+    if choice == "auto":
+        choice = next(name for name, provider in PROVIDERS.items() if provider in available or name == "cpu")
+    if choice not in PROVIDERS:
+        raise PipelineError(f"--provider {choice}: unknown; use one of auto, {', '.join(PROVIDERS)}")
+    if PROVIDERS[choice] not in available:
+        raise PipelineError(
+            f"--provider {choice}: this ONNX Runtime ({ort.__version__}) offers only {', '.join(available)}; "
+            f"install {_PROVIDER_PACKAGES[choice]} in place of onnxruntime, or use --provider auto"
+        )
+    return choice, list(dict.fromkeys([PROVIDERS[choice], PROVIDERS["cpu"]]))
+
+
+def to_float16(source: Path, target: Path) -> Path:
+    """An FP16 copy of an FP32 ONNX model for GPUs: weights and activations in half precision, inputs and
+    outputs still float32 (so callers feed the same arrays). onnxruntime.transformers' converter, which
+    ships with ONNX Runtime, keeps the ops that have no float16 kernel in float32 behind casts."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with quiet_logs("onnxruntime.transformers"):
+        half = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+    onnx.save(half, str(target))
+    return target
 
 
 def logits(sess: ort.InferenceSession, inputs: np.ndarray, batch_size: int = 32) -> np.ndarray:

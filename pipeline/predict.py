@@ -63,21 +63,30 @@ class Predictor:
     """An export folder loaded once; `predict` takes PIL images and/or image paths.
 
     Probabilities are softmax(logits / temperature), the calibration temperature from the model's metadata.
+    `provider` is an ONNX Runtime execution provider (`onnx_runtime.PROVIDERS`); on a GPU one, `auto`
+    precision serves the FP16 model when the export has one.
     """
 
-    def __init__(self, model_dir: Path | str, precision: str = "auto", batch_size: int = 32):
+    def __init__(
+        self, model_dir: Path | str, precision: str = "auto", batch_size: int = 32, provider: str = "auto"
+    ):
         model_dir = Path(model_dir)
         for needed in (model_dir / rt.FP32_FILE, model_dir / rt.LABELS_FILE, model_dir / rt.PREPROCESS_FILE):
             if not needed.is_file():
                 raise UsageError(
                     f"{needed}: not found; pass --model with an export folder (`python -m pipeline export`)"
                 )
+        try:
+            self.provider, providers = rt.providers_for(provider)
+        except PipelineError as exc:
+            raise UsageError(str(exc)) from None
         self.class_names: list[str] = _read_labels(model_dir / rt.LABELS_FILE)
         self.data_config: dict[str, Any] = _read_preprocess(model_dir / rt.PREPROCESS_FILE)
-        fp32 = _open_model(model_dir / rt.FP32_FILE)
-        self.served, self.reason = served_model(model_dir, precision, rt.metadata(fp32), rt.cpu_info())
-        served = model_dir / (rt.FP32_FILE if self.served == "fp32" else rt.INT8_FILE)
-        self._session = fp32 if self.served == "fp32" else _open_model(served)
+        fp32 = _open_model(model_dir / rt.FP32_FILE, providers)
+        gpu = self.provider in rt.GPU_PROVIDERS
+        self.served, self.reason = served_model(model_dir, precision, rt.metadata(fp32), rt.cpu_info(), gpu)
+        served = model_dir / rt.MODEL_FILES[self.served]
+        self._session = fp32 if self.served == "fp32" else _open_model(served, providers)
         _check_fits(self._session, served, self.class_names, self.data_config)
         self.temperature = float(rt.metadata(self._session).get("temperature", 1.0))
         self.batch_size = batch_size
@@ -181,10 +190,10 @@ def _numbers(values: Any, count: int, kind: type = float) -> bool:
     )
 
 
-def _open_model(path: Path) -> Any:
+def _open_model(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
     """An ONNX Runtime session of `path`; a file ONNX Runtime cannot load is one line naming it."""
     try:
-        return rt.session(path)
+        return rt.session(path, providers)
     except _ORT_LOAD_ERRORS as exc:
         raise PipelineError(
             f"{path}: not an ONNX model ONNX Runtime can load ({type(exc).__name__}); {_REEXPORT}"
@@ -208,12 +217,24 @@ def _check_fits(session: Any, model: Path, class_names: list[str], data_config: 
         )
 
 
-def served_model(model_dir: Path, precision: str, meta: dict[str, str], cpu: dict) -> tuple[str, str]:
-    """Which file to run ("fp32" or "int8") and why: what was asked for, else what the export serves, unless
-    its INT8 format was only checked with VNNI and this x86 CPU has none (its kernels can saturate there)."""
-    has_int8 = (model_dir / rt.INT8_FILE).is_file()
+def served_model(
+    model_dir: Path, precision: str, meta: dict[str, str], cpu: dict, gpu: bool = False
+) -> tuple[str, str]:
+    """Which file to run ("fp32", "int8" or "fp16") and why: what was asked for; else FP16 on a GPU provider
+    when the export has it; else what the export serves, unless its INT8 format was only checked with VNNI
+    and this x86 CPU has none (its kernels can saturate there)."""
+    has_int8, has_fp16 = (model_dir / rt.INT8_FILE).is_file(), (model_dir / rt.FP16_FILE).is_file()
     if precision == "fp32":
         return "fp32", "asked for FP32"
+    if precision == "fp16":
+        if not has_fp16:
+            raise UsageError(
+                f"{model_dir / rt.FP16_FILE}: this export has no FP16 model; set export.fp16: true and "
+                "re-run the export stage, or run with --precision fp32"
+            )
+        return "fp16", "asked for FP16"
+    if precision == "auto" and gpu and has_fp16:
+        return "fp16", "a GPU provider, and the export has an FP16 model"
     if precision == "int8":
         if not has_int8:
             raise UsageError(

@@ -14,7 +14,7 @@ from helpers import make_image
 from benchmarks.__main__ import BENCHMARKS, main, run
 from benchmarks._common import RESULTS_DIR, Options
 
-pytestmark = pytest.mark.slow  # about a minute for all seven on 2 cores
+pytestmark = pytest.mark.slow  # a minute or two for all nine on 2 cores
 
 CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 3, 10, 4
 
@@ -180,3 +180,35 @@ def test_ingest_photos_compares_both_decodes_and_catches_the_cut_photo(results: 
         assert figures[arm]["cache_seconds"]["median"] > 0
     assert 0 < figures["reduced"]["ingest_worker_peak_rss_mib"] < 1024
     assert payload["targets"]["truncated_caught"]["met"] is True
+
+
+def test_openvino_vs_ort_times_both_runtimes_in_both_precisions(results: _Results) -> None:
+    payload = _load(results, "openvino_vs_ort")
+    figures = payload["results"]
+    assert figures["test_images"] == CLASSES * TEST_PER_CLASS
+    for runtime in ("ort_fp32", "ort_int8", "openvino_fp32", "openvino_default", "openvino_int8"):
+        assert (
+            figures[runtime]["batch1_ms"]["median"] > 0
+            and figures[runtime]["batch32_img_per_s"]["median"] > 0
+        )
+        assert 0.0 <= figures[runtime]["test_accuracy"] <= 1.0
+    assert figures["openvino_fp32"]["precision"] == "f32" and figures["ort_int8"]["precision"] == "int8"
+    assert figures["openvino_int8"]["precision"].startswith("int8")
+    # OpenVINO held to f32 computes what ONNX Runtime FP32 does (a near-tie of the tiny model may flip one).
+    gap = abs(figures["openvino_fp32"]["test_accuracy"] - figures["ort_fp32"]["test_accuracy"])
+    assert gap <= 1 / figures["test_images"] + 1e-9
+    assert figures["fastest_batch1"] in figures
+    expected = figures["ort_fp32"]["batch1_ms"]["median"] / figures["openvino_fp32"]["batch1_ms"]["median"]
+    assert payload["ratios"]["openvino_fp32_vs_ort_fp32_batch1_speedup"] == pytest.approx(expected)
+
+
+def test_distill_runs_teacher_student_and_both_baselines(results: _Results) -> None:
+    payload = _load(results, "distill")
+    arms = payload["results"]
+    assert set(arms) == {"teacher", "alone", "distilled", "alone_same_time"}
+    assert arms["teacher"]["image_size"] == 48 and arms["alone"]["image_size"] == 32
+    assert arms["distilled"]["teacher"] == arms["teacher"]["model"] and arms["alone"]["teacher"] == "none"
+    assert arms["alone_same_time"]["epochs"] >= arms["alone"]["epochs"] == arms["distilled"]["epochs"] == 2
+    assert all(0.0 <= arm["test_accuracy"] <= 1.0 and arm["train_seconds"] > 0 for arm in arms.values())
+    ratio = arms["distilled"]["train_seconds"] / arms["alone"]["train_seconds"]
+    assert payload["ratios"]["distilled_train_time_ratio"] == pytest.approx(ratio)

@@ -192,3 +192,75 @@ def test_auto_serves_what_the_export_says_and_the_cli_names_it(project):
 def _softmax(row: np.ndarray) -> np.ndarray:
     exp = np.exp(row - row.max())
     return exp / exp.sum()
+
+
+def test_provider_auto_takes_the_best_offered_and_a_missing_one_fails_in_one_line(project):
+    from pipeline.errors import PipelineError
+
+    assert rt.providers_for("auto") == ("cpu", ["CPUExecutionProvider"])  # this ONNX Runtime: CPU only
+    offered = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert rt.providers_for("auto", offered) == ("cuda", offered)
+    assert (
+        rt.providers_for("openvino", ["OpenVINOExecutionProvider", "CPUExecutionProvider"])[0] == "openvino"
+    )
+    with pytest.raises(PipelineError, match=r"--provider tensorrt: this ONNX Runtime .* offers only CUDA"):
+        rt.providers_for("tensorrt", offered)
+    params, folder, _ = project
+    args = ["predict", str(folder), "--model", str(params.paths.export_dir), "--provider", "cuda"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().count("\n") == 0 and "onnxruntime-gpu" in result.output
+    ok = CliRunner().invoke(app, [*args[:-1], "cpu", "--precision", "fp32"])
+    assert ok.exit_code == 1 and "(provider cpu)" in ok.output  # 1: the corrupt file in the folder
+
+
+@pytest.fixture(scope="module")
+def fp16_export(tmp_path_factory):
+    from helpers import model_project
+
+    from pipeline.stages import export, quantize
+
+    params = model_project(
+        tmp_path_factory.mktemp("fp16"), quantize={"enabled": False}, export={"fp16": True}
+    )
+    quantize.run(params)
+    return params, export.run(params)
+
+
+def test_fp16_export_has_half_weights_float_io_and_predicts_as_fp32(fp16_export):
+    import onnx
+
+    params, metrics = fp16_export
+    folder = params.paths.export_dir
+    model = onnx.load(str(folder / rt.FP16_FILE))
+    weights = {init.data_type for init in model.graph.initializer if len(init.dims) > 1}
+    assert weights == {onnx.TensorProto.FLOAT16}
+    io_types = {v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)}
+    assert io_types == {onnx.TensorProto.FLOAT}  # callers feed and read float32 as with FP32
+    assert rt.file_mb(folder / rt.FP16_FILE) < 0.7 * rt.file_mb(folder / rt.FP32_FILE)  # + graph, metadata
+    assert (
+        metrics["fp16_top1_agreement"] == 1.0
+        and rt.metadata(rt.session(folder / rt.FP16_FILE))["class_names"]
+    )
+    trained = load_trained(params.paths.model)
+    paths, _ = read_split(params.paths.splits, params.paths.data_root, "test", trained.class_names)
+    half, full = Predictor(folder, precision="fp16"), Predictor(folder, precision="fp32")
+    assert half.served == "fp16"
+    np.testing.assert_allclose(
+        half.probabilities(rt.load_inputs(paths, trained.data_config)),
+        full.probabilities(rt.load_inputs(paths, trained.data_config)),
+        atol=1e-3,
+    )
+
+
+def test_gpu_providers_serve_fp16_when_exported_and_fp16_must_exist(fp16_export, project):
+    from pipeline.predict import UsageError
+
+    params, _ = fp16_export
+    meta = {"served": "fp32", "served_reason": "quantization is off"}
+    assert served_model(params.paths.export_dir, "auto", meta, {}, gpu=True)[0] == "fp16"
+    assert served_model(params.paths.export_dir, "auto", meta, {}, gpu=False)[0] == "fp32"
+    without, _, _ = project
+    assert served_model(without.paths.export_dir, "auto", {"served": "int8"}, {}, gpu=True)[0] == "int8"
+    with pytest.raises(UsageError, match="no FP16 model; set export.fp16: true"):
+        served_model(without.paths.export_dir, "fp16", {}, {})

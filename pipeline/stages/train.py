@@ -41,7 +41,7 @@ from pipeline.training import checkpoint, distributed
 from pipeline.training.distributed import Dist
 from pipeline.training.features import backbone_features
 from pipeline.training.loop import FitState, Trainer, fit
-from pipeline.training.loss import build_criterion, class_weights
+from pipeline.training.loss import build_criterion, class_weights, with_teacher
 from pipeline.training.memory import keep_freed_memory
 from pipeline.training.precision import (
     Precision,
@@ -111,7 +111,7 @@ def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
     data_config = resolve_data_config(params.model)
     precision = resolve_precision(tp.precision, device)
     model = _model(params, num_classes, device)
-    plans, data, trainer = _trainer(params, splits, data_config, model, precision, env)
+    plans, data, trainer = build_trainer(params, splits, data_config, model, precision, env)
 
     fingerprint = checkpoint.fingerprint(params, paths.splits, env.world_size)
     checkpoint_file = paths.checkpoint_dir / checkpoint.CHECKPOINT_NAME
@@ -144,7 +144,7 @@ def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
     }
 
 
-def _trainer(
+def build_trainer(
     params: Params, splits: Splits, data_config: dict, model: ImageClassifier, precision: Precision, env: Dist
 ) -> tuple[list[EpochPlan], EpochData, Trainer]:
     """What trains when (one plan per epoch), each epoch's data, and the Trainer (loss, optimizer)."""
@@ -155,8 +155,9 @@ def _trainer(
     weights = class_weights(splits.train.labels, num_classes, tp.class_weighting)
     steps_per_epoch = math.ceil(len(data.train_loader) / tp.grad_accum_steps)
     criterion = build_criterion(weights, tp.label_smoothing)
+    criterion, teacher = with_teacher(criterion, params, splits.class_names, data_config)
     mix = build_batch_mix(tp.augment, num_classes)
-    trainer = Trainer(model, tp, plans, groups, steps_per_epoch, precision, env, criterion, mix)
+    trainer = Trainer(model, tp, plans, groups, steps_per_epoch, precision, env, criterion, mix, teacher)
     return plans, data, trainer
 
 

@@ -43,13 +43,17 @@ class Trainer:
         env: Dist,
         criterion: nn.Module,
         batch_mix: Callable | None,
+        teacher: nn.Module | None = None,
     ):
         self.model, self.params, self.groups = model, params, block_groups
         self.precision, self.env = precision, env
         self.criterion, self.batch_mix = criterion.to(precision.device), batch_mix
+        # Distillation: the teacher sees each batch as the student does (augmented, mixed); head-only epochs
+        # on cached features train on the labels alone (the teacher needs images).
+        self.teacher = teacher.to(precision.device) if teacher is not None else None
         self.optimizer = build_optimizer(model, params)
         epoch_phases = [plan.phase for plan in plans]
-        self.scheduler = build_scheduler(self.optimizer, epoch_phases, steps_per_epoch, params.warmup_epochs)
+        self.scheduler = build_scheduler(self.optimizer, epoch_phases, steps_per_epoch, params)
         self.scaler = precision.grad_scaler()
         self.ema = ModelEmaV3(model, decay=params.ema_decay, use_warmup=True) if params.ema_decay else None
         self._wrapped: tuple[Any, nn.Module] | None = None
@@ -82,9 +86,7 @@ class Trainer:
 
     def train_epoch(self, plan: EpochPlan, batches: Batches, num_batches: int, desc: str) -> dict[str, float]:
         """One pass over `batches`; an optimizer step every `grad_accum_steps` batches (and at the end)."""
-        set_trainable(self.model, self.groups, plan.groups)
-        train_mode(self.model, self.params.freeze_bn)
-        module, accum = self._module(plan), self.params.grad_accum_steps
+        module, accum = self.start_epoch(plan), self.params.grad_accum_steps
         totals = torch.zeros(3, dtype=torch.float64, device=self.precision.device)  # loss sum, correct, count
         bar = progress(f"{desc} train", num_batches, "batch", enabled=self.env.is_main)
         start = time.perf_counter()
@@ -105,6 +107,19 @@ class Trainer:
         bar.close()
         loss_sum, correct, images = all_sum(self.env, totals).cpu().tolist()
         return {"loss": loss_sum / images, "acc": correct / images, "images": images, "seconds": seconds}
+
+    def start_epoch(self, plan: EpochPlan) -> nn.Module:
+        """Freeze and unfreeze for `plan`, set train mode; the module that trains (head or whole model)."""
+        set_trainable(self.model, self.groups, plan.groups)
+        train_mode(self.model, self.params.freeze_bn)
+        return self._module(plan)
+
+    def step(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimizer step on one batch (no accumulation): its training loss (the lr finder's unit)."""
+        x, y = self._to_device(x, y)
+        loss, _ = self._forward_backward(module, x, y, 1)
+        self._optimizer_step()
+        return loss.item()
 
     @torch.no_grad()
     def evaluate(
@@ -144,7 +159,8 @@ class Trainer:
             x, target = self.batch_mix(x, y)
         with self.precision.autocast():
             logits = module(x)
-        loss = self.criterion(logits.float(), target)
+            taught = (self.teacher(x).float(),) if self.teacher is not None and x.ndim == 4 else ()
+        loss = self.criterion(logits.float(), target, *taught)
         self.scaler.scale(loss / group_size).backward()
         return loss.detach(), logits.detach()
 

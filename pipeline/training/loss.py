@@ -1,12 +1,17 @@
-"""Training objective: cross-entropy with label smoothing and optional class weights from the train split."""
+"""Training objective: cross-entropy with label smoothing and optional class weights from the train split;
+knowledge distillation from a trained teacher on top of it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from pipeline.config import Params
+from pipeline.errors import PipelineError
 
 # Cui et al., "Class-Balanced Loss Based on Effective Number of Samples" (CVPR 2019): their usual beta.
 EFFECTIVE_NUMBER_BETA = 0.999
@@ -30,3 +35,88 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tens
 def build_criterion(weights: torch.Tensor | None, label_smoothing: float) -> nn.Module:
     """Accepts class indices (B,) or soft targets (B, K) from MixUp/CutMix."""
     return nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)
+
+
+class DistillationLoss(nn.Module):
+    """Hinton et al. (2015): (1 - alpha) x `criterion` on the labels + alpha x T^2 x KL(teacher || student)
+    on the logits softened by temperature T (T^2 keeps the soft term's gradients the size of the hard one's).
+
+    Called as loss(logits, target, teacher_logits); without teacher logits it is `criterion` alone.
+    """
+
+    def __init__(self, criterion: nn.Module, alpha: float, temperature: float):
+        super().__init__()
+        self.criterion, self.alpha, self.temperature = criterion, alpha, temperature
+
+    def forward(
+        self, logits: torch.Tensor, target: torch.Tensor, teacher_logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        hard = self.criterion(logits, target)
+        if teacher_logits is None:
+            return hard
+        t = self.temperature
+        soft = nn.functional.kl_div(
+            nn.functional.log_softmax(logits / t, dim=1),
+            nn.functional.log_softmax(teacher_logits.float() / t, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        return (1.0 - self.alpha) * hard + self.alpha * t * t * soft
+
+
+class Teacher(nn.Module):
+    """A trained model of this pipeline run on the student's batches: the student's augmented, normalised
+    images (B, 3, S, S) are un-normalised, resized to the teacher's input size and normalised its way.
+    Frozen and in eval mode; (B, 3, S, S) -> (B, K) logits."""
+
+    def __init__(self, model: nn.Module, student_config: dict, teacher_config: dict):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.size = tuple(teacher_config["input_size"][1:])
+        self.same = _geometry(student_config) == _geometry(teacher_config)
+        for name, config in (("student", student_config), ("teacher", teacher_config)):
+            for stat in ("mean", "std"):
+                value = torch.tensor(config[stat], dtype=torch.float32).view(1, 3, 1, 1)
+                self.register_buffer(f"{name}_{stat}", value, persistent=False)
+
+    def train(self, mode: bool = True) -> Teacher:
+        return super().train(False)  # BatchNorm and dropout stay in eval mode whatever the student does
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.same:
+            pixels = images.float() * self.student_std + self.student_mean
+            if tuple(pixels.shape[-2:]) != self.size:
+                pixels = nn.functional.interpolate(pixels, self.size, mode="bilinear", antialias=True)
+            images = ((pixels - self.teacher_mean) / self.teacher_std).to(images.dtype)
+        return self.model(images)
+
+
+def _geometry(config: dict) -> tuple:
+    return tuple(config["input_size"]), tuple(config["mean"]), tuple(config["std"])
+
+
+def with_teacher(
+    criterion: nn.Module, params: Params, class_names: list[str], data_config: dict
+) -> tuple[nn.Module, Teacher | None]:
+    """`criterion` and no teacher when `train.distill.teacher` is none; else the distillation loss around it
+    and the teacher (a model.pt of this pipeline, or the champion's), which must know the same classes."""
+    from pipeline.models import load_trained
+
+    distill, paths = params.train.distill, params.paths
+    if distill.teacher == "none":
+        return criterion, None
+    path = paths.champion_dir / paths.model.name if distill.teacher == "champion" else Path(distill.teacher)
+    if not path.is_file():
+        raise PipelineError(
+            f"train.distill.teacher: {path} not found; give a trained model.pt, `champion` once a model has "
+            "been promoted, or none"
+        )
+    trained = load_trained(path)
+    if trained.class_names != list(class_names):
+        raise PipelineError(
+            f"train.distill.teacher: {path} knows the classes {trained.class_names[:6]}, not this split's "
+            f"{list(class_names)[:6]} (same names, same order); train the teacher on the same data"
+        )
+    teacher = Teacher(trained.model, data_config, trained.data_config)
+    return DistillationLoss(criterion, distill.alpha, distill.temperature), teacher

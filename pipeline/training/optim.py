@@ -2,7 +2,8 @@
 `head_lr_mult` times the lr), the optimizer, the per-step lr schedule and the lrs it sets.
 
 The schedule is per optimizer step: each phase of a strategy (e.g. progressive's head-only epochs, then the
-fine-tuning epochs) gets its own linear warm-up and cosine decay, so unfreezing starts gently.
+fine-tuning epochs) gets its own linear warm-up, then `train.schedule`: cosine decay to 0, cosine with warm
+restarts (SGDR), or step decay at milestones; so unfreezing starts gently whatever the shape.
 """
 
 from __future__ import annotations
@@ -60,25 +61,69 @@ def current_lrs(optimizer: Optimizer, head_lr_mult: float) -> dict[str, float]:
     return {"lr": lr, "lr_head": lr_head, "lr_trained": lr if 1.0 in trained else lr_head}
 
 
-def lr_factor(step: int, phases: Sequence[int], warmup_steps: int) -> float:
-    """Multiplier of the base lr at optimizer step `step`; `phases` are consecutive phase lengths in steps."""
+# A schedule's shape after the warm-up: (step since the phase started, steps after the warm-up, warm-up steps)
+# -> multiplier of the base lr.
+Shape = Callable[[int, int, int], float]
+
+
+def _cosine(local: int, length: int, warmup: int) -> float:
+    """Half a cosine from 1 at the end of the warm-up to 0 at the end of the phase."""
+    progress = min(1.0, (local - warmup) / max(1, length))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _cosine_restarts(period: int, mult: float) -> Shape:
+    """SGDR (Loshchilov & Hutter 2017): cosine cycles of `period` steps, each `mult` times the last."""
+
+    def shape(local: int, length: int, warmup: int) -> float:
+        position, cycle = local - warmup, float(max(1, period))
+        while position >= cycle:
+            position, cycle = position - cycle, cycle * mult
+        return 0.5 * (1.0 + math.cos(math.pi * position / cycle))
+
+    return shape
+
+
+def _step(milestones: Sequence[int], gamma: float) -> Shape:
+    """StepLR/MultiStepLR: times `gamma` at each milestone (steps since the phase started)."""
+    return lambda local, length, warmup: gamma ** sum(local >= m for m in milestones)
+
+
+def schedule_shape(params: TrainParams, steps_per_epoch: int) -> Shape:
+    """`params.schedule` with its epochs turned into optimizer steps."""
+    if params.schedule == "cosine_restarts":
+        return _cosine_restarts(round(params.restart_epochs * steps_per_epoch), params.restart_mult)
+    if params.schedule == "step":
+        return _step([round(m * steps_per_epoch) for m in params.step_milestones], params.step_gamma)
+    return _cosine
+
+
+def lr_factor(step: int, phases: Sequence[int], warmup_steps: int, shape: Shape = _cosine) -> float:
+    """Multiplier of the base lr at optimizer step `step`; `phases` are consecutive phase lengths in steps.
+    Each phase warms up linearly over `warmup_steps` (at most its length), then follows `shape`."""
     start = 0
     for index, length in enumerate(phases):
         if step < start + length or index == len(phases) - 1:
             local, warmup = step - start, min(warmup_steps, length)
             if local < warmup:
                 return (local + 1) / (warmup + 1)
-            progress = min(1.0, (local - warmup) / max(1, length - warmup))
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
+            return shape(local, length - warmup, warmup)
         start += length
     return 0.0
 
 
 def build_scheduler(
-    optimizer: Optimizer, epoch_phases: Sequence[int], steps_per_epoch: int, warmup_epochs: float
+    optimizer: Optimizer, epoch_phases: Sequence[int], steps_per_epoch: int, params: TrainParams
 ) -> LambdaLR:
     """LambdaLR stepped once per optimizer step; `epoch_phases` holds each epoch's phase (consecutive)."""
     epochs = Counter(epoch_phases)  # phase -> its number of epochs
     phases = [max(1, epochs[phase] * steps_per_epoch) for phase in sorted(epochs)]
-    warmup_steps = round(warmup_epochs * steps_per_epoch)
-    return LambdaLR(optimizer, lambda step: lr_factor(step, phases, warmup_steps))
+    warmup_steps = round(params.warmup_epochs * steps_per_epoch)
+    shape = schedule_shape(params, steps_per_epoch)
+    return LambdaLR(optimizer, lambda step: lr_factor(step, phases, warmup_steps, shape))
+
+
+def set_lr(optimizer: Optimizer, lr: float) -> None:
+    """Every group at `lr` times its `lr_scale` (the lr finder's ramp; the scheduler does this otherwise)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]

@@ -78,12 +78,38 @@ def test_preprocess_matches_timm_eval_transform():
     np.testing.assert_allclose(preprocess(image, config), transform(image).numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("head", ["linear", "mlp"])
+@pytest.mark.parametrize("head", ["linear", "mlp", "se_mlp"])
 def test_build_model_head_shapes(head):
     model = build_model(TINY.model_copy(update={"head": head, "head_hidden": 16}), num_classes=4)
     features = model.forward_features(torch.zeros(2, 3, 32, 32))
-    assert features.shape == (2, model.backbone.num_features)
+    assert features.shape == (2, model.backbone.head_hidden_size)
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+
+
+def test_se_mlp_head_gates_the_pooled_features_and_its_gate_learns(tmp_path):
+    from pipeline import onnx_runtime as rt
+
+    params = TINY.model_copy(update={"head": "se_mlp", "head_hidden": 16, "se_reduction": 4})
+    torch.manual_seed(0)
+    model = build_model(params, num_classes=4)
+    gate = model.head[0].gate
+    width = model.backbone.head_hidden_size
+    assert [m.weight.shape for m in gate if isinstance(m, torch.nn.Linear)] == [
+        (width // 4, width),
+        (width, width // 4),
+    ]
+    features = torch.rand(3, width)
+    model.eval()  # no dropout
+    expected = model.head[1:](features * torch.sigmoid(gate[2](torch.relu(gate[0](features)))))
+    torch.testing.assert_close(model.head(features), expected)  # gate, then the MLP
+    model(torch.rand(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.parameters())
+    onnx_path = rt.export_onnx(model, tmp_path / "se.onnx", [3, 32, 32], opset=18)
+    x = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    with torch.inference_mode():
+        np.testing.assert_allclose(
+            rt.logits(rt.session(onnx_path), x), model(torch.from_numpy(x)).numpy(), atol=1e-4
+        )
 
 
 def test_file_weights_round_trip_and_mismatch(tmp_path):

@@ -190,3 +190,33 @@ def _label_rows_with_fp32_predictions(params, model, names) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def test_dynamic_method_needs_no_calibration_images_and_quantizes_weights_only(tmp_path):
+    from helpers import SHIP_ANY_INT8
+
+    params = model_project(tmp_path, quantize={"method": "dynamic", "formats": ["u8s8"], **SHIP_ANY_INT8})
+    with open(params.paths.splits, newline="") as handle:  # calibration would read these: gone
+        for row in csv.DictReader(handle):
+            if row["split"] == "train":
+                (Path(params.paths.data_root) / row["path"]).unlink()
+    metrics = quantize.run(params)
+    onnx_dir = Path(params.paths.onnx_dir)
+    assert metrics["int8_shipped"] is True
+    assert read_json(onnx_dir / rt.QUANTIZE_REPORT)["method"] == "dynamic"
+    ops = Counter(node.op_type for node in onnx.load(str(onnx_dir / rt.INT8_FILE)).graph.node)
+    # Activations are quantized at run time from each batch; no calibrated QuantizeLinear anywhere.
+    assert ops["DynamicQuantizeLinear"] > 0 and ops["QuantizeLinear"] == 0
+    assert ops["ConvInteger"] + ops["MatMulInteger"] > 0
+    static = QuantizeParams(method="static")
+    with pytest.raises(PipelineError, match="unreadable"):  # the static method does need them
+        quantize.run(params.model_copy(update={"quantize": static}))
+
+
+def test_dynamic_method_still_goes_through_the_gate(tmp_path):
+    gate = {"min_agreement": 0.0, "alpha": 1e-12, "min_speedup": 1000.0}
+    params = model_project(tmp_path, quantize={"method": "dynamic", "formats": ["u8s8"], **gate})
+    metrics = quantize.run(params)
+    assert metrics["int8_shipped"] is False and not (Path(params.paths.onnx_dir) / rt.INT8_FILE).exists()
+    reason = read_json(Path(params.paths.onnx_dir) / rt.QUANTIZE_REPORT)["decision"]["reason"]
+    assert "quantize.min_speedup = 1000" in reason

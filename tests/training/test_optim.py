@@ -3,13 +3,15 @@ per-phase schedule, and the lrs read back from the optimizer."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from pipeline.config import ModelParams, TrainParams
 from pipeline.models import build_model
 from pipeline.models.freezing import block_groups, set_trainable
-from pipeline.training.optim import build_optimizer, build_scheduler, current_lrs, lr_factor
+from pipeline.training.optim import build_optimizer, build_scheduler, current_lrs, lr_factor, set_lr
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TINY = ModelParams(backbone="test_efficientnet", weights="none", image_size=32)
@@ -50,7 +52,7 @@ def test_logged_lrs_are_the_optimizers_own_through_the_phases(model):
     params = TrainParams(lr=0.001, head_lr_mult=4.0, warmup_epochs=1)
     optimizer = build_optimizer(model, params)
     # Two head-only epochs (phase 0), then three with the whole backbone (phase 1); two steps an epoch.
-    scheduler = build_scheduler(optimizer, [0, 0, 1, 1, 1], steps_per_epoch=2, warmup_epochs=1)
+    scheduler = build_scheduler(optimizer, [0, 0, 1, 1, 1], steps_per_epoch=2, params=params)
     set_trainable(model, block_groups(model.backbone), 0)
     seen = []
     for step in range(10):
@@ -81,3 +83,46 @@ def test_one_step_moves_the_head_head_lr_mult_times_as_far_as_the_backbone(optim
         unit = grad if optimizer == "sgd" else grad / (grad.abs() + 1e-8)
         scale = 5.0 if name.startswith("head.") else 1.0
         torch.testing.assert_close(p.detach() - before[name], -0.01 * scale * unit, rtol=1e-3, atol=1e-6)
+
+
+def _curve(model, steps: int, epoch_phases: list[int], **train) -> list[float]:
+    """The backbone lr the optimizer holds at each of `steps` steps (2 steps per epoch)."""
+    params = TrainParams(lr=1.0, warmup_epochs=1, **train)
+    optimizer = build_optimizer(model, params)
+    scheduler = build_scheduler(optimizer, epoch_phases, steps_per_epoch=2, params=params)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(current_lrs(optimizer, params.head_lr_mult)["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_cosine_restarts_warms_up_then_restarts_every_period_growing_by_the_multiplier(model):
+    # 1 warm-up epoch (2 steps), then cycles of 2 epochs (4 steps), the next 2x as long (8 steps).
+    lrs = _curve(model, 16, [0] * 8, schedule="cosine_restarts", restart_epochs=2, restart_mult=2.0)
+    assert lrs[:2] == pytest.approx([1 / 3, 2 / 3])
+    first = [0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]
+    second = [0.5 * (1 + math.cos(math.pi * i / 8)) for i in range(8)]
+    assert lrs[2:6] == pytest.approx(first) and lrs[6:14] == pytest.approx(second)
+    assert lrs[14] == pytest.approx(1.0)  # the third cycle restarts at the peak
+
+
+def test_step_schedule_drops_by_gamma_at_each_milestone_and_keeps_the_warm_up(model):
+    lrs = _curve(model, 12, [0] * 6, schedule="step", step_milestones=[2, 4], step_gamma=0.5)
+    assert lrs[:2] == pytest.approx([1 / 3, 2 / 3])
+    assert lrs[2:4] == pytest.approx([1.0, 1.0])  # epochs 1-2 (from the warm-up's end to milestone 2)
+    assert lrs[4:8] == pytest.approx([0.5] * 4) and lrs[8:12] == pytest.approx([0.25] * 4)
+
+
+def test_every_schedule_warms_up_again_in_each_phase(model):
+    for schedule in ("cosine", "cosine_restarts", "step"):
+        lrs = _curve(model, 8, [0, 0, 1, 1], schedule=schedule, step_milestones=[1.5])
+        assert lrs[4:6] == pytest.approx([1 / 3, 2 / 3]), schedule
+        assert max(lrs[:4]) == pytest.approx(1.0) and max(lrs[4:]) == pytest.approx(1.0), schedule
+
+
+def test_set_lr_keeps_the_heads_multiplier(model):
+    optimizer = build_optimizer(model, TrainParams(head_lr_mult=3.0))
+    set_lr(optimizer, 0.01)
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == pytest.approx([0.01, 0.03])
