@@ -6,20 +6,17 @@ Plain helpers live in `helpers.py` (tests import them from there); this file hol
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 from helpers import (
-    PROJECT_ROOT,
     SHIP_ANY_INT8,
-    TINY_PARAMS,
     commit,
     make_image_folder,
     model_project,
     run_tool,
-    skip_local_state,
+    tiny_dvc_project,
 )
 
 from pipeline.config import Params
@@ -44,20 +41,7 @@ def image_folder(tmp_path: Path) -> Path:
 def built_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """This project's dvc.yaml, params.yaml (made tiny) and code in a temp git+DVC repo, run once with
     `dvc repro` and committed. Session-wide and shared: use `copy_project` before changing anything."""
-    import yaml
-
-    root = tmp_path_factory.mktemp("built") / "project"
-    shutil.copytree(PROJECT_ROOT / "pipeline", root / "pipeline", ignore=skip_local_state)
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy2(PROJECT_ROOT / name, root / name)
-    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-    for section, values in TINY_PARAMS.items():
-        raw[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    make_image_folder(root / raw["paths"]["data_root"], classes=3, per_class=16)
-    run_tool(root, "git", "init", "-q")
-    run_tool(root, "dvc", "init", "-q")
-    commit(root, "tiny project")  # like a clone: a commit exists before the first run
+    root = tiny_dvc_project(tmp_path_factory.mktemp("built") / "project")
     run_tool(root, "dvc", "repro")
     commit(root, "pipeline run once")
     return root

@@ -119,6 +119,26 @@ def commit(project: Path, message: str) -> None:
     run_tool(project, "git", "commit", "-q", "-m", message)
 
 
+def tiny_dvc_project(root: Path, **sections: dict) -> Path:
+    """This project's code, dvc.yaml and params.yaml (made tiny with TINY_PARAMS, then `sections` merged in)
+    with 3 classes x 16 generated images, in a new git+DVC repo with one commit; nothing run yet."""
+    import yaml
+
+    shutil.copytree(PROJECT_ROOT / "pipeline", root / "pipeline", ignore=skip_local_state)
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy2(PROJECT_ROOT / name, root / name)
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    for overrides in (TINY_PARAMS, sections):
+        for section, values in overrides.items():
+            raw[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    make_image_folder(root / raw["paths"]["data_root"], classes=3, per_class=16)
+    run_tool(root, "git", "init", "-q")
+    run_tool(root, "dvc", "init", "-q")
+    commit(root, "tiny project")  # like a clone: a commit exists before the first run
+    return root
+
+
 def model_project(root: Path, model=None, class_names: tuple[str, ...] = (), **sections: dict) -> Params:
     """A trained-model project for quantize / export / predict, all under `root`: 3 classes x 8 images of
     32 px (4 train, 1 val, 3 test each), a splits CSV, and `model` (default: timm's tiny `test_efficientnet`,

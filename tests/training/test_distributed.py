@@ -7,7 +7,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,11 +18,8 @@ import torch
 import yaml
 from helpers import (
     PROJECT_ROOT,
-    TINY_PARAMS,
-    commit,
-    make_image_folder,
     run_tool,
-    skip_local_state,
+    tiny_dvc_project,
     train_params,
 )
 
@@ -222,19 +218,7 @@ def test_every_rank_resumes_from_the_checkpoint_only_rank_0_can_read(tmp_path):
 def _tiny_project(root: Path) -> Path:
     """This project's dvc.yaml, code and params (made tiny: 3 classes x 16 images, timm's test_efficientnet,
     2 epochs of which 1 head-only) in a git+DVC repo, nothing run yet."""
-    shutil.copytree(PROJECT_ROOT / "pipeline", root / "pipeline", ignore=skip_local_state)
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy2(PROJECT_ROOT / name, root / name)
-    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-    for section, values in TINY_PARAMS.items():
-        raw[section].update(values)
-    raw["train"].update(epochs=2, progressive_head_epochs=1)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    make_image_folder(root / raw["paths"]["data_root"], classes=3, per_class=16)
-    run_tool(root, "git", "init", "-q")
-    run_tool(root, "dvc", "init", "-q")
-    commit(root, "tiny project")
-    return root
+    return tiny_dvc_project(root, train={"epochs": 2, "progressive_head_epochs": 1})
 
 
 def _train_outputs(project: Path) -> dict:
