@@ -24,6 +24,8 @@ BENCHMARKS = (
     "fashion_mnist",
     "transfer_vs_scratch",
     "pipeline_overhead",
+    "audit_label_noise",
+    "audit_near_duplicates",
 )
 
 

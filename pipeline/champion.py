@@ -16,6 +16,9 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, read_json, read_optional_json, write_json
 
 CHAMPION_METRICS = "metrics.json"
+CHAMPION_SPLITS = (
+    "splits.csv"  # the champion's splits table: the audit compares new images with its train split
+)
 # The metrics that travel with a champion: the test figures and what quantization/export measured.
 _CARRIED_STAGES = ("evaluate", "quantize", "export")
 
@@ -74,6 +77,7 @@ def promote(params: Params, root: Path | str = ".") -> dict[str, Any]:
         with atomic_dir(root / paths.champion_dir) as staging:
             shutil.copytree(root / paths.export_dir, staging / paths.export_dir.name)
             shutil.copy2(root / paths.model, staging / paths.model.name)
+            shutil.copy2(root / paths.splits, staging / CHAMPION_SPLITS)
             write_json(
                 staging / CHAMPION_METRICS,
                 {

@@ -102,6 +102,11 @@ class PathsParams(_Section):
         """A stage's other figures (per-class tables, rule outcomes, counts by status): not a DVC metric."""
         return self.reports_dir / stage / "details.json"
 
+    @property
+    def audit_table(self) -> Path:
+        """The audit's per-image table (near-duplicate group, label suspicion), which split reads."""
+        return self.reports_dir / "audit" / "images.csv"
+
 
 class IngestParams(_Section):
     source: Literal["auto", "folder", "presplit", "csv"] = "auto"
@@ -151,6 +156,28 @@ class SplitParams(_Section):
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train + val + test must be 1.0, got {total:g}")
         return self
+
+
+class AuditSeverityParams(_Section):
+    """What a near-duplicate group found by the audit does: `error` stops the stage, `warning` logs it."""
+
+    near_duplicate_conflict: Severity = "warning"  # one group under two labels
+    near_duplicate_leakage: Severity = "warning"  # one group in two given splits
+
+
+class AuditParams(_Section):
+    near_duplicates: bool = True
+    similarity: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.93
+    hash_similarity: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.70
+    hash_distance: Annotated[int, Field(ge=0, le=64)] = 2
+    label_issues: Literal["off", "report", "quarantine"] = "report"
+    folds: Annotated[int, Field(ge=2)] = 5
+    drift: bool = True
+    drift_min_images: PositiveInt = 20
+    drift_max_auc: Annotated[float, Field(ge=0.5, le=1.0)] = 0.75
+    drift_max_prior_shift: Fraction = 0.1
+    shown: PositiveInt = 24
+    severity: AuditSeverityParams = AuditSeverityParams()
 
 
 class ModelParams(_Section):
@@ -250,6 +277,7 @@ class OrchestrateParams(_Section):
     retry_delay_seconds: Annotated[float, Field(ge=0.0)] = 10.0
     promote_metric: str = "accuracy"  # a key of the evaluate metrics; higher is better
     promote_tolerance: Annotated[float, Field(ge=0.0)] = 0.005
+    on_drift: Literal["ignore", "warn", "stop"] = "warn"  # when the audit finds the new data drifted
 
 
 # The `validate` section shadows pydantic's deprecated BaseModel.validate; the name is the stage's, so the
@@ -264,6 +292,7 @@ with warnings.catch_warnings():
         paths: PathsParams = PathsParams()
         ingest: IngestParams = IngestParams()
         validate: ValidateParams = ValidateParams()
+        audit: AuditParams = AuditParams()
         split: SplitParams = SplitParams()
         model: ModelParams = ModelParams()
         train: TrainParams = TrainParams()

@@ -1,8 +1,9 @@
 """Stage: split. Stratified train/val/test split of the usable images that keeps identical files together.
 
-The unit of splitting is a group of byte-identical files (same sha256), drawn per class with scikit-learn, so
-duplicates never straddle splits and every class gets its share of every split. A pre-split source keeps its
-given splits (and can carve `test` out of `val` or `train`). Same input and params: byte-identical output.
+The unit of splitting is a group of byte-identical files (same sha256), or the audit's near-duplicate group
+when it wrote one (`pipeline.data.audit`), drawn per class with scikit-learn, so duplicates never straddle
+splits and every class gets its share of every split. A pre-split source keeps its given splits (and can
+carve `test` out of `val` or `train`). Same input and params: byte-identical output.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from pipeline.config import Params
+from pipeline.data.audit import with_audit_groups
 from pipeline.data.images import SPLITS
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, write_json
@@ -25,7 +27,7 @@ SPLIT_COLUMNS = ("path", "label", "split", "sha256", "width", "height")
 
 
 def run(params: Params) -> dict:
-    table = _read_validated(params.paths.validated)
+    table = with_audit_groups(_read_validated(params.paths.validated), params.paths.audit_table)
     given = table["split"] != ""
     if params.split.keep_given_splits and given.any():
         if not given.all():
@@ -49,7 +51,7 @@ def run(params: Params) -> dict:
         "strategy": strategy,
         "images": {split: int(counts[split].sum()) for split in SPLITS},  # 3 columns, whatever the classes
     }
-    details = {"classes": labels, "groups": int(table["sha256"].nunique()), "per_class": per_class}
+    details = {"classes": labels, "groups": int(table["group"].nunique()), "per_class": per_class}
     write_json(params.paths.details("split"), details)
     write_json(params.paths.metrics("split"), metrics)
     log.info("split (%s): %s", strategy, metrics["images"])
@@ -87,7 +89,7 @@ def _stratified(table: pd.DataFrame, params: Params) -> pd.DataFrame:
             split_of.update(dict.fromkeys(drawn, split))
         split_of.update(dict.fromkeys(rest, "train"))
     _small_classes(small, f"appear in each of {wanted}", "their images all go to train", params)
-    return table.assign(split=table["sha256"].map(split_of))
+    return table.assign(split=table["group"].map(split_of))
 
 
 def _keep_given(table: pd.DataFrame, params: Params) -> tuple[pd.DataFrame, str]:
@@ -110,7 +112,7 @@ def _keep_given(table: pd.DataFrame, params: Params) -> tuple[pd.DataFrame, str]
             counts = _allocate(len(shas), {source: 1.0 - params.split.test, "test": params.split.test})
             carved.update(_draw(shas, counts["test"], params.base.seed)[1])
         _small_classes(small, f"give images to both {source} and test", f"they stay in {source}", params)
-        moved = (table["split"] == source) & table["sha256"].isin(carved)
+        moved = (table["split"] == source) & table["group"].isin(carved)
         table = table.assign(split=table["split"].where(~moved, "test"))
         strategy = f"given, test carved from {source}"
     present = [split for split in SPLITS if (table["split"] == split).any()]
@@ -124,8 +126,8 @@ def _keep_given(table: pd.DataFrame, params: Params) -> tuple[pd.DataFrame, str]
 
 
 def _groups(table: pd.DataFrame) -> dict[str, list[str]]:
-    """Class -> sorted sha256 of its duplicate groups (a group under two labels goes with the first)."""
-    group_label = table.groupby("sha256", sort=True)["label"].min()
+    """Class -> sorted ids of its duplicate groups (a group under two labels goes with the first)."""
+    group_label = table.groupby("group", sort=True)["label"].min()
     return {label: shas.index.tolist() for label, shas in group_label.groupby(group_label, sort=True)}
 
 
