@@ -14,7 +14,7 @@ from helpers import make_image
 from benchmarks.__main__ import BENCHMARKS, main, run
 from benchmarks._common import RESULTS_DIR, Options
 
-pytestmark = pytest.mark.slow  # about a minute for all seven on 2 cores
+pytestmark = pytest.mark.slow  # about a minute for all nine on 2 cores
 
 CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 3, 10, 4
 
@@ -169,3 +169,21 @@ def test_pipeline_overhead_times_noop_repro_and_the_flow(results: _Results) -> N
     figures = _load(results, "pipeline_overhead")["results"]
     assert figures["noop_dvc_repro_seconds"]["median"] > 0
     assert figures["noop"]["flow_seconds"]["median"] > figures["noop"]["flow_task_seconds"]["median"] > 0
+
+
+def test_audit_label_noise_scores_the_flagged_against_the_flipped_labels(results: _Results) -> None:
+    figures = _load(results, "audit_label_noise")["results"]
+    assert figures["images"] == CLASSES * TRAIN_PER_CLASS
+    assert figures["flipped"] == round(0.05 * CLASSES * TRAIN_PER_CLASS)
+    assert 0 <= figures["true_positives"] <= min(figures["flagged"], figures["flipped"])
+    assert figures["recall"] == pytest.approx(figures["true_positives"] / figures["flipped"])
+    assert figures["audit_seconds"] > 0
+
+
+def test_audit_near_duplicates_injects_copies_and_times_a_cold_and_a_warm_cache(results: _Results) -> None:
+    payload = _load(results, "audit_near_duplicates")
+    figures = payload["results"]
+    assert figures["injected_pairs"] == 5 and figures["images"] == CLASSES * (6 + 4) + 5
+    assert set(figures["recall_by_alteration"]) == {"jpeg", "resize", "crop", "brightness", "flip"}
+    assert 0.0 <= figures["recall"] <= 1.0 and figures["extra_pairs"] <= figures["flagged_pairs"]
+    assert figures["seconds"]["cold"]["median"] > 0 and figures["seconds"]["warm"]["median"] > 0

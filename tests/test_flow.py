@@ -83,8 +83,8 @@ def test_flow_run_completes_every_task_and_reruns_only_what_changed(first_run):
     # export.* changed: DVC re-runs export only; every other stage is skipped, not recomputed.
     assert _statuses(result) == {stage: "ran" if stage == "export" else "unchanged" for stage in STAGES}
 
-    runs = _task_runs(state.state_details.flow_run_id, expected=len(STAGES) + 4)
-    assert set(runs) == {*STAGES, "set_params", "promotion_gate", "save_experiment", "publish"}
+    runs = _task_runs(state.state_details.flow_run_id, expected=len(STAGES) + 5)
+    assert set(runs) == {*STAGES, "drift_gate", "set_params", "promotion_gate", "save_experiment", "publish"}
     assert {name: run.state.type for name, run in runs.items()} == dict.fromkeys(runs, StateType.COMPLETED)
 
     assert yaml.safe_load((project / "params.yaml").read_text())["export"]["min_top1_agreement"] == 0.99
@@ -105,6 +105,7 @@ def test_flow_publishes_metrics_table_and_report_path(first_run):
     table = by_key["retrain-metrics"].data
     assert "| export | ran |" in table and "| ingest | unchanged |" in table
     assert "accuracy" in table and "promoted (no champion yet" in table
+    assert "| drifted | None |" in by_key["data-drift"].data  # shown before training; no champion before
     report = project / "reports" / "evaluate" / "report.html"
     assert report.is_file()
     assert by_key["evaluation-report"].data.endswith(f"({report.resolve().as_uri()})")
@@ -222,3 +223,16 @@ def test_cli_flow_rejects_a_malformed_override():
     result = CliRunner().invoke(app, ["flow", "--set", "train.lr"])
     assert result.exit_code == 1
     assert "expected key=value" in result.output
+
+
+def test_drift_verdict_ignores_warns_or_stops_as_on_drift_says():
+    from pipeline.errors import PipelineError
+    from pipeline.flow import drift_verdict
+
+    drifted = {"drifted": True, "drift_auc": 0.93, "prior_shift": 0.02}
+    assert drift_verdict(drifted, "ignore") is None
+    assert "AUC 0.93" in drift_verdict(drifted, "warn")
+    with pytest.raises(PipelineError, match="orchestrate.on_drift: warn"):
+        drift_verdict(drifted, "stop")
+    assert drift_verdict({**drifted, "drifted": False}, "stop") is None
+    assert drift_verdict(None, "stop") is None  # no audit metrics: nothing to act on
