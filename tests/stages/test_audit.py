@@ -57,17 +57,22 @@ def clean_folder(root: Path, per_class: int = PER_CLASS) -> Path:
     return root
 
 
-def _params(tmp_path: Path, data: Path, **audit_settings):
-    model = {"backbone": "tf_efficientnet_lite0", "weights": "bundled", "image_size": 64}
+def _params(tmp_path: Path, data: Path, train: dict | None = None, **audit_settings):
+    out = tmp_path / "out"
     return data_stage_params(
         tmp_path,
         data,
         ingest={"num_workers": 0},
         validate={"min_images_per_class": 5},
-        model=model,
-        train={"precision": "fp32"},
+        model={"backbone": "tf_efficientnet_lite0", "weights": "bundled", "image_size": 64},
+        train={"precision": "fp32", **(train or {})},
         audit={"folds": 3, "drift_min_images": 10, **audit_settings},
-        paths={"champion_dir": str(tmp_path / "out" / "champion")},
+        paths={
+            "champion_dir": str(out / "champion"),
+            "checkpoint_dir": str(out / "checkpoints"),
+            "model": str(out / "model.pt"),
+            "live_dir": str(out / "live"),
+        },
     )
 
 
@@ -144,7 +149,7 @@ def test_a_wrong_label_is_flagged_with_the_right_class_suggested_and_can_be_quar
     metrics, table = _audit(params)
     flagged = table[table["label_issue"] == "True"].set_index("path")
     planted = "coffee/really_astronaut.png"
-    assert planted in flagged.index and len(flagged) <= 2  # a coffee tile may look astronaut-like
+    assert planted in flagged.index and len(flagged) <= 3  # on 31 images the probe doubts a tile or two more
     quality = table.set_index("path")["label_quality"].astype(float)
     assert quality[planted] < 0.2  # out of sample, its given label gets little probability
     assert (
@@ -223,3 +228,15 @@ def test_no_usable_images_is_one_clear_error(tmp_path):
     shutil.rmtree(params.paths.validated.parent)
     with pytest.raises(PipelineError, match="run `python -m pipeline validate` first"):
         audit.run(params)
+
+
+def test_train_reuses_the_audit_features_for_its_head_only_epochs(tmp_path):
+    from pipeline.stages import train
+
+    params = _params(tmp_path, clean_folder(tmp_path / "data"))
+    _audit(params)
+    split.run(params)
+    shards = sorted(params.paths.cache_dir.glob("features-*/*.pt"))
+    assert len(shards) == 1
+    train.run(_params(tmp_path, tmp_path / "data", train={"strategy": "linear_probe", "epochs": 1}))
+    assert sorted(params.paths.cache_dir.glob("features-*/*.pt")) == shards  # every image found by content
