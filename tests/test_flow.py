@@ -91,6 +91,7 @@ def test_flow_run_completes_every_task_and_reruns_only_what_changed(first_run):
     decision = result["champion"]
     assert decision["promoted"] and decision["reason"] == "no champion yet"
     assert (project / "models" / "champion" / "metrics.json").is_file()
+    assert (project / "models" / "champion" / "splits.csv").is_file()  # what the audit compares new data with
 
 
 def test_flow_publishes_metrics_table_and_report_path(first_run):
