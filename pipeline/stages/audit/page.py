@@ -72,6 +72,7 @@ def _headline(found: Found) -> str:
     verdict = (
         f"FAILED ({len(found.errors)} error(s))" if found.errors else f"{len(found.warnings)} warning(s)"
     )
+    drift_tone = "bad" if found.drift.get("drifted") else ""
     cards = [
         ("images", m["images"], ""),
         ("near-duplicate groups", m["near_duplicate_groups"], "warn" if m["near_duplicate_groups"] else ""),
@@ -79,7 +80,7 @@ def _headline(found: Found) -> str:
         ("groups across labels", m["cross_label_groups"], "warn" if m["cross_label_groups"] else ""),
         ("likely label errors", m["label_issues"], "warn" if m["label_issues"] else ""),
         ("quarantined", m["quarantined"], ""),
-        ("drift", found.drift.get("status", "-"), "bad" if found.drift.get("drifted") else ""),
+        ("drift", found.drift["status"] if "auc" in found.drift else "not measured", drift_tone),
         ("verdict", verdict, tone),
     ]
     lines = "".join(f"<li>{page.esc(line)}</li>" for line in [*found.errors, *found.warnings])
