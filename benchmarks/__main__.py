@@ -27,6 +27,8 @@ BENCHMARKS = (
     "pipeline_overhead",
     "openvino_vs_ort",
     "distill",
+    "audit_label_noise",
+    "audit_near_duplicates",
 )
 
 

@@ -100,6 +100,8 @@ def promote(params: Params, root: Path | str = ".") -> dict[str, Any]:
         with atomic_dir(root / paths.champion_dir) as staging:
             shutil.copytree(root / paths.export_dir, staging / paths.export_dir.name)
             shutil.copy2(root / paths.model, staging / paths.model.name)
+            if (root / paths.splits).is_file():  # what it was trained on: the audit's drift test reads it
+                shutil.copy2(root / paths.splits, staging / paths.champion_splits.name)
             write_json(
                 staging / CHAMPION_METRICS,
                 {

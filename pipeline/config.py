@@ -102,6 +102,16 @@ class PathsParams(_Section):
         """A stage's other figures (per-class tables, rule outcomes, counts by status): not a DVC metric."""
         return self.reports_dir / stage / "details.json"
 
+    @property
+    def audit_table(self) -> Path:
+        """The audit's per-image table (near-duplicate group, label suspicion), which split reads."""
+        return self.reports_dir / "audit" / "images.csv"
+
+    @property
+    def champion_splits(self) -> Path:
+        """The champion's copy of the splits table it was trained on: the audit's drift baseline."""
+        return self.champion_dir / "splits.csv"
+
 
 class IngestParams(_Section):
     source: Literal["auto", "folder", "presplit", "csv"] = "auto"
@@ -153,6 +163,28 @@ class SplitParams(_Section):
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train + val + test must be 1.0, got {total:g}")
         return self
+
+
+class AuditSeverityParams(_Section):
+    """What a near-duplicate group found by the audit does: `error` stops the stage, `warning` logs it."""
+
+    near_duplicate_conflict: Severity = "warning"  # one group under two labels
+    near_duplicate_leakage: Severity = "warning"  # one group in two given splits
+
+
+class AuditParams(_Section):
+    near_duplicates: bool = True
+    similarity: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.93
+    hash_similarity: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.70
+    hash_distance: Annotated[int, Field(ge=0, le=64)] = 2
+    label_issues: Literal["off", "report", "quarantine"] = "report"
+    folds: Annotated[int, Field(ge=2)] = 5
+    drift: bool = True
+    drift_min_images: PositiveInt = 20
+    drift_max_auc: Annotated[float, Field(ge=0.5, le=1.0)] = 0.75
+    drift_max_prior_shift: Fraction = 0.1
+    shown: PositiveInt = 24
+    severity: AuditSeverityParams = AuditSeverityParams()
 
 
 class ModelParams(_Section):
@@ -273,6 +305,7 @@ class OrchestrateParams(_Section):
     promote_margin: Annotated[float, Field(ge=0.0, le=1.0)] = 0.005  # largest accepted accuracy loss
     promote_alpha: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.05  # McNemar: reject a loss below this p
     push: bool = False  # dvc pull before the run, dvc push (outputs, run cache) after; needs a default remote
+    on_drift: Literal["ignore", "warn", "stop"] = "warn"  # when the audit finds the new data drifted
 
 
 # The `validate` section shadows pydantic's deprecated BaseModel.validate; the name is the stage's, so the
@@ -287,6 +320,7 @@ with warnings.catch_warnings():
         paths: PathsParams = PathsParams()
         ingest: IngestParams = IngestParams()
         validate: ValidateParams = ValidateParams()
+        audit: AuditParams = AuditParams()
         split: SplitParams = SplitParams()
         model: ModelParams = ModelParams()
         train: TrainParams = TrainParams()

@@ -117,6 +117,34 @@ def promotion_gate(params: Params, project_dir: str) -> dict[str, Any]:
     return decision
 
 
+def drift_verdict(metrics: dict[str, Any] | None, on_drift: str) -> str | None:
+    """What `orchestrate.on_drift` makes of the audit's figures: a warning line, or None. Raises
+    PipelineError for `stop` when the audit found the new data drifted from the champion's training set."""
+    if not metrics or not metrics.get("drifted") or on_drift == "ignore":
+        return None
+    line = (
+        f"the new images drifted from the champion's training set (old-vs-new AUC {metrics.get('drift_auc')},"
+        f" class-prior shift {metrics.get('prior_shift')})"
+    )
+    if on_drift == "stop":
+        raise PipelineError(f"{line}; look at reports/audit/index.html, or set orchestrate.on_drift: warn")
+    return line
+
+
+@task(cache_policy=NO_CACHE)
+def drift_gate(params: Params, project_dir: str) -> None:
+    """The audit's drift figures as a Prefect artifact before training; warn or stop by on_drift."""
+    metrics = read_optional_json(Path(project_dir) / params.paths.metrics("audit")) or {}
+    figures = {key: metrics.get(key) for key in ("drifted", "drift_auc", "prior_shift", "label_issues")}
+    rows = "\n".join(f"| {key} | {value} |" for key, value in figures.items())
+    create_markdown_artifact(
+        key="data-drift", markdown=f"| audit | value |\n| --- | --- |\n{rows}", description="Before training"
+    )
+    warning = drift_verdict(metrics, params.orchestrate.on_drift)
+    if warning:
+        get_run_logger().warning("audit: %s", warning)
+
+
 @task(cache_policy=NO_CACHE)
 def save_experiment(params: Params, project_dir: str, name: str) -> str:
     """Record the workspace as DVC experiment `name`, metrics and training curves included."""
@@ -181,7 +209,8 @@ def retrain(
     experiment: str | None = None,
     commit: bool = False,
 ) -> dict[str, Any]:
-    """Run the seven stages in DAG order, gate promotion of the new model and publish artifacts.
+    """Run the stages in DAG order (on drift, `orchestrate.on_drift: stop` stops before training), gate
+    promotion of the new model and publish artifacts.
 
     Args:
         project_dir: the project folder (dvc.yaml, params.yaml).
@@ -201,7 +230,11 @@ def retrain(
     check_dvc_inputs(params, Path(project))  # DVC's own message would be a bare [Errno 2]
     if overrides:
         set_params(project, overrides)
-    stages = [_stage_task(stage, params.orchestrate)(stage, project, sharing) for stage in STAGES]
+    stages = []
+    for stage in STAGES:
+        stages.append(_stage_task(stage, params.orchestrate)(stage, project, sharing))
+        if stage == "audit":  # before training: the drift the audit found, shown and acted on
+            drift_gate(params, project)
     decision = promotion_gate(params, project)
     if experiment:
         save_experiment(params, project, experiment)

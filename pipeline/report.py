@@ -341,6 +341,7 @@ def _stage_figures(paths: PathsParams, stage: str) -> dict | None:
 
 EXPORT_PAGE = "../export/index.html"  # from reports/evaluate/report.html to the export stage's page
 VALIDATION_PAGE = "../validate/index.html"
+AUDIT_PAGE = "../audit/index.html"
 _EXPORT_LINE = "Quantize and export: see {link} (missing if those stages did not complete)."
 _CALIBRATION_NOTE = (
     "One temperature T, fitted on the validation split by minimising the negative log-likelihood, divides "
@@ -426,6 +427,8 @@ def _data_summary(data: ReportData) -> str:
     parts.extend(f"<p><strong>{page.esc(k)}</strong>: {page.esc(page.fmt(v))}</p>" for k, v in quarantined)
     link = page.link(VALIDATION_PAGE, VALIDATION_PAGE)
     parts.append(f"<p>Data checks (rules, class distribution, quarantine): see {link}.</p>")
+    audit = page.link(AUDIT_PAGE, AUDIT_PAGE)
+    parts.append(f"<p>Data audit (likely label errors, near-duplicates, drift): see {audit}.</p>")
     return "".join(parts)
 
 

@@ -14,7 +14,7 @@ from helpers import make_image
 from benchmarks.__main__ import BENCHMARKS, main, run
 from benchmarks._common import RESULTS_DIR, Options
 
-pytestmark = pytest.mark.slow  # a minute or two for all nine on 2 cores
+pytestmark = pytest.mark.slow  # a few minutes for all twelve on 2 cores
 
 CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 3, 10, 4
 
@@ -212,3 +212,21 @@ def test_distill_runs_teacher_student_and_both_baselines(results: _Results) -> N
     assert all(0.0 <= arm["test_accuracy"] <= 1.0 and arm["train_seconds"] > 0 for arm in arms.values())
     ratio = arms["distilled"]["train_seconds"] / arms["alone"]["train_seconds"]
     assert payload["ratios"]["distilled_train_time_ratio"] == pytest.approx(ratio)
+
+
+def test_audit_label_noise_scores_the_flagged_against_the_flipped_labels(results: _Results) -> None:
+    figures = _load(results, "audit_label_noise")["results"]
+    assert figures["images"] == CLASSES * TRAIN_PER_CLASS
+    assert figures["flipped"] == round(0.05 * CLASSES * TRAIN_PER_CLASS)
+    assert 0 <= figures["true_positives"] <= min(figures["flagged"], figures["flipped"])
+    assert figures["recall"] == pytest.approx(figures["true_positives"] / figures["flipped"])
+    assert figures["audit_seconds"] > 0
+
+
+def test_audit_near_duplicates_injects_copies_and_times_a_cold_and_a_warm_cache(results: _Results) -> None:
+    payload = _load(results, "audit_near_duplicates")
+    figures = payload["results"]
+    assert figures["injected_pairs"] == 5 and figures["images"] == CLASSES * (6 + 4) + 5
+    assert set(figures["recall_by_alteration"]) == {"jpeg", "resize", "crop", "brightness", "flip"}
+    assert 0.0 <= figures["recall"] <= 1.0 and figures["extra_pairs"] <= figures["flagged_pairs"]
+    assert figures["seconds"]["cold"]["median"] > 0 and figures["seconds"]["warm"]["median"] > 0

@@ -89,7 +89,7 @@ def _sample(project: Path) -> Path:
     return project / yaml.safe_load((project / "params.yaml").read_text())["paths"]["data_root"]
 
 
-def test_dag_order_is_the_seven_stages():
+def test_dag_order_is_the_eight_stages():
     assert STAGES == list(CODE_STAGES)
 
 
@@ -114,8 +114,16 @@ def test_changed_or_added_image_reruns_ingest_onward(project, change):
         make_image(sample / "class_0" / "img_000.png", 0, seed=999)
     else:
         make_image(sample / "class_1" / "img_new.png", 1, seed=998)
-    assert _ran(run_tool(project, "dvc", "repro", "split")) == ["ingest", "validate", "split"]
+    assert _ran(run_tool(project, "dvc", "repro", "split")) == ["ingest", "validate", "audit", "split"]
     assert _stale(project) == AFTER_SPLIT
+
+
+def test_audit_params_rerun_the_audit_alone_when_its_table_stays_the_same(project):
+    _set_params(project, audit={"shown": 5})  # the page changes, the per-image table does not
+    assert _ran(run_tool(project, "dvc", "repro", "split")) == ["audit"]
+    assert _stale(project) == set()
+    _set_params(project, audit={"label_issues": "off"})  # the table changes: split and onward
+    assert _ran(run_tool(project, "dvc", "repro", "split")) == ["audit", "split"]
 
 
 def test_split_params_rerun_split_onward_not_ingest(project):

@@ -28,6 +28,7 @@ FINAL_ARTIFACTS = {
     "${paths.quarantine}": "the rejected files with reasons, for a person to fix the data",
     "${paths.reports_dir}/ingest/details.json": "files by ingest status, skipped entries: for a person",
     "${paths.reports_dir}/validate": "the validation page (rules, classes, quarantine) and Data Docs",
+    "${paths.reports_dir}/audit": "the audit page and details (split reads images.csv inside it)",
     "${paths.live_dir}/plots/metrics": "training curves, shown by `dvc plots show`",
     "${paths.predictions}": "per-image test predictions, for error analysis",
     "${paths.reports_dir}/evaluate": "the evaluation report and its figures",
@@ -90,9 +91,9 @@ def _outputs(stage: dict[str, Any]) -> list[str]:
     return [path for kind in ARTIFACT_KINDS for path in _entries(stage.get(kind))]
 
 
-def test_seven_stages_in_pipeline_order(stages):
+def test_eight_stages_in_pipeline_order(stages):
     assert tuple(stages) == STAGES, "pipeline.stages.STAGES disagrees with dvc.yaml"
-    assert len(STAGES) == 7
+    assert len(STAGES) == 8
 
 
 def test_every_template_resolves_to_a_params_key(dvc):

@@ -87,14 +87,15 @@ def test_flow_run_completes_every_task_and_reruns_only_what_changed(first_run):
     # export.* changed: DVC re-runs export only; every other stage is skipped, not recomputed.
     assert _statuses(result) == {stage: "ran" if stage == "export" else "unchanged" for stage in STAGES}
 
-    runs = _task_runs(state.state_details.flow_run_id, expected=len(STAGES) + 4)
-    assert set(runs) == {*STAGES, "set_params", "promotion_gate", "save_experiment", "publish"}
+    runs = _task_runs(state.state_details.flow_run_id, expected=len(STAGES) + 5)
+    assert set(runs) == {*STAGES, "drift_gate", "set_params", "promotion_gate", "save_experiment", "publish"}
     assert {name: run.state.type for name, run in runs.items()} == dict.fromkeys(runs, StateType.COMPLETED)
 
     assert yaml.safe_load((project / "params.yaml").read_text())["export"]["min_top1_agreement"] == 0.99
     decision = result["champion"]
     assert decision["promoted"] and decision["reason"] == "no champion yet"
     assert (project / "models" / "champion" / "metrics.json").is_file()
+    assert (project / "models" / "champion" / "splits.csv").is_file()  # what the audit compares new data with
 
 
 def test_flow_publishes_metrics_table_and_report_path(first_run):
@@ -109,6 +110,7 @@ def test_flow_publishes_metrics_table_and_report_path(first_run):
     table = by_key["retrain-metrics"].data
     assert "| export | ran |" in table and "| ingest | unchanged |" in table
     assert "accuracy" in table and "promoted (no champion yet" in table
+    assert "| drifted | None |" in by_key["data-drift"].data  # shown before training; no champion before
     report = project / "reports" / "evaluate" / "report.html"
     assert report.is_file()
     assert by_key["evaluation-report"].data.endswith(f"({report.resolve().as_uri()})")
@@ -277,3 +279,16 @@ def test_retraining_on_grown_data_gates_both_models_on_the_same_test_images(
     assert f"On the same {gate['images']} test images" in table and "McNemar p" in table
     record = json.loads((project / "models" / "champion" / "metrics.json").read_text())
     assert record["gate"] == gate if gate["promoted"] else record["gate"]["champion"] is None
+
+
+def test_drift_verdict_ignores_warns_or_stops_as_on_drift_says():
+    from pipeline.errors import PipelineError
+    from pipeline.flow import drift_verdict
+
+    drifted = {"drifted": True, "drift_auc": 0.93, "prior_shift": 0.02}
+    assert drift_verdict(drifted, "ignore") is None
+    assert "AUC 0.93" in drift_verdict(drifted, "warn")
+    with pytest.raises(PipelineError, match="orchestrate.on_drift: warn"):
+        drift_verdict(drifted, "stop")
+    assert drift_verdict({**drifted, "drifted": False}, "stop") is None
+    assert drift_verdict(None, "stop") is None  # no audit metrics: nothing to act on

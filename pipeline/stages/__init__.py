@@ -7,7 +7,8 @@ command of each, the Prefect flow a task, and the tests check `dvc.yaml` against
 SUMMARIES = {
     "ingest": "Scan the data source, hash and decode every image (in bounded memory), write the manifest.",
     "validate": "Check the manifest (pandera schema + Great Expectations rules); quarantine unusable files.",
-    "split": "Stratified train/val/test split that keeps exact duplicates together.",
+    "audit": "Embed every image: near-duplicates, likely label errors (cleanlab), drift since the champion.",
+    "split": "Stratified train/val/test split that keeps exact and near-duplicates together.",
     "train": "Fine-tune the pretrained backbone (resumes from the last complete epoch).",
     "evaluate": "Test-split metrics, calibration, plots and report.html.",
     "quantize": "ONNX export and INT8 candidates judged against FP32; the best passing one ships.",

@@ -1,7 +1,7 @@
 """Stage: split. Train/val/test split of the usable images per class, keeping duplicates together.
 
-The unit of splitting is a group of byte-identical files (same sha256), joined by the optional `group` column
-(near-duplicate groups) when the validated table has one, so a unit never straddles splits. Two methods:
+The unit of splitting is a group of byte-identical files (same sha256), joined by the `group` column (the
+audit's near-duplicate groups, `pipeline.data.audit`), so a unit never straddles splits. Two methods:
 
 - `stable` (default): a unit's split depends only on the keyed hash of its content and the seed (its
   position in [0, 1), compared with the cumulative fractions test, val, train), so adding, removing or
@@ -27,6 +27,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from pipeline.config import Params
+from pipeline.data.audit import with_audit_groups
 from pipeline.data.images import SPLITS
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, write_json
@@ -34,11 +35,11 @@ from pipeline.io import atomic_path, write_json
 log = logging.getLogger(__name__)
 
 SPLIT_COLUMNS = ("path", "label", "split", "sha256", "width", "height")
-GROUP_COLUMN = "group"  # optional in the validated table: rows with the same non-empty value stay together
+GROUP_COLUMN = "group"  # set by pipeline.data.audit: rows with the same non-empty value stay together
 
 
 def run(params: Params) -> dict:
-    table = _read_validated(params.paths.validated)
+    table = with_audit_groups(_read_validated(params.paths.validated), params.paths.audit_table)
     given = table["split"] != ""
     if params.split.keep_given_splits and given.any():
         if not given.all():

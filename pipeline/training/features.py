@@ -1,9 +1,11 @@
 """Pooled backbone features of every image, computed once (eval transform, no augmentation) so head-only
 epochs train a linear layer on (N, C) tensors instead of running the backbone: orders of magnitude faster.
 
-Features are also cached on disk, keyed by the image cache, a digest of the backbone's weights, the numeric
-settings and what computed them (CPU or GPU model, precision), so experiments that change only head/optimizer
-params skip the backbone entirely, and features made in bf16 on one GPU are not reused in fp32 on another.
+Features are also cached on disk by content: one folder per setting (a digest of the backbone's weights, the
+transform, the numeric settings and what computed them: CPU or GPU model, precision) holds the features of
+every image ever embedded with it, each keyed by a digest of its cached pixels. So experiments that change
+only head/optimizer params skip the backbone entirely, and any image set (the audit's usable images, train's
+split) reuses what another set already embedded.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader
 
-from pipeline.data.loader import CachedImages, EpochSampler
+from pipeline.data.cache import open_cache
+from pipeline.data.loader import CachedImages
 from pipeline.io import atomic_path
 from pipeline.progress import progress
 from pipeline.training.distributed import Dist, barrier
@@ -39,26 +42,64 @@ def backbone_features(
     env: Dist,
 ) -> list[torch.Tensor]:
     """(N, C) float32 CPU features of each image set (built by one process per machine, read by the others).
-    One call for all sets: the weights are digested and the backbone folded once."""
-    settings = (_weights_digest(backbone), precision.name, channels_last, device_tag(precision.device))
-    targets = [Path(cache_dir) / f"features-{features_key(images, *settings)}.pt" for images in image_sets]
-    missing = [i for i, target in enumerate(targets) if not target.is_file()]
-    computed: dict[int, torch.Tensor] = {}
-    if env.is_local_main and missing:
+    One call for all sets: the weights are digested and the backbone folded once; only images whose content
+    is not in the store yet run through the backbone."""
+    weights = _weights_digest(backbone)
+    settings = (precision.name, channels_last, device_tag(precision.device))
+    stores = [
+        Path(cache_dir) / f"features-{features_key(images, weights, *settings)}" for images in image_sets
+    ]
+    contents = [_contents(images) for images in image_sets]
+    if env.is_local_main:
         network = None
-        for n, i in enumerate(missing, 1):
-            desc = f"backbone features {n}/{len(missing)}"
-            computed[i], network = _compute(
-                backbone, network, image_sets[i], batch_size, precision, channels_last, desc
-            )
-            with atomic_path(targets[i]) as tmp:
-                torch.save({"features": computed[i]}, tmp)
+        for n, (images, store, digests) in enumerate(zip(image_sets, stores, contents, strict=True), 1):
+            missing = _missing(store, digests)
+            if missing:
+                desc = f"backbone features {n}/{len(image_sets)}"
+                computed, network = _compute(
+                    backbone, network, images, batch_size, precision, channels_last, desc, missing
+                )
+                _add_to_store(store, [digests[i] for i in missing], computed)
     barrier(env)
-    for i, target in enumerate(targets):
-        if i not in computed:
-            log.info("features: reusing %s", target)
-            computed[i] = torch.load(target, map_location="cpu", weights_only=True)["features"]
-    return [computed[i] for i in range(len(targets))]
+    return [_from_store(store, digests) for store, digests in zip(stores, contents, strict=True)]
+
+
+def _contents(images: CachedImages) -> list[str]:
+    """A digest of each image's cached pixels: the same picture has the same digest in any image set."""
+    array = open_cache(images.cache_file)
+    return [hashlib.blake2b(array[i].tobytes(), digest_size=16).hexdigest() for i in range(len(array))]
+
+
+def _store_index(store: Path) -> dict[str, tuple[Path, int]]:
+    """Content digest -> (shard file, row) over every shard in the store."""
+    index: dict[str, tuple[Path, int]] = {}
+    for shard in sorted(store.glob("*.pt")) if store.is_dir() else []:
+        names = torch.load(shard, map_location="cpu", weights_only=True)["contents"]
+        index.update({name: (shard, row) for row, name in enumerate(names)})
+    return index
+
+
+def _missing(store: Path, digests: Sequence[str]) -> list[int]:
+    """Indices of the images (first of each content) whose features are not in the store."""
+    known, first = _store_index(store), {}
+    for i, digest in enumerate(digests):
+        first.setdefault(digest, i)
+    return sorted(i for digest, i in first.items() if digest not in known)
+
+
+def _add_to_store(store: Path, digests: list[str], features: torch.Tensor) -> None:
+    """One new shard, named by its contents, written atomically."""
+    name = hashlib.sha256("|".join(digests).encode()).hexdigest()[:20]
+    with atomic_path(store / f"{name}.pt") as tmp:
+        torch.save({"contents": list(digests), "features": features}, tmp)
+
+
+def _from_store(store: Path, digests: Sequence[str]) -> torch.Tensor:
+    index = _store_index(store)
+    needed = {index[digest][0] for digest in digests}
+    shards = {shard: torch.load(shard, map_location="cpu", weights_only=True)["features"] for shard in needed}
+    log.info("features: %d images from %s", len(digests), store)
+    return torch.stack([shards[index[d][0]][index[d][1]] for d in digests]) if digests else torch.empty(0)
 
 
 def _compute(
@@ -69,12 +110,14 @@ def _compute(
     precision: Precision,
     channels_last: bool,
     desc: str,
+    indices: Sequence[int],
 ) -> tuple[torch.Tensor, nn.Module]:
-    """Features of `images` and the network that made them: `network`, else the backbone's inference copy."""
+    """Features of `images[indices]` and the network that made them: `network`, else the backbone's
+    inference copy."""
     was_training = backbone.training
     backbone.eval()
     # Its own generator: computing (rather than loading) features must not advance the global RNG.
-    sampler = EpochSampler(images.labels, 0, shuffle=False)
+    sampler = [(0, i) for i in indices]  # (epoch, index) keys, as EpochSampler yields them
     loader = DataLoader(
         images, batch_size=batch_size, sampler=sampler, generator=torch.Generator().manual_seed(0)
     )
@@ -135,8 +178,8 @@ def _weights_digest(backbone: nn.Module) -> str:
 
 
 def features_key(images: CachedImages, weights: str, precision: str, channels_last: bool, device: str) -> str:
-    """The features file's key. The transform's repr carries the crop size and normalisation, `weights`
+    """The feature store's key. The transform's repr carries the crop size and normalisation, `weights`
     digests the exact weights, `precision` (fp32 | bf16 | fp16) and `device` (`device_tag`) say what
     computed them."""
-    spec = f"{images.cache_file.name}|{images.transform!r}|{precision}|{channels_last}|{device}|{weights}"
+    spec = f"{images.transform!r}|{precision}|{channels_last}|{device}|{weights}"
     return hashlib.sha256(spec.encode()).hexdigest()[:20]

@@ -1,0 +1,168 @@
+"""audit_near_duplicates: 300 altered copies of Fashion-MNIST test images added to a 6,000-image train
+subset (JPEG re-encode at quality 60-90, resize by up to +/-15%, a 90% crop, brightness +/-5-10%, horizontal
+flip; one alteration per copy, in turn), then the real ingest -> validate -> audit stages: recall of the
+injected (copy, original) pairs (same near-duplicate group), the other pairs flagged per 1,000 images, and the
+audit's cost per 1,000 images with a cold (empty) and a warm (filled) cache folder.
+
+The data is written as a pre-split folder (train/ with the copies, test/ with the originals), so every found
+copy is also a group across given splits: leakage, as the audit reports it.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageEnhance, ImageOps
+
+from benchmarks._common import (
+    SMOKE_PARAMS,
+    Options,
+    class_files,
+    ensure_fashion_mnist,
+    machine,
+    project_params,
+    result,
+    summary,
+    target,
+    timed,
+    workdir,
+)
+from pipeline.config import Params
+from pipeline.stages import audit, ingest, validate
+from pipeline.stages.audit import checks
+
+NAME = "audit_near_duplicates"
+ALTERATIONS = ("jpeg", "resize", "crop", "brightness", "flip")
+_COMMON = {"validate.severity.split_leakage": "warning", "audit.label_issues": "off", "audit.drift": False}
+SETTINGS = {
+    "full": {
+        "repeats": 1,
+        "train_per_class": 600,
+        "test_per_class": 100,
+        "copies": 300,
+        "params": _COMMON,
+    },
+    "smoke": {
+        "repeats": 1,
+        "train_per_class": 6,
+        "test_per_class": 4,
+        "copies": 5,
+        "params": {**_COMMON, **SMOKE_PARAMS},
+    },
+}
+
+
+def alter(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Image.Image, str]:
+    """One alteration of `image` and the file suffix to save it with (never byte-identical to the source)."""
+    if kind == "jpeg":
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=int(rng.integers(60, 91)))
+        return Image.open(io.BytesIO(buffer.getvalue())), ".jpg"
+    if kind == "resize":
+        factor = rng.choice([-1, 1]) * rng.uniform(0.05, 0.15) + 1
+        side = max(8, round(image.width * factor))
+        return image.resize((side, side), Image.Resampling.BICUBIC), ".png"
+    if kind == "crop":
+        side = round(0.9 * image.width)
+        left, top = (int(v) for v in rng.integers(0, image.width - side + 1, size=2))
+        return image.crop((left, top, left + side, top + side)), ".png"
+    if kind == "brightness":
+        factor = rng.choice([-1, 1]) * rng.uniform(0.05, 0.10) + 1
+        return ImageEnhance.Brightness(image).enhance(factor), ".png"
+    return ImageOps.mirror(image), ".png"
+
+
+def build_data(source: Path, target_root: Path, settings: dict, seed: int) -> list[tuple[str, str, str]]:
+    """Copy a class-stratified subset of `source` (train/, test/) to `target_root` and add the altered copies
+    of test images to train/; returns (copy path, original path, alteration) relative to `target_root`."""
+    rng = np.random.default_rng(seed)
+    originals = []
+    for split, per_class in (("train", settings["train_per_class"]), ("test", settings["test_per_class"])):
+        for label, names in class_files(source / split).items():
+            for name in rng.permutation(names)[:per_class]:
+                relative = f"{split}/{label}/{name}"
+                (target_root / split / label).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source / relative, target_root / relative)
+                if split == "test":
+                    originals.append(relative)
+    injected = []
+    for n, index in enumerate(rng.permutation(len(originals))[: settings["copies"]]):
+        original, kind = originals[index], ALTERATIONS[n % len(ALTERATIONS)]
+        image, suffix = alter(Image.open(target_root / original), kind, rng)
+        label = original.split("/")[1]
+        copy = f"train/{label}/copy{n:04d}_{kind}{suffix}"
+        image.save(target_root / copy)
+        injected.append((copy, original, kind))
+    return injected
+
+
+def run(opts: Options) -> dict[str, Any]:
+    started, settings = machine(), opts.settings(SETTINGS)
+    source = opts.data if opts.smoke else ensure_fashion_mnist(opts.data)
+    seconds: dict[str, list[float]] = {"cold": [], "warm": []}
+    with workdir(opts, NAME) as root:
+        injected = build_data(Path(source), root / "data", settings, seed=42)
+        params = project_params(root, {"paths.data_root": str(root / "data"), **settings["params"]})
+        ingest.run(params)
+        validate.run(params)
+        for _ in range(settings["repeats"]):
+            shutil.rmtree(params.paths.cache_dir, ignore_errors=True)
+            for key in ("cold", "warm"):
+                seconds[key].append(timed(lambda: audit.run(params))[0])
+        table = pd.read_csv(params.paths.audit_table, dtype=str, keep_default_na=False)
+        found = _pairs(params, table)
+    images = len(table)
+    figures = _score(table, found, injected)
+    per_1000 = {key: {**summary(values), "per_1000_images": 1000 * min(values) / images}
+                for key, values in seconds.items()}  # fmt: skip
+    results = {"images": images, **figures, "seconds": per_1000}
+    extra = 1000 * figures["extra_pairs"] / images
+    ratios = {
+        "recall": figures["recall"],
+        "extra_pairs_per_1000_images": extra,
+        "cold_vs_warm": per_1000["cold"]["median"] / per_1000["warm"]["median"],
+    }
+    targets = {
+        "recall": target(figures["recall"], ">=", 0.95),
+        "extra_pairs_per_1000_images": target(extra, "<=", 1.0),
+    }
+    settings.update(alterations=ALTERATIONS, audit=params.audit.model_dump(), model=params.model.model_dump())
+    return result(NAME, opts, started, settings, results, ratios, targets)
+
+
+def _pairs(params: Params, table: pd.DataFrame) -> list[checks.Pair]:
+    """The pairs the audit's rule flags, on its (now cached) embeddings."""
+    embeddings = audit.embed(table, params)
+    files = [params.paths.data_root / path for path in table["path"]]
+    return checks.near_duplicate_pairs(embeddings, files, params.audit)
+
+
+def _score(table: pd.DataFrame, pairs: list[checks.Pair], injected: list[tuple[str, str, str]]) -> dict:
+    """Recall of the injected pairs (same group), per alteration; the other flagged pairs."""
+    group = dict(zip(table["path"], table["group"], strict=True))
+    found = {kind: [group[c] == group[o] for c, o, k in injected if k == kind] for kind in ALTERATIONS}
+    paths = table["path"].tolist()
+    wanted = {frozenset((c, o)) for c, o, _ in injected}
+    extra = [p for p in pairs if frozenset((paths[p.first], paths[p.second])) not in wanted]
+    hits = sum(sum(v) for v in found.values())
+    return {
+        "injected_pairs": len(injected),
+        "recall": hits / max(1, len(injected)),
+        "recall_by_alteration": {kind: float(np.mean(v)) if v else None for kind, v in found.items()},
+        "flagged_pairs": len(pairs),
+        "extra_pairs": len(extra),
+        "extra_examples": [
+            {
+                "first": paths[p.first],
+                "second": paths[p.second],
+                "similarity": round(p.similarity, 4),
+                "hash_distance": p.hash_distance,
+            }
+            for p in extra[:20]
+        ],  # fmt: skip
+    }

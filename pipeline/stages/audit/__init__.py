@@ -1,0 +1,231 @@
+"""Stage: audit. What a byte-level check cannot see, found with the pretrained backbone's eyes: near-duplicate
+images, likely label errors, and drift of the images added since the champion's training set.
+
+Every usable image is embedded once (eval transform; features cached by content, so train's feature passes
+and later runs reuse them). Then (`checks`): near-duplicate groups (embedding cosine similarity, a perceptual
+hash as second signal), out-of-fold probabilities of a k-fold logistic regression on the embeddings ranked by
+cleanlab, and a class-prior shift plus the cross-validated AUC of an old-vs-new classifier. It writes the
+per-image table split reads (`pipeline.data.audit`), details.json, the page (`page`) and the metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import AugmentParams, Params
+from pipeline.data.audit import AUDIT_COLUMNS
+from pipeline.data.splits import read_splits_table
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_dir, atomic_path, write_json
+from pipeline.stages.audit import checks, page
+
+log = logging.getLogger(__name__)
+
+PAGE = "index.html"  # in reports/audit/
+
+
+def run(params: Params) -> dict:
+    """Embed, check, write the table, page, details and metrics; then fail if a check at severity error
+    found something."""
+    started = time.perf_counter()
+    table = _read_validated(params.paths.validated)
+    files = [params.paths.data_root / path for path in table["path"]]
+    embeddings = embed(table, params)
+    found = audit(table, embeddings, files, params)
+    found.metrics["seconds"] = round(time.perf_counter() - started, 3)
+    with atomic_dir(params.paths.reports_dir / "audit") as report_dir:
+        with atomic_path(report_dir / params.paths.audit_table.name) as tmp:
+            found.table[list(AUDIT_COLUMNS)].to_csv(tmp, index=False, lineterminator="\n")
+        write_json(report_dir / params.paths.details("audit").name, found.details)
+        (report_dir / PAGE).write_text(page.render(found, files, params), encoding="utf-8")
+    write_json(params.paths.metrics("audit"), found.metrics)
+    for line in found.warnings:
+        log.warning("audit: %s", line)
+    if found.errors:
+        raise PipelineError(
+            "\n".join([*found.errors, f"details: {params.paths.reports_dir / 'audit' / PAGE}"])
+        )
+    log.info("audit: %s", found.metrics)
+    return found.metrics
+
+
+def _read_validated(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise PipelineError(f"paths.validated: {path} not found; run `python -m pipeline validate` first")
+    text = {"path": str, "label": str, "split": str, "sha256": str}
+    table = pd.read_csv(path, dtype=text, keep_default_na=False)
+    if table.empty:
+        raise PipelineError(f"{path}: no usable images to audit; check the quarantine written by validate")
+    return table.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def embed(table: pd.DataFrame, params: Params) -> np.ndarray:
+    """(N, C) pooled backbone features of the table's images, with the settings train's feature pass uses
+    (eval transform, train.precision, train.device, train.channels_last), so either reuses the other's."""
+    import torch
+
+    from pipeline.data.cache import build_cache
+    from pipeline.data.loader import CachedImages, resolve_eval_batch_size
+    from pipeline.data.transforms import build_transforms
+    from pipeline.models import build_model, resolve_data_config
+    from pipeline.training.checkpoint import seed_everything
+    from pipeline.training.distributed import Dist
+    from pipeline.training.features import backbone_features
+    from pipeline.training.precision import resolve_device, resolve_precision
+
+    paths, channels_last = params.paths, params.train.channels_last
+    seed_everything(params.base.seed)  # as train does: random-init weights (weights: none) match its own
+    device = resolve_device(params.train.device)
+    precision = resolve_precision(params.train.precision, device)
+    data_config = resolve_data_config(params.model)
+    files = [paths.data_root / path for path in table["path"]]
+    identities = [f"{p}:{sha}" for p, sha in zip(table["path"], table["sha256"], strict=True)]
+    cache_file = build_cache(files, identities, data_config, paths.cache_dir, workers=os.cpu_count() or 1)
+    backbone = build_model(params.model, num_classes=None).backbone.to(device)
+    if channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    labels = np.zeros(len(table), dtype=np.int64)
+    transform = build_transforms(data_config, AugmentParams(), train=False)  # eval: no augmentation
+    images = CachedImages(cache_file, labels, transform, params.base.seed, random=False)
+    batch_size = resolve_eval_batch_size(params.train.eval_batch_size, params.train.batch_size, device)
+    settings = (batch_size, precision, channels_last, paths.cache_dir, Dist())
+    return backbone_features(backbone, [images], *settings)[0].numpy()
+
+
+@dataclass
+class Found:
+    """What the audit found, and what follows from it."""
+
+    table: pd.DataFrame  # AUDIT_COLUMNS, one row per usable image, sorted by path
+    suspects: pd.DataFrame  # the label issues, most likely first (rows of `table`)
+    groups: pd.DataFrame  # near-duplicate groups of two or more images: group, images, labels, splits
+    drift: dict
+    metrics: dict = field(default_factory=dict)  # the headline figures `dvc exp show` compares
+    details: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # why the stage fails; empty when it passes
+
+
+def audit(table: pd.DataFrame, embeddings: np.ndarray, files: list[Path], params: Params) -> Found:
+    """Run the three checks on the embeddings of `table`'s images (`files`, same order)."""
+    # An untrained backbone's features find every image alike: no near-duplicate search on them.
+    search = params.audit.near_duplicates and params.model.weights != "none"
+    pairs = checks.near_duplicate_pairs(embeddings, files, params.audit) if search else []
+    table = table.assign(group=checks.group_ids(table["sha256"].tolist(), pairs))
+    table["group_size"] = table.groupby("group")["path"].transform("size").astype(int)
+    table, suspects, label_note = _label_issues(table, embeddings, params)
+    found = Found(table, suspects, _groups(table), _drift(table, embeddings, params))
+    _judge_groups(found, params)
+    groups = found.groups
+    found.metrics = {
+        "images": len(table),
+        "near_duplicate_groups": len(groups),
+        "near_duplicate_images": int(groups["images"].sum()) if len(groups) else 0,
+        "cross_label_groups": int((groups["labels"] > 1).sum()) if len(groups) else 0,
+        "cross_split_groups": int((groups["splits"] > 1).sum()) if len(groups) else 0,
+        "label_issues": len(suspects),
+        "quarantined": int(table["quarantined"].sum()),
+        "drift_auc": found.drift.get("auc"),
+        "prior_shift": found.drift.get("prior_shift"),
+        "drifted": found.drift.get("drifted"),
+    }
+    found.details = {
+        "settings": params.audit.model_dump(),
+        "near_duplicate_pairs": len(pairs)
+        if search
+        else "not searched (audit.near_duplicates, model.weights)",
+        "label_issues": label_note,
+        "drift": found.drift,
+    }
+    return found
+
+
+def _label_issues(
+    table: pd.DataFrame, embeddings: np.ndarray, params: Params
+) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """The table with the label columns filled, the suspects (ranked) and a note on what ran."""
+    mode = params.audit.label_issues
+    classes = sorted(table["label"].unique())
+    y = table["label"].map({name: i for i, name in enumerate(classes)}).to_numpy(dtype=np.int64)
+    folds = checks.usable_folds(y, params.audit.folds)
+    table = table.assign(label_issue=False, suggested_label="", label_quality=np.nan, quarantined=False)
+    if mode == "off":
+        return table, table.iloc[:0], "off (audit.label_issues: off)"
+    if len(classes) < 2 or folds < 2:
+        return table, table.iloc[:0], "skipped: needs 2 classes of at least 2 images each"
+    issues = checks.label_issues(y, checks.out_of_fold_probabilities(embeddings, y, folds, params.base.seed))
+    flagged = np.zeros(len(table), dtype=bool)
+    flagged[issues.ranked] = True
+    table = table.assign(
+        label_issue=flagged,
+        suggested_label=np.array(classes, dtype=object)[issues.suggested],
+        label_quality=issues.quality.round(6),
+        quarantined=flagged & (mode == "quarantine"),
+    )
+    return table, table.iloc[issues.ranked], f"{mode}: {folds}-fold logistic regression + cleanlab"
+
+
+def _groups(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per near-duplicate group of two or more distinct files: size, labels and given splits."""
+    multi = table[table["group_size"] > 1]
+    given = multi["split"].where(multi["split"] != "")
+    groups = (
+        multi.assign(given=given)
+        .groupby("group", sort=True)
+        .agg(images=("path", "size"), labels=("label", "nunique"), splits=("given", "nunique"))
+    )
+    return groups.reset_index().sort_values(["splits", "labels", "images"], ascending=False, kind="stable")
+
+
+_GROUP_RULES = {  # rule -> (groups column that must stay at 1, what it means, the fix)
+    "near_duplicate_conflict": ("labels", "under two or more labels", "relabel or remove the copies"),
+    "near_duplicate_leakage": ("splits", "in two or more given splits (leakage)", "keep each in one split"),
+}
+
+
+def _judge_groups(found: Found, params: Params) -> None:
+    """Each group rule's outcome by its severity: an error line, or a warning line, or nothing."""
+    for rule, (column, meaning, fix) in _GROUP_RULES.items():
+        severity = getattr(params.audit.severity, rule)
+        count = int((found.groups[column] > 1).sum()) if len(found.groups) else 0
+        if severity == "off" or count == 0:
+            continue
+        line = f"rule {rule}: {count} near-duplicate group(s) {meaning}"
+        if severity == "error":
+            found.errors.append(f"{line}; {fix} (or set audit.severity.{rule}: warning)")
+        else:
+            found.warnings.append(line)
+
+
+def _drift(table: pd.DataFrame, embeddings: np.ndarray, params: Params) -> dict:
+    """The images added since the champion's training set against the ones it was trained on."""
+    settings, record = params.audit, params.paths.champion_splits
+    if not settings.drift:
+        return {"status": "off (audit.drift: false)"}
+    if not record.is_file():
+        return {"status": f"no champion training set ({record}): nothing to compare with"}
+    trained = read_splits_table(record)
+    trained = trained[trained["split"] == "train"]
+    old = table["sha256"].isin(set(trained["sha256"])).to_numpy()
+    new = (~table["sha256"].isin(set(read_splits_table(record)["sha256"]))).to_numpy()
+    counts = {"old_images": int(old.sum()), "new_images": int(new.sum())}
+    if new.sum() < settings.drift_min_images or old.sum() < 2:
+        return {
+            "status": f"too few images to compare (audit.drift_min_images {settings.drift_min_images})",
+            **counts,
+        }
+    auc = checks.two_sample_auc(embeddings[old], embeddings[new], settings.folds, params.base.seed)
+    before = trained["label"].value_counts().to_dict()
+    after = table.loc[new, "label"].value_counts().to_dict()
+    shift = checks.prior_shift(before, after)
+    drifted = auc > settings.drift_max_auc or shift > settings.drift_max_prior_shift
+    figures = {"auc": round(auc, 4), "prior_shift": round(shift, 4), "drifted": drifted}
+    status = "drifted" if drifted else "no drift"
+    return {"status": status, **figures, "priors": {"champion_train": before, "new": after}, **counts}

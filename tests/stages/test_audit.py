@@ -1,0 +1,241 @@
+"""Audit: each check fires on what it should (altered copies, a wrong label, drifted new data) and stays quiet
+on clean data; split keeps near-duplicate groups together; features are reused; DVC reruns only on change.
+
+The images are 64 px tiles of real photos bundled with scikit-image (a class is a photo; each tile its own
+picture); the backbone is the bundled pretrained lite0 at 64 px (random weights find every image alike).
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import assert_headline_metrics, data_stage_params
+from PIL import Image, ImageOps
+
+from pipeline.errors import PipelineError
+from pipeline.io import read_json
+from pipeline.stages import audit, ingest, split, validate
+
+CLASSES = ("astronaut", "coffee", "immunohistochemistry")
+OTHER_LOOK = ("hubble_deep_field", "retina", "rocket")  # drifted data: other photos
+PER_CLASS = 10
+_TILE = 100
+
+
+@cache
+def tiles(photo: str) -> list[np.ndarray]:
+    """The photo's 100 px tiles (no overlap), the most detailed first (flat sky would be alike)."""
+    import skimage.data
+
+    pixels = getattr(skimage.data, photo)()[..., :3]
+    rows, cols = pixels.shape[0] // _TILE, pixels.shape[1] // _TILE
+    cut = [
+        pixels[r * _TILE : (r + 1) * _TILE, c * _TILE : (c + 1) * _TILE]
+        for r in range(rows)
+        for c in range(cols)
+    ]
+    return sorted(cut, key=lambda tile: -float(tile.std()))
+
+
+def picture(path: Path, photo: str, index: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(tiles(photo)[index]).resize((64, 64), Image.Resampling.LANCZOS).save(path)
+    return path
+
+
+def clean_folder(root: Path, per_class: int = PER_CLASS) -> Path:
+    for label in CLASSES:
+        for i in range(per_class):
+            picture(root / label / f"{i:03d}.png", label, i)
+    return root
+
+
+def _params(tmp_path: Path, data: Path, train: dict | None = None, **audit_settings):
+    out = tmp_path / "out"
+    return data_stage_params(
+        tmp_path,
+        data,
+        ingest={"num_workers": 0},
+        validate={"min_images_per_class": 5},
+        model={"backbone": "tf_efficientnet_lite0", "weights": "bundled", "image_size": 64},
+        train={"precision": "fp32", **(train or {})},
+        audit={"folds": 3, "drift_min_images": 10, **audit_settings},
+        paths={
+            "champion_dir": str(out / "champion"),
+            "checkpoint_dir": str(out / "checkpoints"),
+            "model": str(out / "model.pt"),
+            "live_dir": str(out / "live"),
+        },
+    )
+
+
+def _audit(params) -> tuple[dict, pd.DataFrame]:
+    ingest.run(params)
+    validate.run(params)
+    metrics = audit.run(params)
+    return metrics, pd.read_csv(params.paths.audit_table, dtype=str, keep_default_na=False)
+
+
+def test_clean_data_has_no_finding_and_the_page_opens_offline(tmp_path):
+    params = _params(tmp_path, clean_folder(tmp_path / "data"))
+    metrics, table = _audit(params)
+    assert metrics["images"] == len(table) == 3 * PER_CLASS
+    assert metrics["near_duplicate_groups"] == metrics["label_issues"] == metrics["quarantined"] == 0
+    assert metrics["drifted"] is None  # no champion yet
+    assert_headline_metrics(metrics, CLASSES)
+    assert list(table["group"]) == list(table["sha256"])  # every image its own group
+    html = (params.paths.reports_dir / "audit" / audit.PAGE).read_text()
+    assert "No likely label error found" in html and "No near-duplicate group" in html
+    assert "http://" not in html and "https://" not in html
+    assert read_json(params.paths.details("audit"))["drift"]["status"].startswith("no champion")
+
+
+def _copies(data: Path, label: str = "astronaut") -> dict[str, str]:
+    """Altered copies of three pictures (flip, JPEG, resize) under `label`; copy path -> original path."""
+    made = {}
+    for name, alter in (
+        ("000", lambda im: ImageOps.mirror(im)),
+        ("001", lambda im: _jpeg(im, 70)),
+        ("002", lambda im: im.resize((72, 72), Image.Resampling.BICUBIC)),
+    ):
+        copy = f"{label}/copy_of_{name}.png"
+        alter(Image.open(data / label / f"{name}.png").convert("RGB")).save(data / copy)
+        made[copy] = f"{label}/{name}.png"
+    return made
+
+
+def _jpeg(image: Image.Image, quality: int) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue()))
+
+
+def test_altered_copies_share_a_group_and_split_keeps_each_group_in_one_split(tmp_path):
+    data = clean_folder(tmp_path / "data")
+    copies = _copies(data)
+    params = _params(tmp_path, data)
+    metrics, table = _audit(params)
+    group = dict(zip(table["path"], table["group"], strict=True))
+    assert all(group[copy] == group[original] for copy, original in copies.items())
+    assert metrics["near_duplicate_groups"] == 3 and metrics["near_duplicate_images"] == 6
+    assert metrics["cross_label_groups"] == 0
+    split.run(params)
+    splits = pd.read_csv(params.paths.splits, dtype=str, keep_default_na=False).set_index("path")["split"]
+    assert all(splits[copy] == splits[original] for copy, original in copies.items())
+    html = (params.paths.reports_dir / "audit" / audit.PAGE).read_text()
+    assert html.count("<h3>group ") == 3
+
+
+def test_a_copy_under_another_label_is_a_conflict_and_fails_at_severity_error(tmp_path):
+    data = clean_folder(tmp_path / "data")
+    ImageOps.mirror(Image.open(data / "astronaut" / "004.png")).save(data / "coffee" / "mirrored.png")
+    params = _params(tmp_path, data, severity={"near_duplicate_conflict": "error"})
+    with pytest.raises(PipelineError, match="near_duplicate_conflict: 1 near-duplicate group"):
+        _audit(params)
+    assert read_json(params.paths.metrics("audit"))["cross_label_groups"] == 1  # reports written first
+
+
+def test_a_wrong_label_is_flagged_with_the_right_class_suggested_and_can_be_quarantined(tmp_path):
+    data = clean_folder(tmp_path / "data")
+    picture(data / "coffee" / "really_astronaut.png", "astronaut", PER_CLASS)
+    params = _params(tmp_path, data, label_issues="quarantine")
+    metrics, table = _audit(params)
+    flagged = table[table["label_issue"] == "True"].set_index("path")
+    planted = "coffee/really_astronaut.png"
+    assert planted in flagged.index and len(flagged) <= 3  # on 31 images the probe doubts a tile or two more
+    quality = table.set_index("path")["label_quality"].astype(float)
+    assert quality[planted] < 0.2  # out of sample, its given label gets little probability
+    assert (
+        flagged.at[planted, "suggested_label"] == "astronaut" and flagged.at[planted, "quarantined"] == "True"
+    )
+    assert metrics["label_issues"] == metrics["quarantined"] == len(flagged)
+    split.run(params)
+    assert "coffee/really_astronaut.png" not in set(pd.read_csv(params.paths.splits)["path"])
+    assert "really_astronaut.png" in (params.paths.reports_dir / "audit" / audit.PAGE).read_text()
+
+
+def test_label_issues_off_flags_nothing(tmp_path):
+    data = clean_folder(tmp_path / "data")
+    picture(data / "coffee" / "really_astronaut.png", "astronaut", PER_CLASS)
+    metrics, table = _audit(_params(tmp_path, data, label_issues="off"))
+    assert metrics["label_issues"] == 0 and (table["label_issue"] == "False").all()
+
+
+def _champion_of(params) -> None:
+    """Record the current usable images as the champion's training set."""
+    validated = pd.read_csv(params.paths.validated, dtype=str, keep_default_na=False)
+    params.paths.champion_dir.mkdir(parents=True)
+    validated.assign(split="train")[["path", "label", "split", "sha256"]].to_csv(
+        params.paths.champion_splits, index=False
+    )
+
+
+@pytest.mark.parametrize("drifted", [False, True], ids=["same-look", "new-look"])
+def test_drift_is_found_only_when_the_new_images_look_different(tmp_path, drifted):
+    data = clean_folder(tmp_path / "data")
+    params = _params(tmp_path, data)
+    _audit(params)
+    _champion_of(params)
+    for label, other in zip(CLASSES, OTHER_LOOK, strict=True):
+        for i in range(PER_CLASS):  # the same photos' next tiles, or tiles of other photos
+            picture(data / label / f"new_{i:03d}.png", other if drifted else label, PER_CLASS + 1 + i)
+    metrics, _ = _audit(params)
+    drift = read_json(params.paths.details("audit"))["drift"]
+    assert drift["new_images"] == drift["old_images"] == 3 * PER_CLASS
+    assert metrics["prior_shift"] == pytest.approx(0.0)
+    assert metrics["drifted"] is drifted
+    assert (metrics["drift_auc"] > 0.75) is drifted
+
+
+def test_a_second_run_embeds_nothing_and_writes_the_same_table(tmp_path):
+    params = _params(tmp_path, clean_folder(tmp_path / "data"))
+    _audit(params)
+    first = params.paths.audit_table.read_bytes()
+    stores = list(params.paths.cache_dir.glob("features-*/*.pt"))
+    assert len(stores) == 1
+    stores[0].chmod(0o444)
+    audit.run(params)
+    assert list(params.paths.cache_dir.glob("features-*/*.pt")) == stores  # no new shard: all reused
+    assert params.paths.audit_table.read_bytes() == first
+
+
+def test_split_reads_groups_and_quarantine_from_the_audit_table(tmp_path):
+    from pipeline.data.audit import with_audit_groups
+
+    table = pd.DataFrame({"path": ["a.png", "b.png", "c.png"], "sha256": ["s1", "s2", "s3"]})
+    assert list(with_audit_groups(table, tmp_path / "missing.csv")["group"]) == ["s1", "s2", "s3"]
+    audit_csv = tmp_path / "images.csv"
+    audit_rows = {"path": ["a.png", "b.png"], "group": ["s1", "s1"], "quarantined": [False, True]}
+    pd.DataFrame(audit_rows).to_csv(audit_csv, index=False)
+    grouped = with_audit_groups(table, audit_csv)
+    assert grouped["path"].tolist() == ["a.png", "c.png"]  # b quarantined
+    assert grouped["group"].tolist() == ["s1", "s3"]  # c unseen by the audit: its own sha256
+
+
+def test_no_usable_images_is_one_clear_error(tmp_path):
+    params = _params(tmp_path, tmp_path / "data")
+    params.paths.validated.parent.mkdir(parents=True)
+    params.paths.validated.write_text("path,label,split,sha256,width,height\n")
+    with pytest.raises(PipelineError, match="no usable images to audit"):
+        audit.run(params)
+    shutil.rmtree(params.paths.validated.parent)
+    with pytest.raises(PipelineError, match="run `python -m pipeline validate` first"):
+        audit.run(params)
+
+
+def test_train_reuses_the_audit_features_for_its_head_only_epochs(tmp_path):
+    from pipeline.stages import train
+
+    params = _params(tmp_path, clean_folder(tmp_path / "data"))
+    _audit(params)
+    split.run(params)
+    shards = sorted(params.paths.cache_dir.glob("features-*/*.pt"))
+    assert len(shards) == 1
+    train.run(_params(tmp_path, tmp_path / "data", train={"strategy": "linear_probe", "epochs": 1}))
+    assert sorted(params.paths.cache_dir.glob("features-*/*.pt")) == shards  # every image found by content
