@@ -26,13 +26,20 @@ def adjacent_batch1_ms(
     second: Callable[[np.ndarray], object],
     inputs: np.ndarray,
     repeats: int,
+    rounds: int = 3,
 ) -> tuple[float, float]:
-    """Median batch-1 latency (ms) of two runners timed one right after the other, each after its own warm-up,
-    so that a machine whose speed drifts over minutes times both alike. Not call by call in turns: each ONNX
-    Runtime session then ran slower right after the other (its threads, its weights out of cache), and the
-    default run read a 4.6x INT8 speed-up where separate timings gave 1.7x."""
+    """Median batch-1 latency (ms) of two runners, timed in blocks one right after the other, each block after
+    its own warm-up, in `rounds` rounds with the order swapped each round; each runner's median over rounds.
+    Blocks, not call by call in turns: each ONNX Runtime session then ran slower right after the other (its
+    threads, its weights out of cache), and the default run read a 4.6x INT8 speed-up where separate timings
+    gave 1.7x. Rounds: one block of FP32 read 1.3 ms where the blocks before and after read 1.7 ms, which
+    turned a 1.8x speed-up into 1.1x and flipped the quantize gate."""
     single = np.ascontiguousarray(inputs[:1])
-    return tuple(1000.0 * median_seconds(lambda run=run: run(single), repeats) for run in (first, second))
+    runners, times = (first, second), ([], [])
+    for round_ in range(rounds):
+        for i in (0, 1) if round_ % 2 == 0 else (1, 0):
+            times[i].append(1000.0 * median_seconds(lambda run=runners[i]: run(single), repeats))
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def speed(run: Callable[[np.ndarray], object], inputs: np.ndarray, repeats: int) -> dict[str, float]:
