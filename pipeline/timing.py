@@ -32,8 +32,8 @@ def adjacent_batch1_ms(
     its own warm-up, in `rounds` rounds with the order swapped each round; each runner's median over rounds.
     Blocks, not call by call in turns: each ONNX Runtime session then ran slower right after the other (its
     threads, its weights out of cache), and the default run read a 4.6x INT8 speed-up where separate timings
-    gave 1.7x. Rounds: one block of FP32 read 1.3 ms where the blocks before and after read 1.7 ms, which
-    turned a 1.8x speed-up into 1.1x and flipped the quantize gate."""
+    gave 1.7x. Rounds: in one run of the default pipeline FP32 read 1.3 ms where the reruns read 1.7 ms, which
+    turned a 1.7-1.8x speed-up into 1.1x and flipped the quantize gate."""
     single = np.ascontiguousarray(inputs[:1])
     runners, times = (first, second), ([], [])
     for round_ in range(rounds):
