@@ -84,6 +84,7 @@ def outputs(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
         "splits": p.splits,
         "model": p.model,
         "validation": p.reports_dir / "validate" / "index.html",
+        "audit": p.reports_dir / "audit" / "index.html",
         "report": p.reports_dir / "evaluate" / "report.html",
         "export": p.export_dir,
         "export page": p.reports_dir / "export" / "index.html",
