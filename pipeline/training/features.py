@@ -50,18 +50,27 @@ def backbone_features(
         Path(cache_dir) / f"features-{features_key(images, weights, *settings)}" for images in image_sets
     ]
     contents = [_contents(images) for images in image_sets]
+    loaded: dict[Path, dict[str, torch.Tensor]] = {}  # each store read once (train and val share one)
+
+    def rows(store: Path) -> dict[str, torch.Tensor]:
+        if store not in loaded:
+            loaded[store] = _load_store(store)
+        return loaded[store]
+
     if env.is_local_main:
         network = None
         for n, (images, store, digests) in enumerate(zip(image_sets, stores, contents, strict=True), 1):
-            missing = _missing(store, digests)
+            missing = _missing(rows(store), digests)
             if missing:
                 desc = f"backbone features {n}/{len(image_sets)}"
                 computed, network = _compute(
                     backbone, network, images, batch_size, precision, channels_last, desc, missing
                 )
-                _add_to_store(store, [digests[i] for i in missing], computed)
+                added = [digests[i] for i in missing]
+                _add_to_store(store, added, computed)
+                rows(store).update(zip(added, computed, strict=True))
     barrier(env)
-    return [_from_store(store, digests) for store, digests in zip(stores, contents, strict=True)]
+    return [_from_store(rows(store), digests, store) for store, digests in zip(stores, contents, strict=True)]
 
 
 def _contents(images: CachedImages) -> list[str]:
@@ -70,18 +79,18 @@ def _contents(images: CachedImages) -> list[str]:
     return [hashlib.blake2b(array[i].tobytes(), digest_size=16).hexdigest() for i in range(len(array))]
 
 
-def _store_index(store: Path) -> dict[str, tuple[Path, int]]:
-    """Content digest -> (shard file, row) over every shard in the store."""
-    index: dict[str, tuple[Path, int]] = {}
+def _load_store(store: Path) -> dict[str, torch.Tensor]:
+    """Content digest -> feature row, over every shard in the store."""
+    rows: dict[str, torch.Tensor] = {}
     for shard in sorted(store.glob("*.pt")) if store.is_dir() else []:
-        names = torch.load(shard, map_location="cpu", weights_only=True)["contents"]
-        index.update({name: (shard, row) for row, name in enumerate(names)})
-    return index
+        saved = torch.load(shard, map_location="cpu", weights_only=True)
+        rows.update(zip(saved["contents"], saved["features"], strict=True))
+    return rows
 
 
-def _missing(store: Path, digests: Sequence[str]) -> list[int]:
+def _missing(known: dict[str, torch.Tensor], digests: Sequence[str]) -> list[int]:
     """Indices of the images (first of each content) whose features are not in the store."""
-    known, first = _store_index(store), {}
+    first: dict[str, int] = {}
     for i, digest in enumerate(digests):
         first.setdefault(digest, i)
     return sorted(i for digest, i in first.items() if digest not in known)
@@ -94,12 +103,9 @@ def _add_to_store(store: Path, digests: list[str], features: torch.Tensor) -> No
         torch.save({"contents": list(digests), "features": features}, tmp)
 
 
-def _from_store(store: Path, digests: Sequence[str]) -> torch.Tensor:
-    index = _store_index(store)
-    needed = {index[digest][0] for digest in digests}
-    shards = {shard: torch.load(shard, map_location="cpu", weights_only=True)["features"] for shard in needed}
+def _from_store(rows: dict[str, torch.Tensor], digests: Sequence[str], store: Path) -> torch.Tensor:
     log.info("features: %d images from %s", len(digests), store)
-    return torch.stack([shards[index[d][0]][index[d][1]] for d in digests]) if digests else torch.empty(0)
+    return torch.stack([rows[d] for d in digests]) if digests else torch.empty(0)
 
 
 def _compute(
