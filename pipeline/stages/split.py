@@ -35,7 +35,7 @@ from pipeline.io import atomic_path, write_json
 log = logging.getLogger(__name__)
 
 SPLIT_COLUMNS = ("path", "label", "split", "sha256", "width", "height")
-GROUP_COLUMN = "group"  # set by pipeline.data.audit: rows with the same non-empty value stay together
+GROUP_COLUMN = "group"  # set on every row by pipeline.data.audit: rows with the same value stay together
 
 
 def run(params: Params) -> dict:
@@ -80,7 +80,7 @@ def run(params: Params) -> dict:
 def _read_validated(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise PipelineError(f"paths.validated: {path} not found; run `python -m pipeline validate` first")
-    text_columns = {"path": str, "label": str, "split": str, "sha256": str, GROUP_COLUMN: str}
+    text_columns = {"path": str, "label": str, "split": str, "sha256": str}
     table = pd.read_csv(path, dtype=text_columns, keep_default_na=False)
     missing = [column for column in SPLIT_COLUMNS if column not in table.columns]
     if missing:
@@ -196,10 +196,8 @@ def _units(table: pd.DataFrame, seed: int) -> pd.DataFrame:
 
 
 def _unit_keys(table: pd.DataFrame) -> pd.Series:
-    """Each row's unit: the smallest sha256 among the files linked to it by equal bytes or an equal non-empty
-    `group` value (connected components); the row's own sha256 when there is no group column."""
-    if GROUP_COLUMN not in table.columns or not (table[GROUP_COLUMN] != "").any():
-        return table["sha256"]
+    """Each row's unit: the smallest sha256 among the files linked to it by equal bytes or an equal `group`
+    value (connected components)."""
     parent: dict[str, str] = {}
 
     def root(node: str) -> str:
@@ -209,8 +207,7 @@ def _unit_keys(table: pd.DataFrame) -> pd.Series:
         return node
 
     for sha, group in zip(table["sha256"], table[GROUP_COLUMN], strict=True):
-        if group != "":
-            parent[root(sha)] = root("group:" + group)  # a group's node can never equal a hex digest
+        parent[root(sha)] = root("group:" + group)  # a group's node can never equal a hex digest
     roots = table["sha256"].map(root)
     return table["sha256"].groupby(roots).transform("min")
 
