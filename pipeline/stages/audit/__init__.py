@@ -211,10 +211,10 @@ def _drift(table: pd.DataFrame, embeddings: np.ndarray, params: Params) -> dict:
         return {"status": "off (audit.drift: false)"}
     if not record.is_file():
         return {"status": f"no champion training set ({record}): nothing to compare with"}
-    trained = read_splits_table(record)
-    trained = trained[trained["split"] == "train"]
+    champion = read_splits_table(record)
+    trained = champion[champion["split"] == "train"]
     old = table["sha256"].isin(set(trained["sha256"])).to_numpy()
-    new = (~table["sha256"].isin(set(read_splits_table(record)["sha256"]))).to_numpy()
+    new = (~table["sha256"].isin(set(champion["sha256"]))).to_numpy()
     counts = {"old_images": int(old.sum()), "new_images": int(new.sum())}
     if new.sum() < settings.drift_min_images or old.sum() < 2:
         return {
