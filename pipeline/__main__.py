@@ -67,8 +67,7 @@ def check(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
         loaded = Params.load(params)
         source = check_inputs(loaded, for_dvc=True)
     except PipelineError as exc:
-        typer.secho(f"check: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(1) from None
+        _fail("check", str(exc))
     typer.echo(
         f"check: {params} and the inputs are fine (source: {source}, data_root: {loaded.paths.data_root})"
     )
@@ -210,8 +209,7 @@ def flow(
         check_dvc_inputs(Params.load(project / DEFAULT_PARAMS_FILE, parsed), project)
         result = retrain(project_dir=str(project), overrides=parsed, experiment=name)
     except (PipelineError, DvcFailed) as exc:
-        typer.secho(f"flow: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(1) from None
+        _fail("flow", str(exc))
     typer.echo(json.dumps(result, indent=2, sort_keys=True))
 
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from pipeline import onnx_runtime as rt
 from pipeline.errors import PipelineError
+from pipeline.io import read_json
 from pipeline.preprocess import IMAGE_EXTENSIONS, INTERPOLATIONS, open_rgb, preprocess
 
 # What PIL raises for missing, truncated, corrupt or oversized files (some decoders raise SyntaxError).
@@ -134,7 +135,7 @@ class Predictor:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json(path)
     except json.JSONDecodeError as exc:
         raise PipelineError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); {_REEXPORT}") from None
     except UnicodeDecodeError:

@@ -13,7 +13,7 @@ import pandera.pandas as pa
 from pandera.typing import Series
 
 from pipeline.config import Params
-from pipeline.data.images import MANIFEST_COLUMNS, SPLITS, STATUSES
+from pipeline.data.images import MANIFEST_COLUMNS, SPLITS, STATUSES, first_few
 from pipeline.errors import PipelineError
 
 _SPLIT_ORDER = {name: rank for rank, name in enumerate(SPLITS)}
@@ -231,5 +231,4 @@ def advice(outcome: Outcome) -> str:
 
 
 def _listing(items: list[str]) -> str:
-    more = f", ... and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
-    return "[" + ", ".join(items[:_SHOWN]) + more + "]"
+    return "[" + first_few(items, _SHOWN) + "]"
