@@ -89,9 +89,12 @@ def promote(params: Params, root: Path | str = ".") -> dict[str, Any]:
     new_classes, test["new"] = _top1(root / paths.export_dir, files, "run the pipeline (dvc repro) first")
     current = _read_champion(root / paths.champion_dir / CHAMPION_METRICS)
     held_classes, test["champion"] = None, None
-    if current:
+    held_dir = root / paths.champion_dir / paths.export_dir.name
+    if current and _scored_files(held_dir) == _scored_files(root / paths.export_dir):
+        held_classes, test["champion"] = new_classes, test["new"]  # the same model: scoring it again is waste
+    elif current:
         lost = f"restore it, or delete {paths.champion_dir} to promote the next model unconditionally"
-        held_classes, test["champion"] = _top1(root / paths.champion_dir / paths.export_dir.name, files, lost)
+        held_classes, test["champion"] = _top1(held_dir, files, lost)
     decision = _gate(test, new_classes, held_classes, params.orchestrate)
     write_text(root / paths.reports_dir / "promote" / GATE_PREDICTIONS, test.to_csv(index=False))
     if current.get("model_sha256") == model_sha256:
@@ -172,6 +175,13 @@ def _top1(export_dir: Path, files: list[Path], fix: str) -> tuple[list[str], lis
     if unreadable:
         raise PipelineError(f"{unreadable[0]}: a test image is unreadable; re-run the pipeline (dvc repro)")
     return predictor.class_names, [p.labels[0][0] for p in predictions]
+
+
+def _scored_files(export_dir: Path) -> list[str] | None:
+    """sha256 of what `_top1` reads from an export folder (model, labels, preprocessing); None when any is
+    missing. Equal fingerprints give equal predictions."""
+    files = [export_dir / name for name in (rt.FP32_FILE, rt.LABELS_FILE, rt.PREPROCESS_FILE)]
+    return [_sha256(file) for file in files] if all(file.is_file() for file in files) else None
 
 
 def _read_metrics(path: Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ after it.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -69,14 +70,25 @@ def _retry_if_transient(task, task_run, state) -> bool:
 
 @task(cache_policy=NO_CACHE)
 def run_stage(stage: str, project_dir: str, pull: bool = False) -> dict[str, Any]:
-    """One stage through DVC. Returns {stage, status: ran | restored | unchanged, ran, seconds}."""
+    """One stage through DVC. Returns {stage, status: ran | restored | unchanged, ran, seconds,
+    command_seconds}: the task's time, and the stage command's own (its `done in` line; None when it did not
+    run), so that the difference is what DVC and the flow add."""
     started = time.perf_counter()
     status, output = dvc_api.call(
         Path(project_dir), f"repro {stage}", lambda repo: dvc_api.reproduce(repo, stage, pull)
     )
     seconds = round(time.perf_counter() - started, 3)
     get_run_logger().info("%s", output)
-    return {"stage": stage, "status": status, "ran": status == "ran", "seconds": seconds}
+    command = _command_seconds(stage, output) if status == "ran" else None
+    return {"stage": stage, "status": status, "ran": status == "ran", "seconds": seconds,
+            "command_seconds": command}  # fmt: skip
+
+
+def _command_seconds(stage: str, output: str) -> float | None:
+    """The seconds of the stage command's last `<stage>: done in <seconds> s` line (a stage under torchrun
+    prints one per process, the launcher last); None when there is none."""
+    found = re.findall(rf"^{re.escape(stage)}: done in ([0-9.]+) s", output, flags=re.MULTILINE)
+    return float(found[-1]) if found else None
 
 
 def _stage_task(stage: str, settings: OrchestrateParams):

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 
 @dataclass(frozen=True)
@@ -57,6 +56,8 @@ def mcnemar_p(worse: int, better: int) -> float:
     discordant = worse + better
     if discordant == 0:
         return 1.0
+    from scipy import stats  # here, not at the top: half a second the flow's gate skips for identical models
+
     return float(stats.binom.sf(worse - 1, discordant, 0.5))
 
 
@@ -64,4 +65,6 @@ def upper_bound(successes: int, n: int, confidence: float = 0.95) -> float:
     """One-sided Clopper-Pearson upper confidence bound of a proportion (exact, conservative)."""
     if n == 0 or successes >= n:
         return 1.0
+    from scipy import stats
+
     return float(stats.beta.ppf(confidence, successes + 1, n - successes))

@@ -169,6 +169,10 @@ def test_pipeline_overhead_times_noop_repro_and_the_flow(results: _Results) -> N
     figures = _load(results, "pipeline_overhead")["results"]
     assert figures["noop_dvc_repro_seconds"]["median"] > 0
     assert figures["noop"]["flow_seconds"]["median"] > figures["noop"]["flow_task_seconds"]["median"] > 0
+    (forced,) = figures["forced"]["runs"]  # every stage ran in the flow; each command's own seconds came back
+    assert forced["flow_seconds"] > forced["flow_task_seconds"] > forced["flow_command_seconds"] > 0
+    for stage, times in forced["per_stage"].items():
+        assert 0 < times["flow_command"] < times["flow_task"], stage
 
 
 def test_ingest_photos_compares_both_decodes_and_catches_the_cut_photo(results: _Results) -> None:

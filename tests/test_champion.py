@@ -15,6 +15,7 @@ import pytest
 from helpers import make_image
 from onnx import TensorProto, helper, numpy_helper
 
+from pipeline import champion
 from pipeline.champion import CHAMPION_METRICS, GATE_PREDICTIONS, decide, promote
 from pipeline.config import Params
 from pipeline.errors import PipelineError
@@ -198,6 +199,27 @@ def test_a_removed_class_is_named_and_the_shared_classes_decide(tmp_path):
     assert decision["classes_removed"] == ["class_2"] and decision["classes_added"] == []
     assert decision["images"] == 6 and decision["promoted"]
     assert decision["champion"] == decision["new"] == 1.0
+
+
+def test_a_champion_with_the_same_export_is_scored_once_and_a_different_one_again(tmp_path, monkeypatch):
+    params = _project(tmp_path)
+    _write_splits(tmp_path, params, {"class_0": 12, "class_1": 12, "class_2": 12})
+    _candidate(tmp_path, params, 3, PERFECT, b"one")
+    promote(params, tmp_path)
+    scored, top1 = [], champion._top1
+    monkeypatch.setattr(champion, "_top1", lambda folder, *args: scored.append(folder) or top1(folder, *args))
+    _candidate(tmp_path, params, 3, PERFECT, b"two")  # retrained to the very same export
+
+    same = promote(params, tmp_path)
+
+    assert scored == [tmp_path / params.paths.export_dir]
+    assert same["champion"] == same["new"] == 1.0 and same["p_value"] == 1.0 and same["images"] == 9
+    # Other labels make other predictions from the same ONNX file: that champion is scored on its own.
+    labels = tmp_path / params.paths.champion_dir / "export" / "labels.json"
+    labels.write_text(json.dumps(["class_1", "class_0", "class_2"]))
+    other = promote(params, tmp_path)
+    assert scored[1:] == [tmp_path / params.paths.export_dir, labels.parent]
+    assert other["champion"] == pytest.approx(3 / 9) and (other["worse"], other["better"]) == (0, 6)
 
 
 def test_a_champion_without_its_export_says_how_to_recover(tmp_path):

@@ -34,7 +34,7 @@ from typer.testing import CliRunner
 from pipeline.__main__ import app
 from pipeline.dvc_api import DvcFailed
 from pipeline.errors import ParamsError
-from pipeline.flow import retrain, set_params
+from pipeline.flow import _command_seconds, retrain, set_params
 from pipeline.stages import STAGES
 from pipeline.stages.split import stable_position
 
@@ -86,6 +86,10 @@ def test_flow_run_completes_every_task_and_reruns_only_what_changed(first_run):
     result = state.result()
     # export.* changed: DVC re-runs export only; every other stage is skipped, not recomputed.
     assert _statuses(result) == {stage: "ran" if stage == "export" else "unchanged" for stage in STAGES}
+    # The stage command's own time, read from its `done in` line, is inside the task's; none when skipped.
+    export = next(stage for stage in result["stages"] if stage["stage"] == "export")
+    assert 0 < export["command_seconds"] <= export["seconds"]
+    assert {stage["command_seconds"] for stage in result["stages"] if stage["stage"] != "export"} == {None}
 
     runs = _task_runs(state.state_details.flow_run_id, expected=len(STAGES) + 5)
     assert set(runs) == {*STAGES, "drift_gate", "set_params", "promotion_gate", "save_experiment", "publish"}
@@ -292,3 +296,10 @@ def test_drift_verdict_ignores_warns_or_stops_as_on_drift_says():
         drift_verdict(drifted, "stop")
     assert drift_verdict({**drifted, "drifted": False}, "stop") is None
     assert drift_verdict(None, "stop") is None  # no audit metrics: nothing to act on
+
+
+def test_command_seconds_is_the_stage_commands_last_done_line():
+    torchrun = "train: done in 4.10 s {}\nINFO other\ntrain: done in 4.20 s {}\ntrain: done in 5.75 s {}\n"
+    assert _command_seconds("train", torchrun) == 5.75  # the launcher, which waits for its ranks
+    assert _command_seconds("train", "pretrain: done in 1.00 s {}") is None
+    assert _command_seconds("export", "nothing ran") is None

@@ -6,13 +6,16 @@ with a committed dvc.lock `dvc status` is clean, and stages it has to reproduce 
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 from pathlib import Path
 
 import pytest
 from helpers import commit, copy_project, run_tool
 from prefect.testing.utilities import prefect_test_harness
+from typer.testing import CliRunner
 
+from pipeline.__main__ import app
 from pipeline.errors import PipelineError
 from pipeline.flow import retrain
 from pipeline.stages import STAGES
@@ -104,7 +107,11 @@ def test_the_flow_restores_from_the_run_cache_what_another_machine_ran(
     }
     assert ran["pushed"]["files"] > 0 and ran["pushed"]["commit"] is None
 
-    restored = retrain(project_dir=str(machine_b), overrides=push)
+    # Through the command line, as a user runs it: the images are on the remote only, until the flow pulls.
+    sets = [arg for key, value in push.items() for arg in ("--set", f"{key}={str(value).lower()}")]
+    cli = CliRunner().invoke(app, ["flow", "--project", str(machine_b), *sets])
+    assert cli.exit_code == 0, cli.output
+    restored = json.loads(cli.stdout[cli.stdout.index("{") :])
     assert {s["stage"]: s["status"] for s in restored["stages"]} == {
         stage: "restored" if stage in retrained else "unchanged" for stage in STAGES
     }

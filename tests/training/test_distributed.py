@@ -37,9 +37,7 @@ def _write(params, path: Path) -> Path:
 
 def _summaries(output: str) -> list[dict]:
     return [
-        json.loads(line.split("done ", 1)[1])
-        for line in output.splitlines()
-        if line.startswith("train: done")
+        json.loads(line[line.index("{") :]) for line in output.splitlines() if line.startswith("train: done")
     ]
 
 
