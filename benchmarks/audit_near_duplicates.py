@@ -2,7 +2,8 @@
 subset (JPEG re-encode at quality 60-90, resize by up to +/-15%, a 90% crop, brightness +/-5-10%, horizontal
 flip; one alteration per copy, in turn), then the real ingest -> validate -> audit stages: recall of the
 injected (copy, original) pairs (same near-duplicate group), the other pairs flagged per 1,000 images, and the
-audit's cost per 1,000 images with a cold (empty) and a warm (filled) cache folder.
+audit's cost per 1,000 images with a cold (empty) and a warm (filled) cache folder. Three draws of the data
+(seeds 42, 7, 123; one in smoke mode), pooled: the defaults were chosen on the first, the others are held out.
 
 The data is written as a pre-split folder (train/ with the copies, test/ with the originals), so every found
 copy is also a group across given splits: leakage, as the audit reports it.
@@ -45,6 +46,8 @@ SETTINGS = {
         "train_per_class": 600,
         "test_per_class": 100,
         "copies": 300,
+        # The audit's defaults were chosen on seed 42's data; 7 and 123 are data they never saw.
+        "seeds": (42, 7, 123),
         "params": _COMMON,
     },
     "smoke": {
@@ -52,6 +55,7 @@ SETTINGS = {
         "train_per_class": 6,
         "test_per_class": 4,
         "copies": 5,
+        "seeds": (42,),
         "params": {**_COMMON, **SMOKE_PARAMS},
     },
 }
@@ -105,30 +109,41 @@ def run(opts: Options) -> dict[str, Any]:
     started, settings = machine(), opts.settings(SETTINGS)
     source = opts.data if opts.smoke else ensure_fashion_mnist(opts.data)
     seconds: dict[str, list[float]] = {"cold": [], "warm": []}
+    by_seed = {}
     with workdir(opts, NAME) as root:
-        injected = build_data(Path(source), root / "data", settings, seed=42)
-        params = project_params(root, {"paths.data_root": str(root / "data"), **settings["params"]})
-        ingest.run(params)
-        validate.run(params)
-        for _ in range(settings["repeats"]):
-            shutil.rmtree(params.paths.cache_dir, ignore_errors=True)
-            for key in ("cold", "warm"):
-                seconds[key].append(timed(lambda: audit.run(params))[0])
-        table = pd.read_csv(params.paths.audit_table, dtype=str, keep_default_na=False)
-        found = _pairs(params, table)
-    images = len(table)
-    figures = _score(table, found, injected)
-    per_1000 = {key: {**summary(values), "per_1000_images": 1000 * min(values) / images}
+        for n, seed in enumerate(settings["seeds"]):  # the first seed's data is also timed
+            project = root / f"seed{seed}"
+            injected = build_data(Path(source), project / "data", settings, seed=seed)
+            params = project_params(project, {"paths.data_root": str(project / "data"), **settings["params"]})
+            ingest.run(params)
+            validate.run(params)
+            for _ in range(settings["repeats"] if n == 0 else 1):
+                shutil.rmtree(params.paths.cache_dir, ignore_errors=True)
+                for key in ("cold", "warm"):
+                    taken = timed(lambda: audit.run(params))[0]  # noqa: B023 (called at once)
+                    seconds[key] += [taken] if n == 0 else []
+            table = pd.read_csv(params.paths.audit_table, dtype=str, keep_default_na=False)
+            by_seed[seed] = {"images": len(table), **_score(table, _pairs(params, table), injected)}
+    images = sum(figures["images"] for figures in by_seed.values())
+    hits = sum(figures["recall"] * figures["injected_pairs"] for figures in by_seed.values())
+    recall = hits / sum(figures["injected_pairs"] for figures in by_seed.values())
+    extra = 1000 * sum(figures["extra_pairs"] for figures in by_seed.values()) / images
+    timed_images = by_seed[settings["seeds"][0]]["images"]
+    per_1000 = {key: {**summary(values), "per_1000_images": 1000 * min(values) / timed_images}
                 for key, values in seconds.items()}  # fmt: skip
-    results = {"images": images, **figures, "seconds": per_1000}
-    extra = 1000 * figures["extra_pairs"] / images
+    results = {
+        "recall": recall,
+        "extra_pairs_per_1000_images": extra,
+        "seconds": per_1000,
+        "by_seed": by_seed,
+    }
     ratios = {
-        "recall": figures["recall"],
+        "recall": recall,
         "extra_pairs_per_1000_images": extra,
         "cold_vs_warm": per_1000["cold"]["median"] / per_1000["warm"]["median"],
     }
     targets = {
-        "recall": target(figures["recall"], ">=", 0.95),
+        "recall": target(recall, ">=", 0.95),
         "extra_pairs_per_1000_images": target(extra, "<=", 1.0),
     }
     settings.update(alterations=ALTERATIONS, audit=params.audit.model_dump(), model=params.model.model_dump())
@@ -161,7 +176,7 @@ def _score(table: pd.DataFrame, pairs: list[checks.Pair], injected: list[tuple[s
                 "first": paths[p.first],
                 "second": paths[p.second],
                 "similarity": round(p.similarity, 4),
-                "hash_distance": p.hash_distance,
+                "correlation": None if p.correlation is None else round(p.correlation, 4),
             }
             for p in extra[:20]
         ],  # fmt: skip

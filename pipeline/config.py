@@ -174,9 +174,9 @@ class AuditSeverityParams(_Section):
 
 class AuditParams(_Section):
     near_duplicates: bool = True
-    similarity: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.93
-    hash_similarity: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.70
-    hash_distance: Annotated[int, Field(ge=0, le=64)] = 2
+    similarity: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.95
+    neighbours: PositiveInt = 5
+    pixel_correlation: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.995
     label_issues: Literal["off", "report", "quarantine"] = "report"
     folds: Annotated[int, Field(ge=2)] = 5
     drift: bool = True

@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
 from pipeline.stages import audit, ingest, split, validate
+from pipeline.stages.audit import checks
 
 CLASSES = ("astronaut", "coffee", "immunohistochemistry")
 OTHER_LOOK = ("hubble_deep_field", "retina", "rocket")  # drifted data: other photos
@@ -97,12 +98,13 @@ def test_clean_data_has_no_finding_and_the_page_opens_offline(tmp_path):
 
 
 def _copies(data: Path, label: str = "astronaut") -> dict[str, str]:
-    """Altered copies of three pictures (flip, JPEG, resize) under `label`; copy path -> original path."""
+    """Altered copies of four pictures (flip, JPEG, resize, crop) under `label`: copy path -> original."""
     made = {}
     for name, alter in (
         ("000", lambda im: ImageOps.mirror(im)),
         ("001", lambda im: _jpeg(im, 70)),
         ("002", lambda im: im.resize((72, 72), Image.Resampling.BICUBIC)),
+        ("003", lambda im: im.crop((2, 5, 60, 63))),  # 90% of each side, off centre
     ):
         copy = f"{label}/copy_of_{name}.png"
         alter(Image.open(data / label / f"{name}.png").convert("RGB")).save(data / copy)
@@ -123,13 +125,37 @@ def test_altered_copies_share_a_group_and_split_keeps_each_group_in_one_split(tm
     metrics, table = _audit(params)
     group = dict(zip(table["path"], table["group"], strict=True))
     assert all(group[copy] == group[original] for copy, original in copies.items())
-    assert metrics["near_duplicate_groups"] == 3 and metrics["near_duplicate_images"] == 6
+    assert metrics["near_duplicate_groups"] == 4 and metrics["near_duplicate_images"] == 8
     assert metrics["cross_label_groups"] == 0
     split.run(params)
     splits = pd.read_csv(params.paths.splits, dtype=str, keep_default_na=False).set_index("path")["split"]
     assert all(splits[copy] == splits[original] for copy, original in copies.items())
     html = (params.paths.reports_dir / "audit" / audit.PAGE).read_text()
-    assert html.count("<h3>group ") == 3
+    assert html.count("<h3>group ") == 4
+
+
+def test_aligned_pixel_correlation_matches_crops_and_mirrors_not_other_pictures(tmp_path):
+    original = picture(tmp_path / "original.png", "coffee", 0)
+    image = Image.open(original)
+    image.crop((6, 0, 64, 58)).save(tmp_path / "crop.png")  # 90% of each side, in a corner
+    ImageOps.mirror(image).resize((80, 80), Image.Resampling.BICUBIC).save(tmp_path / "mirror.png")
+    picture(tmp_path / "other.png", "coffee", 1)
+    names = ("original", "crop", "mirror", "other")
+    thumbs = {k: checks.thumbnail(tmp_path / f"{name}.png") for k, name in enumerate(names)}
+    crop, mirror, other = checks.aligned_correlation(thumbs, [(0, 1), (2, 0), (0, 3)])
+    assert crop >= 0.995 and mirror >= 0.995 and other < 0.9
+
+
+def test_nearest_pairs_are_each_images_closest_others_whatever_their_cosine():
+    embeddings = np.array([[1.0, 0.0, 0.2], [0.9, 0.1, 0.0], [0.0, 1.0, 0.1], [0.1, 0.8, 0.9], [0, 0, 1.0]])
+    pairs = checks.nearest_pairs(embeddings, neighbours=1)
+    unit = checks.normalised(embeddings - embeddings.mean(axis=0))
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    expected = {tuple(sorted((i, int(similarity[i].argmax())))) for i in range(len(embeddings))}
+    assert set(pairs) == expected and all(i < j for i, j in pairs)
+    assert pairs[(0, 1)] == pytest.approx(similarity[0, 1], abs=1e-6)
+    assert len(checks.nearest_pairs(embeddings, neighbours=10)) == 10  # every pair, once
 
 
 def test_a_copy_under_another_label_is_a_conflict_and_fails_at_severity_error(tmp_path):

@@ -2,10 +2,11 @@
 images, likely label errors, and drift of the images added since the champion's training set.
 
 Every usable image is embedded once (eval transform; features cached by content, so train's feature passes
-and later runs reuse them). Then (`checks`): near-duplicate groups (embedding cosine similarity, a perceptual
-hash as second signal), out-of-fold probabilities of a k-fold logistic regression on the embeddings ranked by
-cleanlab, and a class-prior shift plus the cross-validated AUC of an old-vs-new classifier. It writes the
-per-image table split reads (`pipeline.data.audit`), details.json, the page (`page`) and the metrics.
+and later runs reuse them). Then (`checks`): near-duplicate groups (embedding cosine similarity, then an
+aligned pixel comparison of each image's nearest neighbours), out-of-fold probabilities of a k-fold logistic
+regression on the embeddings ranked by cleanlab, and a class-prior shift plus the cross-validated AUC of an
+old-vs-new classifier. It writes the per-image table split reads (`pipeline.data.audit`), details.json, the
+page (`page`) and the metrics.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The audit's statistics on backbone embeddings: near-duplicate groups, likely label errors, drift.
 
-Pure functions on arrays and image files; scikit-learn, cleanlab and imagehash do the statistics, this module
-only wires them.
+Pure functions on arrays and image files; scikit-learn and cleanlab do the statistics, this module only wires
+them, and compares candidate near-duplicates pixel by pixel.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from pipeline.config import AuditParams
 
@@ -22,9 +23,7 @@ class Pair:
     first: int
     second: int
     similarity: float  # cosine of the two (centred) embeddings
-    hash_distance: (
-        int | None
-    )  # perceptual-hash bits that differ (image vs the other or its mirror); None: not needed
+    correlation: float | None  # best aligned pixel correlation (see aligned_correlation); None: not needed
 
 
 def normalised(embeddings: np.ndarray) -> np.ndarray:
@@ -32,11 +31,16 @@ def normalised(embeddings: np.ndarray) -> np.ndarray:
     return (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
+def _centred(embeddings: np.ndarray) -> np.ndarray:
+    """Unit embeddings centred on their mean: pooled post-ReLU features share a large common part that makes
+    any two images look alike (random block patterns at 0.96-0.98; on Fashion-MNIST centring halved the other
+    pairs at equal recall)."""
+    return normalised(embeddings - embeddings.mean(axis=0))
+
+
 def similar_pairs(embeddings: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
-    """Every pair i < j whose embeddings' cosine similarity is at least `threshold`, once centred on their
-    mean: pooled post-ReLU features share a large common part that makes any two images look alike (random
-    block patterns at 0.96-0.98; on Fashion-MNIST centring halved the other pairs at equal recall)."""
-    unit = normalised(embeddings - embeddings.mean(axis=0))
+    """Every pair i < j whose centred embeddings' cosine similarity is at least `threshold`."""
+    unit = _centred(embeddings)
     pairs = []
     for start in range(0, len(unit), _BLOCK):
         block = unit[start : start + _BLOCK] @ unit.T  # (B, N)
@@ -48,34 +52,110 @@ def similar_pairs(embeddings: np.ndarray, threshold: float) -> list[tuple[int, i
     return pairs
 
 
-def perceptual_hash(path: Path) -> tuple[object, object]:
-    """pHash of the image and of its mirror image (a horizontal flip is still the same picture)."""
-    import imagehash
-    from PIL import ImageOps
+def nearest_pairs(embeddings: np.ndarray, neighbours: int) -> dict[tuple[int, int], float]:
+    """Each image with its `neighbours` most similar others (centred cosine): {(i, j), i < j: similarity}.
+    An altered copy is its original's nearest neighbour even where the cosine itself is low (a JPEG of a
+    28 px image: 0.45-0.91), so candidates are ranked, not thresholded."""
+    unit = _centred(embeddings)
+    count = min(neighbours, len(unit) - 1)
+    pairs: dict[tuple[int, int], float] = {}
+    if count < 1:
+        return pairs
+    for start in range(0, len(unit), _BLOCK):
+        block = unit[start : start + _BLOCK] @ unit.T
+        rows = np.arange(len(block))
+        block[rows, rows + start] = -np.inf  # not its own neighbour
+        nearest = np.argpartition(-block, count - 1, axis=1)[:, :count]
+        for row, cols in zip(rows.tolist(), nearest.tolist(), strict=True):
+            for col in cols:
+                i, j = sorted((start + row, col))
+                pairs[(i, j)] = float(block[row, col])
+    return pairs
 
-    from pipeline.preprocess import open_oriented
 
-    image = open_oriented(path).convert("L")
-    return imagehash.phash(image), imagehash.phash(ImageOps.mirror(image))
+# Pixel comparison: grey thumbnails, lightly blurred so resampling differences do not count; one image may be
+# a crop of the other (or of its mirror image) down to 1 / 1.2 = 83% of each side, at any position.
+_THUMB = 48
+_BLUR = 0.7  # px, Gaussian sigma at _THUMB
+_ZOOMS = tuple(round(1.0 + 0.02 * k, 2) for k in range(11))  # 1.00 .. 1.20
+
+
+def thumbnail(path: Path) -> np.ndarray:
+    """The image as a (_THUMB, _THUMB) float32 grey array, EXIF-oriented and lightly blurred."""
+    from PIL import ImageFilter
+
+    from pipeline.data.images import open_reduced
+
+    image = open_reduced(path, _THUMB).convert("L").resize((_THUMB, _THUMB), Image.Resampling.BILINEAR)
+    return np.asarray(image.filter(ImageFilter.GaussianBlur(_BLUR)), dtype=np.float32)
+
+
+def _standardised(rows: np.ndarray) -> np.ndarray:
+    """Each row minus its mean, divided by its norm: a dot product of two such rows is their correlation."""
+    rows = rows - rows.mean(axis=1, keepdims=True)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-6)
+
+
+def _windows(thumb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every _THUMB-square window of the thumbnail enlarged by each of _ZOOMS: (W, _THUMB ** 2) rows of
+    pixels, and each row's norm once its mean is taken off (a row's dot product with a standardised template,
+    divided by that norm, is their correlation)."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    sides = [round(_THUMB * zoom) for zoom in _ZOOMS]
+    rows = np.empty((sum((side - _THUMB + 1) ** 2 for side in sides), _THUMB * _THUMB), dtype=np.float32)
+    start = 0
+    for side in sides:
+        big = np.asarray(Image.fromarray(thumb).resize((side, side), Image.Resampling.BILINEAR))
+        places = side - _THUMB + 1
+        block = rows[start : start + places * places].reshape(places, places, _THUMB, _THUMB)
+        block[...] = sliding_window_view(big, (_THUMB, _THUMB))  # one copy, straight into place
+        start += places * places
+    sums = rows.sum(axis=1, dtype=np.float64)
+    squares = np.einsum("ij,ij->i", rows, rows, dtype=np.float64)
+    centred = np.sqrt(np.maximum(squares - sums * sums / rows.shape[1], 0.0))
+    return rows, np.maximum(centred, 1e-6).astype(np.float32)
+
+
+def aligned_correlation(thumbs: dict[int, np.ndarray], pairs: Sequence[tuple[int, int]]) -> list[float]:
+    """For each pair: the highest pixel correlation of one thumbnail (or its mirror image) with any window of
+    the other one enlarged by up to 1.2x, trying both ways round: 1.0 for the same picture re-encoded,
+    resized, brightened or flipped, and close to it for a crop of it."""
+    templates = {
+        k: _standardised(np.stack([thumb.ravel(), thumb[:, ::-1].ravel()])) for k, thumb in thumbs.items()
+    }
+    partners: dict[int, list[int]] = {}
+    for i, j in pairs:
+        partners.setdefault(i, []).append(j)
+        partners.setdefault(j, []).append(i)
+    best: dict[tuple[int, int], float] = {}
+    for big, smalls in partners.items():  # each thumbnail's windows are made once
+        rows, norms = _windows(thumbs[big])
+        scores = (rows @ np.concatenate([templates[k] for k in smalls]).T) / norms[:, None]
+        for k, score in zip(smalls, scores.max(axis=0).reshape(-1, 2).max(axis=1).tolist(), strict=True):
+            key = (min(big, k), max(big, k))
+            best[key] = max(best.get(key, -1.0), score)
+    return [best[(min(i, j), max(i, j))] for i, j in pairs]
 
 
 def near_duplicate_pairs(embeddings: np.ndarray, files: Sequence[Path], audit: AuditParams) -> list[Pair]:
-    """Pairs at least `audit.similarity` alike, and pairs at least `audit.hash_similarity` alike whose
-    perceptual hashes (the closer of image and mirror) differ in at most `audit.hash_distance` bits."""
-    loose = min(audit.similarity, audit.hash_similarity)
-    hashes: dict[int, tuple[object, object]] = {}
-    found = []
-    for i, j, similarity in similar_pairs(embeddings, loose):
-        if similarity >= audit.similarity:
-            found.append(Pair(i, j, similarity, None))
-            continue
-        for k in (i, j):
-            if k not in hashes:
-                hashes[k] = perceptual_hash(files[k])
-        distance = min(hashes[i][0] - hashes[j][0], hashes[i][0] - hashes[j][1])
-        if distance <= audit.hash_distance:
-            found.append(Pair(i, j, similarity, int(distance)))
-    return found
+    """Pairs whose embeddings are at least `audit.similarity` alike, and pairs of an image and one of its
+    `audit.neighbours` nearest others whose pixels correlate at least `audit.pixel_correlation` once aligned
+    (aligned_correlation)."""
+    found = {
+        (i, j): Pair(i, j, similarity, None)
+        for i, j, similarity in similar_pairs(embeddings, audit.similarity)
+    }
+    candidates = [
+        pair for pair in nearest_pairs(embeddings, audit.neighbours).items() if pair[0] not in found
+    ]
+    if candidates:
+        thumbs = {k: thumbnail(files[k]) for k in sorted({k for (i, j), _ in candidates for k in (i, j)})}
+        correlations = aligned_correlation(thumbs, [pair for pair, _ in candidates])
+        for ((i, j), similarity), correlation in zip(candidates, correlations, strict=True):
+            if correlation >= audit.pixel_correlation:
+                found[(i, j)] = Pair(i, j, similarity, correlation)
+    return [found[key] for key in sorted(found)]
 
 
 def group_ids(keys: Sequence[str], pairs: Sequence[Pair]) -> list[str]:

@@ -27,8 +27,8 @@ _SUSPECTS_NOTE = (
 )
 _GROUPS_NOTE = (
     "Images that are the same picture after re-encoding, resizing, cropping, a colour change or a flip "
-    "(embedding cosine similarity, with a perceptual hash as second signal). Split keeps each group in one "
-    "split; groups across given splits are leakage, groups across labels are label conflicts."
+    "(embedding cosine similarity, then the pixels of nearest neighbours, aligned). Split keeps each group "
+    "in one split; groups across given splits are leakage, groups across labels are label conflicts."
 )
 
 
