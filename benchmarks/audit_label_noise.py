@@ -1,6 +1,8 @@
 """audit_label_noise: flip 5% of the labels of a 6,000-image Fashion-MNIST training subset (uniform flips to
 another class, seeded), run the real ingest -> validate -> audit stages (`audit.label_issues: report`), and
 score the flagged images against the flipped ones: precision, recall, F1, plus the audit's wall time.
+Three draws (seeds 42, 7, 123; one in smoke mode), pooled: the rule was chosen on the first, the others are
+held out.
 
 The labels come from a CSV listing (`paths.csv_manifest`) over the Fashion-MNIST folders, so no file moves.
 """
@@ -31,8 +33,9 @@ from pipeline.stages import audit, ingest, validate
 NAME = "audit_label_noise"
 _COMMON = {"audit.label_issues": "report", "audit.near_duplicates": False, "audit.drift": False}
 SETTINGS = {
-    "full": {"train_per_class": 600, "noise": 0.05, "params": _COMMON},
-    "smoke": {"train_per_class": 10, "noise": 0.05, "params": {**_COMMON, **SMOKE_PARAMS}},
+    # The audit's label-issue rule was chosen on seed 42's draw; 7 and 123 are draws it never saw.
+    "full": {"train_per_class": 600, "noise": 0.05, "seeds": (42, 7, 123), "params": _COMMON},
+    "smoke": {"train_per_class": 10, "noise": 0.05, "seeds": (42,), "params": {**_COMMON, **SMOKE_PARAMS}},
 }
 
 
@@ -58,32 +61,46 @@ def noisy_listing(data: Path, target_csv: Path, per_class: int, noise: float, se
 def run(opts: Options) -> dict[str, Any]:
     started, settings = machine(), opts.settings(SETTINGS)
     data = Path(opts.data if opts.smoke else ensure_fashion_mnist(opts.data))
+    by_seed = {}
     with workdir(opts, NAME) as root:
-        listing = root / "listing.csv"
-        flipped = noisy_listing(data, listing, settings["train_per_class"], settings["noise"], seed=42)
-        overrides = {"paths.data_root": str(data), "paths.csv_manifest": str(listing), **settings["params"]}
-        params = project_params(root, overrides)
-        ingest.run(params)
-        validate.run(params)
-        seconds, metrics = timed(lambda: audit.run(params))
-        table = pd.read_csv(params.paths.audit_table, dtype=str, keep_default_na=False)
-    flagged = set(table.loc[table["label_issue"] == "True", "path"])
-    hits = len(flagged & flipped)
-    precision, recall = hits / max(1, len(flagged)), hits / max(1, len(flipped))
-    f1 = 2 * precision * recall / max(precision + recall, 1e-12)
-    results = {
-        "images": len(table),
-        "flipped": len(flipped),
-        "flagged": len(flagged),
-        "true_positives": hits,
+        for seed in settings["seeds"]:
+            project = root / f"seed{seed}"
+            listing = project / "listing.csv"
+            flipped = noisy_listing(data, listing, settings["train_per_class"], settings["noise"], seed=seed)
+            overrides = {
+                "paths.data_root": str(data),
+                "paths.csv_manifest": str(listing),
+                **settings["params"],
+            }
+            params = project_params(project, overrides)
+            ingest.run(params)
+            validate.run(params)
+            seconds, metrics = timed(lambda: audit.run(params))  # noqa: B023 (called at once)
+            table = pd.read_csv(params.paths.audit_table, dtype=str, keep_default_na=False)
+            flagged = set(table.loc[table["label_issue"] == "True", "path"])
+            by_seed[seed] = {
+                **_scores(len(flagged & flipped), len(flagged), len(flipped)),
+                "images": len(table),
+                "flipped": len(flipped),
+                "flagged": len(flagged),
+                "true_positives": len(flagged & flipped),
+                "audit_seconds": seconds,
+                "seconds_per_1000_images": 1000 * seconds / len(table),
+                "audit_metrics": metrics,
+            }
+    pooled = _scores(
+        *(sum(s[key] for s in by_seed.values()) for key in ("true_positives", "flagged", "flipped"))
+    )
+    results = {**pooled, "by_seed": by_seed}
+    targets = {"f1": target(pooled["f1"], ">=", 0.70)}
+    settings.update(audit=params.audit.model_dump(), model=params.model.model_dump())
+    return result(NAME, opts, started, settings, results, dict(pooled), targets)
+
+
+def _scores(hits: int, flagged: int, flipped: int) -> dict[str, float]:
+    precision, recall = hits / max(1, flagged), hits / max(1, flipped)
+    return {
         "precision": precision,
         "recall": recall,
-        "f1": f1,
-        "audit_seconds": seconds,
-        "seconds_per_1000_images": 1000 * seconds / len(table),
-        "audit_metrics": metrics,
+        "f1": 2 * precision * recall / max(precision + recall, 1e-12),
     }
-    ratios = {"f1": f1, "precision": precision, "recall": recall}
-    targets = {"f1": target(f1, ">=", 0.70)}
-    settings.update(audit=params.audit.model_dump(), model=params.model.model_dump())
-    return result(NAME, opts, started, settings, results, ratios, targets)

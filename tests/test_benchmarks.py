@@ -219,12 +219,16 @@ def test_distill_runs_teacher_student_and_both_baselines(results: _Results) -> N
 
 
 def test_audit_label_noise_scores_the_flagged_against_the_flipped_labels(results: _Results) -> None:
-    figures = _load(results, "audit_label_noise")["results"]
+    pooled = _load(results, "audit_label_noise")["results"]
+    (figures,) = pooled["by_seed"].values()
     assert figures["images"] == CLASSES * TRAIN_PER_CLASS
     assert figures["flipped"] == round(0.05 * CLASSES * TRAIN_PER_CLASS)
     assert 0 <= figures["true_positives"] <= min(figures["flagged"], figures["flipped"])
     assert figures["recall"] == pytest.approx(figures["true_positives"] / figures["flipped"])
     assert figures["audit_seconds"] > 0
+    assert {key: pooled[key] for key in ("precision", "recall", "f1")} == pytest.approx(
+        {key: figures[key] for key in ("precision", "recall", "f1")}
+    )  # one draw in smoke mode: the pooled figures are its own
 
 
 def test_audit_near_duplicates_injects_copies_and_times_a_cold_and_a_warm_cache(results: _Results) -> None:
