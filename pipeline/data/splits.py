@@ -1,4 +1,5 @@
-"""splits.csv, the split stage's table: its one reader, in pandas alone (no torch: ONNX-side code uses it).
+"""The tables of images by path: validated.csv (what split and audit read) and splits.csv (what split writes),
+their one reader each, in pandas alone (no torch: ONNX-side code uses it).
 
 Every cell is read as text, so a class named NA, None or null keeps its name: pandas' defaults would read
 those as missing values.
@@ -15,6 +16,27 @@ import pandas as pd
 from pipeline.errors import PipelineError
 
 SPLITS_COLUMNS = ("path", "label", "split", "sha256")
+VALIDATED_COLUMNS = (*SPLITS_COLUMNS, "width", "height")  # of the manifest's columns, those read downstream
+
+
+def read_validated(path: Path, purpose: str) -> pd.DataFrame:
+    """validate's table of usable images, every column text, sorted by path. `purpose` ("split", "audit")
+    completes the message when there is nothing to work on.
+
+    Raises:
+        PipelineError: the file or one of VALIDATED_COLUMNS is missing, or it has no rows.
+    """
+    if not path.is_file():
+        raise PipelineError(f"paths.validated: {path} not found; run `python -m pipeline validate` first")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [column for column in VALIDATED_COLUMNS if column not in table.columns]
+    if missing:
+        raise PipelineError(f"{path}: missing columns {missing}; re-run `python -m pipeline validate`")
+    if table.empty:
+        raise PipelineError(
+            f"{path}: no usable images to {purpose}; check the quarantine written by validate"
+        )
+    return table.sort_values("path", kind="stable").reset_index(drop=True)
 
 
 def read_splits_table(

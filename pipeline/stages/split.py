@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,17 +28,17 @@ from sklearn.model_selection import train_test_split
 from pipeline.config import Params
 from pipeline.data.audit import with_audit_groups
 from pipeline.data.images import SPLITS
+from pipeline.data.splits import VALIDATED_COLUMNS, read_validated
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
-SPLIT_COLUMNS = ("path", "label", "split", "sha256", "width", "height")
 GROUP_COLUMN = "group"  # set on every row by pipeline.data.audit: rows with the same value stay together
 
 
 def run(params: Params) -> dict:
-    table = with_audit_groups(_read_validated(params.paths.validated), params.paths.audit_table)
+    table = with_audit_groups(read_validated(params.paths.validated, "split"), params.paths.audit_table)
     given = table["split"] != ""
     if params.split.keep_given_splits and given.any():
         if not given.all():
@@ -57,7 +56,8 @@ def run(params: Params) -> dict:
 
     table = table.sort_values("path", kind="stable").reset_index(drop=True)
     with atomic_path(params.paths.splits) as tmp:
-        table[list(SPLIT_COLUMNS)].to_csv(tmp, index=False, lineterminator="\n")
+        # The columns it read, with `split` now set.
+        table[list(VALIDATED_COLUMNS)].to_csv(tmp, index=False, lineterminator="\n")
     labels = sorted(table["label"].unique())
     counts = pd.crosstab(table["label"], table["split"]).reindex(index=labels, columns=SPLITS, fill_value=0)
     per_class = {split: {label: int(n) for label, n in counts[split].items()} for split in SPLITS}
@@ -75,19 +75,6 @@ def run(params: Params) -> dict:
     write_json(params.paths.metrics("split"), metrics)
     log.info("split (%s): %s", strategy, metrics["images"])
     return {"strategy": strategy, **metrics["images"]}
-
-
-def _read_validated(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise PipelineError(f"paths.validated: {path} not found; run `python -m pipeline validate` first")
-    text_columns = {"path": str, "label": str, "split": str, "sha256": str}
-    table = pd.read_csv(path, dtype=text_columns, keep_default_na=False)
-    missing = [column for column in SPLIT_COLUMNS if column not in table.columns]
-    if missing:
-        raise PipelineError(f"{path}: missing columns {missing}; re-run `python -m pipeline validate`")
-    if table.empty:
-        raise PipelineError(f"{path}: no usable images to split; check the quarantine written by validate")
-    return table
 
 
 def stable_position(sha256: str, seed: int) -> float:

@@ -22,7 +22,7 @@ import pandas as pd
 
 from pipeline.config import AugmentParams, Params
 from pipeline.data.audit import AUDIT_COLUMNS
-from pipeline.data.splits import read_splits_table
+from pipeline.data.splits import read_splits_table, read_validated
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, atomic_path, write_json
 from pipeline.stages.audit import checks, page
@@ -36,7 +36,7 @@ def run(params: Params) -> dict:
     """Embed, check, write the table, page, details and metrics; then fail if a check at severity error
     found something."""
     started = time.perf_counter()
-    table = _read_validated(params.paths.validated)
+    table = read_validated(params.paths.validated, "audit")
     files = [params.paths.data_root / path for path in table["path"]]
     embeddings = embed(table, params)
     found = audit(table, embeddings, files, params)
@@ -55,16 +55,6 @@ def run(params: Params) -> dict:
         )
     log.info("audit: %s", found.metrics)
     return found.metrics
-
-
-def _read_validated(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise PipelineError(f"paths.validated: {path} not found; run `python -m pipeline validate` first")
-    text = {"path": str, "label": str, "split": str, "sha256": str}
-    table = pd.read_csv(path, dtype=text, keep_default_na=False)
-    if table.empty:
-        raise PipelineError(f"{path}: no usable images to audit; check the quarantine written by validate")
-    return table.sort_values("path", kind="stable").reset_index(drop=True)
 
 
 def embed(table: pd.DataFrame, params: Params) -> np.ndarray:
