@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import glob
 import json
 import os
@@ -74,8 +75,10 @@ def _full_disk_names(target: Path, tmp: Path) -> Iterator[None]:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target)) from exc
 
 
+@functools.cache
 def _owner() -> str:
-    """This machine and PID namespace: a pid names a process only within one (containers share disks)."""
+    """This machine and PID namespace: a pid names a process only within one (containers share disks). Both
+    outlive a process (a fork keeps them), so they are read once."""
     try:
         namespace = os.readlink("/proc/self/ns/pid").strip("pid:[]")  # 'pid:[4026531836]'
     except OSError:  # not Linux
