@@ -33,9 +33,9 @@ def build_optimizer(model: ImageClassifier, params: TrainParams) -> Optimizer:
     """`params.optimizer` over groups backbone/head x decay/no-decay; a group's lr is `params.lr` times its
     `lr_scale` (1 for the backbone, `params.head_lr_mult` for the head)."""
     groups = _param_groups(model, params.weight_decay, params.head_lr_mult)
-    for group in groups:
-        group["lr"] = params.lr * group["lr_scale"]
-    return _OPTIMIZERS[params.optimizer](groups, params)
+    optimizer = _OPTIMIZERS[params.optimizer](groups, params)
+    set_lr(optimizer, params.lr)
+    return optimizer
 
 
 def _param_groups(model: ImageClassifier, weight_decay: float, head_lr_mult: float) -> list[dict]:
@@ -124,6 +124,7 @@ def build_scheduler(
 
 
 def set_lr(optimizer: Optimizer, lr: float) -> None:
-    """Every group at `lr` times its `lr_scale` (the lr finder's ramp; the scheduler does this otherwise)."""
+    """Every group at `lr` times its `lr_scale` (at the start, and along the lr finder's ramp; the scheduler
+    scales them from there)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
