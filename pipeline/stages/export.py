@@ -46,10 +46,11 @@ def run(params: Params) -> dict:
             write_metadata(rt.to_float16(fp32, out / rt.FP16_FILE), out / rt.FP16_FILE, meta)
         write_json(out / rt.LABELS_FILE, trained.class_names)
         write_json(out / rt.PREPROCESS_FILE, trained.data_config)
-        metrics = parity(trained.model, out / rt.FP32_FILE, inputs)
+        reference = torch_logits(trained.model, inputs)
+        metrics = parity(reference, out / rt.FP32_FILE, inputs)
         metrics.update(opset=opset, fp32_mb=rt.file_mb(out / rt.FP32_FILE), served=meta["served"])
         if params.export.fp16:  # checked on the CPU here; GPUs compute FP16 with their own rounding
-            fp16 = parity(trained.model, out / rt.FP16_FILE, inputs)
+            fp16 = parity(reference, out / rt.FP16_FILE, inputs)
             metrics.update(fp16_top1_agreement=fp16["top1_agreement"], fp16_mb=rt.file_mb(out / rt.FP16_FILE))
         write_json(paths.metrics("export"), metrics)
         if metrics["top1_agreement"] < params.export.min_top1_agreement:
@@ -64,12 +65,17 @@ def run(params: Params) -> dict:
     return metrics
 
 
-def parity(model: torch.nn.Module, onnx_path: Path, inputs: np.ndarray) -> dict[str, Any]:
-    """Max |logit difference| and top-1 agreement of ONNX Runtime vs PyTorch on `inputs` (N, 3, S, S)."""
+def torch_logits(model: torch.nn.Module, inputs: np.ndarray) -> np.ndarray:
+    """The PyTorch model's logits on `inputs` (N, 3, S, S), in eval mode, 32 at a time."""
     model.eval()
     with torch.inference_mode():
         batches = [model(torch.from_numpy(inputs[i : i + 32])).numpy() for i in range(0, len(inputs), 32)]
-    reference = np.concatenate(batches)
+    return np.concatenate(batches)
+
+
+def parity(reference: np.ndarray, onnx_path: Path, inputs: np.ndarray) -> dict[str, Any]:
+    """Max |logit difference| and top-1 agreement of ONNX Runtime on `inputs` vs PyTorch's `reference`
+    logits on them (torch_logits)."""
     onnx_logits = rt.logits(rt.session(onnx_path), inputs)
     return {
         "n": len(inputs),
