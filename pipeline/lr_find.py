@@ -18,17 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipeline.config import Params
-from pipeline.data.loader import read_splits
 from pipeline.errors import PipelineError
 from pipeline.io import write_bytes, write_json
-from pipeline.models import build_model, resolve_data_config
-from pipeline.stages.train import build_trainer
-from pipeline.training import checkpoint, distributed
+from pipeline.stages.train import prepare
+from pipeline.training import distributed
 from pipeline.training.optim import set_lr
-from pipeline.training.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +56,9 @@ def _range_test(params: Params, ramp: np.ndarray) -> tuple[list[float], list[flo
     """Train one batch per lr of `ramp` (cycling through epochs of data) until the loss diverges."""
     env, device = distributed.setup(params.train.device)
     try:
-        checkpoint.seed_everything(params.base.seed)
-        splits = read_splits(params.paths.splits, params.paths.data_root)
-        data_config = resolve_data_config(params.model)
-        precision = resolve_precision(params.train.precision, device)
-        model = build_model(params.model, len(splits.class_names)).to(device)
-        if params.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        plans, data, trainer = build_trainer(params, splits, data_config, model, precision, env)
-        plan, lrs, losses = plans[-1], [], []
+        prepared = prepare(params, env, device)
+        data, trainer = prepared.data, prepared.trainer
+        plan, lrs, losses = prepared.plans[-1], [], []
         module = trainer.start_epoch(plan)
         for epoch in range(len(ramp)):
             for x, y in data.train(epoch, plan.on_features)[0]:

@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,29 +106,23 @@ def _params_file(params: Params) -> Iterator[Path]:
 
 def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
     tp, paths = params.train, params.paths
-    checkpoint.seed_everything(params.base.seed)
-    splits = read_splits(paths.splits, paths.data_root)
-    num_classes = len(splits.class_names)
-    data_config = resolve_data_config(params.model)
-    precision = resolve_precision(tp.precision, device)
-    model = _model(params, num_classes, device)
-    plans, data, trainer = build_trainer(params, splits, data_config, model, precision, env)
-
+    ready = prepare(params, env, device)
+    class_names, trainer = ready.splits.class_names, ready.trainer
     fingerprint = checkpoint.fingerprint(params, paths.splits, env.world_size)
     checkpoint_file = paths.checkpoint_dir / checkpoint.CHECKPOINT_NAME
     state = _resume(checkpoint.load_for_every_rank(checkpoint_file, fingerprint, env), trainer)
     resumed_from = state.epoch
     log.info(
-        f"train: {tp.strategy}, {params.model.backbone} on {device}, {precision.name}: "
-        f"{len(splits.train.labels)} train / {len(splits.val.labels)} val images, {num_classes} classes, "
-        f"{len(plans)} epochs"
+        f"train: {tp.strategy}, {params.model.backbone} on {device}, {ready.precision.name}: "
+        f"{len(ready.splits.train.labels)} train / {len(ready.splits.val.labels)} val images, "
+        f"{len(class_names)} classes, {len(ready.plans)} epochs"
     )
     live = _live(paths.live_dir, state.history) if env.is_main else None
-    after_epoch = _AfterEpoch(params, trainer, fingerprint, live, len(plans))
-    state = fit(trainer, plans, data, state, num_classes, after_epoch)
+    after_epoch = _AfterEpoch(params, trainer, fingerprint, live, len(ready.plans))
+    state = fit(trainer, ready.plans, ready.data, state, len(class_names), after_epoch)
     if env.is_main:
-        model.load_state_dict(state.best_state)
-        save_trained(paths.model, model, splits.class_names, data_config, params.to_dict())
+        ready.model.load_state_dict(state.best_state)
+        save_trained(paths.model, ready.model, class_names, ready.data_config, params.to_dict())
         write_json(paths.metrics("train"), _metrics(state))
         live.end()
         best = f"{tp.early_stopping_metric} {state.best_value:.4f} at epoch {state.best_epoch}"
@@ -138,17 +133,34 @@ def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
         "best_val_acc": state.history[state.best_epoch - 1]["val_acc"],
         "epochs_run": len(state.history),
         "resumed_from_epoch": resumed_from,
-        "precision": precision.name,
+        "precision": ready.precision.name,
         "device": str(device),
         "world_size": env.world_size,
     }
 
 
-def build_trainer(
-    params: Params, splits: Splits, data_config: dict, model: ImageClassifier, precision: Precision, env: Dist
-) -> tuple[list[EpochPlan], EpochData, Trainer]:
-    """What trains when (one plan per epoch), each epoch's data, and the Trainer (loss, optimizer)."""
-    tp, num_classes = params.train, len(splits.class_names)
+@dataclass
+class Prepared:
+    """What a training run starts from (the lr finder too)."""
+
+    splits: Splits
+    data_config: dict
+    precision: Precision
+    model: ImageClassifier
+    plans: list[EpochPlan]  # what trains when, one per epoch
+    data: EpochData  # each epoch's batches
+    trainer: Trainer  # loss, optimizer, schedule
+
+
+def prepare(params: Params, env: Dist, device: torch.device) -> Prepared:
+    """Seeded, the splits read, the model built on `device` and everything that trains it."""
+    tp = params.train
+    checkpoint.seed_everything(params.base.seed)
+    splits = read_splits(params.paths.splits, params.paths.data_root)
+    num_classes = len(splits.class_names)
+    data_config = resolve_data_config(params.model)
+    precision = resolve_precision(tp.precision, device)
+    model = _model(params, num_classes, device)
     groups = block_groups(model.backbone)
     plans = plan_epochs(tp, len(groups))
     data = _epoch_data(params, splits, data_config, model, precision, env)
@@ -158,7 +170,7 @@ def build_trainer(
     criterion, teacher = with_teacher(criterion, params, splits.class_names, data_config)
     mix = build_batch_mix(tp.augment, num_classes)
     trainer = Trainer(model, tp, plans, groups, steps_per_epoch, precision, env, criterion, mix, teacher)
-    return plans, data, trainer
+    return Prepared(splits, data_config, precision, model, plans, data, trainer)
 
 
 class _AfterEpoch:
