@@ -41,6 +41,9 @@ case "${1:-pipeline}" in
         shift || true
         python -m pipeline check   # params and input paths, one line each, before DVC's own [Errno 2]
         dvc repro "$@"
+        if ! dvc remote default >/dev/null 2>&1; then   # DVC's hint above assumes a remote exists
+            echo ">> no DVC remote is set, so outputs stay on this machine; to share them, see the README's \"Sharing a project in a team\""
+        fi
         python -m pipeline outputs
         ;;
     test)

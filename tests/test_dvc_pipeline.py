@@ -164,14 +164,14 @@ def _ingest_project(root: Path) -> Path:
     return root
 
 
-def _run_sh_pipeline(project: Path) -> subprocess.CompletedProcess:
-    """The commands of `./run.sh pipeline` (its `pipeline)` branch, read from run.sh), run as run.sh runs
-    them: bash with -euo pipefail, this environment's python and dvc first on PATH."""
+def _run_sh_pipeline(project: Path, *targets: str) -> subprocess.CompletedProcess:
+    """The commands of `./run.sh pipeline [targets]` (its `pipeline)` branch, read from run.sh), run as run.sh
+    runs them: bash with -euo pipefail, this environment's python and dvc first on PATH."""
     branch = re.search(r"\n\s*pipeline\)\n(.*?);;", (PROJECT_ROOT / "run.sh").read_text(), re.S)
     assert branch and "dvc repro" in branch.group(1)
     env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
     return subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", branch.group(1)],
+        ["bash", "-euo", "pipefail", "-c", branch.group(1), "run.sh", "pipeline", *targets],
         cwd=project,
         env=env,
         capture_output=True,
@@ -214,6 +214,19 @@ def test_a_data_folder_dvc_cannot_hash_stops_run_sh_in_one_line_whose_fix_works(
         os.rename(os.path.join(os.fsencode(images), b"caf\xe9.png"), images / "class_0" / "café.png")
     assert "source: folder" in run_tool(project, sys.executable, "-m", "pipeline", "check")
     assert _ran(run_tool(project, "dvc", "repro", "ingest")) == ["ingest"]
+
+
+@pytest.mark.slow  # two `dvc repro` runs of a fresh project
+def test_run_sh_pipeline_says_where_outputs_go_when_no_dvc_remote_is_set(tmp_path):
+    project = _ingest_project(tmp_path / "project")
+    note = "no DVC remote is set, so outputs stay on this machine"
+    alone = _run_sh_pipeline(project, "ingest")
+    assert alone.returncode == 0, alone.stderr
+    assert "Use `dvc push`" in alone.stdout and note in alone.stdout  # DVC's hint, and what it assumes
+    run_tool(project, "dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote"))
+    (project / "images" / "class_0" / "img_000.png").unlink()  # something to reproduce again
+    shared = _run_sh_pipeline(project, "ingest")
+    assert shared.returncode == 0 and "Use `dvc push`" in shared.stdout and note not in shared.stdout
 
 
 @pytest.fixture(scope="module")
