@@ -146,16 +146,19 @@ def test_aligned_pixel_correlation_matches_crops_and_mirrors_not_other_pictures(
     assert crop >= 0.995 and mirror >= 0.995 and other < 0.9
 
 
-def test_nearest_pairs_are_each_images_closest_others_whatever_their_cosine():
+def test_similar_pairs_are_those_above_the_threshold_and_each_images_closest_others():
     embeddings = np.array([[1.0, 0.0, 0.2], [0.9, 0.1, 0.0], [0.0, 1.0, 0.1], [0.1, 0.8, 0.9], [0, 0, 1.0]])
-    pairs = checks.nearest_pairs(embeddings, neighbours=1)
+    alike, pairs = checks.similar_pairs(embeddings, threshold=0.5, neighbours=1)
     unit = checks.normalised(embeddings - embeddings.mean(axis=0))
     similarity = unit @ unit.T
     np.fill_diagonal(similarity, -np.inf)
     expected = {tuple(sorted((i, int(similarity[i].argmax())))) for i in range(len(embeddings))}
     assert set(pairs) == expected and all(i < j for i, j in pairs)
     assert pairs[(0, 1)] == pytest.approx(similarity[0, 1], abs=1e-6)
-    assert len(checks.nearest_pairs(embeddings, neighbours=10)) == 10  # every pair, once
+    above = {(i, j) for i in range(5) for j in range(i + 1, 5) if similarity[i, j] >= 0.5}
+    assert above and set(alike) == above  # whatever their rank
+    assert alike[(0, 1)] == pytest.approx(similarity[0, 1], abs=1e-6)
+    assert len(checks.similar_pairs(embeddings, threshold=0.5, neighbours=10)[1]) == 10  # every pair, once
 
 
 def test_a_copy_under_another_label_is_a_conflict_and_fails_at_severity_error(tmp_path):

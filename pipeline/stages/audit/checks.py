@@ -38,39 +38,33 @@ def _centred(embeddings: np.ndarray) -> np.ndarray:
     return normalised(embeddings - embeddings.mean(axis=0))
 
 
-def similar_pairs(embeddings: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
-    """Every pair i < j whose centred embeddings' cosine similarity is at least `threshold`."""
-    unit = _centred(embeddings)
-    pairs = []
-    for start in range(0, len(unit), _BLOCK):
-        block = unit[start : start + _BLOCK] @ unit.T  # (B, N)
-        rows, cols = np.nonzero(block >= threshold)
-        rows = rows + start
-        keep = cols > rows
-        rows, cols = rows[keep], cols[keep]
-        pairs += zip(rows.tolist(), cols.tolist(), block[rows - start, cols].tolist(), strict=True)
-    return pairs
-
-
-def nearest_pairs(embeddings: np.ndarray, neighbours: int) -> dict[tuple[int, int], float]:
-    """Each image with its `neighbours` most similar others (centred cosine): {(i, j), i < j: similarity}.
-    An altered copy is its original's nearest neighbour even where the cosine itself is low (a JPEG of a
-    28 px image: 0.45-0.91), so candidates are ranked, not thresholded."""
+def similar_pairs(
+    embeddings: np.ndarray, threshold: float, neighbours: int
+) -> tuple[dict[tuple[int, int], float], dict[tuple[int, int], float]]:
+    """One pass over the centred cosine similarities of all pairs, {(i, j), i < j: similarity} twice: the
+    pairs at least `threshold` alike, and each image with its `neighbours` most similar others. An altered
+    copy is its original's nearest neighbour even where the cosine itself is low (a JPEG of a 28 px image:
+    0.45-0.91), so the second set is ranked, not thresholded."""
     unit = _centred(embeddings)
     count = min(neighbours, len(unit) - 1)
-    pairs: dict[tuple[int, int], float] = {}
-    if count < 1:
-        return pairs
+    alike: dict[tuple[int, int], float] = {}
+    nearest: dict[tuple[int, int], float] = {}
     for start in range(0, len(unit), _BLOCK):
-        block = unit[start : start + _BLOCK] @ unit.T
+        block = unit[start : start + _BLOCK] @ unit.T  # (B, N)
         rows = np.arange(len(block))
-        block[rows, rows + start] = -np.inf  # not its own neighbour
-        nearest = np.argpartition(-block, count - 1, axis=1)[:, :count]
-        for row, cols in zip(rows.tolist(), nearest.tolist(), strict=True):
-            for col in cols:
-                i, j = sorted((start + row, col))
-                pairs[(i, j)] = float(block[row, col])
-    return pairs
+        block[rows, rows + start] = -np.inf  # no image is its own pair or neighbour
+        found_rows, cols = np.nonzero(block >= threshold)
+        keep = cols > found_rows + start
+        found_rows, cols = found_rows[keep], cols[keep]
+        keys = zip((found_rows + start).tolist(), cols.tolist(), strict=True)
+        alike.update(zip(keys, block[found_rows, cols].tolist(), strict=True))
+        if count < 1:
+            continue
+        tops = np.argpartition(-block, count - 1, axis=1)[:, :count].tolist()
+        for row, top in zip(rows.tolist(), tops, strict=True):
+            for col in top:
+                nearest[tuple(sorted((start + row, col)))] = float(block[row, col])
+    return alike, nearest
 
 
 # Pixel comparison: grey thumbnails, lightly blurred so resampling differences do not count; one image may be
@@ -142,13 +136,9 @@ def near_duplicate_pairs(embeddings: np.ndarray, files: Sequence[Path], audit: A
     """Pairs whose embeddings are at least `audit.similarity` alike, and pairs of an image and one of its
     `audit.neighbours` nearest others whose pixels correlate at least `audit.pixel_correlation` once aligned
     (aligned_correlation)."""
-    found = {
-        (i, j): Pair(i, j, similarity, None)
-        for i, j, similarity in similar_pairs(embeddings, audit.similarity)
-    }
-    candidates = [
-        pair for pair in nearest_pairs(embeddings, audit.neighbours).items() if pair[0] not in found
-    ]
+    alike, nearest = similar_pairs(embeddings, audit.similarity, audit.neighbours)
+    found = {(i, j): Pair(i, j, similarity, None) for (i, j), similarity in alike.items()}
+    candidates = [(pair, similarity) for pair, similarity in nearest.items() if pair not in found]
     if candidates:
         thumbs = {k: thumbnail(files[k]) for k in sorted({k for (i, j), _ in candidates for k in (i, j)})}
         correlations = aligned_correlation(thumbs, [pair for pair, _ in candidates])
