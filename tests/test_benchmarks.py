@@ -229,6 +229,11 @@ def test_audit_label_noise_scores_the_flagged_against_the_flipped_labels(results
     assert {key: pooled[key] for key in ("precision", "recall", "f1")} == pytest.approx(
         {key: figures[key] for key in ("precision", "recall", "f1")}
     )  # one draw in smoke mode: the pooled figures are its own
+    tuned = figures["fine_tuned"]  # the same cleanlab call on k fine-tuned models' out-of-fold probabilities
+    assert tuned["images_scored"] == figures["images"]  # every image was in exactly one fold's test split
+    assert 0 <= tuned["true_positives"] <= min(tuned["flagged"], figures["flipped"])
+    assert tuned["recall"] == pytest.approx(tuned["true_positives"] / figures["flipped"])
+    assert 0.0 <= tuned["out_of_fold_accuracy_on_given_labels"] <= 1.0 and tuned["seconds"] > 0
 
 
 def test_audit_near_duplicates_injects_copies_and_times_a_cold_and_a_warm_cache(results: _Results) -> None:
