@@ -4,8 +4,8 @@ score the flagged images against the flipped ones: precision, recall, F1, plus t
 Three draws (seeds 42, 7, 123; one in smoke mode), pooled: the rule was chosen on the first, the others are
 held out.
 
-The comparison arm (`fine_tuned`, seed 42's draw): the same cleanlab call on out-of-fold probabilities from the
-default fine-tuned model instead of the audit's linear probe. The real train and evaluate stages run once per
+The comparison arm (`fine_tuned`, on seed 42's draw): the same cleanlab call on out-of-fold probabilities of
+the default fine-tuned model instead of the audit's linear probe. The real train and evaluate stages run once per
 fold of the probe's own k-fold split: the held-out fold is the test split, a stratified slice of the rest is
 val (split.val's share), the rest trains. Its cost is those runs' wall time.
 
@@ -156,7 +156,7 @@ def fine_tuned_probabilities(
     val_share = params.split.val / (params.split.train + params.split.val)
     probabilities = np.zeros((len(table), len(classes)))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for k, (rest, held) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+    for k, (rest, _held) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
         fold = with_overrides(
             project_params(root / f"fold{k}", {"paths.cache_dir": str(params.paths.cache_dir)}),
             {f"paths.{key}": str(getattr(params.paths, key)) for key in ("data_root", "csv_manifest")}
