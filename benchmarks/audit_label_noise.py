@@ -5,9 +5,9 @@ Three draws (seeds 42, 7, 123; one in smoke mode), pooled: the rule was chosen o
 held out.
 
 The comparison arm (`fine_tuned`, on seed 42's draw): the same cleanlab call on out-of-fold probabilities of
-the default fine-tuned model instead of the audit's linear probe. The real train and evaluate stages run once per
-fold of the probe's own k-fold split: the held-out fold is the test split, a stratified slice of the rest is
-val (split.val's share), the rest trains. Its cost is those runs' wall time.
+the default fine-tuned model instead of the audit's linear probe. The real train and evaluate stages run once
+per fold of the probe's own k-fold split: the held-out fold is the test split, a stratified slice of the rest
+is val (split.val's share), the rest trains. Its cost is those runs' wall time.
 
 The labels come from a CSV listing (`paths.csv_manifest`) over the Fashion-MNIST folders, so no file moves.
 """
