@@ -174,7 +174,7 @@ class AuditSeverityParams(_Section):
 
 class AuditParams(_Section):
     near_duplicates: bool = True
-    similarity: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.95
+    similarity: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.97
     neighbours: PositiveInt = 5
     pixel_correlation: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.995
     label_issues: Literal["off", "report", "quarantine"] = "report"

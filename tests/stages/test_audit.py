@@ -18,6 +18,7 @@ import pytest
 from helpers import assert_headline_metrics, data_stage_params
 from PIL import Image, ImageOps
 
+from pipeline.config import AuditParams
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
 from pipeline.stages import audit, ingest, split, validate
@@ -144,6 +145,21 @@ def test_aligned_pixel_correlation_matches_crops_and_mirrors_not_other_pictures(
     thumbs = {k: checks.thumbnail(tmp_path / f"{name}.png") for k, name in enumerate(names)}
     crop, mirror, other = checks.aligned_correlation(thumbs, [(0, 1), (2, 0), (0, 3)])
     assert crop >= 0.995 and mirror >= 0.995 and other < 0.9
+
+
+def test_a_copy_far_from_its_original_in_embedding_space_is_found_by_its_pixels(tmp_path):
+    files = [picture(tmp_path / f"{k}.png", "coffee", k) for k in range(6)]
+    _jpeg(Image.open(files[2]).convert("RGB"), 60).save(tmp_path / "copy.jpg")
+    ImageOps.mirror(Image.open(files[4])).save(tmp_path / "mirror.png")
+    files += [tmp_path / "copy.jpg", tmp_path / "mirror.png"]
+    embeddings = np.random.default_rng(0).normal(size=(len(files), 16))
+    embeddings[6], embeddings[7] = -embeddings[2], -embeddings[4]  # each copy far from its original
+    assert not {(2, 6), (4, 7)} & set(checks.similar_pairs(embeddings, threshold=0.97, neighbours=1)[1])
+    thumbs = np.stack([checks.thumbnail(path) for path in files])
+    assert {(2, 6), (4, 7)} <= checks.pixel_nearest(thumbs)
+    pairs = checks.near_duplicate_pairs(embeddings, files, AuditParams(neighbours=1))
+    assert [(p.first, p.second) for p in pairs] == [(2, 6), (4, 7)]  # the other candidates fail the pixels
+    assert all(p.correlation >= 0.995 and p.similarity < 0 for p in pairs)
 
 
 def test_similar_pairs_are_those_above_the_threshold_and_each_images_closest_others():
