@@ -5,8 +5,8 @@ injected (copy, original) pairs (same near-duplicate group), the other pairs fla
 audit's cost per 1,000 images with a cold (empty) and a warm (filled) cache folder. Three draws of the data
 (seeds 42, 7, 123; one in smoke mode), pooled: the defaults were chosen on the first, the others are held out.
 
-The data is written as a pre-split folder (train/ with the copies, test/ with the originals), so every found
-copy is also a group across given splits: leakage, as the audit reports it.
+The data is written as a pre-split folder (train/ with the copies, val/ with the originals), so every found
+copy is also a group across given splits: leakage, as the audit reports it (`cross_split_groups`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from benchmarks._common import (
     workdir,
 )
 from pipeline.config import Params
+from pipeline.io import read_json
 from pipeline.stages import audit, ingest, validate
 from pipeline.stages.audit import checks
 
@@ -82,16 +83,18 @@ def alter(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Imag
 
 
 def build_data(source: Path, target_root: Path, settings: dict, seed: int) -> list[tuple[str, str, str]]:
-    """Copy a class-stratified subset of `source` (train/, test/) to `target_root` and add the altered copies
-    of test images to train/; returns (copy path, original path, alteration) relative to `target_root`."""
+    """Copy a class-stratified subset of `source` (train/, test/) to `target_root` (train/, val/) and add the
+    altered copies of the test images to train/; returns (copy path, original path, alteration) relative to
+    `target_root`."""
     rng = np.random.default_rng(seed)
     originals = []
     for split, per_class in (("train", settings["train_per_class"]), ("test", settings["test_per_class"])):
+        given = "val" if split == "test" else split  # train/ and val/: a pre-split folder to ingest
         for label, names in class_files(source / split).items():
             for name in rng.permutation(names)[:per_class]:
-                relative = f"{split}/{label}/{name}"
-                (target_root / split / label).mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source / relative, target_root / relative)
+                relative = f"{given}/{label}/{name}"
+                (target_root / given / label).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source / split / label / name, target_root / relative)
                 if split == "test":
                     originals.append(relative)
     injected = []
@@ -123,7 +126,13 @@ def run(opts: Options) -> dict[str, Any]:
                     taken = timed(lambda: audit.run(params))[0]  # noqa: B023 (called at once)
                     seconds[key] += [taken] if n == 0 else []
             table = pd.read_csv(params.paths.audit_table, dtype=str, keep_default_na=False)
-            by_seed[seed] = {"images": len(table), **_score(table, _pairs(params, table), injected)}
+            by_seed[seed] = {
+                "images": len(table),
+                "classes": int(table["label"].nunique()),
+                "given_splits": sorted(table["split"].unique()),
+                "cross_split_groups": read_json(params.paths.metrics("audit"))["cross_split_groups"],
+                **_score(table, _pairs(params, table), injected),
+            }
     images = sum(figures["images"] for figures in by_seed.values())
     hits = sum(figures["recall"] * figures["injected_pairs"] for figures in by_seed.values())
     recall = hits / sum(figures["injected_pairs"] for figures in by_seed.values())

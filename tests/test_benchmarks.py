@@ -241,6 +241,7 @@ def test_audit_near_duplicates_injects_copies_and_times_a_cold_and_a_warm_cache(
     figures = payload["results"]
     (seed,) = figures["by_seed"].values()
     assert seed["injected_pairs"] == 5 and seed["images"] == CLASSES * (6 + 4) + 5
+    assert seed["classes"] == CLASSES and seed["given_splits"] == ["train", "val"]  # copies vs originals
     assert set(seed["recall_by_alteration"]) == {"jpeg", "resize", "crop", "brightness", "flip"}
     assert 0.0 <= seed["recall"] <= 1.0 and seed["extra_pairs"] <= seed["flagged_pairs"]
     assert figures["recall"] == seed["recall"]  # one seed in smoke mode: the pooled figures are its own
