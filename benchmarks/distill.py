@@ -25,7 +25,7 @@ NAME = "distill"
 _DISTILL = {"train.distill.alpha": 0.5, "train.distill.temperature": 4.0}
 SETTINGS = {
     "full": {
-        # 1,000 train images per class keep the four trainings to a few hours on 2 cores; test: all 10,000.
+        # 1,000 train images per class keep the four trainings to about 25 min on 2 cores; test: all 10,000.
         "listing": {"val_per_class": 200, "train_per_class": 1000},
         "params": {**FASHION_MNIST["full"]["params"], "train.epochs": 8, **_DISTILL},
         "teacher_backbone": "tf_efficientnet_lite2",
