@@ -3,6 +3,7 @@ knowledge distillation from a trained teacher on top of it."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from torch import nn
 
 from pipeline.config import Params
 from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 # Cui et al., "Class-Balanced Loss Based on Effective Number of Samples" (CVPR 2019): their usual beta.
 EFFECTIVE_NUMBER_BETA = 0.999
@@ -119,4 +122,9 @@ def with_teacher(
             f"{list(class_names)[:6]} (same names, same order); train the teacher on the same data"
         )
     teacher = Teacher(trained.model, data_config, trained.data_config)
+    side = trained.data_config["input_size"][-1]
+    log.info(
+        "train: distilling from %s (%d px; alpha %g, temperature %g) in the image epochs",
+        path, side, distill.alpha, distill.temperature,
+    )  # fmt: skip
     return DistillationLoss(criterion, distill.alpha, distill.temperature), teacher

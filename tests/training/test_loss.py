@@ -150,7 +150,7 @@ def _saved_model(path, class_names: list[str], image_size: int = 32):
     return path
 
 
-def test_the_teacher_is_a_model_file_or_the_champions_and_must_know_the_same_classes(tmp_path):
+def test_the_teacher_is_a_model_file_or_the_champions_and_must_know_the_same_classes(tmp_path, caplog):
     from pipeline.config import Params
     from pipeline.errors import PipelineError
     from pipeline.training.loss import DistillationLoss, with_teacher
@@ -167,7 +167,9 @@ def test_the_teacher_is_a_model_file_or_the_champions_and_must_know_the_same_cla
     with pytest.raises(PipelineError, match=r"train.distill.teacher: .*champion.*model.pt not found"):
         with_teacher(plain, params("champion"), names, config)
     _saved_model(tmp_path / "champion" / "model.pt", names, image_size=48)
-    criterion, teacher = with_teacher(plain, params("champion"), names, config)
+    with caplog.at_level("INFO", logger="pipeline.training.loss"):
+        criterion, teacher = with_teacher(plain, params("champion"), names, config)
+    assert "distilling from" in caplog.text and "model.pt (48 px; alpha 0.7, temperature 4)" in caplog.text
     assert isinstance(criterion, DistillationLoss) and criterion.alpha == 0.7
     assert teacher(torch.zeros(2, 3, 32, 32)).shape == (2, 3)  # resized to its own 48 px inside
     other = _saved_model(tmp_path / "other.pt", ["a", "b", "x"])
