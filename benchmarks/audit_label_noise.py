@@ -155,13 +155,18 @@ def fine_tuned_probabilities(
     folds, seed = checks.usable_folds(labels, params.audit.folds), params.base.seed
     val_share = params.split.val / (params.split.train + params.split.val)
     probabilities = np.zeros((len(table), len(classes)))
+    row_of = pd.Series(np.arange(len(table)), index=table["path"])
+    shared = {  # the same images, feature cache and recipe in every fold's project
+        **{
+            f"paths.{key}": str(getattr(params.paths, key))
+            for key in ("data_root", "csv_manifest", "cache_dir")
+        },
+        "model": params.model.model_dump(),
+        "train": params.train.model_dump(),
+    }
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for k, (rest, _held) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
-        fold = with_overrides(
-            project_params(root / f"fold{k}", {"paths.cache_dir": str(params.paths.cache_dir)}),
-            {f"paths.{key}": str(getattr(params.paths, key)) for key in ("data_root", "csv_manifest")}
-            | {"model": params.model.model_dump(), "train": params.train.model_dump()},
-        )
+        fold = project_params(root / f"fold{k}", shared)
         size = max(len(classes), round(val_share * len(rest)))
         fit, val = train_test_split(rest, test_size=size, stratify=labels[rest], random_state=seed)
         split = np.full(len(table), "test", dtype=object)
@@ -171,8 +176,8 @@ def fine_tuned_probabilities(
         train.run(fold)
         evaluate.run(fold)
         predictions = pd.read_csv(fold.paths.predictions, dtype={"path": str}, keep_default_na=False)
-        rows = table.reset_index().set_index("path").loc[predictions["path"], "index"].to_numpy()
-        probabilities[rows] = predictions[[f"prob_{name}" for name in classes]].to_numpy()
+        columns = [f"prob_{name}" for name in classes]
+        probabilities[row_of[predictions["path"]].to_numpy()] = predictions[columns].to_numpy()
     return probabilities
 
 
