@@ -34,7 +34,10 @@ SETTINGS = {
         # channels_last trains fastest on CPU (bf16 autocast is slower there at this size); every block
         # trains, at a higher lr, since product photos in grey are far from ImageNet. An EMA of the weights
         # (timm's, with its warm-up) smooths the last epochs, where val accuracy still rose at 10 epochs.
+        # lite2 rather than lite0: at 64 px its extra width costs only about 1.2x the time on this CPU
+        # (small tensors), and it gained 1.1 points on a 10,000-image subset (benchmarks/README.md).
         "params": {
+            "model.backbone": "tf_efficientnet_lite2",
             "model.image_size": 64,
             "train.precision": "fp32",
             "train.channels_last": True,
@@ -80,7 +83,7 @@ def run(opts: Options) -> dict[str, Any]:
     }
     ratios = {f"vs_{name}_points": 100 * (test["accuracy"] - value) for name, value in ANCHORS.items()}
     targets = {
-        "test_accuracy": target(test["accuracy"], ">=", 0.94),
+        "test_accuracy": target(test["accuracy"], ">=", 0.95),
         "wall_minutes": target(wall_minutes, "<=", settings["max_minutes"]),
     }
     resolved = params.to_dict()
