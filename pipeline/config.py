@@ -195,6 +195,7 @@ class ModelParams(_Section):
     se_reduction: PositiveInt = 16  # se_mlp: the SE gate's bottleneck is features / se_reduction
     drop_rate: Fraction = 0.2
     image_size: PositiveInt | None = None  # None: the backbone's pretrained input size
+    crop_pct: Annotated[float, Field(gt=0.0, le=1.0)] | None = None  # None: the backbone's (timm's crop_pct)
 
     @field_validator("weights")
     @classmethod

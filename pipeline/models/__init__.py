@@ -130,7 +130,8 @@ def _classifier_prefix(network: nn.Module) -> str:
 def resolve_data_config(params: ModelParams) -> dict[str, Any]:
     """Preprocessing from the backbone's pretrained config (size, mean/std, interpolation, crop).
 
-    `model.image_size` only changes the resolution; crop_pct and normalisation stay the backbone's.
+    `model.image_size` changes the resolution and `model.crop_pct` the share of the resized image the
+    center crop keeps (1.0: all of it); normalisation stays the backbone's.
     """
     cfg = timm.get_pretrained_cfg(params.backbone)
     if cfg is None:
@@ -143,7 +144,7 @@ def resolve_data_config(params: ModelParams) -> dict[str, Any]:
         "interpolation": config["interpolation"],
         "mean": list(config["mean"]),
         "std": list(config["std"]),
-        "crop_pct": float(config["crop_pct"]),
+        "crop_pct": float(params.crop_pct if params.crop_pct is not None else config["crop_pct"]),
         "crop_mode": config.get("crop_mode", "center"),
     }
 
