@@ -65,6 +65,19 @@ def test_preprocessing_comes_from_the_backbone_config():
     assert resolve_data_config(ModelParams(image_size=96))["input_size"] == [3, 96, 96]
 
 
+def test_crop_pct_overrides_the_backbone_and_one_keeps_the_border():
+    """model.crop_pct replaces the backbone's eval crop; at 1.0 a stripe on the image's edge is still seen."""
+    default = resolve_data_config(ModelParams(image_size=32))
+    whole = resolve_data_config(ModelParams(image_size=32, crop_pct=1.0))
+    assert default["crop_pct"] == 0.875 and whole["crop_pct"] == 1.0
+    array = np.zeros((28, 28, 3), dtype=np.uint8)
+    array[:, :2] = 255  # a white stripe along the left edge, as a garment's sleeve in Fashion-MNIST
+    image = Image.fromarray(array)
+    # Normalised with mean = std = 0.5: white is 1.0, black -1.0; the default crop keeps only the stripe's blur.
+    assert preprocess(image, whole)[0, :, 0].min() > 0.9
+    assert preprocess(image, default)[0, :, 0].max() < 0.5
+
+
 def test_preprocess_matches_timm_eval_transform():
     config = resolve_data_config(TINY)
     transform = timm.data.create_transform(
