@@ -73,7 +73,7 @@ def test_crop_pct_overrides_the_backbone_and_one_keeps_the_border():
     array = np.zeros((28, 28, 3), dtype=np.uint8)
     array[:, :2] = 255  # a white stripe along the left edge, as a garment's sleeve in Fashion-MNIST
     image = Image.fromarray(array)
-    # Normalised with mean = std = 0.5: white is 1.0, black -1.0; the default crop keeps only the stripe's blur.
+    # Normalised with mean = std = 0.5: white is 1.0, black -1.0; the default crop keeps only the blur.
     assert preprocess(image, whole)[0, :, 0].min() > 0.9
     assert preprocess(image, default)[0, :, 0].max() < 0.5
 
