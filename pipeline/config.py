@@ -226,6 +226,7 @@ class DistillParams(_Section):
 class TrainParams(_Section):
     strategy: Literal["linear_probe", "partial", "full", "progressive"] = "progressive"
     epochs: PositiveInt = 11
+    time_limit_min: PositiveFloat | None = None  # the epochs' time budget: fewer epochs when they won't fit
     batch_size: PositiveInt = 32
     eval_batch_size: PositiveInt | None = None  # None: 2 x batch_size on GPU, 16 on CPU
     optimizer: Literal["adamw", "sgd"] = "adamw"

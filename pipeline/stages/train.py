@@ -118,7 +118,7 @@ def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
         f"{len(class_names)} classes, {len(ready.plans)} epochs"
     )
     live = _live(paths.live_dir, state.history) if env.is_main else None
-    after_epoch = _AfterEpoch(params, trainer, fingerprint, live, len(ready.plans))
+    after_epoch = _AfterEpoch(params, trainer, fingerprint, live)
     state = fit(trainer, ready.plans, ready.data, state, len(class_names), after_epoch)
     if env.is_main:
         ready.model.load_state_dict(state.best_state)
@@ -177,9 +177,9 @@ class _AfterEpoch:
     """Rank 0's work after each epoch (`live` is None on the other ranks, which do nothing): a checkpoint
     every `train.checkpoint_every_s` and after the last epoch, the dvclive step and the epoch's log line."""
 
-    def __init__(self, params: Params, trainer: Trainer, fingerprint: str, live: Live | None, epochs: int):
+    def __init__(self, params: Params, trainer: Trainer, fingerprint: str, live: Live | None):
         self.train_params, self.trainer, self.fingerprint = params.train, trainer, fingerprint
-        self.live, self.epochs = live, epochs
+        self.live = live
         self.checkpoint_file = params.paths.checkpoint_dir / checkpoint.CHECKPOINT_NAME
         self.last_saved = time.monotonic()
 
@@ -188,7 +188,7 @@ class _AfterEpoch:
             return
         tp = self.train_params
         # Time-based, as Lightning's train_time_interval: a 0.1 s head-only epoch is not worth a 60 ms write.
-        finished = state.stopped_early or state.epoch == self.epochs
+        finished = state.stopped_early or state.epoch == state.planned
         if finished or time.monotonic() - self.last_saved >= tp.checkpoint_every_s:
             trainer_state, rng = self.trainer.state_dict(), checkpoint.rng_state()
             payload = {
@@ -200,7 +200,7 @@ class _AfterEpoch:
             checkpoint.save(self.checkpoint_file, payload)
             self.last_saved = time.monotonic()
         _log_epoch(self.live, record)
-        _report_epoch(record, self.epochs, tp.overfit_gap_warning)
+        _report_epoch(record, state.planned, tp.overfit_gap_warning)
 
 
 def _model(params: Params, num_classes: int, device: torch.device) -> ImageClassifier:

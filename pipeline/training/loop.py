@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,8 +21,8 @@ from pipeline.data.epochs import Batches, EpochData
 from pipeline.models import ImageClassifier
 from pipeline.models.freezing import EpochPlan, set_trainable, train_mode
 from pipeline.progress import progress
-from pipeline.training.distributed import Dist, all_sum, wrap
-from pipeline.training.optim import build_optimizer, build_scheduler, current_lrs
+from pipeline.training.distributed import Dist, all_sum, from_main, wrap
+from pipeline.training.optim import build_optimizer, build_scheduler, compressed, current_lrs
 from pipeline.training.precision import Precision
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class Trainer:
         self.optimizer = build_optimizer(model, params)
         epoch_phases = [plan.phase for plan in plans]
         self.scheduler = build_scheduler(self.optimizer, epoch_phases, steps_per_epoch, params)
+        self.steps_per_epoch = steps_per_epoch
+        self.replans: list[tuple[int, int, int]] = []  # compressions of the schedule: see replan
         self.scaler = precision.grad_scaler()
         self.ema = ModelEmaV3(model, decay=params.ema_decay, use_warmup=True) if params.ema_decay else None
         self._wrapped: tuple[Any, nn.Module] | None = None
@@ -70,6 +73,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else {},
+            "replans": list(self.replans),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -79,6 +83,19 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        for steps in state["replans"]:
+            self._compress(*steps)
+
+    def replan(self, epochs_left: int, new_epochs_left: int) -> None:
+        """End the run after `new_epochs_left` more epochs rather than `epochs_left`: the rest of the lr
+        schedule is compressed into them (optim.compressed), so it still decays to its end."""
+        start, steps = self.scheduler.last_epoch, self.steps_per_epoch  # LambdaLR counts optimizer steps
+        self._compress(start, start + epochs_left * steps, start + new_epochs_left * steps)
+
+    def _compress(self, start: int, end: int, new_end: int) -> None:
+        factors = self.scheduler.lr_lambdas
+        self.scheduler.lr_lambdas = [compressed(factor, start, end, new_end) for factor in factors]
+        self.replans.append((start, end, new_end))  # replayed on resume: the lambdas are not saved
 
     def lrs(self) -> dict[str, float]:
         """The lrs the optimizer holds now (pipeline.training.optim.current_lrs): what the logs show."""
@@ -196,6 +213,7 @@ class FitState:
     """Progress that a checkpoint restores besides the trainer's own state."""
 
     epoch: int = 0  # epochs completed
+    planned: int = 0  # epochs the run takes: all the plans, or those that fit in train.time_limit_min
     history: list[dict[str, float]] = field(default_factory=list)
     best_value: float | None = None  # of the early-stopping metric, over all epochs: picks the saved model
     best_epoch: int = 0
@@ -221,33 +239,65 @@ def fit(
 
     Early stopping ends the last phase once it has gone `early_stopping_patience` epochs without beating its
     own best: a new phase (e.g. unfreezing after progressive's head-only epochs) starts worse at its peak lr,
-    so comparing it with the previous phase's best would stop it before it gets going.
+    so comparing it with the previous phase's best would stop it before it gets going. Under
+    `train.time_limit_min` the run ends after the epochs that fit (`state.planned`).
     """
     patience = trainer.params.early_stopping_patience
-    for epoch in range(state.epoch, len(plans)):
-        if state.stopped_early:
-            break
+    state.planned = state.planned or len(plans)
+    while state.epoch < state.planned and not state.stopped_early:
+        epoch = state.epoch
         plan = plans[epoch]
         if epoch > 0 and plans[epoch - 1].phase != plan.phase:
             state.phase_best, state.bad_epochs = None, 0
-        record = _run_epoch(trainer, plans, epoch, data, num_classes)
+        record = _run_epoch(trainer, plan, epoch, state.planned, data, num_classes)
         state.history.append(record)
         state.seconds += record["seconds"]
         _track_best(state, trainer, record[trainer.params.early_stopping_metric], epoch)
         state.epoch = epoch + 1
-        in_last_phase = plan.phase == plans[-1].phase and state.epoch < len(plans)
+        if trainer.params.time_limit_min is not None:
+            _keep_to_time_limit(trainer, plans, state)
+        in_last_phase = plan.phase == plans[-1].phase and state.epoch < state.planned
         state.stopped_early = bool(in_last_phase and patience and state.bad_epochs >= patience)
         on_epoch_end(state, record)
     return state
 
 
+def _keep_to_time_limit(trainer: Trainer, plans: list[EpochPlan], state: FitState) -> None:
+    """`train.time_limit_min` (Ultralytics' `time`), after each epoch: once the last phase has run an epoch,
+    plan as many epochs as fit in the time left at that phase's mean epoch time (never more than the plans)
+    and compress the rest of the lr schedule into them; before that, only stop once the time is spent."""
+    limit_min = trainer.params.time_limit_min
+    left = limit_min * 60 - state.seconds
+    last_phase = [r["seconds"] for r in state.history if r["phase"] == plans[-1].phase]
+    pace = sum(last_phase) / len(last_phase) if last_phase else None
+    if pace is not None:
+        planned = min(len(plans), state.epoch + max(0, math.floor(left / pace)))
+    else:
+        planned = state.planned if left > 0 else state.epoch
+    planned = from_main(trainer.env, planned)  # the ranks' clocks differ: rank 0 decides for all
+    if planned == state.planned:
+        return
+    if planned > state.epoch:
+        trainer.replan(state.planned - state.epoch, planned - state.epoch)
+        log.info(
+            f"train: {planned} of {len(plans)} epochs fit in train.time_limit_min {limit_min:g} at "
+            f"{pace:.0f} s an epoch; the lr schedule now ends after epoch {planned}"
+        )
+    else:
+        log.warning(
+            f"train: train.time_limit_min {limit_min:g} is spent after epoch {state.epoch} of "
+            f"{state.planned}; stopping (the best epoch so far is kept). Raise it to train every epoch"
+        )
+    state.planned = planned
+
+
 def _run_epoch(
-    trainer: Trainer, plans: list[EpochPlan], epoch: int, data: EpochData, num_classes: int
+    trainer: Trainer, plan: EpochPlan, epoch: int, planned: int, data: EpochData, num_classes: int
 ) -> dict[str, float]:
     """Train and evaluate one epoch; its record for the history, the logs and the curves."""
-    plan, start = plans[epoch], time.perf_counter()
+    start = time.perf_counter()
     batches, num_batches = data.train(epoch, plan.on_features)
-    desc = f"epoch {epoch + 1}/{len(plans)}"
+    desc = f"epoch {epoch + 1}/{planned}"
     train = trainer.train_epoch(plan, batches, num_batches, desc=desc)
     val = trainer.evaluate(*data.val(plan.on_features), plan.on_features, num_classes, desc=f"{desc} val")
     return {

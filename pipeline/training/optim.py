@@ -3,7 +3,8 @@
 
 The schedule is per optimizer step: each phase of a strategy (e.g. progressive's head-only epochs, then the
 fine-tuning epochs) gets its own linear warm-up, then `train.schedule`: cosine decay to 0, cosine with warm
-restarts (SGDR), or step decay at milestones; so unfreezing starts gently whatever the shape.
+restarts (SGDR), or step decay at milestones; so unfreezing starts gently whatever the shape. Under
+`train.time_limit_min` the rest of the schedule is compressed into the epochs that fit.
 """
 
 from __future__ import annotations
@@ -63,10 +64,10 @@ def current_lrs(optimizer: Optimizer, head_lr_mult: float) -> dict[str, float]:
 
 # A schedule's shape after the warm-up: (step since the phase started, steps after the warm-up, warm-up steps)
 # -> multiplier of the base lr.
-Shape = Callable[[int, int, int], float]
+Shape = Callable[[float, int, int], float]
 
 
-def _cosine(local: int, length: int, warmup: int) -> float:
+def _cosine(local: float, length: int, warmup: int) -> float:
     """Half a cosine from 1 at the end of the warm-up to 0 at the end of the phase."""
     progress = min(1.0, (local - warmup) / max(1, length))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -75,7 +76,7 @@ def _cosine(local: int, length: int, warmup: int) -> float:
 def _cosine_restarts(period: int, mult: float) -> Shape:
     """SGDR (Loshchilov & Hutter 2017): cosine cycles of `period` steps, each `mult` times the last."""
 
-    def shape(local: int, length: int, warmup: int) -> float:
+    def shape(local: float, length: int, warmup: int) -> float:
         position, cycle = local - warmup, float(max(1, period))
         while position >= cycle:
             position, cycle = position - cycle, cycle * mult
@@ -98,7 +99,7 @@ def schedule_shape(params: TrainParams, steps_per_epoch: int) -> Shape:
     return _cosine
 
 
-def lr_factor(step: int, phases: Sequence[int], warmup_steps: int, shape: Shape = _cosine) -> float:
+def lr_factor(step: float, phases: Sequence[int], warmup_steps: int, shape: Shape = _cosine) -> float:
     """Multiplier of the base lr at optimizer step `step`; `phases` are consecutive phase lengths in steps.
     Each phase warms up linearly over `warmup_steps` (at most its length), then follows `shape`."""
     start = 0
@@ -116,11 +117,28 @@ def build_scheduler(
     optimizer: Optimizer, epoch_phases: Sequence[int], steps_per_epoch: int, params: TrainParams
 ) -> LambdaLR:
     """LambdaLR stepped once per optimizer step; `epoch_phases` holds each epoch's phase (consecutive)."""
+    return LambdaLR(optimizer, schedule_factor(epoch_phases, steps_per_epoch, params))
+
+
+def schedule_factor(
+    epoch_phases: Sequence[int], steps_per_epoch: int, params: TrainParams
+) -> Callable[[float], float]:
+    """Optimizer step -> multiplier of the base lr, for the epochs of `epoch_phases`."""
     epochs = Counter(epoch_phases)  # phase -> its number of epochs
     phases = [max(1, epochs[phase] * steps_per_epoch) for phase in sorted(epochs)]
     warmup_steps = round(params.warmup_epochs * steps_per_epoch)
     shape = schedule_shape(params, steps_per_epoch)
-    return LambdaLR(optimizer, lambda step: lr_factor(step, phases, warmup_steps, shape))
+    return lambda step: lr_factor(step, phases, warmup_steps, shape)
+
+
+def compressed(
+    factor: Callable[[float], float], start: int, end: int, new_end: int
+) -> Callable[[float], float]:
+    """`factor` with its steps from `start` to `end` squeezed (or stretched) into `start` to `new_end`: the
+    lr goes on from where it is and follows the same curve (cosine, restarts, steps) to the same end, sooner.
+    `train.time_limit_min` uses it when fewer (or more) epochs fit than were planned."""
+    scale = (end - start) / max(1, new_end - start)
+    return lambda step: factor(step if step < start else start + (step - start) * scale)
 
 
 def set_lr(optimizer: Optimizer, lr: float) -> None:

@@ -164,6 +164,17 @@ def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(t
     assert metrics["epochs_run"] == 3 and metrics["best_epoch"] == 1  # of 8 planned
 
 
+def test_a_spent_time_limit_stops_the_run_keeps_its_model_and_resumes_as_finished(tmp_path, caplog):
+    params = train_params(tmp_path, train={"strategy": "full", "epochs": 4, "time_limit_min": 1e-6})
+    with caplog.at_level("WARNING"):
+        first = train.run(params)
+    assert first["epochs_run"] == 1 == _metrics(params)["epochs_run"]  # of 4 planned
+    assert "train.time_limit_min 1e-06 is spent after epoch 1 of 4" in caplog.text
+    assert load_trained(params.paths.model).class_names == CLASSES
+    again = train.run(params)
+    assert again["resumed_from_epoch"] == 1 and again["epochs_run"] == 1
+
+
 def test_a_finished_run_resumes_as_finished_and_a_changed_param_starts_fresh(tmp_path, caplog):
     params = train_params(tmp_path, train={"strategy": "full", "epochs": 2})
     first = train.run(params)

@@ -11,6 +11,7 @@ from pipeline.config import AugmentParams, TrainParams
 from pipeline.data.transforms import build_batch_mix
 from pipeline.models import ImageClassifier
 from pipeline.models.freezing import EpochPlan, block_groups
+from pipeline.training import loop
 from pipeline.training.distributed import Dist
 from pipeline.training.loop import FitState, Trainer, fit
 from pipeline.training.loss import build_criterion
@@ -20,15 +21,31 @@ CLASSES = 3
 TRAIN_ALL = EpochPlan(0, 1, False)  # the tiny net's backbone is one block group: everything trains
 
 
+class _Clock:
+    """time.perf_counter for the loop's epoch timing, advanced by each scripted epoch."""
+
+    def __init__(self, epoch_seconds: list[float]):
+        self.now, self.epoch_seconds = 0.0, list(epoch_seconds)
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
 class _ScriptedTrainer:
     """Stands in for loop.Trainer: val accuracy follows a script."""
 
-    def __init__(self, val_accs: list[float], patience: int):
-        self.params = TrainParams(early_stopping_patience=patience)
-        self.eval_model, self._accs = nn.Linear(1, 1), iter(val_accs)
+    def __init__(self, val_accs: list[float], patience: int, clock: _Clock | None = None, **train):
+        self.params = TrainParams(early_stopping_patience=patience, **train)
+        self.eval_model, self._accs, self.env = nn.Linear(1, 1), iter(val_accs), Dist()
+        self.clock, self.replans = clock, []
 
     def train_epoch(self, *args, **kwargs) -> dict:
+        if self.clock is not None:
+            self.clock.now += self.clock.epoch_seconds.pop(0)
         return {"loss": 1.0, "acc": 0.5, "images": 1, "seconds": 1.0}
+
+    def replan(self, epochs_left: int, new_epochs_left: int) -> None:
+        self.replans.append((epochs_left, new_epochs_left))
 
     def evaluate(self, *args, **kwargs) -> dict:
         return {"loss": 1.0, "acc": next(self._accs), "f1": 0.0}
@@ -62,6 +79,47 @@ def test_patience_zero_runs_every_epoch():
     assert len(state.history) == 4 and not state.stopped_early and state.best_epoch == 1
 
 
+def test_time_limit_plans_the_epochs_that_fit_at_the_last_phases_pace(monkeypatch):
+    # 60 s for 1 head-only epoch of 2 s, then 9 fine-tuning epochs of 10 s: after the first of those (12 s
+    # spent, 10 s each) 4 more fit: the plan shrinks from 10 to 6 epochs once, and the run stops there.
+    clock = _Clock([2.0] + [10.0] * 9)
+    monkeypatch.setattr(loop, "time", clock)
+    plans = [EpochPlan(0, 0, True)] + [EpochPlan(1, 6, False)] * 9
+    trainer = _ScriptedTrainer([0.5] * 10, patience=0, clock=clock, time_limit_min=1.0)
+    state = fit(trainer, plans, _NoData(), FitState(), 3, lambda *a: None)
+    assert trainer.replans == [(8, 4)]
+    assert len(state.history) == state.planned == 6 and state.seconds == pytest.approx(52.0)
+
+
+def test_time_limit_plans_more_epochs_again_when_the_pace_picks_up_but_never_more_than_planned(monkeypatch):
+    clock = _Clock([30.0, 10.0, 10.0, 1.0, 1.0])
+    monkeypatch.setattr(loop, "time", clock)
+    plans = [EpochPlan(0, 6, False)] * 5
+    trainer = _ScriptedTrainer([0.5] * 5, patience=0, clock=clock, time_limit_min=1.5)
+    state = fit(trainer, plans, _NoData(), FitState(), 3, lambda *a: None)
+    # 90 s: after 30 s, 2 more fit at 30 s (3 epochs); after 40 s at 20 s, 2 more (4 epochs); after 50 s at
+    # 16.7 s, 2 more (5 epochs); after 51 s at 12.75 s, 3 more, but 5 were planned: 5 it stays.
+    assert trainer.replans == [(4, 2), (1, 2), (1, 2)]
+    assert len(state.history) == state.planned == 5
+
+
+def test_a_time_limit_spent_before_the_last_phase_stops_the_run_there(monkeypatch):
+    clock = _Clock([70.0, 10.0])
+    monkeypatch.setattr(loop, "time", clock)
+    plans = [EpochPlan(0, 0, True)] * 2 + [EpochPlan(1, 6, False)] * 3
+    trainer = _ScriptedTrainer([0.5] * 5, patience=0, clock=clock, time_limit_min=1.0)
+    state = fit(trainer, plans, _NoData(), FitState(), 3, lambda *a: None)
+    assert len(state.history) == state.planned == 1 and trainer.replans == []
+
+
+def test_without_a_time_limit_every_planned_epoch_runs(monkeypatch):
+    clock = _Clock([1000.0] * 3)
+    monkeypatch.setattr(loop, "time", clock)
+    trainer = _ScriptedTrainer([0.5] * 3, patience=0, clock=clock)
+    state = fit(trainer, [EpochPlan(0, 6, False)] * 3, _NoData(), FitState(), 3, lambda *a: None)
+    assert len(state.history) == state.planned == 3
+
+
 class _FormatProbe(nn.Module):
     """Identity that records whether each input it sees is channels_last."""
 
@@ -81,7 +139,9 @@ def _tiny_classifier() -> ImageClassifier:
     return ImageClassifier(conv, nn.Linear(4, CLASSES))
 
 
-def _trainer(model: ImageClassifier | None = None, steps_per_epoch: int = 2, mix=None, **train) -> Trainer:
+def _trainer(
+    model: ImageClassifier | None = None, steps_per_epoch: int = 2, mix=None, epochs: int = 1, **train
+) -> Trainer:
     """The real Trainer with plain SGD (no momentum, weight decay, clipping or warm-up) on the CPU in fp32."""
     settings = {"optimizer": "sgd", "lr": 0.5, "momentum": 0.0, "weight_decay": 0.0, "grad_clip_norm": 0.0}
     params = TrainParams(**{**settings, "warmup_epochs": 0.0, "label_smoothing": 0.0, **train})
@@ -89,7 +149,7 @@ def _trainer(model: ImageClassifier | None = None, steps_per_epoch: int = 2, mix
     return Trainer(
         model,
         params,
-        [TRAIN_ALL],
+        [TRAIN_ALL] * epochs,
         block_groups(model.backbone),
         steps_per_epoch,
         Precision(torch.device("cpu"), None),
@@ -194,3 +254,25 @@ def test_channels_last_inputs_reach_the_model_in_that_memory_format(channels_las
     trainer.train_epoch(TRAIN_ALL, _batches([2]), 1, "train")
     trainer.evaluate(_batches([2]), 1, on_features=False, num_classes=CLASSES)
     assert probe.channels_last == [channels_last, channels_last]
+
+
+def _lrs_over(trainer: Trainer, steps: int) -> list[float]:
+    lrs = []
+    for _ in range(steps):
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+    return lrs
+
+
+def test_a_replanned_schedule_ends_sooner_and_a_resumed_run_replays_it(tmp_path):
+    # 4 epochs of 4 steps at cosine; after the first epoch only 1 more fits: the lr reaches 0 at step 8.
+    trainer = _trainer(steps_per_epoch=4, epochs=4)
+    before = _lrs_over(trainer, 4)
+    trainer.replan(3, 1)
+    torch.save(trainer.state_dict(), tmp_path / "checkpoint.pt")
+    after = _lrs_over(trainer, 4)
+    assert after[-1] == pytest.approx(0.0, abs=1e-12) and 0 < after[-2] < after[0] < before[-1]
+    resumed = _trainer(steps_per_epoch=4, epochs=4)
+    resumed.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True))
+    assert _lrs_over(resumed, 4) == pytest.approx(after)

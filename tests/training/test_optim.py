@@ -11,7 +11,15 @@ import torch
 from pipeline.config import ModelParams, TrainParams
 from pipeline.models import build_model
 from pipeline.models.freezing import block_groups, set_trainable
-from pipeline.training.optim import build_optimizer, build_scheduler, current_lrs, lr_factor, set_lr
+from pipeline.training.optim import (
+    build_optimizer,
+    build_scheduler,
+    compressed,
+    current_lrs,
+    lr_factor,
+    schedule_factor,
+    set_lr,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TINY = ModelParams(backbone="test_efficientnet", weights="none", image_size=32)
@@ -126,3 +134,18 @@ def test_set_lr_keeps_the_heads_multiplier(model):
     optimizer = build_optimizer(model, TrainParams(head_lr_mult=3.0))
     set_lr(optimizer, 0.01)
     assert sorted({g["lr"] for g in optimizer.param_groups}) == pytest.approx([0.01, 0.03])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_a_compressed_schedule_goes_on_from_where_it_is_and_reaches_its_end_sooner(schedule):
+    # 10 epochs of 10 steps; after 40 steps only 30 more fit: steps 40..100 of the plan run as 40..70.
+    params = TrainParams(schedule=schedule, warmup_epochs=1.0, step_milestones=[6.0])
+    factor = schedule_factor([0] * 10, 10, params)
+    short = compressed(factor, 40, 100, 70)
+    assert [short(s) for s in range(41)] == [factor(s) for s in range(41)]  # the past is kept
+    assert short(55) == pytest.approx(factor(70))  # half-way through the rest: the plan's half-way lr
+    assert short(70) == pytest.approx(factor(100))  # the end of the plan, 30 steps sooner
+    if schedule == "step":  # the milestone at step 60 of the plan moves to step 50
+        assert short(49) == factor(40) and short(50) == pytest.approx(factor(60)) and factor(60) < factor(40)
+    else:
+        assert short(70) == pytest.approx(0.0, abs=1e-12) and 0 < short(69) < short(41) < factor(40)
