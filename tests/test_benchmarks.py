@@ -152,6 +152,8 @@ def test_fashion_mnist_records_the_recipe_and_the_official_test_split(results: _
     )
     assert payload["recipe"]["model"]["backbone"] == "test_efficientnet"
     assert payload["recipe"]["train"]["epochs"] == 1
+    assert len(payload["results"]["val_acc_by_epoch"]) == payload["results"]["epochs_run"] == 1
+    assert 0 < payload["results"]["epochs_seconds"] < 60 * payload["results"]["wall_minutes"]
     assert set(payload["anchors"]) == {"svc_rbf", "two_conv_cnn", "resnet18"}
 
 
