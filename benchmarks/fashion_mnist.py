@@ -78,7 +78,7 @@ def run(opts: Options) -> dict[str, Any]:
             seconds[name], summaries[name] = timed(lambda stage=stage: stage.run(params))
         train_metrics = read_json(params.paths.metrics("train"))
         test = read_json(params.paths.metrics("evaluate"))
-        val_curve = read_training_curves(params.paths.live_dir / "plots" / "metrics")["val/acc"]["value"]
+        val_curve = read_training_curves(params.paths.curves_dir)["val/acc"]["value"]
 
     wall_minutes = sum(seconds.values()) / 60
     results = {

@@ -103,6 +103,11 @@ class PathsParams(_Section):
         return self.reports_dir / stage / "details.json"
 
     @property
+    def curves_dir(self) -> Path:
+        """dvclive's per-epoch TSVs that train writes (val/acc.tsv, lr.tsv, ...): the report's curves."""
+        return self.live_dir / "plots" / "metrics"
+
+    @property
     def audit_table(self) -> Path:
         """The audit's per-image table (near-duplicate group, label suspicion), which split reads."""
         return self.reports_dir / "audit" / "images.csv"

@@ -301,7 +301,7 @@ def collect(
 ) -> ReportData:
     """The report's data: what evaluate computed, plus what earlier stages wrote (their metrics and details
     files, the dvclive training curves) read from `paths`."""
-    curves_dir = paths.live_dir / "plots" / "metrics"
+    curves_dir = paths.curves_dir
     series = read_training_curves(curves_dir) if curves_dir.is_dir() else {}
     curves_png = training_curves_png(series)
     class_names = list(per_class)

@@ -173,7 +173,7 @@ def test_report_is_self_contained_and_complete(evaluated):
 def test_tta_averages_the_flip_and_report_shows_curves_and_stage_metrics(tmp_path):
     params = _project(tmp_path, tta=True)
     for name, values in {"train/loss": [1.2, 0.8], "val/loss": [1.1, 0.9], "val/acc": [0.4, 0.6]}.items():
-        tsv = params.paths.live_dir / "plots" / "metrics" / f"{name}.tsv"
+        tsv = params.paths.curves_dir / f"{name}.tsv"
         tsv.parent.mkdir(parents=True, exist_ok=True)
         stem = tsv.stem
         tsv.write_text(f"step\t{stem}\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(values)))

@@ -37,7 +37,7 @@ def _metrics(params) -> dict:
 
 
 def _curve(params, name: str) -> list[float]:
-    with open(params.paths.live_dir / "plots" / "metrics" / f"{name}.tsv") as handle:
+    with open(params.paths.curves_dir / f"{name}.tsv") as handle:
         return [float(row[name.split("/")[-1]]) for row in csv.DictReader(handle, delimiter="\t")]
 
 
