@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 VENV="${PIPELINE_VENV:-.venv}"
+[[ "$VENV" == /* ]] || VENV="$PWD/$VENV"  # PIPELINE_VENV may be absolute or relative to the project
 STAMP="$VENV/.installed"
 export DVC_NO_ANALYTICS=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PYTHONUNBUFFERED=1
 
@@ -34,7 +35,7 @@ ensure_chromium() {  # tests/test_pages.py opens the HTML reports in Debian's ch
 }
 
 ensure_env
-export PATH="$PWD/$VENV/bin:$PATH"
+export PATH="$VENV/bin:$PATH"
 
 case "${1:-pipeline}" in
     pipeline)
