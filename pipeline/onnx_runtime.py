@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from pipeline.errors import PipelineError
 from pipeline.preprocess import preprocess_file
@@ -36,7 +39,8 @@ def export_onnx(model: Any, path: Path, input_size: Sequence[int], opset: int) -
     """Write `model` as FP32 ONNX with a dynamic batch axis, via the dynamo exporter.
 
     On torch 2.14 the dynamo exporter gives a graph with BatchNorm folded (94 nodes for lite0 against 595 from
-    the TorchScript exporter) that runs faster in ONNX Runtime and quantizes better.
+    the TorchScript exporter) that runs faster in ONNX Runtime and quantizes better. What the exporter records
+    about the build machine is stripped (`strip_provenance`).
     """
     import torch
 
@@ -55,7 +59,29 @@ def export_onnx(model: Any, path: Path, input_size: Sequence[int], opset: int) -
             external_data=False,  # one self-contained file; lite0 is far below protobuf's 2 GB limit
             verbose=False,
         )
+    return strip_provenance(path)
+
+
+def strip_provenance(path: Path) -> Path:
+    """Remove, in place, what the exporter records about the build from every node, value and graph: the
+    metadata_props (torch's per-node stack traces hold this machine's absolute paths: the project folder, the
+    virtual environment, so a user name) and doc strings. ONNX Runtime reads none of them. The model's own
+    metadata_props are kept; every later ONNX file (INT8 candidates, the export's) is made from the export."""
+    model = onnx.load(str(path))
+    for field, value in model.ListFields():
+        if field.name != "metadata_props":
+            _strip(model, field, value)
+    onnx.save(model, str(path))
     return path
+
+
+def _strip(message: Message, field: FieldDescriptor, value) -> None:
+    if field.name in ("metadata_props", "doc_string"):
+        message.ClearField(field.name)
+    elif field.message_type is not None:  # a message or a repeated one: nodes, subgraphs, functions, ...
+        for item in [value] if isinstance(value, Message) else value:
+            for inner, inner_value in item.ListFields():
+                _strip(item, inner, inner_value)
 
 
 @contextlib.contextmanager
@@ -72,12 +98,16 @@ def quiet_logs(*names: str) -> Iterator[None]:
             logger.setLevel(level)
 
 
-def session(path: Path | str, providers: Sequence[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
+def session(
+    path: Path | str, providers: Sequence[str] = ("CPUExecutionProvider",), optimize: bool = True
+) -> ort.InferenceSession:
     """A session using every core (ORT's default thread count can be lower in containers), on `providers`
-    in order of preference (see `providers_for`)."""
+    in order of preference (see `providers_for`); `optimize=False` loads it faster, to read its metadata."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 2
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     options.log_severity_level = 3  # errors only: ORT warns about every unused initializer otherwise
     return ort.InferenceSession(str(path), options, providers=list(providers))
 

@@ -27,8 +27,9 @@ from pipeline.errors import PipelineError
 from pipeline.io import read_json
 from pipeline.preprocess import IMAGE_EXTENSIONS, INTERPOLATIONS, open_rgb, preprocess
 
-# What PIL raises for missing, truncated, corrupt or oversized files (some decoders raise SyntaxError).
-_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# What PIL raises for missing, truncated, corrupt or oversized files (some decoders raise SyntaxError), and a
+# decode that does not fit in memory: each costs that file an error, never the batch.
+_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, MemoryError)
 # What ONNX Runtime raises for a model file it cannot load (its own classes, not OSError or ValueError).
 _ORT_LOAD_ERRORS = (
     ort_state.Fail,
@@ -40,6 +41,7 @@ _ORT_LOAD_ERRORS = (
 )
 _REEXPORT = "re-run the export stage (dvc repro export) or copy the whole export folder again"
 _PREPROCESS_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct")
+_METADATA_KEYS = ("class_names", *_PREPROCESS_KEYS)  # what the export stage writes into every model file
 _SIDE_PX = (8, 4096)  # sane input sides: below, nothing is recognisable; above, one image outgrows memory
 
 
@@ -89,7 +91,9 @@ class Predictor:
         served = model_dir / rt.MODEL_FILES[self.served]
         self._session = fp32 if self.served == "fp32" else _open_model(served, providers)
         _check_fits(self._session, served, self.class_names, self.data_config)
-        self.temperature = float(rt.metadata(self._session).get("temperature", 1.0))
+        opened = {model_dir / rt.FP32_FILE: fp32, served: self._session}
+        _check_models(model_dir, opened, self.class_names, self.data_config)
+        self.temperature = _temperature(served, rt.metadata(self._session))
         self.batch_size = batch_size
 
     def predict(self, items: Sequence[Image.Image | Path | str], top_k: int = 1) -> list[Prediction]:
@@ -191,14 +195,98 @@ def _numbers(values: Any, count: int, kind: type = float) -> bool:
     )
 
 
-def _open_model(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
+def _open_model(
+    path: Path, providers: Sequence[str] = ("CPUExecutionProvider",), optimize: bool = True
+) -> Any:
     """An ONNX Runtime session of `path`; a file ONNX Runtime cannot load is one line naming it."""
     try:
-        return rt.session(path, providers)
+        return rt.session(path, providers, optimize)
     except _ORT_LOAD_ERRORS as exc:
         raise PipelineError(
             f"{path}: not an ONNX model ONNX Runtime can load ({type(exc).__name__}); {_REEXPORT}"
         ) from None
+
+
+def _check_models(
+    model_dir: Path, opened: dict[Path, Any], class_names: list[str], data_config: dict[str, Any]
+) -> None:
+    """The opened model files, and the INT8 one where the export has it, carry the export's metadata and agree
+    with labels.json and preprocess.json. The INT8 file is checked also where this CPU is served FP32, so an
+    export folder gets the same verdict on every machine."""
+    int8 = model_dir / rt.INT8_FILE
+    if int8.is_file() and int8 not in opened:
+        opened = {**opened, int8: _open_model(int8, optimize=False)}
+    for model, session in opened.items():
+        _check_metadata(model, rt.metadata(session), class_names, data_config)
+
+
+def _check_metadata(
+    model: Path, meta: dict[str, str], class_names: list[str], data_config: dict[str, Any]
+) -> None:
+    """The model file carries the export's metadata, and labels.json and preprocess.json still agree with it:
+    an edited or reordered file would mislabel or mis-size every image without an error."""
+    missing = [key for key in _METADATA_KEYS if key not in meta]
+    if missing:
+        raise PipelineError(
+            f"{model}: no pipeline metadata ({', '.join(missing)}): not a model the export stage wrote, and "
+            f"nothing to check {rt.LABELS_FILE} and {rt.PREPROCESS_FILE} against; {_REEXPORT}"
+        )
+    exported = {key: _metadata_value(model, meta, key) for key in _METADATA_KEYS}
+    if exported["class_names"] != class_names:
+        raise PipelineError(
+            f"{model.parent / rt.LABELS_FILE}: {_label_difference(class_names, exported['class_names'])} in "
+            f"{model.name}'s metadata (class_names), which names its outputs; {_REEXPORT}"
+        )
+    for key in _PREPROCESS_KEYS:
+        if not _same(data_config[key], exported[key]):
+            raise PipelineError(
+                f"{model.parent / rt.PREPROCESS_FILE}: {key} is {data_config[key]!r} but {model.name} was "
+                f"exported with {exported[key]!r} (its metadata); {_REEXPORT}"
+            )
+
+
+def _metadata_value(model: Path, meta: dict[str, str], key: str) -> Any:
+    """One metadata value as the export stage wrote it: JSON, except the interpolation's name."""
+    if key == "interpolation":
+        return meta[key]
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError:
+        raise PipelineError(
+            f"{model}: metadata {key} is not valid JSON ({meta[key]!r}); {_REEXPORT}"
+        ) from None
+
+
+def _label_difference(ours: list[str], exported: Any) -> str:
+    """Where labels.json departs from the model's class names, in a few words."""
+    if not isinstance(exported, list) or len(exported) != len(ours):
+        return f"{len(ours)} class names, but {len(exported) if isinstance(exported, list) else 'no list'}"
+    index = next(i for i, (a, b) in enumerate(zip(ours, exported, strict=True)) if a != b)
+    order = " (the same names in another order)" if sorted(ours) == sorted(exported) else ""
+    return f"class {index} is {ours[index]!r}{order}, but {exported[index]!r}"
+
+
+def _same(value: Any, exported: Any) -> bool:
+    """Equal, numbers to within float rounding (JSON writers may print 0.875 as 0.8750000000000001)."""
+    if isinstance(value, list) and isinstance(exported, list):
+        return len(value) == len(exported) and all(_same(a, b) for a, b in zip(value, exported, strict=True))
+    if _numbers([value], 1) and _numbers([exported], 1):
+        return math.isclose(value, exported, rel_tol=1e-9, abs_tol=1e-12)
+    return value == exported
+
+
+def _temperature(model: Path, meta: dict[str, str]) -> float:
+    """The calibration temperature in the model's metadata (1.0, plain softmax, when absent)."""
+    try:
+        temperature = float(meta.get("temperature", 1.0))
+    except ValueError:
+        temperature = math.nan
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise PipelineError(
+            f"{model}: metadata temperature must be a positive number, got {meta['temperature']!r}; "
+            f"{_REEXPORT}"
+        )
+    return temperature
 
 
 def _check_fits(session: Any, model: Path, class_names: list[str], data_config: dict[str, Any]) -> None:
@@ -342,4 +430,6 @@ def _name(item: Image.Image | Path | str, position: int) -> str:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, MemoryError):  # PIL's says nothing more
+        return f"MemoryError: the image does not fit in memory{f' ({exc})' if str(exc) else ''}"
     return f"{type(exc).__name__}: {exc}"

@@ -301,6 +301,8 @@ PREPROCESS = {
 
 def _onnx_classifier(path: Path, classes: int, size: int) -> Path:
     """A real ONNX model taking (N, 3, size, size) and giving (N, classes): mean colour x a fixed matrix."""
+    import json
+
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -318,6 +320,9 @@ def _onnx_classifier(path: Path, classes: int, size: int) -> Path:
         [weight],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    # What the export stage writes into the model, and predict checks labels.json and preprocess.json against.
+    meta = {key: value if isinstance(value, str) else json.dumps(value) for key, value in PREPROCESS.items()}
+    helper.set_model_props(model, {"class_names": json.dumps(CLASSES), **meta})
     onnx.checker.check_model(model)
     onnx.save(model, path)
     return path

@@ -15,10 +15,10 @@ import pytest
 from helpers import make_image
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline import champion
-from pipeline.champion import CHAMPION_METRICS, GATE_PREDICTIONS, decide, promote
 from pipeline.config import Params
 from pipeline.errors import PipelineError
+from pipeline.orchestration import champion
+from pipeline.orchestration.champion import CHAMPION_METRICS, GATE_PREDICTIONS, decide, promote
 from pipeline.stats import compare, mcnemar_p
 
 PERFECT = (0, 1, 2)  # class k scored by the mean of input channel k: right on every `make_image` image
@@ -74,10 +74,15 @@ def _onnx_classifier(folder: Path, class_names: list[str], channels: tuple) -> P
         [numpy_helper.from_array(weights, "weights"), numpy_helper.from_array(bias, "bias")],
     )
     folder.mkdir(parents=True, exist_ok=True)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), folder / "model.onnx")
-    (folder / "labels.json").write_text(json.dumps(class_names))
     config = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3}
-    (folder / "preprocess.json").write_text(json.dumps({**config, "crop_pct": 1.0}))
+    config["crop_pct"] = 1.0
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    # What the export stage writes into the model, and predict checks labels.json and preprocess.json against.
+    meta = {key: value if isinstance(value, str) else json.dumps(value) for key, value in config.items()}
+    helper.set_model_props(model, {"class_names": json.dumps(class_names), **meta})
+    onnx.save(model, folder / "model.onnx")
+    (folder / "labels.json").write_text(json.dumps(class_names))
+    (folder / "preprocess.json").write_text(json.dumps(config))
     return folder
 
 
@@ -214,11 +219,12 @@ def test_a_champion_with_the_same_export_is_scored_once_and_a_different_one_agai
 
     assert scored == [tmp_path / params.paths.export_dir]
     assert same["champion"] == same["new"] == 1.0 and same["p_value"] == 1.0 and same["images"] == 9
-    # Other labels make other predictions from the same ONNX file: that champion is scored on its own.
-    labels = tmp_path / params.paths.champion_dir / "export" / "labels.json"
-    labels.write_text(json.dumps(["class_1", "class_0", "class_2"]))
+    # Other labels make other predictions from the same weights: that champion is scored on its own. (Its
+    # model.onnx names the labels too, so both change: predict refuses a labels.json its model contradicts.)
+    champion_export = tmp_path / params.paths.champion_dir / "export"
+    _onnx_classifier(champion_export, ["class_1", "class_0", "class_2"], PERFECT)
     other = promote(params, tmp_path)
-    assert scored[1:] == [tmp_path / params.paths.export_dir, labels.parent]
+    assert scored[1:] == [tmp_path / params.paths.export_dir, champion_export]
     assert other["champion"] == pytest.approx(3 / 9) and (other["worse"], other["better"]) == (0, 6)
 
 
