@@ -5,7 +5,6 @@ A plain module (imported as `helpers`), so that tests import what they use; fixt
 
 from __future__ import annotations
 
-import ast
 import os
 import shutil
 import subprocess
@@ -224,36 +223,24 @@ def train_params(root: Path, classes: int = 3, per_class: int = 10, **sections: 
     return Params.from_dict({"paths": paths, "model": model, "train": train, **sections})
 
 
-def module_file(module: str) -> Path | None:
-    """The file of a `pipeline...` module (a package's __init__.py), or None when `module` is not a module."""
-    path = PROJECT_ROOT.joinpath(*module.split("."))
-    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
+# The child's helpers: cap the address space 1 GiB above what the process holds; its peak RSS in MiB.
+CHILD_HELPERS = """
+import json, resource, sys
+from pathlib import Path
+
+def status(field):
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1]) * 1024
+
+def cap_memory():
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    resource.setrlimit(resource.RLIMIT_AS, (status("VmSize:") + 2**30, hard))
+
+def peak_mib():  # VmHWM: ru_maxrss starts from the parent's peak, pytest's hundreds of MB
+    return status("VmHWM:") / 2**20
+"""
 
 
-def pipeline_imports(path: Path) -> set[str]:
-    """The pipeline modules a file imports, at any depth of its code: `from pipeline.x import y` counts as
-    pipeline.x.y when that is a module, else as pipeline.x."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
-            for alias in node.names:
-                sub = f"{node.module}.{alias.name}"
-                found.add(sub if module_file(sub) else node.module)
-        elif isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names if alias.name.startswith("pipeline")}
-    return found
-
-
-def import_closure(files: list[Path]) -> set[Path]:
-    """Every pipeline file that `files` import, directly or through each other, and `files` themselves."""
-    seen: set[Path] = set()
-    todo = list(files)
-    while todo:
-        path = todo.pop()
-        if path not in seen:
-            seen.add(path)
-            todo.extend(f for f in map(module_file, pipeline_imports(path)) if f is not None)
-    return seen
+def run_child(code: str, *args: str) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh Python with `CHILD_HELPERS` (cap_memory, peak_mib) defined and `args` in argv."""
+    return subprocess.run([sys.executable, "-c", CHILD_HELPERS + code, *args], capture_output=True, text=True)

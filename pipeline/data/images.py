@@ -3,7 +3,9 @@ memory budget), and decoding one reduced for a target size.
 
 Everything here only reads: source files are opened read-only and never moved, rewritten or deleted.
 Each candidate becomes one manifest row; a file that cannot be used keeps its row with a short status that
-says why (`STATUSES`), so every problem is reported rather than silently dropped.
+says why (`STATUSES`), so every problem is reported rather than silently dropped. The rule for what decodes:
+it is trained on as a person would see it, or it gets a status, or, where it is used but not quite as a viewer
+shows it, a note (`NOTES`) that ingest reports naming the files.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from pipeline.errors import PipelineError
-from pipeline.preprocess import to_rgb
+from pipeline.preprocess import to_rgb, unconverted_profile
 
 MANIFEST_COLUMNS = (
     "path",
@@ -47,6 +50,8 @@ STATUSES = (
     "decode_error",  # identified, but decoding or colour conversion failed
     "too_large",  # header pixels > ingest.max_decode_pixels: never decoded (decompression bomb)
     "over_memory_budget",  # decoding would take more than ingest.max_decode_mib: never decoded
+    "ambiguous_brightness",  # float pixels (mode F), 32-bit integers outside 0..65535: no agreed white level
+    "fully_transparent",  # every pixel is fully transparent: a viewer shows nothing but its background
     "unreadable",  # the OS refused to read it
     "non_utf8_name",  # its name or a folder's above it is not UTF-8: never read, shown with \xNN escapes
     "symlink_outside_root",  # refused: a link that leaves paths.data_root
@@ -59,6 +64,15 @@ STATUSES = (
     "outside_root",  # a CSV path that is absolute or climbs out of paths.data_root
     "empty_class_folder",  # a class folder with no image files in it (the row's path is the folder + "/")
 )
+
+# Used, but not quite as a viewer shows them: ingest warns once per kind, naming the files (in its details).
+NOTES = {
+    "first_frame": "have more than one frame (an animation or a multi-page TIFF); only the first is used",
+    "colour_profile": "carry a colour profile other than sRGB that cannot be converted to sRGB (littlecms "
+    "refuses it, or it is for other colours than the image's); their values are used as sRGB, unconverted, "
+    "so colours differ from a colour-managed viewer's; convert them to sRGB to train on what a viewer shows",
+}
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 _HASH_CHUNK = 1 << 20
 # Files up to this size are read once, hashed and decoded from memory: one open and one read per file instead
@@ -302,6 +316,7 @@ def inspect(
     """The manifest row of one candidate: sha256 and size of its bytes, then a decode that proves the file
     whole (`_decode`; `max_decode_bytes` None: no memory budget) and records its EXIF-rotated width/height.
     A file up to `read_whole_limit` bytes is read once and decoded from memory, a larger one hashed in chunks.
+    A decoded image's row also holds `notes` (the `NOTES` kinds that apply), which is no manifest column.
     """
     row: dict[str, object] = dict.fromkeys(MANIFEST_COLUMNS, "")
     row.update(path=candidate.path, label=candidate.label, split=candidate.split, status=candidate.status)
@@ -466,7 +481,8 @@ def open_reduced(path: Path | str, side: int) -> Image.Image:
             img.draft(None, (img.width // scale, img.height // scale))
         ImageOps.exif_transpose(img, in_place=True)  # loads; copies only a rotated image
         factor = _whole_factor(img.size, keep, range(min(img.size) // keep, 1, -1))
-        return img.reduce(factor) if factor > 1 and img.mode not in _NO_REDUCE else img
+        keyed = "transparency" in img.info  # a colour key matches exact values, which a box reduction blends
+        return img.reduce(factor) if factor > 1 and img.mode not in _NO_REDUCE and not keyed else img
 
 
 def _whole_factor(size: tuple[int, int], keep: int, factors: Iterable[int]) -> int:
@@ -492,11 +508,12 @@ def _decode_bytes(img: Image.Image, full_size: tuple[int, int]) -> int:
 def _decode(
     file: Path | io.BytesIO, max_decode_pixels: int, max_decode_bytes: int | None
 ) -> dict[str, object]:
-    """Format, mode, EXIF-rotated size and status of one image. It is decoded to the end, which proves it
-    whole (a truncated file fails here), but in as little memory as the format allows: a JPEG at 1/8 scale
-    (libjpeg still reads every coefficient), the rest in full, never copied; the conversion to RGB that the
-    pipeline applies later is tried on a corner. An image whose decode needs more than `max_decode_bytes` is
-    not decoded at all (over_memory_budget), so a worker never holds more than that in pixels."""
+    """Format, mode, EXIF-rotated size, status and notes (`NOTES` kinds) of one image. It is decoded to the
+    end, which proves it whole (a truncated file fails here), but in as little memory as the format allows: a
+    JPEG at 1/8 scale (libjpeg still reads every coefficient), the rest in full, never copied; the conversion
+    to RGB that the pipeline applies later is tried on a corner. An image whose decode needs more than
+    `max_decode_bytes` is not decoded at all (over_memory_budget), so a worker never holds more than that in
+    pixels. A decoded image a person would not see as the pipeline does gets a status (`_unseen`)."""
     info: dict[str, object] = {}
     try:
         with _own_limits(), Image.open(file) as img:
@@ -512,13 +529,70 @@ def _decode(
             # A PNG may keep its EXIF after the pixels, so the orientation is read once they are loaded.
             rotated = img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
             width, height = reversed(full_size) if rotated else full_size
-            return {**info, "width": width, "height": height, "status": "ok"}
+            status = _unseen(img) or "ok"
+            notes = _notes(img) if status == "ok" else ()  # last: counting frames moves off the first
+            return {**info, "width": width, "height": height, "status": status, "notes": notes}
     except UnidentifiedImageError:
         return {**info, "status": "not_an_image"}
     except OSError as exc:
         return {**info, "status": "truncated" if "truncated" in str(exc).lower() else "decode_error"}
     except Exception:  # corrupt data makes PIL raise ValueError, SyntaxError, struct.error, ...
         return {**info, "status": "decode_error"}
+
+
+def _unseen(img: Image.Image) -> str:
+    """The status of a decoded image that the pipeline cannot show as a person sees it, else "". Float pixels
+    have no agreed white level (1.0 in most viewers, 255 in PIL, which clips 0..1 floats to black), and 32-bit
+    integers outside 0..65535 would wrap around in the 8-bit conversion; a fully transparent image shows only
+    the background (`to_rgb` would give a blank white square)."""
+    if img.mode == "F":
+        return "ambiguous_brightness"
+    if img.mode == "I":
+        low, high = img.getextrema()
+        if low < 0 or high > 65535:
+            return "ambiguous_brightness"
+    if _opaque_pixels(img) == "none":
+        return "fully_transparent"
+    return ""
+
+
+def _opaque_pixels(img: Image.Image) -> str:
+    """How many pixels a viewer shows ("all", "some" or "none"), by an alpha band, a palette's transparent
+    entries or a colour key (a PNG's tRNS colour: pixels of exactly that value are transparent)."""
+    if img.mode in _ALPHA_MODES:
+        low, high = img.getextrema()[-1]
+        return "none" if high == 0 else "all" if low == 255 else "some"
+    key = img.info.get("transparency")
+    if key is None:
+        return "all"
+    if img.mode == "P":
+        alphas = key if isinstance(key, bytes) else bytes(255 if i != key else 0 for i in range(256))
+        used = [i for i, count in enumerate(img.histogram()[:256]) if count]
+        seen = [i >= len(alphas) or alphas[i] > 0 for i in used]  # entries past the tRNS list are opaque
+        return "none" if not any(seen) else "all" if all(seen) else "some"
+    if img.mode in ("L", "RGB", "I;16", "I;16B", "I;16L", "I") and not isinstance(key, bytes):
+        return _keyed(img, key)
+    return "all"
+
+
+def _keyed(img: Image.Image, key: int | tuple[int, ...]) -> str:
+    """How many pixels are not the colour `key` ("all", "some", "none"), a few rows at a time."""
+    target = np.asarray(key)
+    hits, rows = 0, max(1, (1 << 20) // img.width)
+    for top in range(0, img.height, rows):
+        strip = np.asarray(img.crop((0, top, img.width, min(top + rows, img.height))))
+        hits += int(((strip == target).all(-1) if strip.ndim == 3 else strip == target).sum())
+    return "all" if hits == 0 else "none" if hits == img.width * img.height else "some"
+
+
+def _notes(img: Image.Image) -> tuple[str, ...]:
+    """The `NOTES` kinds that apply to a usable decoded image."""
+    notes = []
+    if img.format != "MPO" and getattr(img, "n_frames", 1) > 1:  # MPO: a photo plus depth/preview images
+        notes.append("first_frame")
+    if unconverted_profile(img):
+        notes.append("colour_profile")
+    return tuple(notes)
 
 
 @contextlib.contextmanager

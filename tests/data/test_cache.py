@@ -1,4 +1,5 @@
-"""The uint8 image cache: its center crop is exactly the eval preprocessing; it is built once and reused."""
+"""The uint8 image cache: its center crop is exactly the eval preprocessing, thin strips included (resampled
+only where the square lies); it is built once and reused."""
 
 from __future__ import annotations
 
@@ -21,7 +22,11 @@ CONFIG = {
 }
 
 
-@pytest.mark.parametrize("width,height", [(40, 40), (57, 31), (31, 57), (33, 120), (101, 64), (28, 28)])
+# 7 x 500 and 900 x 11 resize to more than 16 sides long: only the square's span is resampled
+SHAPES = [(40, 40), (57, 31), (31, 57), (33, 120), (101, 64), (28, 28), (7, 500), (900, 11)]
+
+
+@pytest.mark.parametrize("width,height", SHAPES)
 @pytest.mark.parametrize(
     "size,crop_pct,interpolation", [(32, 0.875, "bicubic"), (33, 0.9, "bilinear"), (24, 1.0, "bicubic")]
 )
@@ -39,7 +44,7 @@ def test_center_of_the_cached_square_equals_the_eval_crop(width, height, size, c
     assert np.array_equal(crop, np.asarray(resize_and_crop(img, size, crop_pct, interpolation)))
 
 
-@pytest.mark.parametrize("width,height", [(28, 28), (57, 31), (31, 57)])
+@pytest.mark.parametrize("width,height", [(28, 28), (57, 31), (31, 57), (9, 400)])
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "lanczos"])
 def test_grey_images_are_cached_exactly_as_their_rgb_conversion(tmp_path, width, height, interpolation):
     rng = np.random.default_rng(width + height)

@@ -11,7 +11,8 @@ import pandas as pd
 from PIL import Image
 
 from pipeline import page
-from pipeline.config import Params
+from pipeline.config import AuditParams
+from pipeline.preprocess import open_rgb
 
 if TYPE_CHECKING:  # the package imports this module: the name only for annotations
     from pipeline.stages.audit import Found
@@ -35,7 +36,7 @@ _GROUPS_NOTE = (
 def thumbnail(path: Path) -> bytes:
     """A PNG thumbnail of at most _THUMB pixels a side (small images scaled up, without smoothing)."""
     try:
-        image = Image.open(path).convert("RGB")
+        image = open_rgb(path)  # as training sees it: EXIF rotation, transparency on white, sRGB
     except OSError:
         image = Image.new("RGB", (_THUMB, _THUMB), "grey")
     scale = _THUMB / max(image.size)
@@ -52,13 +53,13 @@ def _tile(path: Path, caption: str) -> str:
     return f"<figure {figure}>{page.image(thumbnail(path), caption)}<figcaption>{text}</figcaption></figure>"
 
 
-def render(found: Found, files: list[Path], params: Params) -> str:
+def render(found: Found, files: list[Path], settings: AuditParams) -> str:
     """The whole page."""
     where = dict(zip(found.table["path"], files, strict=True))
     sections = [
         ("headline", "Headline", _headline(found)),
-        ("suspects", "Likely label errors", _suspects(found.suspects, where, params)),
-        ("groups", "Near-duplicate groups", _groups(found, where, params)),
+        ("suspects", "Likely label errors", _suspects(found.suspects, where, settings)),
+        ("groups", "Near-duplicate groups", _groups(found, where, settings.shown)),
         ("drift", "Drift since the champion", _drift(found.drift)),
         ("raw", "Raw figures", page.details("metrics/audit.json", page.key_values(found.metrics))
          + page.details("details.json", page.key_values(found.details))),
@@ -87,10 +88,10 @@ def _headline(found: Found) -> str:
     return page.cards(cards) + (f"<ul>{lines}</ul>" if lines else "")
 
 
-def _suspects(suspects: pd.DataFrame, where: dict[str, Path], params: Params) -> str:
+def _suspects(suspects: pd.DataFrame, where: dict[str, Path], settings: AuditParams) -> str:
     if suspects.empty:
-        return f"<p>No likely label error found ({page.esc(params.audit.label_issues)}).</p>"
-    shown = suspects.head(params.audit.shown)
+        return f"<p>No likely label error found ({page.esc(settings.label_issues)}).</p>"
+    shown = suspects.head(settings.shown)
     captions = (
         f"given: {r.label}\nsuggested: {r.suggested_label}\np = {r.label_quality:.3f}"
         for r in shown.itertuples()
@@ -109,12 +110,12 @@ def _suspects(suspects: pd.DataFrame, where: dict[str, Path], params: Params) ->
     )
 
 
-def _groups(found: Found, where: dict[str, Path], params: Params) -> str:
+def _groups(found: Found, where: dict[str, Path], shown: int) -> str:
     if found.groups.empty:
         return "<p>No near-duplicate group (identical files are validate's).</p>"
     members = found.table[found.table["group_size"] > 1].groupby("group", sort=False)
     blocks = []
-    for group in found.groups.head(params.audit.shown).itertuples():
+    for group in found.groups.head(shown).itertuples():
         rows = members.get_group(group.group).head(_GROUP_MEMBERS_SHOWN)
         tiles = "".join(
             _tile(where[r.path], f"{r.label}\n{r.split or 'no given split'}\n{Path(r.path).name}")
