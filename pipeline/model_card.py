@@ -4,12 +4,20 @@ behind it, its test figures, INT8 against FP32, and its limits, as markdown from
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 from pipeline import onnx_runtime as rt
 from pipeline.config import PathsParams
 from pipeline.io import read_optional_json
 from pipeline.models import TrainedModel
+from pipeline.page import esc
+
+# Backslash-escaped so that a class name shows as written: `|` would end a table cell, a trailing `\` escape
+# the next `|`, brackets make links and images, the rest formatting. An `_` between two letters or digits
+# never starts emphasis in CommonMark, so snake_case names are left readable.
+_MARKDOWN_SYNTAX = re.compile(r"[\\`*\[\]|~]|(?<![^\W_])_|_(?![^\W_])")
 
 _USE_AND_LIMITS = [
     "## Intended use",
@@ -38,9 +46,7 @@ def model_card(
         [
             f"# Model card: {trained.params.get('model', {}).get('backbone', '?')} image classifier",
             "",
-            f"Classifies an image into one of {len(names)} classes: "
-            + ", ".join(f"`{n}`" for n in names)
-            + ".",
+            f"Classifies an image into one of {len(names)} classes: " + ", ".join(map(_text, names)) + ".",
         ],
         _files(export, meta, quantized),
         _preprocessing(trained.data_config),
@@ -92,7 +98,10 @@ def _preprocessing(cfg: dict[str, Any]) -> list[str]:
 
 
 def _training(params: dict[str, Any]) -> list[str]:
-    model_params, train_params = params.get("model", {}), params.get("train", {})
+    model_params, train_params = dict(params.get("model", {})), params.get("train", {})
+    weights = str(model_params.get("weights", ""))
+    if weights.startswith("file:"):  # the file's name only: its folder is the build machine's (a user name)
+        model_params["weights"] = f"file:{Path(weights.removeprefix('file:')).name}"
     return [
         "## Training",
         *_bullets({f"model.{k}": v for k, v in model_params.items()}),
@@ -113,10 +122,17 @@ def _class_table(per_class: dict[str, dict[str, int]]) -> list[str]:
         return []
     header = ["", "| class | " + " | ".join(splits) + " |", "| --- |" + " ---: |" * len(splits)]
     rows = [
-        f"| {label} | " + " | ".join(str(per_class[s][label]) for s in splits) + " |"
+        f"| {_text(label)} | " + " | ".join(str(per_class[s][label]) for s in splits) + " |"
         for label in per_class[splits[0]]
     ]
     return header + rows
+
+
+def _text(value: Any) -> str:
+    """`value` as literal Markdown text on one line: Markdown syntax backslash-escaped, then HTML-escaped as
+    the HTML pages do, so that a name such as `<img src=x onerror=...>` is shown, not run."""
+    line = re.sub(r"[\r\n]+", " ", str(value))
+    return esc(_MARKDOWN_SYNTAX.sub(lambda match: "\\" + match.group(), line))
 
 
 def _quantize_section(q: dict[str, Any]) -> list[str]:

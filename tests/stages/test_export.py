@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from helpers import model_project
+import torch
+from helpers import PROJECT_ROOT, SHIP_ANY_INT8, model_project
 
 from pipeline import onnx_runtime as rt
+from pipeline.config import Params
 from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
-from pipeline.io import read_json
-from pipeline.models import load_trained
+from pipeline.io import read_json, write_json
+from pipeline.model_card import model_card
+from pipeline.models import TrainedModel, load_trained
 from pipeline.predict import Predictor, UsageError
 from pipeline.stages import export, quantize
 
@@ -74,6 +80,60 @@ def test_parity_metrics_and_model_card(exported_project):
     assert "train.epochs: " in card and "class_0" in card
 
 
+HOSTILE_NAMES = [
+    "<img src=x onerror=alert(1)>",
+    "cat|dog",
+    "back\\",
+    "[click](javascript:alert(1))",
+    "![pixel](http://example.invalid/p.png)",
+    "*bold* _em_ `code` ~~gone~~",
+    "snake_case & <b>",
+    "two\nlines",
+]
+
+
+def test_model_card_shows_hostile_class_names_as_text_and_keeps_its_tables(tmp_path):
+    paths = Params.from_dict({"paths": {"metrics_dir": tmp_path / "m", "reports_dir": tmp_path / "r"}}).paths
+    per_split = {"train": 5, "val": 2, "test": 3}
+    write_json(
+        paths.details("split"),
+        {"per_class": {s: dict.fromkeys(HOSTILE_NAMES, n) for s, n in per_split.items()}},
+    )
+    cfg = {
+        "input_size": [3, 32, 32],
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+    }
+    trained = TrainedModel(None, HOSTILE_NAMES, cfg, {"model": {"backbone": "test_efficientnet"}})
+    parity = {"n": 9, "top1_agreement": 1.0, "max_abs_logit_diff": 1e-6, "opset": 18, "fp32_mb": 0.4}
+    meta = {"served": "fp32", "served_reason": "quantization is off", "temperature": "1.0"}
+    card = model_card(trained, parity, meta, paths, {})
+
+    assert "<img" not in card and "<b>" not in card
+    table = [line for line in card.splitlines() if line.startswith("| ")][: 1 + len(HOSTILE_NAMES)]
+    assert table[0] == "| class | train | val | test |"
+    assert all(len(re.findall(r"(?<!\\)\|", row)) == 5 for row in table)  # unescaped: 4 cells per row
+    # As a Markdown viewer shows it (CommonMark + GFM tables, raw HTML on): the names as written, no tags.
+    markdown_it = pytest.importorskip("markdown_it")
+    shown = markdown_it.MarkdownIt("commonmark").enable("table").render(card)
+    assert not re.search(r"<(img|a|b)\b", shown)  # and each name's cell holds its text only:
+    written = [name.replace("\n", " ") for name in HOSTILE_NAMES]
+    rows = re.findall(r"<tr>\s*<td>(.*?)</td>\s*<td[^>]*>5</td>", shown)
+    assert sorted(html.unescape(cell) for cell in rows) == sorted(written)  # write_json sorts the keys
+    intro = re.search(r"<p>Classifies an image into one of 8 classes: (.*)\.</p>", shown)
+    assert html.unescape(intro.group(1)) == ", ".join(written)
+
+
+def test_model_card_names_a_weights_file_without_the_build_machines_folder():
+    from pipeline.model_card import _training
+
+    lines = "\n".join(_training({"model": {"weights": "file:/home/alice/weights/resnet.pth"}, "train": {}}))
+    assert "file:resnet.pth" in lines and "/home/alice" not in lines
+    assert "bundled" in "\n".join(_training({"model": {"weights": "bundled"}, "train": {}}))
+
+
 def test_parity_detects_an_altered_model(exported_project, tmp_path):
     params = exported_project
     trained = load_trained(params.paths.model)
@@ -130,6 +190,45 @@ def test_fp32_only_skips_the_gate_and_the_export_says_so_and_predict_int8_errors
     assert Predictor(folder).served == "fp32"
     with pytest.raises(UsageError, match="no INT8 model"):
         Predictor(folder, precision="int8")
+
+
+def _build_folders(*more: Path) -> set[str]:
+    """The absolute folders of this machine that torch's exporter writes into its per-node stack traces: the
+    project, the virtual environment, the Python installation, torch's site-packages; and `more`. Shorter
+    than 8 characters (`/usr`) they could match by chance in a few MB of weights: left out."""
+    folders = {PROJECT_ROOT, Path(sys.prefix), Path(sys.base_prefix), Path(torch.__file__).parents[1], *more}
+    return {str(folder) for folder in folders if len(str(folder)) >= 8}
+
+
+def test_no_file_made_from_the_onnx_export_names_a_folder_of_the_machine_that_built_it(tmp_path, monkeypatch):
+    formats = list(quantize.FORMATS)
+    params = model_project(tmp_path, quantize={**SHIP_ANY_INT8, "formats": formats}, export={"fp16": True})
+    candidates: list[Path] = []  # each INT8 candidate, copied before the stage deletes those not shipped
+    quantize_onnx = quantize.quantize_onnx
+
+    def keep_a_copy(prepared, int8, *args):
+        candidates.append(
+            Path(shutil.copy(quantize_onnx(prepared, int8, *args), tmp_path / f"kept_{int8.name}"))
+        )
+        return int8
+
+    monkeypatch.setattr(quantize, "quantize_onnx", keep_a_copy)
+    quantize.run(params)
+    metrics = export.run(params)
+    folder = Path(params.paths.export_dir)
+    assert (folder / rt.FP16_FILE).is_file() and (folder / rt.INT8_FILE).is_file()
+    assert sorted(c.name for c in candidates) == sorted(f"kept_{f}.onnx" for f in formats)
+    pages = [path for path in Path(params.paths.reports_dir).rglob("*") if path.is_file()]
+    files = [*folder.iterdir(), *Path(params.paths.onnx_dir).iterdir(), *candidates, *pages]
+    for file in files:
+        data = file.read_bytes()
+        assert not [path for path in _build_folders(tmp_path) if path.encode() in data], file.name
+    # Stripped, the models still load and answer as PyTorch does (FP32: the export's parity check).
+    assert metrics["top1_agreement"] == 1.0 and metrics["max_abs_logit_diff"] < 1e-4
+    inputs = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    for file in files:
+        if file.suffix == ".onnx":
+            assert rt.logits(rt.session(file), inputs).shape == (2, 3)
 
 
 def test_missing_onnx_model_names_the_stage_to_run(tmp_path):

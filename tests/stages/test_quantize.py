@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import model_project
+from helpers import PROJECT_ROOT, model_project
 
 from pipeline import onnx_runtime as rt
 from pipeline import stats
@@ -76,6 +77,30 @@ def test_int8_model_is_static_qdq_with_per_channel_weights(exported_project):
     assert (
         scale.ndim == 1 and scale.size == onnx.numpy_helper.to_array(inits[weight_dq.input[0]]).shape[0] > 1
     )
+
+
+def test_strip_provenance_removes_the_exporters_stack_traces_and_changes_no_output(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    folders = [str(f).encode() for f in (PROJECT_ROOT, Path(sys.prefix), Path(torch.__file__).parent)]
+    exported = rt.export_onnx(model, tmp_path / "exported.onnx", (3, 8, 8), opset=18)
+    assert not [folder for folder in folders if folder in exported.read_bytes()]  # export_onnx strips
+    monkeypatch.setattr(rt, "strip_provenance", lambda path: path)  # what torch itself writes
+    path = rt.export_onnx(model, tmp_path / "model.onnx", (3, 8, 8), opset=18)
+    monkeypatch.undo()
+    inputs = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    before = rt.logits(rt.session(path), inputs)
+    onnx_model = onnx.load(str(path))
+    onnx_model.metadata_props.add(key="class_names", value='["a"]')
+    onnx.save(onnx_model, str(path))
+    assert any(folder in path.read_bytes() for folder in folders)  # what torch writes: else nothing to test
+
+    rt.strip_provenance(path)
+    assert not [folder for folder in folders if folder in path.read_bytes()]
+    stripped = onnx.load(str(path))
+    assert not any(node.metadata_props or node.doc_string for node in stripped.graph.node)
+    assert {p.key: p.value for p in stripped.metadata_props} == {"class_names": '["a"]'}  # the model's own
+    assert np.array_equal(rt.logits(rt.session(path), inputs), before)
 
 
 def test_stratified_sample_keeps_class_shares_and_is_seeded():
