@@ -35,3 +35,11 @@ def with_audit_groups(table: pd.DataFrame, audit_csv: Path) -> pd.DataFrame:
         table = table[~table["path"].map(audit["quarantined"] == "True").fillna(False).astype(bool)]
         group = group[table.index]
     return table.assign(group=group)
+
+
+def describe_group(rows: pd.DataFrame, shown: int = 3) -> str:
+    """A near-duplicate group named as the audit page names it (the first 12 characters of its id), for a
+    message: `rows`, its images (path, label, group), come in the order to show them."""
+    paths = [*rows["path"].head(shown), *(["..."] if len(rows) > shown else [])]
+    labels = sorted(rows["label"].unique())
+    return f"audit group {rows['group'].iloc[0][:12]} ({len(rows)} images of {labels}: {', '.join(paths)})"

@@ -11,6 +11,12 @@ audit's near-duplicate groups, `pipeline.data.audit`), so a unit never straddles
   val); only these fillers can move when that class changes.
 - `stratified`: an exact per-class draw with scikit-learn; any change to the data can reshuffle it.
 
+A unit under two or more labels (an audit group across classes) is placed first, by its position, then moved
+(smallest first) only where a class needs it to reach every split; each class's own units then fill what
+its shared units left. Every class ends up in every split, or the stage fails with one line naming the
+class, its counts, the audit group that shrank it and the fixes (with `split.small_class: warning` such a
+class goes to train, which it must at least reach).
+
 A pre-split source keeps its given splits (and can carve `test` out of `val` or `train` by the same method).
 Same input and params: byte-identical output.
 """
@@ -26,11 +32,19 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from pipeline.config import Params
-from pipeline.data.audit import with_audit_groups
+from pipeline.data.audit import describe_group, with_audit_groups
 from pipeline.data.images import SPLITS
 from pipeline.data.splits import VALIDATED_COLUMNS, read_validated
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, write_json
+from pipeline.stages import Stage
+
+STAGE = Stage(
+    summary="Stratified train/val/test split that keeps exact and near-duplicates together.",
+    params=("base", "split"),
+    deps=("validated", "audit_table"),
+    outs=("splits", "details:split"),
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,43 +101,107 @@ def stable_position(sha256: str, seed: int) -> float:
 def _split_units(
     table: pd.DataFrame, fractions: dict[str, float], params: Params, consequence: str
 ) -> tuple[dict[str, str], dict[str, int]]:
-    """(unit -> split, class -> units placed by rank) for the rows of `table`, class by class.
+    """(unit -> split, class -> units placed by rank) for the rows of `table`.
 
     `fractions` starts with the split that takes the rest (train, or the split that test is carved from);
-    the others are filled first, in reverse order (test, then val), by `split.method`.
+    the others are filled first, in reverse order (test, then val), by `split.method`. Units under two or
+    more labels (an audit group across classes) are placed first (`_place_shared`), then each class's own.
+
+    Raises:
+        PipelineError: a class misses a wanted split (`split.small_class: error`), or train (`warning`).
     """
     rest, *drawn = fractions
-    order = [*reversed(drawn), rest]
+    order = [(split, fractions[split]) for split in [*reversed(drawn), rest]]
     wanted = [split for split in fractions if fractions[split] > 0]
-    units = _units(table, params.base.seed)
-    split_of: dict[str, str] = {}
-    by_rank: dict[str, int] = {}
-    small = []
-    for label, rows in units.groupby("label", sort=True):
-        if len(rows) < len(wanted):
-            small.append(f"{label!r} ({len(rows)} distinct images)")
+    keys = _unit_keys(table)
+    units = _units(table, keys, params.base.seed)
+    single = units["labels"].map(len) == 1
+    own, shared = units[single].assign(label=units.loc[single, "labels"].str[0]), units[~single]
+    owned = own["label"].value_counts().to_dict()
+    need = dict.fromkeys(sorted(table["label"].unique()), wanted)
+    placed, short = _place_shared(shared, _natural(shared["position"], order), owned, need)
+    need.update(dict.fromkeys(short, [rest]))  # what split.small_class: warning promises: train at least
+    placed, _ = _place_shared(shared, placed, owned, need)
+    covered: dict[str, set[str]] = {}
+    for unit, labels in shared["labels"].items():
+        for label in labels:
+            covered.setdefault(label, set()).add(placed[unit])
+    split_of, by_rank = dict(placed), {}
+    for label, rows in own.groupby("label", sort=True):
+        if label in short:
             split_of.update(dict.fromkeys(rows.index, rest))
             continue
+        # Enough units of its own: every wanted split from them, as without shared units; else the rest.
+        must = wanted if len(rows) >= len(wanted) else [s for s in wanted if s not in covered.get(label, ())]
         if params.split.method == "stable":
-            assigned, placed = _stable(rows["position"], [(s, fractions[s]) for s in order])
-            by_rank.update({label: placed} if placed else {})
+            assigned, moved = _stable(rows["position"], order, must)
+            by_rank.update({label: moved} if moved else {})
         else:
-            assigned = _stratified(list(rows.index), fractions, order, params.base.seed)
+            assigned = _stratified(list(rows.index), fractions, [s for s, _ in order], params.base.seed, must)
         split_of.update(assigned)
-    _small_classes(small, f"appear in each of {wanted}", consequence, params)
+    _check_coverage(table.assign(split=keys.map(split_of)), keys, (wanted, rest), params, consequence)
     return split_of, by_rank
 
 
-def _stable(positions: pd.Series, order: list[tuple[str, float]]) -> tuple[dict[str, str], int]:
-    """Units (the index) by position against the cumulative fractions of `order`; then each split with a
-    non-zero fraction that got no unit takes the nearest units by rank. Returns (unit -> split, moved)."""
+def _natural(positions: pd.Series, order: list[tuple[str, float]]) -> dict[str, str]:
+    """Unit -> the split its position falls in, against the cumulative fractions of `order`."""
+    wanted = [split for split, fraction in order if fraction > 0]
+    cuts = np.cumsum([fraction for _, fraction in order if fraction > 0])[:-1]
+    natural = np.searchsorted(cuts, positions.to_numpy(), side="right")
+    return {unit: wanted[i] for unit, i in zip(positions.index, natural, strict=True)}
+
+
+def _place_shared(
+    shared: pd.DataFrame, start: dict[str, str], owned: dict[str, int], need: dict[str, list[str]]
+) -> tuple[dict[str, str], list[str]]:
+    """(unit -> split, classes still short) for the units under several labels, from `start` (their
+    positions'): a unit moves into a split a class lacks when that lowers the classes' total shortfall.
+
+    A class's shortfall: the splits of `need` its shared units miss, less its own units (each can fill one).
+    Smaller units move first, so a big group rarely leaves its split; without a move that helps, the
+    classes still short are returned (those with enough own units never are).
+    """
+    placed = dict(start)
+    units_of: dict[str, list[str]] = {}
+    for unit in shared.sort_values(["images", "position"], kind="stable").index:  # smallest first
+        for label in shared.at[unit, "labels"]:
+            units_of.setdefault(label, []).append(unit)
+
+    def shortfall(label: str) -> int:
+        missed = set(need[label]) - {placed[unit] for unit in units_of.get(label, [])}
+        return max(0, len(missed) - owned.get(label, 0))
+
+    def better_move() -> tuple[str, str] | None:
+        for label in (label for label in need if shortfall(label) > 0):
+            missed = [s for s in need[label] if s not in {placed[unit] for unit in units_of.get(label, [])}]
+            for unit, split in ((unit, split) for unit in units_of.get(label, []) for split in missed):
+                labels, was = shared.at[unit, "labels"], placed[unit]
+                before = sum(shortfall(other) for other in labels)
+                placed[unit] = split
+                after = sum(shortfall(other) for other in labels)
+                placed[unit] = was
+                if after < before:
+                    return unit, split
+        return None
+
+    while (move := better_move()) is not None:  # the total shortfall falls with every move: it ends
+        placed[move[0]] = move[1]
+    return placed, [label for label in need if shortfall(label) > 0]
+
+
+def _stable(
+    positions: pd.Series, order: list[tuple[str, float]], must: list[str]
+) -> tuple[dict[str, str], int]:
+    """Units (the index) by position against the cumulative fractions of `order`; then each split of `must`
+    that got no unit takes the nearest units by rank. Returns (unit -> split, moved)."""
     ranked = positions.sort_values(kind="stable")  # units come sorted by key: ties stay deterministic
     values, n = ranked.to_numpy(), len(ranked)
     wanted = [split for split, fraction in order if fraction > 0]
+    floor = [int(split in must) for split in wanted]  # units a split must get
     cuts = np.cumsum([fraction for _, fraction in order if fraction > 0])[:-1]
-    ends, previous = [], 0  # rank where each split but the last ends, at least one unit each
+    ends, previous = [], 0  # rank where each split but the last ends
     for j, end in enumerate(np.searchsorted(values, cuts, side="left")):
-        previous = min(max(int(end), previous + 1), n - (len(wanted) - 1 - j))
+        previous = min(max(int(end), previous + floor[j]), n - sum(floor[j + 1 :]))
         ends.append(previous)
     natural = np.searchsorted(cuts, values, side="right")  # from the position alone
     placed = np.searchsorted(ends, np.arange(n), side="right")
@@ -131,10 +209,12 @@ def _stable(positions: pd.Series, order: list[tuple[str, float]]) -> tuple[dict[
     return dict(zip(ranked.index, splits, strict=True)), int(np.sum(placed != natural))
 
 
-def _stratified(units: list[str], fractions: dict[str, float], order: list[str], seed: int) -> dict[str, str]:
-    """Exact counts (`_allocate`): whole units drawn at random into each split of `order` but the last, which
-    takes the rest."""
-    counts = _allocate(len(units), fractions)
+def _stratified(
+    units: list[str], fractions: dict[str, float], order: list[str], seed: int, must: list[str]
+) -> dict[str, str]:
+    """Exact counts (`_allocate`, at least one unit for each split of `must`): whole units drawn at random
+    into each split of `order` but the last, which takes the rest."""
+    counts = _allocate(len(units), fractions, must)
     split_of, rest = {}, units
     for split in order[:-1]:
         rest, drawn = _draw(rest, counts[split], seed)
@@ -171,15 +251,23 @@ def _keep_given(table: pd.DataFrame, params: Params) -> tuple[pd.DataFrame, str,
     return table, strategy, by_rank
 
 
-def _units(table: pd.DataFrame, seed: int) -> pd.DataFrame:
-    """One row per unit, indexed by its key (sorted): `label`, the smallest of its labels (a unit under two
-    labels goes with the first), and `position`, the smallest `stable_position` of its files."""
+def _units(table: pd.DataFrame, keys: pd.Series, seed: int) -> pd.DataFrame:
+    """One row per unit, indexed by its key (`keys`: each row's, sorted): `labels`, the sorted tuple of its
+    labels (two or more: an audit group across classes), `position`, the smallest `stable_position` of its
+    files, and `images`, its rows."""
     shas = table["sha256"].unique()
     position = dict(zip(shas, (stable_position(sha, seed) for sha in shas), strict=True))
-    rows = pd.DataFrame(
-        {"unit": _unit_keys(table), "label": table["label"], "position": table["sha256"].map(position)}
+    rows = pd.DataFrame({"unit": keys, "label": table["label"], "position": table["sha256"].map(position)})
+    units = rows.groupby("unit", sort=True).agg(position=("position", "min"), images=("label", "size"))
+    pairs = rows.drop_duplicates(["unit", "label"]).sort_values(["unit", "label"], kind="stable")
+    several = pairs["unit"].duplicated(keep=False)  # few: tuples built group by group only for these
+    labels = pd.concat(
+        [
+            pairs[~several].set_index("unit")["label"].map(lambda label: (label,)),
+            pairs[several].groupby("unit", sort=True)["label"].agg(tuple),
+        ]
     )
-    return rows.groupby("unit", sort=True).agg(label=("label", "min"), position=("position", "min"))
+    return units.assign(labels=labels)
 
 
 def _unit_keys(table: pd.DataFrame) -> pd.Series:
@@ -196,19 +284,23 @@ def _unit_keys(table: pd.DataFrame) -> pd.Series:
     for sha, group in zip(table["sha256"], table[GROUP_COLUMN], strict=True):
         parent[root(sha)] = root("group:" + group)  # a group's node can never equal a hex digest
     roots = table["sha256"].map(root)
-    return table["sha256"].groupby(roots).transform("min")
+    # The smallest sha256 per root, by sorting: a groupby min of strings runs in Python, group by group.
+    smallest = pd.DataFrame({"root": roots, "sha256": table["sha256"]}).sort_values("sha256", kind="stable")
+    return roots.map(smallest.drop_duplicates("root").set_index("root")["sha256"])
 
 
-def _allocate(n: int, fractions: dict[str, float]) -> dict[str, int]:
-    """Split n items by fractions: largest remainders, but at least one item for every non-zero fraction
-    (the caller guarantees n is at least the number of non-zero fractions)."""
+def _allocate(n: int, fractions: dict[str, float], must: list[str] | None = None) -> dict[str, int]:
+    """Split n items by fractions: largest remainders, but at least one item for every non-zero fraction of
+    `must` (default: all; the caller guarantees n is at least their number)."""
+    must = [split for split in fractions if must is None or split in must]
+    floor = {split: int(fractions[split] > 0 and split in must) for split in fractions}
     quotas = {split: n * fraction for split, fraction in fractions.items()}
-    counts = {split: max(1, math.floor(q)) if fractions[split] > 0 else 0 for split, q in quotas.items()}
+    counts = {split: max(floor[split], math.floor(quota)) for split, quota in quotas.items()}
     while sum(counts.values()) < n:
         grow = max((s for s in counts if fractions[s] > 0), key=lambda s: quotas[s] - counts[s])
         counts[grow] += 1
     while sum(counts.values()) > n:
-        shrink = max((s for s in counts if counts[s] > 1), key=lambda s: counts[s] - quotas[s])
+        shrink = max((s for s in counts if counts[s] > floor[s]), key=lambda s: counts[s] - quotas[s])
         counts[shrink] -= 1
     return counts
 
@@ -223,12 +315,68 @@ def _draw(ids: list[str], n: int, seed: int) -> tuple[list[str], list[str]]:
     return sorted(rest), sorted(drawn)
 
 
-def _small_classes(offenders: list[str], need: str, consequence: str, params: Params) -> None:
+def _check_coverage(
+    table: pd.DataFrame, keys: pd.Series, splits: tuple[list[str], str], params: Params, consequence: str
+) -> None:
+    """Every class of `table` (with its `split` set) in each wanted split, or one line that names each class
+    that is not, its counts, why and the fixes. `splits`: (wanted, the split that takes the rest); with
+    `split.small_class: warning` a class must still be in the latter."""
+    wanted, rest = splits
+    counts = pd.crosstab(table["label"], table["split"]).reindex(columns=wanted, fill_value=0)
+    short = [label for label in counts.index if (counts.loc[label] == 0).any()]
+    if not short:
+        return
+    described = [_describe(table, keys, label, counts.loc[label]) for label in short]
+    offenders = [text for text, _ in described[:_DESCRIBED]]
+    if len(short) > _DESCRIBED:
+        offenders.append(f"and {len(short) - _DESCRIBED} more: {', '.join(map(repr, short[_DESCRIBED:]))}")
+    fixes = ["add images to them", *dict.fromkeys(fix for _, fixes in described for fix in fixes)]
+    untrained = [label for label in short if counts.at[label, rest] == 0]
+    if untrained and params.split.small_class == "warning":
+        raise PipelineError(
+            f"classes {untrained} get no image in {rest}, even with split.small_class: warning "
+            f"({', '.join(offenders)}); {', or '.join(fixes)}"
+        )
+    _small_classes(offenders, f"appear in each of {wanted}", consequence, params, fixes)
+
+
+_DESCRIBED = 5  # classes described in the message; the others are only named
+
+
+def _describe(table: pd.DataFrame, keys: pd.Series, label: str, counts: pd.Series) -> tuple[str, list[str]]:
+    """(how a class too small for every split is named, the fixes beyond adding images). Where the audit's
+    near-duplicate groups made it small, that says so: files, distinct images, counts as placed, its largest
+    group."""
+    mine = table["label"] == label
+    units = keys[mine].unique()
+    files = table.loc[mine, "sha256"].nunique()
+    others = sorted(set(table.loc[keys.isin(units) & ~mine, "label"]))
+    if files == len(units) and not others:
+        return f"{label!r} ({len(units)} distinct images)", []
+    sizes = table.groupby(GROUP_COLUMN)["sha256"].nunique()
+    group = max(sorted(set(table.loc[mine, GROUP_COLUMN])), key=lambda g: sizes[g])
+    members = table[table[GROUP_COLUMN] == group]
+    members = members.iloc[np.lexsort((members["path"], members["label"] != label))]  # its own images first
+    distinct = f"{len(units)} distinct image{'s' if len(units) > 1 else ''}"
+    shared = f", shared with {', '.join(map(repr, others))}" if others else ""
+    placed = ", ".join(f"{split} {int(n)}" for split, n in counts.items())
+    text = (
+        f"{label!r} ({int(mine.sum())} images in {files} different files, {distinct} once the audit's "
+        f"near-duplicate groups are joined{shared}; it would get {placed}; {describe_group(members)})"
+    )
+    fixes = ["raise audit.similarity or audit.pixel_correlation so that fewer images are near-duplicates"]
+    return text, [*fixes, *(["correct the labels of a group across classes (audit page)"] if others else [])]
+
+
+def _small_classes(
+    offenders: list[str], need: str, consequence: str, params: Params, fixes: list[str] | None = None
+) -> None:
     if not offenders:
         return
     problem = f"classes [{', '.join(offenders)}] are too small to {need}"
     if params.split.small_class == "error":
         raise PipelineError(
-            f"{problem}; add images to them, or set split.small_class: warning ({consequence})"
+            f"{problem}; {', or '.join(fixes or ['add images to them'])}, or set split.small_class: warning "
+            f"({consequence})"
         )
     log.warning("split: %s; %s", problem, consequence)

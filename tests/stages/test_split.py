@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -314,3 +315,90 @@ def test_stable_carving_moves_val_images_by_hash_and_keeps_them_when_val_grows(t
     split.run(second)
     old, new = _split_of(first), _split_of(second)
     assert {path: new[path] for path in old} == old
+
+
+# Classes the audit's near-duplicate groups shrink or merge with others.
+
+
+def _write_audit(params, rows: list[dict], groups: dict[str, list[str]]) -> dict[str, str]:
+    """The audit's table for `rows`: each list of paths in `groups` one group (its id the smallest sha256, as
+    the audit names it), every other image its own. Returns path -> group id."""
+    sha = {row["path"]: row["sha256"] for row in rows}
+    group = dict(sha)
+    for paths in groups.values():
+        group.update(dict.fromkeys(paths, min(sha[path] for path in paths)))
+    audit = pd.DataFrame(rows).assign(group=lambda t: t["path"].map(group), quarantined="False")
+    params.paths.audit_table.parent.mkdir(parents=True, exist_ok=True)
+    audit.to_csv(params.paths.audit_table, index=False)
+    return group
+
+
+def _per_class(params) -> pd.DataFrame:
+    return pd.crosstab(_splits(params)["label"], _splits(params)["split"])
+
+
+@pytest.mark.parametrize("method", ["stable", "stratified"])
+def test_a_minority_class_grouped_with_a_big_one_still_gets_every_split(tmp_path, method):
+    """1000:3, each of the small class's images near-duplicate of a big-class image: the three cross-label
+    groups are placed so that the small class is in train, val and test."""
+    rows = _rows("big", 1000) + _rows("small", 3)
+    params = _params(tmp_path, rows, split={"method": method})
+    pairs = {f"pair{i}": [f"big/{i:03d}_0.png", f"small/{i:03d}_0.png"] for i in range(3)}
+    _write_audit(params, rows, pairs)
+
+    split.run(params)
+
+    counts = _per_class(params)
+    assert (counts.loc["small", ["train", "val", "test"]] == 1).all(), counts.loc["small"].to_dict()
+    assert (counts.loc["big", ["train", "val", "test"]] > 100).all()
+    table = _splits(params).set_index("path")
+    for paths in pairs.values():  # each group still in one split
+        assert table.loc[paths, "split"].nunique() == 1
+
+
+def test_a_class_inside_one_group_with_another_class_fails_with_one_line(tmp_path, caplog):
+    """The small class's three files all in one group with big-class images: it cannot be in three splits."""
+    rows = _rows("big", 40) + _rows("small", 3)
+    members = ["big/000_0.png", "big/001_0.png", "small/000_0.png", "small/001_0.png", "small/002_0.png"]
+    params = _params(tmp_path, rows)
+    group = _write_audit(params, rows, {"g": members})["small/000_0.png"]
+
+    with pytest.raises(PipelineError) as caught:
+        split.run(params)
+
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "'small' (3 images in 3 different files" in message
+    assert "1 distinct image once the audit's near-duplicate groups are joined" in message
+    assert "shared with 'big'" in message
+    assert re.search(r"shared with 'big'; it would get train [03], val [03], test [03];", message)
+    assert f"audit group {group[:12]} (5 images of ['big', 'small']: small/000_0.png" in message
+    assert "raise audit.similarity" in message and "split.small_class: warning" in message
+    assert not params.paths.splits.exists()
+
+    warned = _params(tmp_path, rows, split={"small_class": "warning"})  # the class at least goes to train
+    with caplog.at_level(logging.WARNING):
+        split.run(warned)
+    assert "'small' (3 images in 3 different files" in caplog.text
+    assert set(_splits(warned).set_index("path").loc[members, "split"]) == {"train"}
+
+
+def test_a_class_the_audit_grouped_into_one_image_names_the_group(tmp_path):
+    """60 classes of 3 different files; the audit takes one class's three for near-duplicates: the message
+    says so, with the group and the param that makes it, not '1 distinct image' alone."""
+    rows = [row for k in range(60) for row in _rows(f"c{k:02d}", 3)]
+    params = _params(tmp_path, rows)
+    members = ["c07/000_0.png", "c07/001_0.png", "c07/002_0.png"]
+    group = _write_audit(params, rows, {"g": members})["c07/000_0.png"]
+
+    with pytest.raises(PipelineError) as caught:
+        split.run(params)
+
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("classes ['c07' (3 images in 3 different files, 1 distinct image once the")
+    assert f"audit group {group[:12]} (3 images of ['c07']: c07/000_0.png, c07/001_0.png, c07/002_0.png)" in (
+        message
+    )
+    assert "raise audit.similarity or audit.pixel_correlation" in message
+    assert "'c08'" not in message  # only the class that cannot be split
