@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from helpers import PROJECT_ROOT, make_image_folder
 
 from pipeline.config import NO_CSV_MANIFEST
 from pipeline.errors import PipelineError
-from pipeline.flow import require_git_identity
+from pipeline.orchestration.git import require_identity as require_git_identity
 
 # Every way git (and DVC's git backend) could learn who commits, besides the files under HOME.
 _IDENTITY_VARS = [f"GIT_{role}_{key}" for role in ("AUTHOR", "COMMITTER") for key in ("NAME", "EMAIL")]
@@ -108,6 +109,29 @@ def test_check_wants_the_no_csv_placeholder_that_dvc_depends_on(tmp_path):
         "check: paths.csv_manifest: pipeline/data/no_csv_manifest.csv is not a file; restore this "
         "placeholder for 'no CSV manifest' (git checkout -- pipeline/data/no_csv_manifest.csv)"
     )
+
+
+def _closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on: one the OS just handed out, closed again."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", [["flow"], ["deploy", "--cron", "0 3 * * *"]], ids=["flow", "deploy"])
+def test_a_prefect_command_against_a_server_that_is_down_fails_in_one_line(tmp_path, command):
+    project = _project(tmp_path)
+    shutil.copy2(PROJECT_ROOT / "dvc.yaml", project / "dvc.yaml")  # deploy wants one
+    url = f"http://127.0.0.1:{_closed_port()}/api"
+    # Capped in case Prefect ever retries a refused connection (3.8 fails the first at once).
+    env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_CLIENT_MAX_RETRIES": "0"}
+    result = _cli(project, *command, env={**env, "PREFECT_API_REQUEST_TIMEOUT": "5"})
+    line = _one_line_failure(result)  # flow: was a 136-line traceback
+    assert line.startswith(f"{command[0]}: no Prefect server answers at PREFECT_API_URL={url} (")
+    assert line.endswith(
+        "; start it (prefect server start) or unset PREFECT_API_URL to run on a temporary local server"
+    )
+    assert result.stdout == ""
 
 
 @pytest.fixture

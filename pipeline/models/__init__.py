@@ -6,6 +6,7 @@ them to logits (B, K). Keeping them apart is what lets linear probing cache feat
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,12 @@ from torch import nn
 
 from pipeline.config import ModelParams
 from pipeline.errors import PipelineError
-from pipeline.models.weights import fit_position_embedding, load_pretrained_state, load_tensors
+from pipeline.models.weights import (
+    BUNDLED_CHECKPOINTS,
+    fit_position_embedding,
+    load_pretrained_state,
+    load_tensors,
+)
 
 IMAGENET_CLASSES = 1000
 
@@ -147,6 +153,36 @@ def resolve_data_config(params: ModelParams) -> dict[str, Any]:
         "crop_pct": float(params.crop_pct if params.crop_pct is not None else config["crop_pct"]),
         "crop_mode": config.get("crop_mode", "center"),
     }
+
+
+def check_backbone(params: ModelParams, project: Path = Path(".")) -> None:
+    """Raise a PipelineError, one line naming the key, when `params` cannot give a model: a backbone timm does
+    not know (with the closest names) or has no pretrained config for (the preprocessing comes from it), or
+    weights that are not there. Reads timm's registry only, so nothing is built or downloaded; a `file:` path
+    is relative to `project`."""
+    name = params.backbone
+    try:
+        known = timm.is_model(name) and timm.get_pretrained_cfg(name) is not None
+    except RuntimeError:  # timm: "Invalid pretrained tag (x) for resnet50."
+        known = False
+    if not known:
+        names = timm.list_models(pretrained="." in name)  # with their pretrained tags, when `name` has one
+        close = difflib.get_close_matches(name.lower(), names, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise PipelineError(
+            f"model.backbone: timm has no pretrained backbone {name!r}; {hint}(every name: python -c "
+            f"'import timm; print(timm.list_models(pretrained=True))')"
+        )
+    if params.weights == "bundled" and name not in BUNDLED_CHECKPOINTS:
+        raise PipelineError(
+            f"model.weights: no bundled weights for {name!r}, only for {sorted(BUNDLED_CHECKPOINTS)}; use "
+            "weights: file:<path>, hub (needs network) or none"
+        )
+    weights_file = Path(project, params.weights.removeprefix("file:"))
+    if params.weights.startswith("file:") and not weights_file.is_file():
+        raise PipelineError(
+            f"model.weights: file {weights_file} not found; give a .pth or .safetensors state dict"
+        )
 
 
 @dataclass

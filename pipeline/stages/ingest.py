@@ -16,6 +16,7 @@ import math
 import multiprocessing
 import os
 import shlex
+import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -27,6 +28,14 @@ from pipeline.data import images
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, write_json
 from pipeline.progress import progress
+from pipeline.stages import Stage
+
+STAGE = Stage(
+    summary="Scan the data source, hash and decode every image (in bounded memory), write the manifest.",
+    params=("ingest", "paths.data_root", "paths.csv_manifest"),
+    deps=("data_root", "csv_manifest"),  # csv_manifest: pipeline/data/no_csv_manifest.csv (empty) for none
+    outs=("manifest", "details:ingest"),
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +88,7 @@ def run(params: Params) -> dict:
             params.ingest.max_decode_mib,
             params.paths.manifest,
         )
+    _warn_notes(details["notes"], params.paths.details("ingest"))
     log.info(
         "ingest: %d of %d files usable (%s); manifest %s, details %s",
         metrics["ok"],
@@ -88,6 +98,13 @@ def run(params: Params) -> dict:
         params.paths.details("ingest"),
     )
     return {"source": source, **metrics}
+
+
+def _warn_notes(notes: dict[str, list[str]], details: Path) -> None:
+    """One warning per kind of note (`images.NOTES`): images used, but not quite as a viewer shows them."""
+    for kind, paths in notes.items():
+        shown = images.first_few([repr(path) for path in paths])
+        log.warning("ingest: %d image(s) %s: %s (all in %s)", len(paths), images.NOTES[kind], shown, details)
 
 
 def _scan_and_inspect(params: Params, source: str) -> tuple[dict, dict]:
@@ -103,6 +120,7 @@ def _scan_and_inspect(params: Params, source: str) -> tuple[dict, dict]:
     started = time.perf_counter()
     statuses: Counter[str] = Counter()
     labels: set[str] = set()
+    notes: dict[str, list[str]] = {}
     total = len(scan.candidates)
     step = files_per_task(total, params.ingest.chunksize, params.ingest.num_workers)
     ranges = [(start, min(start + step, total)) for start in range(0, total, step)]
@@ -110,10 +128,12 @@ def _scan_and_inspect(params: Params, source: str) -> tuple[dict, dict]:
         with tmp.open("w", newline="", encoding="utf-8") as fh, _inspector(params, scan.candidates) as imap:
             csv.writer(fh, lineterminator="\n").writerow(images.MANIFEST_COLUMNS)
             with progress("ingest", total, "file") as bar:
-                for text, counts, usable_labels in imap(_inspect_range, ranges):
+                for text, counts, usable_labels, noted in imap(_inspect_range, ranges):
                     fh.write(text)
                     statuses.update(counts)
                     labels |= usable_labels
+                    for kind, paths in noted.items():
+                        notes.setdefault(kind, []).extend(paths)
                     bar.update(counts.total())
     seconds = time.perf_counter() - started
 
@@ -131,6 +151,7 @@ def _scan_and_inspect(params: Params, source: str) -> tuple[dict, dict]:
         "skipped_non_image": scan.skipped_non_image,
         "repeated_csv_rows": len(scan.repeated_rows),
         "classes": len(labels),
+        "notes": dict(sorted(notes.items())),  # images.NOTES kind -> the usable images it applies to
     }
     return metrics, details
 
@@ -205,7 +226,44 @@ def _dvc_blockers(root: Path) -> list[str]:
             f"hash: {named}; rename them to UTF-8 (e.g. convmv -r -f latin1 -t utf-8 --notest {where}) or "
             "remove them"
         )
+    if special := _special_files(root):
+        them = "it" if len(special) == 1 else "them"
+        problems.append(
+            f"paths.data_root: {len(special)} FIFO(s), socket(s) or device(s) under {root}, which DVC cannot "
+            f"hash (reading a FIFO or a device never ends): {images.first_few(special)}; remove {them} or "
+            f"move {them} out of paths.data_root"
+        )
     return problems
+
+
+_SPECIAL = {stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device",
+            stat.S_IFBLK: "block device"}  # fmt: skip
+
+
+def _special_files(root: Path) -> list[str]:
+    """The "'path' (kind)" of each entry under `root` that is a FIFO, socket or device, or a link to one: DVC
+    opens every file to hash it. Links to folders are not followed (as by DVC and images.dvc_blockers)."""
+    found, stack = [], [str(root)]
+    while stack:
+        with contextlib.suppress(OSError), os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif kind := _special_kind(entry):
+                    found.append((os.path.relpath(entry.path, root), kind))
+    return [f"{path!r} ({kind})" for path, kind in sorted(found)]
+
+
+def _special_kind(entry: os.DirEntry) -> str | None:
+    """'FIFO', 'link to a socket', ...; None for a file or a dangling link (reported as dangling). Only
+    stat'ed: opening a FIFO to look at it would block here too."""
+    if entry.is_file(follow_symlinks=False):  # most entries: known from the folder listing alone
+        return None
+    try:
+        kind = _SPECIAL.get(stat.S_IFMT(os.stat(entry.path).st_mode))
+    except OSError:
+        return None
+    return f"link to a {kind}" if kind and entry.is_symlink() else kind
 
 
 def _resolve_source(params: Params) -> str:
@@ -242,12 +300,14 @@ def _start_inspector(
     )
 
 
-def _inspect_range(bounds: tuple[int, int]) -> tuple[str, Counter[str], set[str]]:
-    """Manifest rows of candidates[start:stop] as CSV text, with their status counts and usable labels."""
+def _inspect_range(bounds: tuple[int, int]) -> tuple[str, Counter[str], set[str], dict[str, list[str]]]:
+    """Manifest rows of candidates[start:stop] as CSV text, with their status counts, usable labels and the
+    paths of each kind of note (`images.NOTES`)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     statuses: Counter[str] = Counter()
     labels: set[str] = set()
+    noted: dict[str, list[str]] = {}
     for candidate in _INSPECTOR["candidates"][slice(*bounds)]:
         row = images.inspect(
             _INSPECTOR["root"],
@@ -259,7 +319,9 @@ def _inspect_range(bounds: tuple[int, int]) -> tuple[str, Counter[str], set[str]
         statuses[row["status"]] += 1
         if row["status"] == "ok":
             labels.add(row["label"])
-    return buffer.getvalue(), statuses, labels
+        for kind in row.get("notes", ()):
+            noted.setdefault(kind, []).append(candidate.path)
+    return buffer.getvalue(), statuses, labels, noted
 
 
 @contextlib.contextmanager

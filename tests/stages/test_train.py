@@ -120,35 +120,126 @@ def test_switches_together_ema_mixup_cutmix_accumulation_sgd_mlp_head_class_weig
     assert load_trained(params.paths.model).params["model"]["head"] == "mlp"
 
 
-def test_class_weighting_from_the_train_split_changes_the_training_loss(tmp_path):
-    losses = {}
-    for mode in ("none", "inverse"):
-        params = train_params(tmp_path / mode, train={"strategy": "full", "class_weighting": mode})
-        rows = params.paths.splits.read_text().splitlines()
-        # Imbalance the train split: keep 2 of class_2's 6 train images.
-        dropped = [r for r in rows if r.startswith("class_2/") and ",train," in r][2:]
-        params.paths.splits.write_text("\n".join(r for r in rows if r not in dropped) + "\n")
-        train.run(params)
-        losses[mode] = _metrics(params)["final_train_loss"]
-        assert sum(",train," in row for row in params.paths.splits.read_text().splitlines()) == 14
-    assert losses["none"] != losses["inverse"]
+def _keep_two_train_images_of_class_2(params) -> None:
+    """Imbalance the train split: class_2 keeps 2 of its 6 train images (train counts 6, 6, 2)."""
+    rows = params.paths.splits.read_text().splitlines()
+    dropped = [r for r in rows if r.startswith("class_2/") and ",train," in r][2:]
+    params.paths.splits.write_text("\n".join(r for r in rows if r not in dropped) + "\n")
+    assert sum(",train," in row for row in params.paths.splits.read_text().splitlines()) == 14
 
 
-def test_label_smoothing_from_params_reaches_the_training_loss(tmp_path):
-    losses = {}
-    for smoothing in (0.0, 0.3):
-        params = train_params(
-            tmp_path / str(smoothing), train={"strategy": "full", "label_smoothing": smoothing}
-        )
-        train.run(params)
-        losses[smoothing] = _metrics(params)["final_train_loss"]
-    assert losses[0.0] != losses[0.3]
+# The weights the stated rule gives for train counts (6, 6, 2), worked out by hand: proportional to 1 / count
+# (inverse) or to (1 - beta) / (1 - beta^count) with beta = 0.999 (effective, Cui et al. 2019), then scaled
+# to average 1 over the classes. inverse: (1/6, 1/6, 1/2) x 3 / (5/6).
+HAND_WEIGHTS = {
+    "none": None,
+    "inverse": [0.6, 0.6, 1.8],
+    "effective": [0.6007200235006187, 0.6007200235006187, 1.7985599529987626],
+}
+
+
+class _Spy(torch.nn.Module):
+    """Around the trainer's loss: records every (logits, target) it is called with, then computes it."""
+
+    def __init__(self, criterion: torch.nn.Module):
+        super().__init__()
+        self.criterion, self.calls = criterion, []
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, *teacher: torch.Tensor) -> torch.Tensor:
+        self.calls.append((logits.detach().clone(), target.detach().clone()))
+        return self.criterion(logits, target, *teacher)
+
+
+def _prepared_first_epoch(params):
+    """What the stage prepares from `params` (train.prepare) and the first epoch's plan and batches."""
+    from pipeline.training.distributed import Dist
+
+    ready = train.prepare(params, Dist(), torch.device("cpu"))
+    plan = ready.plans[0]
+    assert not plan.on_features  # the image epochs are the ones that mix
+    return ready, plan, ready.data.train(0, plan.on_features)
+
+
+@pytest.mark.parametrize(
+    ("weighting", "smoothing"), [("none", 0.0), ("none", 0.3), ("inverse", 0.0), ("effective", 0.2)]
+)
+def test_the_training_loss_is_cross_entropy_with_the_params_smoothing_and_hand_computed_class_weights(
+    tmp_path, weighting, smoothing
+):
+    section = {"class_weighting": weighting, "label_smoothing": smoothing, "precision": "fp32"}
+    params = train_params(tmp_path, train={"strategy": "full", **section})
+    _keep_two_train_images_of_class_2(params)
+    ready, plan, (batches, num_batches) = _prepared_first_epoch(params)
+    weight = None if HAND_WEIGHTS[weighting] is None else torch.tensor(HAND_WEIGHTS[weighting])
+
+    def expected(logits: torch.Tensor, target: torch.Tensor) -> float:
+        loss = torch.nn.functional.cross_entropy(logits, target, weight=weight, label_smoothing=smoothing)
+        return loss.item()
+
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 0.3], [-3.0, 1.0, 4.0], [1.5, 1.5, -2.0]])
+    for target in (torch.tensor([0, 1, 2, 2]), torch.tensor([[0.7, 0.3, 0.0]] * 4)):  # labels; mixed targets
+        got = ready.trainer.criterion(logits, target).item()
+        assert got == pytest.approx(expected(logits, target), abs=1e-6), (weighting, smoothing, target)
+    # ... and it is the loss the epoch loop trains on and reports.
+    spy = ready.trainer.criterion = _Spy(ready.trainer.criterion)
+    reported = ready.trainer.train_epoch(plan, batches, num_batches, desc="test")
+    sizes = [len(target) for _, target in spy.calls]
+    assert len(spy.calls) == num_batches and sum(sizes) == reported["images"] == 14
+    mean = sum(expected(*call) * size for call, size in zip(spy.calls, sizes, strict=True)) / sum(sizes)
+    assert reported["loss"] == pytest.approx(mean, abs=1e-6)
+
+
+def _source_of(mixed: torch.Tensor, own: torch.Tensor, others: torch.Tensor) -> tuple[int, float]:
+    """(j, w) such that `mixed` is `own` blended or pasted with others[j], `own` making up share w in (0, 1):
+    MixUp gives w x own + (1 - w) x others[j] everywhere, CutMix own's pixels outside a box and others[j]'s
+    inside it. Fails when no other image explains `mixed`."""
+    for j, other in enumerate(others):
+        gap = own - other
+        if gap.abs().max() < 1e-3:
+            continue
+        w = ((mixed - other) * gap).sum() / (gap * gap).sum()  # least squares: mixed = other + w x gap
+        if (mixed - other - w * gap).abs().max() < 1e-4 and 0.0 < w < 1.0:
+            return j, w.item()
+        pasted = (mixed == other).all(0) & ~(mixed == own).all(0)  # (H, W): pixels that are only other's
+        if ((mixed == own).all(0) | pasted).all() and pasted.any() and not pasted.all():
+            return j, 1.0 - pasted.float().mean().item()
+    raise AssertionError("the image is no MixUp blend or CutMix paste of its own image and another")
+
+
+@pytest.mark.parametrize("augment", [{}, {"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0}])
+def test_the_train_stage_mixes_its_batches_as_train_augment_says(tmp_path, augment):
+    """Through the stage's own wiring (train.prepare: params -> loader -> trainer) the model sees blends of
+    two images and the loss soft targets weighted as the images were (CutMix: by the pasted area)."""
+    params = train_params(tmp_path, train={"strategy": "full", "augment": augment, "label_smoothing": 0.0})
+    ready, plan, (batches, num_batches) = _prepared_first_epoch(params)
+    unmixed = list(batches)  # the loader's batches are a function of (seed, epoch, index): the same again
+    seen: list[torch.Tensor] = []
+    ready.model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    spy = ready.trainer.criterion = _Spy(ready.trainer.criterion)
+    ready.trainer.train_epoch(plan, batches, num_batches, desc="test")
+    assert len(seen) == len(spy.calls) == len(unmixed) == num_batches
+    soft_rows, tolerance = 0, 0.02 if "cutmix_alpha" in augment else 1e-5  # CutMix: pixels equal in both
+    for (images, labels), model_input, (_, target) in zip(unmixed, seen, spy.calls, strict=True):
+        if not augment:
+            assert torch.equal(model_input, images) and torch.equal(target, labels)
+            continue
+        assert target.shape == (len(labels), 3) and target.dtype.is_floating_point
+        torch.testing.assert_close(target.sum(1), torch.ones(len(labels)))
+        assert not torch.equal(model_input, images)
+        for i, label in enumerate(labels.tolist()):
+            j, own_share = _source_of(model_input[i], images[i], images)
+            expected = torch.zeros(3)
+            expected[label] += own_share
+            expected[labels[j]] += 1.0 - own_share
+            torch.testing.assert_close(target[i], expected, atol=tolerance, rtol=0)
+            soft_rows += int(target[i].max() < 1.0)
+    assert soft_rows > 0 or not augment  # some images mixed with another class: targets no longer one-hot
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_the_stage_builds_conv_weights_in_the_memory_format_asked_for(tmp_path, channels_last):
     params = train_params(tmp_path, train={"channels_last": channels_last})
-    model = train._model(params, num_classes=3, device=torch.device("cpu"))
+    model = train._model(params.model, params.train, num_classes=3, device=torch.device("cpu"))
     convs = [p for p in model.parameters() if p.ndim == 4 and p.shape[-1] > 1 and p.shape[1] > 1]
     assert convs
     assert all(p.is_contiguous(memory_format=torch.channels_last) is channels_last for p in convs)

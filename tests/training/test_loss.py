@@ -10,13 +10,17 @@ from pipeline.models.freezing import EpochPlan
 from pipeline.training.loss import build_criterion, class_weights
 
 
-def test_class_weights_favour_rare_classes():
+def test_class_weights_favour_rare_classes_by_the_stated_rule_exactly():
+    # Proportional to 1 / count (inverse) or (1 - 0.999) / (1 - 0.999^count) (effective, Cui et al. 2019),
+    # scaled to average 1 over the classes; the values below were worked out by hand for counts (80, 20).
     labels = np.array([0] * 80 + [1] * 20)
     assert class_weights(labels, 2, "none") is None
-    inverse = class_weights(labels, 2, "inverse")
-    torch.testing.assert_close(inverse, torch.tensor([0.4, 1.6]))  # 1/count, mean 1
-    effective = class_weights(labels, 2, "effective")
-    assert effective.mean().item() == pytest.approx(1.0) and 1.0 < effective[1] / effective[0] < 4.0
+    exact = {"atol": 1e-6, "rtol": 0.0}
+    torch.testing.assert_close(class_weights(labels, 2, "inverse"), torch.tensor([0.4, 1.6]), **exact)
+    effective = torch.tensor([0.40960982851447825, 1.5903901714855215])
+    torch.testing.assert_close(class_weights(labels, 2, "effective"), effective, **exact)
+    # A class with no train image counts as one: the largest weight, not a division by zero.
+    torch.testing.assert_close(class_weights(np.array([0, 0, 0]), 2, "inverse"), torch.tensor([0.5, 1.5]))
 
 
 def test_label_smoothing_raises_the_loss_of_a_confident_correct_prediction_to_the_closed_form():
@@ -113,14 +117,18 @@ def _student_trainer(teacher: torch.nn.Module | None, alpha: float):
     settings = {"optimizer": "sgd", "lr": 0.5, "momentum": 0.0, "weight_decay": 0.0, "warmup_epochs": 0.0}
     params = TrainParams(**settings, label_smoothing=0.0, grad_clip_norm=0.0)
     criterion = DistillationLoss(build_criterion(None, 0.0), alpha, temperature=2.0)
-    args = (
-        params,
-        [EpochPlan(0, 1, False)],
-        block_groups(backbone),
-        20,
-        Precision(torch.device("cpu"), None),
+    return Trainer(
+        model=model,
+        params=params,
+        plans=[EpochPlan(0, 1, False)],
+        block_groups=block_groups(backbone),
+        steps_per_epoch=20,
+        precision=Precision(torch.device("cpu"), None),
+        env=Dist(),
+        criterion=criterion,
+        batch_mix=None,
+        teacher=teacher,
     )
-    return Trainer(model, *args, Dist(), criterion, None, teacher)
 
 
 def test_a_student_taught_at_alpha_1_learns_the_teachers_answer_and_without_it_the_labels():
@@ -151,30 +159,30 @@ def _saved_model(path, class_names: list[str], image_size: int = 32):
 
 
 def test_the_teacher_is_a_model_file_or_the_champions_and_must_know_the_same_classes(tmp_path, caplog):
-    from pipeline.config import Params
+    from pipeline.config import DistillParams
     from pipeline.errors import PipelineError
     from pipeline.training.loss import DistillationLoss, with_teacher
 
     names = ["a", "b", "c"]
     config = _config(32, 0.5, 0.5)
-    paths = {"champion_dir": str(tmp_path / "champion"), "model": str(tmp_path / "models" / "model.pt")}
+    champion = tmp_path / "champion" / "model.pt"
 
-    def params(teacher: str) -> Params:
-        return Params.from_dict({"paths": paths, "train": {"distill": {"teacher": teacher, "alpha": 0.7}}})
+    def distill(teacher: str) -> DistillParams:
+        return DistillParams(teacher=teacher, alpha=0.7)
 
     plain = build_criterion(None, 0.0)
-    assert with_teacher(plain, params("none"), names, config) == (plain, None)
+    assert with_teacher(plain, distill("none"), champion, names, config) == (plain, None)
     with pytest.raises(PipelineError, match=r"train.distill.teacher: .*champion.*model.pt not found"):
-        with_teacher(plain, params("champion"), names, config)
-    _saved_model(tmp_path / "champion" / "model.pt", names, image_size=48)
+        with_teacher(plain, distill("champion"), champion, names, config)
+    _saved_model(champion, names, image_size=48)
     with caplog.at_level("INFO", logger="pipeline.training.loss"):
-        criterion, teacher = with_teacher(plain, params("champion"), names, config)
+        criterion, teacher = with_teacher(plain, distill("champion"), champion, names, config)
     assert "distilling from" in caplog.text and "model.pt (48 px; alpha 0.7, temperature 4)" in caplog.text
     assert isinstance(criterion, DistillationLoss) and criterion.alpha == 0.7
     assert teacher(torch.zeros(2, 3, 32, 32)).shape == (2, 3)  # resized to its own 48 px inside
     other = _saved_model(tmp_path / "other.pt", ["a", "b", "x"])
     with pytest.raises(PipelineError, match="knows the classes"):
-        with_teacher(plain, params(str(other)), names, config)
+        with_teacher(plain, distill(str(other)), champion, names, config)
 
 
 @pytest.mark.slow
