@@ -161,8 +161,10 @@ def run(opts: Options) -> dict[str, Any]:
 
 def _pairs(params: Params, table: pd.DataFrame) -> list[checks.Pair]:
     """The pairs the audit's rule flags, on its (now cached) embeddings."""
-    embeddings = audit.embed(table, params)
     files = [params.paths.data_root / path for path in table["path"]]
+    embeddings = audit.embed(
+        table, files, params.model, params.features, params.paths.cache_dir, params.base.seed
+    )
     return checks.near_duplicate_pairs(embeddings, files, params.audit)
 
 

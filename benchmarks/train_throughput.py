@@ -109,7 +109,7 @@ def _compute_limit(params: Params, images: int, classes: int) -> float:
     checkpoint.seed_everything(params.base.seed)
     model = _model(params, classes, device)
     groups = block_groups(model.backbone)
-    plans = [plan for plan in plan_epochs(tp, len(groups)) if not plan.on_features]
+    plans = [plan for plan in plan_epochs(train._freezing(tp), len(groups)) if not plan.on_features]
     size = int(resolve_data_config(params.model)["input_size"][-1])
     x = torch.randn(tp.batch_size, 3, size, size)
     y = torch.randint(0, classes, (tp.batch_size,))
@@ -119,8 +119,17 @@ def _compute_limit(params: Params, images: int, classes: int) -> float:
     batches = [(x[:n], y[:n]) for n in sizes]
     steps = -(-len(batches) // tp.grad_accum_steps)
     criterion = build_criterion(None, tp.label_smoothing)
-    trainer = Trainer(model, tp, plans, groups, steps, precision, env, criterion,
-                      build_batch_mix(tp.augment, classes))  # fmt: skip
+    trainer = Trainer(
+        model=model,
+        params=tp,
+        plans=plans,
+        block_groups=groups,
+        steps_per_epoch=steps,
+        precision=precision,
+        env=env,
+        criterion=criterion,
+        batch_mix=build_batch_mix(tp.augment, classes),
+    )
     done = [trainer.train_epoch(plan, iter(batches), len(batches), "compute limit") for plan in plans]
     return sum(d["images"] for d in done) / sum(d["seconds"] for d in done)
 
@@ -137,7 +146,7 @@ def _classic(params: Params, folder: Path, classes: int, workers: int) -> float:
     checkpoint.seed_everything(params.base.seed)
     model = _model(params, classes, device)
     groups = block_groups(model.backbone)
-    plans = [plan for plan in plan_epochs(tp, len(groups)) if not plan.on_features]
+    plans = [plan for plan in plan_epochs(train._freezing(tp), len(groups)) if not plan.on_features]
     transform = transforms.Compose([
         transforms.RandomResizedCrop(int(cfg["input_size"][-1])),
         transforms.RandomHorizontalFlip(),

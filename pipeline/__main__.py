@@ -25,7 +25,8 @@ import typer
 
 from pipeline.config import DEFAULT_PARAMS_FILE, Params
 from pipeline.errors import PipelineError
-from pipeline.stages import SUMMARIES
+from pipeline.io import write_text
+from pipeline.stages import STAGES, SUMMARIES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -68,39 +69,69 @@ for _name, _summary in SUMMARIES.items():
 
 @app.command()
 def check(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
-    """Preflight (run.sh runs it before `dvc repro`): params load, ingest's input paths exist, and DVC can
-    hash the data folder (no dangling links, only UTF-8 names)."""
+    """Preflight (run.sh runs it before `dvc repro`): params load, ingest's input paths exist, DVC can hash
+    the data folder (no dangling links or FIFOs, only UTF-8 names), the outputs can be written, and timm
+    knows the backbone."""
     from pipeline.stages.ingest import check_inputs
 
     try:
         loaded = Params.load(params)
         source = check_inputs(loaded, for_dvc=True)
+        _check_outputs_and_model(loaded, Path("."))
     except PipelineError as exc:
         _fail("check", str(exc))
     typer.echo(
-        f"check: {params} and the inputs are fine (source: {source}, data_root: {loaded.paths.data_root})"
+        f"check: {params}, the inputs, outputs and model are fine (source: {source}, data_root: "
+        f"{loaded.paths.data_root}, backbone: {loaded.model.backbone})"
     )
+
+
+def _check_outputs_and_model(params: Params, project: Path) -> None:
+    """What `check` and `flow` refuse once the inputs are fine: outputs the stages could not write, and a
+    model section that timm cannot serve (last: importing timm and torch takes a few seconds)."""
+    from pipeline.config import output_problems
+
+    if problems := output_problems(params.paths, project):
+        raise PipelineError("\n".join(problems))
+    from pipeline.models import check_backbone
+
+    check_backbone(params.model, project)
+
+
+@app.command("dvc-yaml")
+def dvc_yaml(
+    check_only: Annotated[
+        bool, typer.Option("--check", help="Only say whether dvc.yaml is up to date (exit 1 if not).")
+    ] = False,
+) -> None:
+    """Write dvc.yaml from the stage contracts and the modules each stage imports, and add to params.yaml any
+    path of the catalogue it lacks (dvc.yaml templates every path from it)."""
+    from pipeline.orchestration.dvc_yaml import PROJECT, render
+    from pipeline.orchestration.params_file import add_missing_paths
+
+    target, text = PROJECT / "dvc.yaml", render()
+    missing = add_missing_paths(PROJECT / DEFAULT_PARAMS_FILE, write=not check_only)
+    if check_only:
+        if target.read_text(encoding="utf-8") != text or missing:
+            stale = f"{target} is out of date" if missing == [] else f"params.yaml lacks {', '.join(missing)}"
+            _fail("dvc-yaml", f"{stale}; run `python -m pipeline dvc-yaml`")
+        typer.echo(f"dvc-yaml: {target} is up to date")
+        return
+    if missing:
+        typer.echo(f"dvc-yaml: added to {DEFAULT_PARAMS_FILE}: {', '.join(missing)}")
+    write_text(target, text)
+    typer.echo(f"dvc-yaml: wrote {target} ({len(STAGES)} stages)")
 
 
 @app.command()
 def outputs(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
-    """List where the pipeline's outputs are and which exist."""
-    p = Params.load(params).paths
-    entries = {
-        "manifest": p.manifest,
-        "quarantine": p.quarantine,
-        "splits": p.splits,
-        "model": p.model,
-        "validation": p.reports_dir / "validate" / "index.html",
-        "audit": p.reports_dir / "audit" / "index.html",
-        "report": p.reports_dir / "evaluate" / "report.html",
-        "export": p.export_dir,
-        "export page": p.reports_dir / "export" / "index.html",
-        "metrics": p.metrics_dir,
-    }
-    for label, path in entries.items():
-        mark = "ok " if Path(path).exists() else "-- "
-        typer.echo(f"{mark}{label:<11} {path}")
+    """List every stage's outputs and page, from the stage contracts, marking those that exist."""
+    from pipeline.stages import contracts
+
+    paths = Params.load(params).paths
+    for name, stage in contracts().items():
+        for path in stage.products(name, paths):
+            typer.echo(f"{'ok ' if Path(path).exists() else '-- '}{name:<9} {path}")
 
 
 @app.command()
@@ -207,17 +238,21 @@ def flow(
     project: ProjectOption = Path("."),
 ) -> None:
     """Run the stages as a Prefect flow through DVC (unchanged stages are skipped), then the champion gate."""
-    from pipeline.dvc_api import DvcFailed
-    from pipeline.flow import require_git_identity, retrain
+    from pipeline.orchestration.deploy import require_prefect_api
+    from pipeline.orchestration.dvc_api import DvcFailed
+    from pipeline.orchestration.flow import retrain
+    from pipeline.orchestration.git import require_identity
     from pipeline.stages.ingest import check_dvc_inputs
 
     try:
         if name:  # before Prefect starts: a missing git identity would otherwise fail only at the end
-            require_git_identity(project)
+            require_identity(project)
         parsed = _overrides(overrides or [])
         loaded = Params.load(project / DEFAULT_PARAMS_FILE, parsed)
         if not loaded.orchestrate.push:  # else the flow checks them after pulling them from the remote
             check_dvc_inputs(loaded, project)  # here: a clear line, before Prefect logs a failed flow run
+            _check_outputs_and_model(loaded, project)  # a `file:` model.weights may come from the remote too
+        require_prefect_api()  # else a run against a server that is down is a 136-line traceback
         result = retrain(project_dir=str(project), overrides=parsed, experiment=name)
     except (PipelineError, DvcFailed) as exc:
         _fail("flow", str(exc))
@@ -245,11 +280,15 @@ def deploy(
 ) -> None:
     """Create a scheduled deployment of the retraining flow, run by `prefect worker start --pool POOL`
     (or, with --serve, by this process until it is stopped). With --repository, runs fetch the project."""
-    from pipeline.flow import deploy as create_deployment
-    from pipeline.flow import deploy_from_git
+    from pipeline.orchestration.deploy import deploy as create_deployment
+    from pipeline.orchestration.deploy import deploy_from_git, require_prefect_api
 
     if repository and serve:
         _fail("deploy", "--serve runs this folder; use --repository with a worker (prefect worker start)")
+    try:
+        require_prefect_api()
+    except PipelineError as exc:
+        _fail("deploy", str(exc))
     if repository:
         deployment = deploy_from_git(cron, name, pool, repository, ref, install)
     else:

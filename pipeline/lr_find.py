@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 from io import BytesIO
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ import numpy as np
 from pipeline.config import Params
 from pipeline.errors import PipelineError
 from pipeline.io import write_bytes, write_json
-from pipeline.stages.train import prepare
+from pipeline.stages.train import Prepared, prepare
 from pipeline.training import distributed
 from pipeline.training.optim import set_lr
 
@@ -41,9 +40,13 @@ def run(params: Params, steps: int = 100, start_lr: float = 1e-7, end_lr: float 
             f"lr-find: need 0 < --start-lr < --end-lr and --steps >= {2 * _SKIP_START + 2}, got "
             f"{start_lr:g}, {end_lr:g}, {steps}"
         )
-    lrs, losses = _range_test(params, np.geomspace(start_lr, end_lr, steps))
+    env, device = distributed.setup(params.train.device)
+    try:
+        lrs, losses = _range_test(prepare(params, env, device), np.geomspace(start_lr, end_lr, steps))
+    finally:
+        distributed.teardown(env)
     figures = suggest(lrs, losses)
-    folder = Path(params.paths.reports_dir) / "lr_find"
+    folder = params.paths.reports("lr_find")
     write_bytes(folder / "lr_find.png", _plot(lrs, smoothed(losses), figures))
     figures.update(steps_run=len(lrs), steps_planned=steps, start_lr=start_lr, end_lr=end_lr)
     figures.update(strategy=params.train.strategy, backbone=params.model.backbone, lrs=lrs, losses=losses)
@@ -52,24 +55,20 @@ def run(params: Params, steps: int = 100, start_lr: float = 1e-7, end_lr: float 
     return figures
 
 
-def _range_test(params: Params, ramp: np.ndarray) -> tuple[list[float], list[float]]:
-    """Train one batch per lr of `ramp` (cycling through epochs of data) until the loss diverges."""
-    env, device = distributed.setup(params.train.device)
-    try:
-        prepared = prepare(params, env, device)
-        data, trainer = prepared.data, prepared.trainer
-        plan, lrs, losses = prepared.plans[-1], [], []
-        module = trainer.start_epoch(plan)
-        for epoch in range(len(ramp)):
-            for x, y in data.train(epoch, plan.on_features)[0]:
-                set_lr(trainer.optimizer, float(ramp[len(lrs)]))
-                lrs.append(float(ramp[len(lrs)]))
-                losses.append(trainer.step(module, x, y))
-                if len(lrs) == len(ramp) or _diverged(losses):
-                    return lrs, losses
-        return lrs, losses
-    finally:
-        distributed.teardown(env)
+def _range_test(prepared: Prepared, ramp: np.ndarray) -> tuple[list[float], list[float]]:
+    """Train one batch per lr of `ramp` (cycling through epochs of data) until the loss diverges, in the
+    strategy's last phase."""
+    data, trainer = prepared.data, prepared.trainer
+    plan, lrs, losses = prepared.plans[-1], [], []
+    module = trainer.start_epoch(plan)
+    for epoch in range(len(ramp)):
+        for x, y in data.train(epoch, plan.on_features)[0]:
+            set_lr(trainer.optimizer, float(ramp[len(lrs)]))
+            lrs.append(float(ramp[len(lrs)]))
+            losses.append(trainer.step(module, x, y))
+            if len(lrs) == len(ramp) or _diverged(losses):
+                return lrs, losses
+    return lrs, losses
 
 
 def smoothed(losses: list[float]) -> np.ndarray:

@@ -84,7 +84,7 @@ def test_unknown_key_is_named_with_its_dotted_path(tmp_path):
         ({"train.epochs": 0}, "train.epochs: expected a positive integer, got 0"),
         ({"train.augment.hflip": 2}, "train.augment.hflip: expected a number >= 0.0 and <= 1.0, got 2"),
         ({"export.opset": 11}, "export.opset: expected an integer >= 13, got 11"),
-        ({"model.crop_pct": 1.5}, "model.crop_pct: expected a number <= 1.0, got 1.5"),
+        ({"model.crop_pct": 1.5}, "model.crop_pct: expected a number >= 0.5 and <= 1.0, got 1.5"),
         ({"train.pin_memory": "maybe"}, "train.pin_memory: expected true or false, got 'maybe'"),
         ({"train": 3}, "train: expected a section (a mapping of keys), got 3"),
         ({"augment.hflip": 0.5}, "augment: unknown key"),
@@ -121,7 +121,7 @@ def test_unknown_key_suggests_the_closest_valid_one(overrides, expected):
 
 
 def test_unknown_key_far_from_every_valid_one_gets_no_suggestion():
-    assert "zzz: unknown key (see README" in _error({"zzz": 1})
+    assert "zzz: unknown key (see docs/params.md)" in _error({"zzz": 1})
 
 
 def test_csv_manifest_null_names_the_placeholder():

@@ -1,4 +1,5 @@
-"""dvc.yaml against the code: stage order, commands, params, `${...}` paths and the flow between stages."""
+"""dvc.yaml against the code: generated from the stage contracts and equal to the committed file; stage order,
+commands, params, `${...}` paths and the flow between stages."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ from typing import Any
 import pytest
 import typer
 import yaml
-from helpers import PROJECT_ROOT, import_closure
+from helpers import PROJECT_ROOT
+from typer.testing import CliRunner
 
 from pipeline.__main__ import app
-from pipeline.config import Params
-from pipeline.stages import STAGES
+from pipeline.config import Params, PathsParams
+from pipeline.orchestration.dvc_yaml import code_deps, import_closure, render
+from pipeline.orchestration.params_file import add_missing_paths
+from pipeline.stages import STAGES, Stage, _in_flow_order, contracts, source
 
 DVC_FILE = PROJECT_ROOT / "dvc.yaml"
 TEMPLATE = re.compile(r"\$\{\s*([^}\s]+)\s*\}")
@@ -121,41 +125,79 @@ def test_stage_command_is_the_cli_command(stages, name):
     assert name in typer.main.get_command(app).commands
 
 
-def _stage_code(name: str) -> tuple[str, list[Path]]:
-    """A stage's code as dvc.yaml lists it (its module, or its package's folder) and its files, the one that
-    defines `run` first."""
-    package = PROJECT_ROOT / "pipeline" / "stages" / name
-    if package.is_dir():
-        init = package / "__init__.py"
-        return f"pipeline/stages/{name}", [init, *sorted(set(package.glob("*.py")) - {init})]
-    return f"pipeline/stages/{name}.py", [package.with_suffix(".py")]
+def _stage_code(name: str) -> list[Path]:
+    """A stage's files (a module, or a package's), the one that declares it first."""
+    own = source(name)
+    if own.name != "__init__.py":
+        return [own]
+    return [own, *sorted(set(own.parent.glob("*.py")) - {own})]
+
+
+def test_the_committed_dvc_yaml_is_the_generated_one():
+    assert DVC_FILE.read_text() == render(), "dvc.yaml is out of date: run `python -m pipeline dvc-yaml`"
+
+
+def test_the_check_command_agrees():
+    result = CliRunner().invoke(app, ["dvc-yaml", "--check"])
+    assert result.exit_code == 0 and "up to date" in result.output, result.output
 
 
 @pytest.mark.parametrize("name", STAGES)
-def test_every_module_a_stage_imports_is_a_dependency(stages, name):
-    """DVC re-runs a stage exactly when code it runs changed: each file in the import closure of the stage's
-    code is listed, itself or through a listed folder (the package's own pipeline/__init__.py aside)."""
-    _, files = _stage_code(name)
-    needed = {p for p in import_closure(files) if p != PROJECT_ROOT / "pipeline" / "__init__.py"}
-    listed = [PROJECT_ROOT / d for d in _entries(stages[name]["deps"]) if d.startswith("pipeline/")]
-    missing = sorted(
-        str(p.relative_to(PROJECT_ROOT)) for p in needed if not any(p == d or d in p.parents for d in listed)
-    )
-    assert not missing, f"{name}: add to its deps in dvc.yaml: {missing}"
+def test_code_deps_are_exactly_the_import_closure_as_files(stages, name):
+    """DVC re-runs a stage exactly when code it runs changed: every file of its import closure (with the
+    packages' __init__.py) is listed, and nothing else."""
+    listed = {PROJECT_ROOT / d for d in _entries(stages[name]["deps"]) if d.startswith("pipeline/")}
+    assert all(path.is_file() for path in listed), f"{name}: code deps are files, not folders"
+    needed = import_closure(_stage_code(name)[:1])
+    assert needed <= listed and {PROJECT_ROOT / d for d in code_deps(name)} == listed
+
+
+def test_staleness_follows_imports_only():
+    """Editing the optimizer re-runs train onward, never the audit (which never imports it)."""
+    assert "pipeline/training/optim.py" in code_deps("train")
+    assert "pipeline/training/optim.py" not in code_deps("audit")
+    assert "pipeline/training/features.py" in code_deps("audit")
+    assert "pipeline/stages/validate/rules.py" in code_deps("validate")  # a package's modules count
+    assert "pipeline/data/__init__.py" in code_deps("split")  # the packages Python runs on the way
+
+
+def test_each_stage_module_declares_the_contract_read_from_its_source():
+    import importlib
+
+    for name, stage in contracts().items():
+        assert importlib.import_module(f"pipeline.stages.{name}").STAGE == stage, name
+
+
+def test_stage_order_follows_the_data_flow_not_the_listing():
+    found = contracts()
+    shuffled = dict(sorted(found.items(), reverse=True))
+    assert tuple(_in_flow_order(shuffled)) == STAGES
+    looped = {**found, "ingest": Stage(summary="x", params=("ingest",), deps=("model",), outs=("manifest",))}
+    with pytest.raises(ValueError, match="cycle"):
+        _in_flow_order(looped)
+
+
+def test_a_changed_contract_changes_the_generated_file(monkeypatch):
+    import pipeline.orchestration.dvc_yaml as generator
+
+    changed = {**contracts(), "split": Stage(summary="s", params=("split",), deps=("validated",), outs=())}
+    monkeypatch.setattr(generator, "contracts", lambda: changed)
+    text = generator.render()
+    split_block = text.split("  split:")[1].split("\n\n")[0]
+    assert text != DVC_FILE.read_text() and "${paths.reports_dir}/audit/images.csv" not in split_block
 
 
 @pytest.mark.parametrize("name", STAGES)
-def test_stage_code_is_a_dependency_and_exists(stages, name):
+def test_stage_code_is_a_dependency_and_defines_run(stages, name):
     deps = _entries(stages[name]["deps"])
-    code, files = _stage_code(name)
-    assert code in deps, "a stage lists its own code so code changes re-run it"
+    files = _stage_code(name)
+    assert files[0].relative_to(PROJECT_ROOT).as_posix() == deps[0], "a stage lists its own code first"
     tree = ast.parse(files[0].read_text())
     assert any(isinstance(node, ast.FunctionDef) and node.name == "run" for node in tree.body)
     for dep in deps:
         if not TEMPLATE.search(dep):
             # A literal dep must be code: data paths are declared once, in params.yaml `paths`.
             assert dep.startswith("pipeline/"), f"{name}: literal data path {dep}; template it from paths"
-            assert (PROJECT_ROOT / dep).exists(), f"{name}: code dependency {dep} does not exist"
 
 
 @pytest.mark.parametrize("name", STAGES)
@@ -194,7 +236,7 @@ def _params_read(source: str) -> set[str]:
 def test_params_read_by_stage_code_are_declared(stages, name):
     """DVC re-runs a stage only when a declared param changes, so every one the stage reads must be listed."""
     declared = set(stages[name].get("params", []))
-    _, files = _stage_code(name)
+    files = _stage_code(name)
     for dotted in set().union(*(_params_read(path.read_text()) for path in files)):
         parts = dotted.split(".")
         if parts[0] not in Params.model_fields or parts[0] == "paths":  # paths are deps/outs, not params
@@ -255,3 +297,23 @@ def test_dvc_itself_parses_the_pipeline():
     assert result.returncode == 0, result.stderr
     listed = tuple(line.split()[0] for line in result.stdout.splitlines() if line.strip())
     assert listed == STAGES
+
+
+def test_params_yaml_holds_the_paths_catalogue():
+    """dvc.yaml templates every path from params.yaml, so the file holds the catalogue's defaults (which the
+    generator writes there): changing a default in pipeline/config.py alone fails here."""
+    shipped = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())["paths"]
+    assert shipped == PathsParams().model_dump(mode="json")
+
+
+def test_the_generator_adds_a_new_catalogue_path_and_keeps_what_a_user_set(tmp_path):
+    target = tmp_path / "params.yaml"
+    text = (PROJECT_ROOT / "params.yaml").read_text().replace("  live_dir: dvclive\n", "")
+    target.write_text(text.replace("data_root: data/sample", "data_root: /my/images"))
+    assert add_missing_paths(target, write=False) == ["paths.live_dir"]
+    assert "live_dir" not in target.read_text()
+    assert add_missing_paths(target) == ["paths.live_dir"]
+    written = target.read_text()
+    assert yaml.safe_load(written)["paths"]["live_dir"] == "dvclive"
+    assert "data_root: /my/images" in written and "# images: <class>/<file>" in written  # comments kept
+    assert add_missing_paths(target) == []

@@ -32,9 +32,9 @@ from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
 from pipeline.__main__ import app
-from pipeline.dvc_api import DvcFailed
 from pipeline.errors import ParamsError
-from pipeline.flow import _command_seconds, retrain, set_params
+from pipeline.orchestration.dvc_api import DvcFailed
+from pipeline.orchestration.flow import _command_seconds, retrain, set_params
 from pipeline.stages import STAGES
 from pipeline.stages.split import stable_position
 
@@ -287,7 +287,7 @@ def test_retraining_on_grown_data_gates_both_models_on_the_same_test_images(
 
 def test_drift_verdict_ignores_warns_or_stops_as_on_drift_says():
     from pipeline.errors import PipelineError
-    from pipeline.flow import drift_verdict
+    from pipeline.orchestration.flow import drift_verdict
 
     drifted = {"drifted": True, "drift_auc": 0.93, "prior_shift": 0.02}
     assert drift_verdict(drifted, "ignore") is None

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import PROJECT_ROOT, pipeline_imports
+from helpers import PROJECT_ROOT
+
+from pipeline.orchestration.dvc_yaml import pipeline_imports
 
 PACKAGE = PROJECT_ROOT / "pipeline"
 FOUNDATION = {"pipeline.config", "pipeline.io", "pipeline.errors", "pipeline.preprocess"}

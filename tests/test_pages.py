@@ -119,7 +119,8 @@ def test_the_validation_view_is_our_page_not_great_expectations_data_docs(browse
         [sys.executable, "-m", "pipeline", "outputs"], cwd=built_project, capture_output=True, text=True
     )
     assert listed.returncode == 0, listed.stderr
-    view = next(line.split()[-1] for line in listed.stdout.splitlines() if " validation " in f"{line} ")
+    rows = [line.split() for line in listed.stdout.splitlines()]
+    view = next(row[-1] for row in rows if row[1] == "validate" and row[-1].endswith(".html"))
     view_path = (built_project / view).resolve()
     docs = (reports / "validate" / "data_docs" / "index.html").resolve()
     assert view_path == (reports / "validate" / "index.html").resolve() and view_path != docs

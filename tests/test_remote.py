@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from pipeline.__main__ import app
 from pipeline.errors import PipelineError
-from pipeline.flow import retrain
+from pipeline.orchestration.flow import retrain
 from pipeline.stages import STAGES
 
 pytestmark = pytest.mark.slow

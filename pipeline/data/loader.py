@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.config import TrainParams
 from pipeline.data.cache import open_cache
 from pipeline.data.splits import read_splits_table
 from pipeline.errors import PipelineError
@@ -168,17 +167,27 @@ def resolve_eval_batch_size(requested: int | None, train_batch_size: int, device
     return 16 if device.type == "cpu" else 2 * train_batch_size
 
 
+@dataclass(frozen=True)
+class Loading:
+    """How a DataLoader fetches batches (`train.num_workers`, `pin_memory`, `persistent_workers`): how fast
+    data arrives, never which data."""
+
+    num_workers: int | None  # None: a default for the machine (resolve_workers)
+    pin_memory: bool  # on CUDA only
+    persistent_workers: bool  # with workers only
+
+
 def build_loader(
-    dataset: Dataset, sampler: EpochSampler, batch_size: int, params: TrainParams, device: torch.device
+    dataset: Dataset, sampler: EpochSampler, batch_size: int, loading: Loading, device: torch.device
 ) -> DataLoader:
-    workers = resolve_workers(params.num_workers, device, sampler.world_size)
+    workers = resolve_workers(loading.num_workers, device, sampler.world_size)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
-        pin_memory=params.pin_memory and device.type == "cuda",
-        persistent_workers=params.persistent_workers and workers > 0,
+        pin_memory=loading.pin_memory and device.type == "cuda",
+        persistent_workers=loading.persistent_workers and workers > 0,
         # Its own generator: creating an iterator must not draw from the global RNG (saved in checkpoints).
         generator=torch.Generator().manual_seed(0),
     )

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from timm.models import group_parameters
 from torch import nn
 
-from pipeline.config import TrainParams
 from pipeline.models import ImageClassifier
 
 
@@ -34,40 +33,53 @@ def block_groups(backbone: nn.Module) -> list[list[str]]:
     return [names for names in children if names]
 
 
-def _linear_probe(params: TrainParams, num_groups: int) -> list[EpochPlan]:
-    return [EpochPlan(0, 0, True)] * params.epochs
+@dataclass(frozen=True)
+class Freezing:
+    """What trains when, by the `train` keys of the same names. A key left out is neutral (every group, no
+    head-only epochs, no later unfreezing), not the `train` section's default."""
+
+    strategy: str  # linear_probe | partial | full | progressive
+    epochs: int
+    trainable_blocks: int | None = None  # block groups trained, from the top; None = all
+    progressive_head_epochs: int = 0  # progressive: epochs of the head alone on cached features, first
+    progressive_unfreeze_every: int = 0  # progressive: epochs between unfreezing one more group; 0 = never
 
 
-def _top_groups(params: TrainParams, num_groups: int) -> int:
+def _linear_probe(freezing: Freezing, num_groups: int) -> list[EpochPlan]:
+    return [EpochPlan(0, 0, True)] * freezing.epochs
+
+
+def _top_groups(freezing: Freezing, num_groups: int) -> int:
     """`trainable_blocks` groups from the top (None: all of them)."""
-    return num_groups if params.trainable_blocks is None else min(params.trainable_blocks, num_groups)
+    blocks = freezing.trainable_blocks
+    return num_groups if blocks is None else min(blocks, num_groups)
 
 
-def _partial(params: TrainParams, num_groups: int) -> list[EpochPlan]:
-    return [EpochPlan(0, _top_groups(params, num_groups), False)] * params.epochs
+def _partial(freezing: Freezing, num_groups: int) -> list[EpochPlan]:
+    return [EpochPlan(0, _top_groups(freezing, num_groups), False)] * freezing.epochs
 
 
-def _full(params: TrainParams, num_groups: int) -> list[EpochPlan]:
-    return [EpochPlan(0, num_groups, False)] * params.epochs
+def _full(freezing: Freezing, num_groups: int) -> list[EpochPlan]:
+    return [EpochPlan(0, num_groups, False)] * freezing.epochs
 
 
-def _progressive(params: TrainParams, num_groups: int) -> list[EpochPlan]:
+def _progressive(freezing: Freezing, num_groups: int) -> list[EpochPlan]:
     """fastai-style: the head alone on cached features, then the top `trainable_blocks` groups, one more group
     every `progressive_unfreeze_every` epochs (0: no more)."""
-    head_epochs = min(params.progressive_head_epochs, params.epochs)
+    head_epochs = min(freezing.progressive_head_epochs, freezing.epochs)
     phase, first, every = (
         (1 if head_epochs else 0),
-        _top_groups(params, num_groups),
-        params.progressive_unfreeze_every,
+        _top_groups(freezing, num_groups),
+        freezing.progressive_unfreeze_every,
     )
     plans = [EpochPlan(0, 0, True)] * head_epochs
-    for j in range(params.epochs - head_epochs):
+    for j in range(freezing.epochs - head_epochs):
         groups = first if every == 0 else min(num_groups, first + j // every)
         plans.append(EpochPlan(phase, groups, False))
     return plans
 
 
-STRATEGIES: dict[str, Callable[[TrainParams, int], list[EpochPlan]]] = {
+STRATEGIES: dict[str, Callable[[Freezing, int], list[EpochPlan]]] = {
     "linear_probe": _linear_probe,
     "partial": _partial,
     "full": _full,
@@ -75,9 +87,9 @@ STRATEGIES: dict[str, Callable[[TrainParams, int], list[EpochPlan]]] = {
 }
 
 
-def plan_epochs(params: TrainParams, num_groups: int) -> list[EpochPlan]:
-    """One plan per epoch for `params.strategy`."""
-    return STRATEGIES[params.strategy](params, num_groups)
+def plan_epochs(freezing: Freezing, num_groups: int) -> list[EpochPlan]:
+    """One plan per epoch for `freezing.strategy`."""
+    return STRATEGIES[freezing.strategy](freezing, num_groups)
 
 
 def set_trainable(model: ImageClassifier, groups: list[list[str]], trainable_groups: int) -> None:

@@ -96,7 +96,7 @@ def promote(params: Params, root: Path | str = ".") -> dict[str, Any]:
         lost = f"restore it, or delete {paths.champion_dir} to promote the next model unconditionally"
         held_classes, test["champion"] = _top1(held_dir, files, lost)
     decision = _gate(test, new_classes, held_classes, params.orchestrate)
-    write_text(root / paths.reports_dir / "promote" / GATE_PREDICTIONS, test.to_csv(index=False))
+    write_text(root / paths.reports("promote") / GATE_PREDICTIONS, test.to_csv(index=False))
     if current.get("model_sha256") == model_sha256:
         return asdict(replace(decision, promoted=False, reason="already champion"))
     if decision.promoted:

@@ -1,4 +1,4 @@
-"""Prefect orchestration of the DVC pipeline: wiring only.
+"""The Prefect flow around the DVC pipeline: its tasks and their wiring (deployments: deploy.py; git: git.py).
 
 Each stage is a Prefect task that reproduces that one stage through DVC's Python API (one DVC in the flow's
 process for the whole run, not a `dvc` process per stage), so DVC alone decides whether the stage is stale:
@@ -12,9 +12,7 @@ after it.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -22,46 +20,16 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
-from prefect.exceptions import ObjectAlreadyExists
-from prefect.runner.storage import GitRepository
-from ruamel.yaml import YAML, RoundTripRepresenter
 
-from pipeline import champion, dvc_api
-from pipeline.config import DEFAULT_PARAMS_FILE, OrchestrateParams, Params, set_dotted
-from pipeline.dvc_api import TransientDvcFailure
+from pipeline.config import DEFAULT_PARAMS_FILE, OrchestrateParams, Params
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, read_optional_json
-from pipeline.stages import STAGES
+from pipeline.io import read_optional_json
+from pipeline.orchestration import artifacts, champion, dvc_api, git, params_file
+from pipeline.orchestration.dvc_api import TransientDvcFailure
+from pipeline.stages import contracts
 from pipeline.stages.ingest import check_dvc_inputs
 
 FLOW_NAME = "retrain"
-ENTRYPOINT = "pipeline/flow.py:retrain"  # relative to the project folder
-
-
-def require_git_identity(project_dir: str | Path) -> None:
-    """Raise a PipelineError unless git knows who commits: `dvc exp save` makes a git commit, and without an
-    identity it fails only at the end of the run. As in DVC's git backend, GIT_AUTHOR_NAME, GIT_AUTHOR_EMAIL,
-    GIT_COMMITTER_NAME and GIT_COMMITTER_EMAIL each fall back to git's user.name / user.email."""
-    config = {key: _git_config(Path(project_dir), f"user.{key}") for key in ("name", "email")}
-    roles = ("AUTHOR", "COMMITTER")
-    missing = [
-        f"user.{key}"
-        for key in ("name", "email")
-        if not all(os.environ.get(f"GIT_{role}_{key.upper()}") or config[key] for role in roles)
-    ]
-    if missing:
-        raise PipelineError(
-            f"saving the experiment is a git commit, but git has no {' or '.join(missing)} here; run "
-            'git config --global user.name "Your Name"; git config --global user.email you@example.com '
-            "(or set GIT_AUTHOR_NAME, GIT_AUTHOR_EMAIL, GIT_COMMITTER_NAME, GIT_COMMITTER_EMAIL), then retry"
-        )
-
-
-def _git_config(project: Path, key: str) -> str:
-    """`git config --get key` as git resolves it in `project` (repo, global, system); '' when unset."""
-    return _git(project, "config", "--get", key, check=False)
 
 
 def _retry_if_transient(task, task_run, state) -> bool:
@@ -100,26 +68,10 @@ def _stage_task(stage: str, settings: OrchestrateParams):
     )
 
 
-class _NullKeepingRepresenter(RoundTripRepresenter):
-    """Writes None as `null` (ruamel's default is an empty value), so untouched keys read as before."""
-
-
-_NullKeepingRepresenter.add_representer(
-    type(None), lambda dumper, _: dumper.represent_scalar("tag:yaml.org,2002:null", "null")
-)
-
-
 @task(cache_policy=NO_CACHE)
 def set_params(project_dir: str, overrides: dict[str, Any]) -> None:
     """Write dotted overrides into params.yaml, keeping its comments (what `dvc exp run -S` does)."""
-    yaml = YAML()
-    yaml.Representer = _NullKeepingRepresenter
-    path = Path(project_dir) / DEFAULT_PARAMS_FILE
-    document = yaml.load(path)
-    for dotted, value in overrides.items():
-        set_dotted(document, dotted, value)
-    with atomic_path(path) as tmp:
-        yaml.dump(document, tmp)
+    params_file.set_values(Path(project_dir) / DEFAULT_PARAMS_FILE, overrides)
 
 
 @task(cache_policy=NO_CACHE)
@@ -178,10 +130,11 @@ def publish(params: Params, project_dir: str, stages: list[dict], decision: dict
     project = Path(project_dir)
     create_markdown_artifact(
         key="retrain-metrics",
-        markdown=_metrics_markdown(params, project, stages, decision),
+        markdown=artifacts.metrics_markdown(params.paths, project, stages, decision),
         description="Stages, their metrics and the champion decision of this run",
     )
-    report = (project / params.paths.reports_dir / "evaluate" / "report.html").resolve()
+    evaluate = contracts()["evaluate"]
+    report = (project / params.paths.reports("evaluate") / evaluate.page).resolve()
     create_link_artifact(key="evaluation-report", link=report.as_uri(), link_text=str(report))
 
 
@@ -210,7 +163,8 @@ def push(params: Params, project_dir: str, decision: dict, commit: bool) -> dict
     get_run_logger().info("push: %d files\n%s", files, output)
     pointers = [DEFAULT_PARAMS_FILE, "dvc.lock", params.paths.metrics_dir, params.paths.live_dir,
                 Path(f"{champion_dir}.dvc")]  # fmt: skip
-    revision = _commit_and_push(project, pointers, _commit_message(decision)) if record else None
+    message = f"retrain: promote the new model ({decision['reason']})"
+    revision = git.commit_and_push(project, pointers, message, get_run_logger()) if record else None
     return {"files": files, "commit": revision}
 
 
@@ -233,7 +187,7 @@ def retrain(
     """
     project = str(Path(project_dir).resolve())
     if experiment or commit:
-        require_git_identity(project)
+        git.require_identity(project)
     # Validates the overrides (unknown key, wrong type) before anything runs or params.yaml changes.
     params = Params.load(Path(project) / DEFAULT_PARAMS_FILE, overrides)
     sharing = _sharing(params, project, commit)
@@ -243,10 +197,10 @@ def retrain(
     if overrides:
         set_params(project, overrides)
     stages = []
-    for stage in STAGES:
-        stages.append(_stage_task(stage, params.orchestrate)(stage, project, sharing))
-        if stage == "audit":  # before training: the drift the audit found, shown and acted on
+    for stage, contract in contracts().items():
+        if "model" in contract.outs:  # before training: the drift the audit found, shown and acted on
             drift_gate(params, project)
+        stages.append(_stage_task(stage, params.orchestrate)(stage, project, sharing))
     decision = promotion_gate(params, project)
     if experiment:
         save_experiment(params, project, experiment)
@@ -264,133 +218,3 @@ def _sharing(params: Params, project: str, commit: bool) -> bool:
     if params.orchestrate.push:
         dvc_api.call(Path(project), "remote list", dvc_api.require_remote)
     return params.orchestrate.push
-
-
-def _commit_message(decision: dict) -> str:
-    return f"retrain: promote the new model ({decision['reason']})"
-
-
-def _commit_and_push(project: Path, paths: list[Path | str], message: str) -> str:
-    """Commit `paths` (those that exist) and push to the branch's upstream when it has one; the new commit."""
-    present = [str(path) for path in paths if (project / path).exists()]
-    _git(project, "add", "--", *present)
-    _git(project, "commit", "-q", "-m", message)
-    revision = _git(project, "rev-parse", "HEAD")
-    if _git(project, "rev-parse", "--abbrev-ref", "--symbolic-full-name", "@{upstream}", check=False):
-        _git(project, "push", "-q")
-    else:
-        get_run_logger().warning(
-            "%s: the branch has no upstream; committed %s without pushing", project, revision
-        )
-    return revision
-
-
-def _git(project: Path, *args: str, check: bool = True) -> str:
-    """`git args` in `project`; its output, or '' when it failed and not `check` (else a PipelineError)."""
-    try:
-        proc = subprocess.run(["git", *args], cwd=project, capture_output=True, text=True)
-    except OSError as exc:  # no git at all: DVC experiments and commits cannot work either
-        if check:
-            raise PipelineError(f"{project}: git is not installed ({exc}); install git") from None
-        return ""
-    if proc.returncode != 0 and check:
-        raise PipelineError(
-            f"{project}: git {' '.join(args[:2])} failed: {(proc.stderr or proc.stdout).strip()}"
-        )
-    return proc.stdout.strip() if proc.returncode == 0 else ""
-
-
-def deploy(cron: str, name: str, work_pool: str, project_dir: str = ".", serve: bool = False) -> str:
-    """Create a scheduled deployment of `retrain` for a process worker, or serve it from this process.
-
-    With `serve`, this process runs the scheduled runs itself and blocks until stopped. Otherwise the
-    deployment is registered for the process work pool `work_pool` (created when missing), and
-    `prefect worker start --pool <work_pool>` runs its runs. Either way each run gets `project_dir` as an
-    absolute path. Returns the deployment's name.
-    """
-    project = Path(project_dir).resolve()
-    if not (project / "dvc.yaml").is_file():
-        raise PipelineError(f"{project}: no dvc.yaml here; run deploy from the project folder")
-    parameters = {"project_dir": str(project)}
-    if serve:
-        retrain.serve(name=name, cron=cron, parameters=parameters)
-        return f"{FLOW_NAME}/{name}"
-    _ensure_process_pool(work_pool)
-    # The worker loads this file from the folder that holds the `pipeline` package and runs in it.
-    code_root = Path(__file__).resolve().parents[1]
-    source = retrain.from_source(source=str(code_root), entrypoint=ENTRYPOINT)
-    source.deploy(
-        name=name, work_pool_name=work_pool, cron=cron, parameters=parameters, print_next_steps=False
-    )
-    return f"{FLOW_NAME}/{name}"
-
-
-def deploy_from_git(cron: str, name: str, work_pool: str, repository: str, ref: str, install: str) -> str:
-    """Create a scheduled deployment whose runs fetch the project themselves, for a worker on any machine.
-
-    Each run's pull steps clone `repository` at branch `ref`, run `install` in the clone (one command per
-    line; empty: none) and enter the clone; the flow then pulls from the DVC remote of the committed
-    `.dvc/config` (orchestrate.push must be true there), runs, pushes, and commits and pushes a promoted
-    model's pointers to `ref`. Returns the deployment's name.
-    """
-    _ensure_process_pool(work_pool)
-    deployment = retrain.to_deployment(
-        name=name, cron=cron, parameters={"project_dir": ".", "commit": True}, work_pool_name=work_pool
-    )
-    deployment.entrypoint = ENTRYPOINT  # relative to the clone, whatever this process's folder is
-    deployment.storage = _GitProject(repository, ref, install)
-    deployment.apply()
-    return f"{FLOW_NAME}/{name}"
-
-
-class _GitProject(GitRepository):
-    """A git clone of the project as Prefect pull steps: clone, install, then work in the clone."""
-
-    def __init__(self, url: str, branch: str, install: str):
-        super().__init__(url=url, branch=branch)
-        self._install = install
-
-    def to_pull_step(self) -> list[dict[str, Any]]:
-        clone = super().to_pull_step()
-        clone["prefect.deployments.steps.git_clone"]["id"] = "clone"
-        folder = "{{ clone.directory }}"
-        steps = [clone]
-        if self._install.strip():
-            script = {"script": self._install, "directory": folder, "stream_output": True}
-            steps.append({"prefect.deployments.steps.run_shell_script": script})
-        return [*steps, {"prefect.deployments.steps.set_working_directory": {"directory": folder}}]
-
-
-def _ensure_process_pool(name: str) -> None:
-    with get_client(sync_client=True) as client:
-        try:
-            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
-        except ObjectAlreadyExists:
-            pass
-
-
-def _metrics_markdown(params: Params, project: Path, stages: list[dict], decision: dict) -> str:
-    lines = ["| stage | status | seconds | metrics |", "| --- | --- | ---: | --- |"]
-    for run in stages:
-        path = project / params.paths.metrics(run["stage"])
-        figures = read_optional_json(path) or {}
-        shown = ", ".join(f"{key} {value:.4g}" for key, value in figures.items() if _is_number(value))
-        lines.append(f"| {run['stage']} | {run['status']} | {run['seconds']:.1f} | {shown} |")
-    verdict = "promoted" if decision["promoted"] else "not promoted"
-    lines += ["", f"**Champion gate**: {verdict} ({decision['reason']})", "", _gate_figures(decision)]
-    return "\n".join(lines)
-
-
-def _gate_figures(decision: dict) -> str:
-    """Both models' accuracy on the same test images, and the McNemar p-value, as one markdown line."""
-    figures = {"new": decision["new"], "champion": decision["champion"], "McNemar p": decision["p_value"]}
-    shown = ", ".join(f"{name} {'-' if value is None else f'{value:.4g}'}" for name, value in figures.items())
-    return (
-        f"On the same {decision['images']} test images (sha256 {decision['test_sha256'][:12]}): accuracy "
-        f"{shown}; margin {decision['margin']}, alpha {decision['alpha']}"
-    )
-
-
-def _is_number(value: Any) -> bool:
-    """Top-level numbers of a metrics file are shown; text and nested groups (split's images) are not."""
-    return isinstance(value, int | float) and not isinstance(value, bool)

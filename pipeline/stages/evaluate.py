@@ -20,14 +20,43 @@ from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_su
 
 from pipeline import report
 from pipeline.calibration import fit_temperature, log_loss, reliability, softmax
-from pipeline.config import Params
+from pipeline.config import EvaluateParams, Params, PathsParams
 from pipeline.data.splits import read_splits_table
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, write_json, write_text
 from pipeline.models import TrainedModel, load_trained
 from pipeline.preprocess import open_rgb, preprocess_file
 from pipeline.progress import progress
+from pipeline.stages import Stage
 from pipeline.training.precision import configure_backends, evaluation_device, visible_gpus
+
+STAGE = Stage(
+    summary="Test-split metrics, calibration, plots and the run's report page.",
+    params=("evaluate", "train.device"),
+    deps=(
+        "model",
+        "splits",
+        "curves_dir",
+        "metrics:validate",
+        "metrics:split",
+        "details:validate",
+        "details:split",
+    ),
+    outs=("predictions", "calibration", "reports:evaluate"),
+    page="report.html",
+    dvc_plots={
+        "confusion.csv": {
+            "template": "confusion",
+            "x": "actual",
+            "y": "predicted",
+            "title": "Test confusion matrix",
+        },
+        "confusion_matrix.png": {},
+        "reliability.png": {},
+        "per_class_f1.png": {},
+        "mistakes.png": {},
+    },
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +97,7 @@ def run(params: Params) -> dict:
     metrics, details = _figures(y_test, pred, scores, class_names, cfg.top_k, cfg.calibration_bins)
     details["temperature"] = fit.temperature
 
-    _write_report_folder(params, trained, splits, predictions, metrics, details, scores, y_test)
+    _write_report_folder(paths, cfg, trained, splits, predictions, metrics, details, scores, y_test)
     write_text(paths.predictions, predictions.to_csv(index=False))
     write_json(
         paths.calibration,
@@ -84,7 +113,7 @@ def run(params: Params) -> dict:
         "ece_after": metrics["ece_after"],
         "temperature": fit.temperature,
         "n_test": len(test),
-        "report": (paths.reports_dir / "evaluate" / "report.html").as_posix(),
+        "report": (paths.reports("evaluate") / STAGE.page).as_posix(),
     }
 
 
@@ -198,7 +227,8 @@ def _figures(
 
 
 def _write_report_folder(
-    params: Params,
+    paths: PathsParams,
+    cfg: EvaluateParams,
     trained: TrainedModel,
     splits: pd.DataFrame,
     predictions: pd.DataFrame,
@@ -209,47 +239,49 @@ def _write_report_folder(
 ) -> None:
     """confusion.csv, the PNGs, report.html and details.json, written as one folder so a crash leaves the old
     one intact."""
-    paths = params.paths
     mistakes = (
         predictions.loc[~predictions["correct"], ["path", "label", "pred", "confidence"]]
         .sort_values(["confidence", "path"], ascending=[False, True], kind="stable")
-        .head(params.evaluate.mistakes_shown)
+        .head(cfg.mistakes_shown)
         .reset_index(drop=True)
     )
     data = report.collect(
         paths,
-        run_summary=_run_summary(params, trained),
+        run_summary=_run_summary(paths.model, cfg, trained),
         splits=splits,
         test_metrics={key: value for key, value in {**metrics, **details}.items() if key != "per_class"},
         per_class=details["per_class"],
         mistakes=mistakes,
-        figures=_plots(params, trained.class_names, mistakes, details, scores, y_test),
+        figures=_plots(
+            paths.data_root, cfg.calibration_bins, trained.class_names, mistakes, details, scores, y_test
+        ),
     )
     confusion = pd.DataFrame({"actual": predictions["label"], "predicted": predictions["pred"]})
-    with atomic_dir(paths.reports_dir / "evaluate") as folder:
+    with atomic_dir(paths.reports("evaluate")) as folder:
         confusion.to_csv(folder / "confusion.csv", index=False)
         write_json(folder / paths.details("evaluate").name, details)
         curves = {} if data.curves_png is None else {"training_curves": data.curves_png}
         for name, png in {**data.figures, **curves}.items():
             (folder / f"{name}.png").write_bytes(png)
-        (folder / "report.html").write_text(report.render_report(data), encoding="utf-8")
+        (folder / STAGE.page).write_text(report.render_report(data), encoding="utf-8")
 
 
 def _plots(
-    params: Params,
+    data_root: Path,
+    bins: int,
     class_names: list[str],
     mistakes: pd.DataFrame,
     details: dict,
     scores: _Scores,
     y_test: np.ndarray,
 ) -> dict[str, bytes]:
-    """The report's PNGs: confusion matrix, reliability before/after scaling, per-class F1, mistakes."""
-    bins = params.evaluate.calibration_bins
+    """The report's PNGs: confusion matrix, reliability before/after scaling (`bins` of confidence), per-class
+    F1, mistakes (their images under `data_root`)."""
     matrix = np.zeros((len(class_names), len(class_names)), dtype=int)
     np.add.at(matrix, (y_test, scores.probs.argmax(axis=1)), 1)
     tiles = [
         report.Tile(
-            _thumbnail(params.paths.data_root / row.path),
+            _thumbnail(data_root / row.path),
             f"true: {row.label}\npred: {row.pred} ({row.confidence:.2f})",
         )
         for row in mistakes.itertuples(index=False)
@@ -271,12 +303,13 @@ def _thumbnail(path: Path) -> Image.Image:
     return image
 
 
-def _run_summary(params: Params, trained: TrainedModel) -> list[tuple[str, Any]]:
-    """The settings a reader needs to interpret the numbers, taken from the params saved inside the model."""
+def _run_summary(model_path: Path, cfg: EvaluateParams, trained: TrainedModel) -> list[tuple[str, Any]]:
+    """The settings a reader needs to interpret the numbers, taken from the params saved inside the model
+    (read from `model_path`) and this stage's own."""
     model = trained.params.get("model", {})
     train = trained.params.get("train", {})
     return [
-        ("model artifact", params.paths.model.as_posix()),
+        ("model artifact", model_path.as_posix()),
         ("backbone", model.get("backbone")),
         ("weights", model.get("weights")),
         ("head", model.get("head")),
@@ -288,6 +321,6 @@ def _run_summary(params: Params, trained: TrainedModel) -> list[tuple[str, Any]]
         ("batch size", train.get("batch_size")),
         ("label smoothing", train.get("label_smoothing")),
         ("seed", trained.params.get("base", {}).get("seed")),
-        ("test-time augmentation", params.evaluate.tta),
-        ("top-k", params.evaluate.top_k),
+        ("test-time augmentation", cfg.tta),
+        ("top-k", cfg.top_k),
     ]

@@ -20,6 +20,25 @@ from pipeline.export_page import write_export_page
 from pipeline.io import atomic_dir, read_optional_json, write_json, write_text
 from pipeline.model_card import model_card
 from pipeline.models import TrainedModel, load_trained
+from pipeline.stages import Stage
+
+STAGE = Stage(
+    summary="Assemble the self-contained export folder and check ONNX/PyTorch parity.",
+    params=("export",),
+    deps=(
+        "model",
+        "onnx_dir",
+        "calibration",
+        "splits",
+        "metrics:validate",
+        "metrics:split",
+        "metrics:evaluate",
+        "metrics:quantize",
+        "details:split",
+    ),
+    outs=("export_dir", "reports:export"),
+    page="index.html",
+)
 
 CARD_FILE = "model_card.md"
 

@@ -47,6 +47,14 @@ from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, write_json
 from pipeline.models import load_trained
+from pipeline.stages import Stage
+
+STAGE = Stage(
+    summary="ONNX export and INT8 candidates judged against FP32; the best passing one ships.",
+    params=("base.seed", "quantize", "export.opset"),
+    deps=("model", "splits"),
+    outs=("onnx_dir",),
+)
 
 log = logging.getLogger(__name__)
 

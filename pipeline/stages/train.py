@@ -23,12 +23,13 @@ import torch
 import yaml
 from dvclive import Live
 
-from pipeline.config import Params
+from pipeline.config import FeaturesParams, ModelParams, Params, TrainParams
 from pipeline.data.cache import build_cache, cache_path
 from pipeline.data.epochs import EpochData
 from pipeline.data.loader import (
     CachedImages,
     EpochSampler,
+    Loading,
     Splits,
     build_loader,
     read_splits,
@@ -37,10 +38,11 @@ from pipeline.data.loader import (
 from pipeline.data.transforms import build_batch_mix, build_transforms
 from pipeline.io import write_json
 from pipeline.models import ImageClassifier, build_model, resolve_data_config, save_trained
-from pipeline.models.freezing import EpochPlan, block_groups, plan_epochs
+from pipeline.models.freezing import EpochPlan, Freezing, block_groups, plan_epochs
+from pipeline.stages import Stage
 from pipeline.training import checkpoint, distributed
 from pipeline.training.distributed import Dist
-from pipeline.training.features import backbone_features
+from pipeline.training.features import backbone_features, feature_pass
 from pipeline.training.loop import FitState, Trainer, fit
 from pipeline.training.loss import build_criterion, class_weights, with_teacher
 from pipeline.training.memory import keep_freed_memory
@@ -50,6 +52,20 @@ from pipeline.training.precision import (
     resolve_device,
     resolve_precision,
     visible_gpus,
+)
+
+STAGE = Stage(
+    summary="Fine-tune the pretrained backbone (resumes from the last complete epoch).",
+    params=("base", "model", "train", "features"),
+    deps=("splits",),
+    outs=("model",),
+    plots={"curves_dir": "step"},
+    note=(
+        "paths.checkpoint_dir (resume state) is no output on purpose: DVC never deletes it, so an "
+        "interrupted run resumes, and an undeclared folder keeps the stage in DVC's run cache (a `persist` "
+        "output would not), so `dvc pull --run-cache` restores train on another machine instead of "
+        "retraining."
+    ),
 )
 
 log = logging.getLogger(__name__)
@@ -108,7 +124,7 @@ def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
     tp, paths = params.train, params.paths
     ready = prepare(params, env, device)
     class_names, trainer = ready.splits.class_names, ready.trainer
-    fingerprint = checkpoint.fingerprint(params, paths.splits, env.world_size)
+    fingerprint = checkpoint.fingerprint(params.base, params.model, tp, paths.splits, env.world_size)
     checkpoint_file = paths.checkpoint_dir / checkpoint.CHECKPOINT_NAME
     state = _resume(checkpoint.load_for_every_rank(checkpoint_file, fingerprint, env), trainer)
     resumed_from = state.epoch
@@ -118,7 +134,7 @@ def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
         f"{len(class_names)} classes, {len(ready.plans)} epochs"
     )
     live = _live(paths.live_dir, state.history) if env.is_main else None
-    after_epoch = _AfterEpoch(params, trainer, fingerprint, live)
+    after_epoch = _AfterEpoch(tp, checkpoint_file, trainer, fingerprint, live)
     state = fit(trainer, ready.plans, ready.data, state, len(class_names), after_epoch)
     if env.is_main:
         ready.model.load_state_dict(state.best_state)
@@ -154,22 +170,34 @@ class Prepared:
 
 def prepare(params: Params, env: Dist, device: torch.device) -> Prepared:
     """Seeded, the splits read, the model built on `device` and everything that trains it."""
-    tp = params.train
-    checkpoint.seed_everything(params.base.seed)
-    splits = read_splits(params.paths.splits, params.paths.data_root)
+    tp, paths, seed = params.train, params.paths, params.base.seed
+    checkpoint.seed_everything(seed)
+    splits = read_splits(paths.splits, paths.data_root)
     num_classes = len(splits.class_names)
     data_config = resolve_data_config(params.model)
     precision = resolve_precision(tp.precision, device)
-    model = _model(params, num_classes, device)
+    model = _model(params.model, tp, num_classes, device)
     groups = block_groups(model.backbone)
-    plans = plan_epochs(tp, len(groups))
-    data = _epoch_data(params, splits, data_config, model, precision, env)
+    plans = plan_epochs(_freezing(tp), len(groups))
+    data = _epoch_data(tp, params.features, seed, paths.cache_dir, splits, data_config, model, precision, env)
     weights = class_weights(splits.train.labels, num_classes, tp.class_weighting)
     steps_per_epoch = math.ceil(len(data.train_loader) / tp.grad_accum_steps)
     criterion = build_criterion(weights, tp.label_smoothing)
-    criterion, teacher = with_teacher(criterion, params, splits.class_names, data_config)
+    champion_model = paths.champion_dir / paths.model.name  # where promotion copies the model
+    criterion, teacher = with_teacher(criterion, tp.distill, champion_model, splits.class_names, data_config)
     mix = build_batch_mix(tp.augment, num_classes)
-    trainer = Trainer(model, tp, plans, groups, steps_per_epoch, precision, env, criterion, mix, teacher)
+    trainer = Trainer(
+        model=model,
+        params=tp,
+        plans=plans,
+        block_groups=groups,
+        steps_per_epoch=steps_per_epoch,
+        precision=precision,
+        env=env,
+        criterion=criterion,
+        batch_mix=mix,
+        teacher=teacher,
+    )
     return Prepared(splits, data_config, precision, model, plans, data, trainer)
 
 
@@ -177,10 +205,11 @@ class _AfterEpoch:
     """Rank 0's work after each epoch (`live` is None on the other ranks, which do nothing): a checkpoint
     every `train.checkpoint_every_s` and after the last epoch, the dvclive step and the epoch's log line."""
 
-    def __init__(self, params: Params, trainer: Trainer, fingerprint: str, live: Live | None):
-        self.train_params, self.trainer, self.fingerprint = params.train, trainer, fingerprint
-        self.live = live
-        self.checkpoint_file = params.paths.checkpoint_dir / checkpoint.CHECKPOINT_NAME
+    def __init__(
+        self, tp: TrainParams, checkpoint_file: Path, trainer: Trainer, fingerprint: str, live: Live | None
+    ):
+        self.train_params, self.trainer, self.fingerprint = tp, trainer, fingerprint
+        self.live, self.checkpoint_file = live, checkpoint_file
         self.last_saved = time.monotonic()
 
     def __call__(self, state: FitState, record: dict[str, float]) -> None:
@@ -203,35 +232,57 @@ class _AfterEpoch:
         _report_epoch(record, state.planned, tp.overfit_gap_warning)
 
 
-def _model(params: Params, num_classes: int, device: torch.device) -> ImageClassifier:
-    model = build_model(params.model, num_classes=num_classes).to(device)
-    if params.train.channels_last:
+def _freezing(tp: TrainParams) -> Freezing:
+    """The `train` keys that decide what trains when."""
+    return Freezing(
+        strategy=tp.strategy,
+        epochs=tp.epochs,
+        trainable_blocks=tp.trainable_blocks,
+        progressive_head_epochs=tp.progressive_head_epochs,
+        progressive_unfreeze_every=tp.progressive_unfreeze_every,
+    )
+
+
+def _model(
+    model_params: ModelParams, tp: TrainParams, num_classes: int, device: torch.device
+) -> ImageClassifier:
+    model = build_model(model_params, num_classes=num_classes).to(device)
+    if tp.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if params.train.compile:
+    if tp.compile:
         model.backbone.compile()  # in place: state_dict keys stay those of the plain model
     return model
 
 
 def _epoch_data(
-    params: Params, splits: Splits, data_config: dict, model: ImageClassifier, precision: Precision, env: Dist
+    tp: TrainParams,
+    features_params: FeaturesParams,
+    seed: int,
+    cache_dir: Path,
+    splits: Splits,
+    data_config: dict,
+    model: ImageClassifier,
+    precision: Precision,
+    env: Dist,
 ) -> EpochData:
-    """Loaders over the uint8 caches (augmented train, center-cropped val) and lazily computed features."""
-    tp, paths, seed = params.train, params.paths, params.base.seed
-    train_file, val_file = _image_caches(splits, data_config, paths.cache_dir, env)
+    """Loaders over the uint8 caches in `cache_dir` (augmented train, center-cropped val) and lazily computed
+    features."""
+    train_file, val_file = _image_caches(splits, data_config, cache_dir, env)
+    loading = Loading(tp.num_workers, tp.pin_memory, tp.persistent_workers)
     train_transform = build_transforms(data_config, tp.augment, train=True)
     eval_transform = build_transforms(data_config, tp.augment, train=False)
     shard = {"rank": env.rank, "world_size": env.world_size}
     train_images = CachedImages(train_file, splits.train.labels, train_transform, seed)
     train_sampler = EpochSampler(splits.train.labels, seed, **shard, balanced=tp.balanced_sampler)
-    train_loader = build_loader(train_images, train_sampler, tp.batch_size, tp, precision.device)
+    train_loader = build_loader(train_images, train_sampler, tp.batch_size, loading, precision.device)
     val_images = CachedImages(val_file, splits.val.labels, eval_transform, seed, random=False)
     val_sampler = EpochSampler(splits.val.labels, seed, **shard, shuffle=False)
     eval_batch_size = resolve_eval_batch_size(tp.eval_batch_size, tp.batch_size, precision.device)
-    val_loader = build_loader(val_images, val_sampler, eval_batch_size, tp, precision.device)
+    val_loader = build_loader(val_images, val_sampler, eval_batch_size, loading, precision.device)
 
     def features() -> tuple[torch.Tensor, torch.Tensor]:
         unaugmented_train = CachedImages(train_file, splits.train.labels, eval_transform, seed, random=False)
-        settings = (eval_batch_size, precision, tp.channels_last, paths.cache_dir, env)
+        settings = (*feature_pass(features_params, env), cache_dir, env)
         return tuple(backbone_features(model.backbone, (unaugmented_train, val_images), *settings))
 
     labels = (torch.from_numpy(splits.train.labels.copy()), torch.from_numpy(splits.val.labels.copy()))

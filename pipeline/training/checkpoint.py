@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import Params
+from pipeline.config import BaseParams, ModelParams, TrainParams
 from pipeline.io import atomic_path
 from pipeline.training.distributed import Dist, from_main
 
@@ -50,11 +50,15 @@ _CODE = (
 )
 
 
-def fingerprint(params: Params, splits_file: Path, world_size: int) -> str:
+def fingerprint(
+    base: BaseParams, model: ModelParams, train: TrainParams, splits_file: Path, world_size: int
+) -> str:
+    """What a checkpoint must match to be resumed: the sections that shape the run (train's result-neutral
+    keys aside), the splits file's content, the world size and the training code."""
     spec = {
-        "base": params.base.model_dump(mode="json"),
-        "model": params.model.model_dump(mode="json"),
-        "train": params.train.model_dump(mode="json", exclude=_RESULT_NEUTRAL),
+        "base": base.model_dump(mode="json"),
+        "model": model.model_dump(mode="json"),
+        "train": train.model_dump(mode="json", exclude=_RESULT_NEUTRAL),
         "splits": hashlib.sha256(Path(splits_file).read_bytes()).hexdigest(),
         "world_size": world_size,
         "code": _code_digest(),

@@ -22,14 +22,23 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader
 
+from pipeline.config import FeaturesParams
 from pipeline.data.cache import open_cache
 from pipeline.data.loader import CachedImages
 from pipeline.io import atomic_path
 from pipeline.progress import progress
 from pipeline.training.distributed import Dist, barrier
-from pipeline.training.precision import Precision, device_tag
+from pipeline.training.precision import Precision, device_tag, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
+
+
+def feature_pass(params: FeaturesParams, env: Dist) -> tuple[int, Precision, bool]:
+    """The `features` section resolved on this machine: batch size, precision on its device, channels_last.
+    Batch size None: 16 on CPU (bigger batches are slower there, see `resolve_eval_batch_size`), 64 on GPU."""
+    device = resolve_device(params.device, env.local_rank, env.world_size)
+    batch_size = params.batch_size or (16 if device.type == "cpu" else 64)
+    return batch_size, resolve_precision(params.precision, device), params.channels_last
 
 
 def backbone_features(
@@ -155,6 +164,8 @@ def inference_copy(backbone: nn.Module, probe: torch.Tensor) -> nn.Module:
     """A copy of the backbone (in eval mode) with each BatchNorm folded into the convolution it follows:
     BatchNorm is a fifth of lite0's inference time on CPU. A conv+BN pair is two neighbouring children, conv
     first, so the copy is checked on `probe` and the backbone itself is used if the outputs differ."""
+    if next(backbone.parameters()).device != probe.device:  # the pass may run elsewhere than training
+        backbone = copy.deepcopy(backbone).to(probe.device)
     folded = copy.deepcopy(backbone).eval()
     for parent in list(folded.modules()):
         children = list(parent.named_children())

@@ -35,6 +35,7 @@ class Trainer:
 
     def __init__(
         self,
+        *,
         model: ImageClassifier,
         params: TrainParams,
         plans: list[EpochPlan],

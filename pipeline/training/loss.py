@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import Params
+from pipeline.config import DistillParams
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -100,16 +100,20 @@ def _geometry(config: dict) -> tuple:
 
 
 def with_teacher(
-    criterion: nn.Module, params: Params, class_names: list[str], data_config: dict
+    criterion: nn.Module,
+    distill: DistillParams,
+    champion_model: Path,
+    class_names: list[str],
+    data_config: dict,
 ) -> tuple[nn.Module, Teacher | None]:
     """`criterion` and no teacher when `train.distill.teacher` is none; else the distillation loss around it
-    and the teacher (a model.pt of this pipeline, or the champion's), which must know the same classes."""
+    and the teacher (a model.pt of this pipeline, or the champion's at `champion_model`), which must know the
+    same classes."""
     from pipeline.models import load_trained
 
-    distill, paths = params.train.distill, params.paths
     if distill.teacher == "none":
         return criterion, None
-    path = paths.champion_dir / paths.model.name if distill.teacher == "champion" else Path(distill.teacher)
+    path = champion_model if distill.teacher == "champion" else Path(distill.teacher)
     if not path.is_file():
         raise PipelineError(
             f"train.distill.teacher: {path} not found; give a trained model.pt, `champion` once a model has "

@@ -1,10 +1,11 @@
-"""data/loader: the epoch samplers (balanced, sharded between ranks)."""
+"""data/loader: the epoch samplers (balanced, sharded between ranks) and the DataLoader factory."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from pipeline.data.loader import EpochSampler
+from pipeline.data.loader import EpochSampler, Loading, build_loader
 
 
 def test_balanced_sampler_draws_classes_equally_and_is_seeded_by_epoch():
@@ -24,3 +25,16 @@ def test_sharded_samplers_split_the_data_between_ranks():
     assert all(len(shard) == 4 for shard in train) and set().union(*train) == set(range(10))
     val = [[i for _, i in EpochSampler(labels, 0, rank=r, world_size=3, shuffle=False)] for r in range(3)]
     assert sorted(sum(val, [])) == list(range(10))  # evaluation counts every image exactly once
+
+
+def test_the_loader_pins_memory_only_on_cuda_and_keeps_workers_only_when_there_are_some():
+    labels = np.arange(6) % 2
+    sampler = EpochSampler(labels, 0)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    default = build_loader([], sampler, 4, Loading(None, pin_memory=True, persistent_workers=True), cpu)
+    assert (default.num_workers, default.pin_memory, default.persistent_workers) == (0, False, False)
+    two = build_loader([], sampler, 4, Loading(2, pin_memory=True, persistent_workers=True), cuda)
+    assert (two.num_workers, two.pin_memory, two.persistent_workers) == (2, True, True)
+    assert not build_loader(
+        [], sampler, 4, Loading(2, pin_memory=False, persistent_workers=False), cuda
+    ).pin_memory

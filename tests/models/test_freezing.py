@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import ModelParams, TrainParams
+from pipeline.config import ModelParams
 from pipeline.models import build_model
-from pipeline.models.freezing import block_groups, plan_epochs, set_trainable, train_mode
+from pipeline.models.freezing import Freezing, block_groups, plan_epochs, set_trainable, train_mode
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TINY = ModelParams(backbone="test_efficientnet", weights="none", image_size=32)
@@ -60,7 +60,7 @@ def test_block_groups_fall_back_to_top_level_children():
     ],
 )  # fmt: skip
 def test_each_strategy_plans_its_epochs(overrides, expected):
-    plans = plan_epochs(TrainParams(**overrides), num_groups=6)
+    plans = plan_epochs(Freezing(**overrides), num_groups=6)
     assert [(p.phase, p.groups, p.on_features) for p in plans] == expected
 
 

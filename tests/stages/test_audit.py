@@ -92,7 +92,7 @@ def test_clean_data_has_no_finding_and_the_page_opens_offline(tmp_path):
     assert metrics["drifted"] is None  # no champion yet
     assert_headline_metrics(metrics, CLASSES)
     assert list(table["group"]) == list(table["sha256"])  # every image its own group
-    html = (params.paths.reports_dir / "audit" / audit.PAGE).read_text()
+    html = (params.paths.reports("audit") / audit.STAGE.page).read_text()
     assert "No likely label error found" in html and "No near-duplicate group" in html
     assert "http://" not in html and "https://" not in html
     assert read_json(params.paths.details("audit"))["drift"]["status"].startswith("no champion")
@@ -131,7 +131,7 @@ def test_altered_copies_share_a_group_and_split_keeps_each_group_in_one_split(tm
     split.run(params)
     splits = pd.read_csv(params.paths.splits, dtype=str, keep_default_na=False).set_index("path")["split"]
     assert all(splits[copy] == splits[original] for copy, original in copies.items())
-    html = (params.paths.reports_dir / "audit" / audit.PAGE).read_text()
+    html = (params.paths.reports("audit") / audit.STAGE.page).read_text()
     assert html.count("<h3>group ") == 4
 
 
@@ -202,7 +202,7 @@ def test_a_wrong_label_is_flagged_with_the_right_class_suggested_and_can_be_quar
     assert metrics["label_issues"] == metrics["quarantined"] == len(flagged)
     split.run(params)
     assert "coffee/really_astronaut.png" not in set(pd.read_csv(params.paths.splits)["path"])
-    assert "really_astronaut.png" in (params.paths.reports_dir / "audit" / audit.PAGE).read_text()
+    assert "really_astronaut.png" in (params.paths.reports("audit") / audit.STAGE.page).read_text()
 
 
 def test_label_issues_off_flags_nothing(tmp_path):

@@ -78,11 +78,15 @@ def test_launch_and_timeout_params_do_not_orphan_a_checkpoint_but_the_device_doe
     """A run resumed with more patience or `auto` for the same process count is the same run."""
     base = train_params(tmp_path)
     splits = base.paths.splits
-    same = checkpoint.fingerprint(base, splits, world_size=2)
+
+    def fingerprint(params: Params, world_size: int) -> str:
+        return checkpoint.fingerprint(params.base, params.model, params.train, splits, world_size)
+
+    same = fingerprint(base, world_size=2)
     for change in ({"dist_timeout_min": 600}, {"nproc_per_node": "auto"}, {"nproc_per_node": 2}):
-        assert checkpoint.fingerprint(train_params(tmp_path, train=change), splits, 2) == same, change
-    assert checkpoint.fingerprint(base, splits, world_size=1) != same
-    assert checkpoint.fingerprint(train_params(tmp_path, train={"device": "cuda"}), splits, 2) != same
+        assert fingerprint(train_params(tmp_path, train=change), 2) == same, change
+    assert fingerprint(base, world_size=1) != same
+    assert fingerprint(train_params(tmp_path, train={"device": "cuda"}), 2) != same
 
 
 def test_a_single_process_reads_its_own_checkpoint(tmp_path):

@@ -147,15 +147,15 @@ def _trainer(
     params = TrainParams(**{**settings, "warmup_epochs": 0.0, "label_smoothing": 0.0, **train})
     model = model or _tiny_classifier()
     return Trainer(
-        model,
-        params,
-        [TRAIN_ALL] * epochs,
-        block_groups(model.backbone),
-        steps_per_epoch,
-        Precision(torch.device("cpu"), None),
-        Dist(),
-        build_criterion(None, params.label_smoothing),
-        mix,
+        model=model,
+        params=params,
+        plans=[TRAIN_ALL] * epochs,
+        block_groups=block_groups(model.backbone),
+        steps_per_epoch=steps_per_epoch,
+        precision=Precision(torch.device("cpu"), None),
+        env=Dist(),
+        criterion=build_criterion(None, params.label_smoothing),
+        batch_mix=mix,
     )
 
 

@@ -20,73 +20,94 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import AugmentParams, Params
+from pipeline.config import (
+    AuditParams,
+    AuditSeverityParams,
+    AugmentParams,
+    FeaturesParams,
+    ModelParams,
+    Params,
+)
 from pipeline.data.audit import AUDIT_COLUMNS
 from pipeline.data.splits import read_splits_table, read_validated
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, atomic_path, write_json
+from pipeline.stages import Stage
 from pipeline.stages.audit import checks, page
 
-log = logging.getLogger(__name__)
+STAGE = Stage(
+    summary="Embed every image: near-duplicates, likely label errors (cleanlab), drift since the champion.",
+    params=(
+        "base.seed",
+        "audit",
+        "model",
+        "features",
+    ),
+    deps=("validated",),
+    outs=("reports:audit",),
+    page="index.html",
+)
 
-PAGE = "index.html"  # in reports/audit/
+log = logging.getLogger(__name__)
 
 
 def run(params: Params) -> dict:
     """Embed, check, write the table, page, details and metrics; then fail if a check at severity error
     found something."""
     started = time.perf_counter()
-    table = read_validated(params.paths.validated, "audit")
-    files = [params.paths.data_root / path for path in table["path"]]
-    embeddings = embed(table, params)
-    found = audit(table, embeddings, files, params)
+    paths, seed = params.paths, params.base.seed
+    table = read_validated(paths.validated, "audit")
+    files = [paths.data_root / path for path in table["path"]]
+    embeddings = embed(table, files, params.model, params.features, paths.cache_dir, seed)
+    found = audit(table, embeddings, files, params.audit, params.model.weights, paths.champion_splits, seed)
     found.metrics["seconds"] = round(time.perf_counter() - started, 3)
-    with atomic_dir(params.paths.reports_dir / "audit") as report_dir:
-        with atomic_path(report_dir / params.paths.audit_table.name) as tmp:
+    with atomic_dir(paths.reports("audit")) as report_dir:
+        with atomic_path(report_dir / paths.audit_table.name) as tmp:
             found.table[list(AUDIT_COLUMNS)].to_csv(tmp, index=False, lineterminator="\n")
-        write_json(report_dir / params.paths.details("audit").name, found.details)
-        (report_dir / PAGE).write_text(page.render(found, files, params), encoding="utf-8")
-    write_json(params.paths.metrics("audit"), found.metrics)
+        write_json(report_dir / paths.details("audit").name, found.details)
+        (report_dir / STAGE.page).write_text(page.render(found, files, params.audit), encoding="utf-8")
+    write_json(paths.metrics("audit"), found.metrics)
     for line in found.warnings:
         log.warning("audit: %s", line)
     if found.errors:
-        raise PipelineError(
-            "\n".join([*found.errors, f"details: {params.paths.reports_dir / 'audit' / PAGE}"])
-        )
+        raise PipelineError("\n".join([*found.errors, f"details: {paths.reports('audit') / STAGE.page}"]))
     log.info("audit: %s", found.metrics)
     return found.metrics
 
 
-def embed(table: pd.DataFrame, params: Params) -> np.ndarray:
-    """(N, C) pooled backbone features of the table's images, with the settings train's feature pass uses
-    (eval transform, train.precision, train.device, train.channels_last), so either reuses the other's."""
+def embed(
+    table: pd.DataFrame,
+    files: list[Path],
+    model: ModelParams,
+    features: FeaturesParams,
+    cache_dir: Path,
+    seed: int,
+) -> np.ndarray:
+    """(N, C) pooled backbone features of the table's images (`files`, same order) by the `features` pass,
+    the one train's head-only epochs use, so either reuses what the other computed (both cache by content
+    under `cache_dir`). `seed`: base.seed, as train seeds."""
     import torch
 
     from pipeline.data.cache import build_cache
-    from pipeline.data.loader import CachedImages, resolve_eval_batch_size
+    from pipeline.data.loader import CachedImages
     from pipeline.data.transforms import build_transforms
     from pipeline.models import build_model, resolve_data_config
     from pipeline.training.checkpoint import seed_everything
     from pipeline.training.distributed import Dist
-    from pipeline.training.features import backbone_features
-    from pipeline.training.precision import resolve_device, resolve_precision
+    from pipeline.training.features import backbone_features, feature_pass
 
-    paths, channels_last = params.paths, params.train.channels_last
-    seed_everything(params.base.seed)  # as train does: random-init weights (weights: none) match its own
-    device = resolve_device(params.train.device)
-    precision = resolve_precision(params.train.precision, device)
-    data_config = resolve_data_config(params.model)
-    files = [paths.data_root / path for path in table["path"]]
+    seed_everything(seed)  # as train does: random-init weights (weights: none) match its own
+    batch_size, precision, channels_last = feature_pass(features, Dist())
+    data_config = resolve_data_config(model)
     identities = [f"{p}:{sha}" for p, sha in zip(table["path"], table["sha256"], strict=True)]
-    cache_file = build_cache(files, identities, data_config, paths.cache_dir, workers=os.cpu_count() or 1)
-    backbone = build_model(params.model, num_classes=None).backbone.to(device)
+    cache_file = build_cache(files, identities, data_config, cache_dir, workers=os.cpu_count() or 1)
+    backbone = build_model(model, num_classes=None).backbone.to(precision.device)
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     labels = np.zeros(len(table), dtype=np.int64)
     transform = build_transforms(data_config, AugmentParams(), train=False)  # eval: no augmentation
-    images = CachedImages(cache_file, labels, transform, params.base.seed, random=False)
-    batch_size = resolve_eval_batch_size(params.train.eval_batch_size, params.train.batch_size, device)
-    settings = (batch_size, precision, channels_last, paths.cache_dir, Dist())
+    images = CachedImages(cache_file, labels, transform, seed, random=False)
+    settings = (batch_size, precision, channels_last, cache_dir, Dist())
     return backbone_features(backbone, [images], *settings)[0].numpy()
 
 
@@ -104,16 +125,25 @@ class Found:
     errors: list[str] = field(default_factory=list)  # why the stage fails; empty when it passes
 
 
-def audit(table: pd.DataFrame, embeddings: np.ndarray, files: list[Path], params: Params) -> Found:
-    """Run the three checks on the embeddings of `table`'s images (`files`, same order)."""
+def audit(
+    table: pd.DataFrame,
+    embeddings: np.ndarray,
+    files: list[Path],
+    settings: AuditParams,
+    weights: str,
+    champion_splits: Path,
+    seed: int,
+) -> Found:
+    """Run the three checks on the embeddings of `table`'s images (`files`, same order). `weights`: the
+    backbone's (model.weights); `champion_splits`: the champion's training set, drift's baseline."""
     # An untrained backbone's features find every image alike: no near-duplicate search on them.
-    search = params.audit.near_duplicates and params.model.weights != "none"
-    pairs = checks.near_duplicate_pairs(embeddings, files, params.audit) if search else []
+    search = settings.near_duplicates and weights != "none"
+    pairs = checks.near_duplicate_pairs(embeddings, files, settings) if search else []
     table = table.assign(group=checks.group_ids(table["sha256"].tolist(), pairs))
     table["group_size"] = table.groupby("group")["path"].transform("size").astype(int)
-    table, suspects, label_note = _label_issues(table, embeddings, params)
-    found = Found(table, suspects, _groups(table), _drift(table, embeddings, params))
-    _judge_groups(found, params)
+    table, suspects, label_note = _label_issues(table, embeddings, settings, seed)
+    found = Found(table, suspects, _groups(table), _drift(table, embeddings, settings, champion_splits, seed))
+    _judge_groups(found, settings.severity)
     groups = found.groups
     found.metrics = {
         "images": len(table),
@@ -128,7 +158,7 @@ def audit(table: pd.DataFrame, embeddings: np.ndarray, files: list[Path], params
         "drifted": found.drift.get("drifted"),
     }
     found.details = {
-        "settings": params.audit.model_dump(),
+        "settings": settings.model_dump(),
         "near_duplicate_pairs": len(pairs)
         if search
         else "not searched (audit.near_duplicates, model.weights)",
@@ -139,19 +169,19 @@ def audit(table: pd.DataFrame, embeddings: np.ndarray, files: list[Path], params
 
 
 def _label_issues(
-    table: pd.DataFrame, embeddings: np.ndarray, params: Params
+    table: pd.DataFrame, embeddings: np.ndarray, settings: AuditParams, seed: int
 ) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """The table with the label columns filled, the suspects (ranked) and a note on what ran."""
-    mode = params.audit.label_issues
+    mode = settings.label_issues
     classes = sorted(table["label"].unique())
     y = table["label"].map({name: i for i, name in enumerate(classes)}).to_numpy(dtype=np.int64)
-    folds = checks.usable_folds(y, params.audit.folds)
+    folds = checks.usable_folds(y, settings.folds)
     table = table.assign(label_issue=False, suggested_label="", label_quality=np.nan, quarantined=False)
     if mode == "off":
         return table, table.iloc[:0], "off (audit.label_issues: off)"
     if len(classes) < 2 or folds < 2:
         return table, table.iloc[:0], "skipped: needs 2 classes of at least 2 images each"
-    issues = checks.label_issues(y, checks.out_of_fold_probabilities(embeddings, y, folds, params.base.seed))
+    issues = checks.label_issues(y, checks.out_of_fold_probabilities(embeddings, y, folds, seed))
     flagged = np.zeros(len(table), dtype=bool)
     flagged[issues.ranked] = True
     table = table.assign(
@@ -181,10 +211,10 @@ _GROUP_RULES = {  # rule -> (groups column that must stay at 1, what it means, t
 }
 
 
-def _judge_groups(found: Found, params: Params) -> None:
+def _judge_groups(found: Found, severities: AuditSeverityParams) -> None:
     """Each group rule's outcome by its severity: an error line, or a warning line, or nothing."""
     for rule, (column, meaning, fix) in _GROUP_RULES.items():
-        severity = getattr(params.audit.severity, rule)
+        severity = getattr(severities, rule)
         count = int((found.groups[column] > 1).sum()) if len(found.groups) else 0
         if severity == "off" or count == 0:
             continue
@@ -195,9 +225,10 @@ def _judge_groups(found: Found, params: Params) -> None:
             found.warnings.append(line)
 
 
-def _drift(table: pd.DataFrame, embeddings: np.ndarray, params: Params) -> dict:
-    """The images added since the champion's training set against the ones it was trained on."""
-    settings, record = params.audit, params.paths.champion_splits
+def _drift(
+    table: pd.DataFrame, embeddings: np.ndarray, settings: AuditParams, record: Path, seed: int
+) -> dict:
+    """The images added since the champion's training set (`record`) against the ones it was trained on."""
     if not settings.drift:
         return {"status": "off (audit.drift: false)"}
     if not record.is_file():
@@ -212,7 +243,7 @@ def _drift(table: pd.DataFrame, embeddings: np.ndarray, params: Params) -> dict:
             "status": f"too few images to compare (audit.drift_min_images {settings.drift_min_images})",
             **counts,
         }
-    auc = checks.two_sample_auc(embeddings[old], embeddings[new], settings.folds, params.base.seed)
+    auc = checks.two_sample_auc(embeddings[old], embeddings[new], settings.folds, seed)
     before = trained["label"].value_counts().to_dict()
     after = table.loc[new, "label"].value_counts().to_dict()
     shift = checks.prior_shift(before, after)

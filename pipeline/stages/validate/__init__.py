@@ -16,17 +16,25 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import Params
+from pipeline.config import Params, PathsParams, ValidateParams
 from pipeline.data.images import MANIFEST_COLUMNS
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, atomic_path, write_json
+from pipeline.stages import Stage
 from pipeline.stages.validate import page, rules
 from pipeline.stages.validate.gx import DOCS_DIR, GxChecker
 from pipeline.stages.validate.rules import RULES, Outcome
 
-log = logging.getLogger(__name__)
+STAGE = Stage(
+    summary="Check the manifest (pandera schema + Great Expectations rules); quarantine unusable files.",
+    params=("validate",),
+    deps=("manifest",),
+    outs=("validated", "quarantine", "reports:validate"),
+    page="index.html",
+    dvc_plots={"class_distribution.png": {}},
+)
 
-PAGE = "index.html"  # the validation view, in reports/validate/
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,11 +59,11 @@ def run(params: Params) -> dict:
     """Check the manifest, write the reports, the quarantine and the metrics; then fail on an error, or write
     the usable rows for `split`."""
     manifest, manifest_lines = rules.read_manifest(params.paths.manifest)
-    with atomic_dir(params.paths.reports_dir / "validate") as report_dir:
+    with atomic_dir(params.paths.reports("validate")) as report_dir:
         checker = GxChecker(report_dir / DOCS_DIR)
-        checked = _check(manifest, checker, params)
+        checked = _check(manifest, checker, params.validate, params.paths.quarantine)
         checker.build_docs()
-        _write_reports(report_dir, checked, manifest, params)
+        _write_reports(report_dir, checked, manifest, params.validate, params.paths)
 
     with atomic_path(params.paths.quarantine) as tmp:
         checked.quarantine.to_csv(tmp, index=False, lineterminator="\n")
@@ -77,12 +85,16 @@ def run(params: Params) -> dict:
     return checked.metrics
 
 
-def _write_reports(report_dir: Path, checked: Checked, manifest: pd.DataFrame, params: Params) -> None:
+def _write_reports(
+    report_dir: Path, checked: Checked, manifest: pd.DataFrame, settings: ValidateParams, paths: PathsParams
+) -> None:
     """The class-distribution plot, the validation page and details.json, beside GX's Data Docs."""
-    png = page.plot_distribution(checked.frames["classes"], manifest, checked.excluded, params)
+    classes = checked.frames["classes"]
+    png = page.plot_distribution(classes, manifest, checked.excluded, settings.min_images_per_class)
     (report_dir / "class_distribution.png").write_bytes(png)
-    (report_dir / PAGE).write_text(page.render(checked, png, params), encoding="utf-8")
-    write_json(report_dir / params.paths.details("validate").name, checked.details)
+    html = page.render(checked, png, settings, paths.quarantine)
+    (report_dir / STAGE.page).write_text(html, encoding="utf-8")
+    write_json(report_dir / paths.details("validate").name, checked.details)
 
 
 def _write_validated(usable: pd.DataFrame, manifest_lines: dict[str, str] | None, path: Path) -> None:
@@ -96,8 +108,9 @@ def _write_validated(usable: pd.DataFrame, manifest_lines: dict[str, str] | None
             tmp.write_text("\n".join([rules.MANIFEST_HEADER, *rows, ""]), encoding="utf-8")
 
 
-def _check(manifest: pd.DataFrame, checker: GxChecker, params: Params) -> Checked:
-    """Run the file rules, exclude their offenders, then the class and summary rules on the usable files."""
+def _check(manifest: pd.DataFrame, checker: GxChecker, settings: ValidateParams, quarantine: Path) -> Checked:
+    """Run the file rules, exclude their offenders, then the class and summary rules on the usable files
+    (`quarantine`: the CSV the failures' details point to)."""
     files = manifest[manifest["status"] != "empty_class_folder"]
     ok = manifest[manifest["status"] == "ok"].copy()
     ok["min_side"] = ok[["width", "height"]].min(axis=1).astype("int64")
@@ -108,17 +121,17 @@ def _check(manifest: pd.DataFrame, checker: GxChecker, params: Params) -> Checke
     }
     outcomes: dict[str, Outcome] = {}
     for name in ("files", "duplicates"):
-        outcomes.update(checker.check(name, frames[name], params))
+        outcomes.update(checker.check(name, frames[name], settings))
     excluded = rules.exclusions(outcomes, ok)
     usable = ok[~ok["path"].isin(excluded)]
     frames["classes"] = rules.classes(manifest, usable)
     frames["summary"] = rules.summary(files, frames["classes"])
     for name in ("classes", "summary"):
-        outcomes.update(checker.check(name, frames[name], params))
+        outcomes.update(checker.check(name, frames[name], settings))
     quarantine = _quarantine(manifest, excluded)
     checked = Checked(frames, outcomes, excluded, usable, quarantine, {}, {}, [])
     for outcome in checked.failed:
-        outcome.detail = rules.describe(outcome, frames, ok, params)
+        outcome.detail = rules.describe(outcome, frames, ok, quarantine)
     errors = [o for o in checked.failed if o.severity == "error"]
     classes = frames["classes"].set_index("label")["images"]
     checked.metrics = {

@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.config import Params
+from pipeline.config import ValidateParams
 from pipeline.stages.validate.rules import INDEX, RULES, Outcome
 
 DOCS_DIR = "data_docs"  # Great Expectations' Data Docs, beside the validation page
@@ -47,15 +47,15 @@ class GxChecker:
         self._context = gx.get_context(mode="ephemeral", project_config=config)
         self._source = self._context.data_sources.add_pandas("manifest")
 
-    def check(self, name: str, frame: pd.DataFrame, params: Params) -> dict[str, Outcome]:
+    def check(self, name: str, frame: pd.DataFrame, settings: ValidateParams) -> dict[str, Outcome]:
         """Run the suite of the rules (not `off`) that check frame `name`; one outcome per rule."""
-        severity = params.validate.severity
+        severity = settings.severity
         rules = [
             rule for rule, spec in RULES.items() if spec.frame == name and getattr(severity, rule) != "off"
         ]
         if not rules:
             return {}
-        definition = self._validation(name, rules, params)
+        definition = self._validation(name, rules, settings)
         index = INDEX[name]
         result_format = {
             "result_format": "COMPLETE",
@@ -63,17 +63,17 @@ class GxChecker:
         }
         result = definition.run(batch_parameters={"dataframe": frame}, result_format=result_format)
         return {
-            item.expectation_config.meta["rule"]: _outcome(item, frame, index, params)
+            item.expectation_config.meta["rule"]: _outcome(item, frame, index, settings)
             for item in result.results
         }
 
-    def _validation(self, name: str, rules: list[str], params: Params) -> Any:
+    def _validation(self, name: str, rules: list[str], settings: ValidateParams) -> Any:
         """A validation definition of frame `name`: one expectation per rule, tagged with the rule's name."""
         gx = self._gx
         suite = self._context.suites.add(gx.ExpectationSuite(name=name))
         for rule in rules:
             spec = RULES[rule]
-            bound = {spec.bound: spec.threshold(params)}
+            bound = {spec.bound: spec.threshold(settings)}
             suite.add_expectation(
                 gx.expectations.ExpectColumnValuesToBeBetween(
                     column=spec.column, **bound, meta={"rule": rule}
@@ -88,7 +88,7 @@ class GxChecker:
         self._context.build_data_docs()
 
 
-def _outcome(item: Any, frame: pd.DataFrame, index: list[str], params: Params) -> Outcome:
+def _outcome(item: Any, frame: pd.DataFrame, index: list[str], settings: ValidateParams) -> Outcome:
     """One rule's outcome from its GX result: passed or not, the column's worst value, the offenders' keys."""
     rule = item.expectation_config.meta["rule"]
     if item.exception_info.get("raised_exception"):
@@ -99,9 +99,9 @@ def _outcome(item: Any, frame: pd.DataFrame, index: list[str], params: Params) -
     offenders = [row[index[0]] for row in item.result.get("unexpected_index_list", [])] if index else []
     return Outcome(
         rule=rule,
-        severity=getattr(params.validate.severity, rule),
+        severity=getattr(settings.severity, rule),
         passed=bool(item.success),
         observed=None if worst is None else float(worst),
-        threshold=float(spec.threshold(params)),
+        threshold=float(spec.threshold(settings)),
         offenders=offenders,
     )

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from pipeline import page
-from pipeline.config import Params
+from pipeline.config import ValidateParams
 from pipeline.stages.validate.gx import DOCS_DIR
 from pipeline.stages.validate.rules import RULES
 
@@ -31,8 +31,9 @@ _DOCS_NOTE = (
 
 
 def plot_distribution(
-    classes: pd.DataFrame, manifest: pd.DataFrame, excluded: dict[str, str], params: Params
+    classes: pd.DataFrame, manifest: pd.DataFrame, excluded: dict[str, str], min_images_per_class: int
 ) -> bytes:
+    """Usable and quarantined images per class, stacked, with the `validate.min_images_per_class` line."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
     dropped = manifest[((manifest["status"] != "ok") | manifest["path"].isin(excluded))]
@@ -43,9 +44,7 @@ def plot_distribution(
     axes = figure.add_subplot()
     axes.bar(classes["label"], kept, label="usable", color="#4c72b0")
     axes.bar(classes["label"], dropped, bottom=kept, label="quarantined", color="#dd8452")
-    axes.axhline(
-        params.validate.min_images_per_class, color="grey", linestyle="--", label="min_images_per_class"
-    )
+    axes.axhline(min_images_per_class, color="grey", linestyle="--", label="min_images_per_class")
     axes.set_ylabel("images")
     axes.set_title("Images per class")
     axes.tick_params(axis="x", labelrotation=45)
@@ -55,17 +54,18 @@ def plot_distribution(
     return buffer.getvalue()
 
 
-def render(checked: Checked, distribution_png: bytes, params: Params) -> str:
-    """The validation view: headline and verdict, every rule, the class distribution, the quarantine."""
+def render(checked: Checked, distribution_png: bytes, settings: ValidateParams, quarantine: Path) -> str:
+    """The validation view: headline and verdict, every rule, the class distribution, the quarantine
+    (`quarantine`: the CSV that lists it whole)."""
     classes = page.image(distribution_png, "images per class") + page.table(
         ["class", "usable images"], checked.details["images_per_class"].items()
     )
     docs = f"<p>{page.link(f'{DOCS_DIR}/index.html', 'Data Docs')}</p>" + page.note(_DOCS_NOTE)
     sections = [
         ("headline", "Headline", _headline(checked)),
-        ("rules", "Rules", _rules_table(checked, params)),
+        ("rules", "Rules", _rules_table(checked, settings)),
         ("classes", "Class distribution", classes),
-        ("quarantine", "Quarantine", _quarantine_list(checked.quarantine, params.paths.quarantine)),
+        ("quarantine", "Quarantine", _quarantine_list(checked.quarantine, quarantine)),
         ("data-docs", "Great Expectations Data Docs", docs),
         ("raw", "Raw figures", _raw(checked)),
     ]
@@ -111,11 +111,11 @@ def _headline(checked: Checked) -> str:
     return page.cards(figures) + (f"<p>The stage fails because:</p><ul>{reasons}</ul>" if reasons else "")
 
 
-def _rules_table(checked: Checked, params: Params) -> str:
+def _rules_table(checked: Checked, settings: ValidateParams) -> str:
     rows = []
     for rule, spec in RULES.items():
         outcome = checked.outcomes.get(rule)
-        check = f"{_SUBJECT[spec.frame]}{spec.column} {_BOUND[spec.bound]} {spec.threshold(params):g}"
+        check = f"{_SUBJECT[spec.frame]}{spec.column} {_BOUND[spec.bound]} {spec.threshold(settings):g}"
         if outcome is None:
             rows.append((rule, "off", "not checked", check, "-", "-"))
             continue

@@ -12,7 +12,7 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.typing import Series
 
-from pipeline.config import Params
+from pipeline.config import ValidateParams
 from pipeline.data.images import MANIFEST_COLUMNS, SPLITS, STATUSES, first_few
 from pipeline.errors import PipelineError
 
@@ -53,27 +53,27 @@ class Rule:
     frame: str
     column: str
     bound: str  # "min_value" | "max_value"
-    threshold: Callable[[Params], float]
+    threshold: Callable[[ValidateParams], float]  # from the `validate` section
     fix: str
 
 
 RULES: dict[str, Rule] = {
-    "min_side": Rule("files", "min_side", "min_value", lambda p: p.validate.min_side,
+    "min_side": Rule("files", "min_side", "min_value", lambda v: v.min_side,
                      "replace or remove them, or lower validate.min_side"),
-    "max_pixels": Rule("files", "pixels", "max_value", lambda p: p.validate.max_pixels,
+    "max_pixels": Rule("files", "pixels", "max_value", lambda v: v.max_pixels,
                        "downscale or remove them, or raise validate.max_pixels"),
-    "label_conflict": Rule("duplicates", "labels", "max_value", lambda p: 1,
+    "label_conflict": Rule("duplicates", "labels", "max_value", lambda v: 1,
                            "delete the wrong copy or move it to the right class folder"),
-    "split_leakage": Rule("duplicates", "splits", "max_value", lambda p: 1,
+    "split_leakage": Rule("duplicates", "splits", "max_value", lambda v: 1,
                           "keep each file in one split only"),
-    "min_images_per_class": Rule("classes", "images", "min_value", lambda p: p.validate.min_images_per_class,
+    "min_images_per_class": Rule("classes", "images", "min_value", lambda v: v.min_images_per_class,
                                  "add images or lower validate.min_images_per_class"),
-    "min_classes": Rule("summary", "classes", "min_value", lambda p: p.validate.min_classes,
+    "min_classes": Rule("summary", "classes", "min_value", lambda v: v.min_classes,
                         "add class folders or lower validate.min_classes"),
     "max_imbalance_ratio": Rule("summary", "imbalance_ratio", "max_value",
-                                lambda p: p.validate.max_imbalance_ratio,
+                                lambda v: v.max_imbalance_ratio,
                                 "add images to the small classes or raise validate.max_imbalance_ratio"),
-    "max_bad_fraction": Rule("summary", "bad_fraction", "max_value", lambda p: p.validate.max_bad_fraction,
+    "max_bad_fraction": Rule("summary", "bad_fraction", "max_value", lambda v: v.max_bad_fraction,
                              "fix or remove the quarantined files, or raise validate.max_bad_fraction"),
 }  # fmt: skip
 INDEX = {"files": ["path"], "duplicates": ["sha256"], "classes": ["label"], "summary": []}
@@ -180,8 +180,9 @@ def exclusions(outcomes: dict[str, Outcome], ok: pd.DataFrame) -> dict[str, str]
     return excluded
 
 
-def describe(outcome: Outcome, frames: dict[str, pd.DataFrame], ok: pd.DataFrame, params: Params) -> str:
-    """A failed rule in words, naming the offending classes or files."""
+def describe(outcome: Outcome, frames: dict[str, pd.DataFrame], ok: pd.DataFrame, quarantine: Path) -> str:
+    """A failed rule in words, naming the offending classes or files; `quarantine` is the CSV a reader is
+    sent to when too many files are unusable."""
     rule, threshold = outcome.rule, outcome.threshold
     if rule in ("min_side", "max_pixels"):
         sizes = ok.set_index("path")
@@ -215,7 +216,7 @@ def describe(outcome: Outcome, frames: dict[str, pd.DataFrame], ok: pd.DataFrame
         )
     return (
         f"{outcome.observed:.1%} of the files are unusable, above {threshold:.1%} "
-        f"(see {params.paths.quarantine} for each file and its reason)"
+        f"(see {quarantine} for each file and its reason)"
     )
 
 
