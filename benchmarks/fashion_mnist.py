@@ -21,7 +21,7 @@ from benchmarks._common import (
     workdir,
 )
 from pipeline.io import read_json
-from pipeline.report import read_training_curves
+from pipeline.pages.report import read_training_curves
 from pipeline.stages import evaluate, ingest, split, train, validate
 
 NAME = "fashion_mnist"

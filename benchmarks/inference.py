@@ -27,11 +27,11 @@ from benchmarks._common import (
     target,
     workdir,
 )
-from pipeline import onnx_runtime as rt
 from pipeline import timing
 from pipeline.config import Params
 from pipeline.data.splits import read_split
 from pipeline.models import TrainedModel, load_trained
+from pipeline.serving import onnx_runtime as rt
 from pipeline.stages import export, quantize, train
 
 NAME = "inference"

@@ -18,8 +18,8 @@ import numpy as np
 from benchmarks._common import Options, machine, median, result, summary, workdir
 from benchmarks.inference import SETTINGS as INFERENCE_SETTINGS
 from benchmarks.inference import exported_model
-from pipeline import onnx_runtime as rt
 from pipeline import timing
+from pipeline.serving import onnx_runtime as rt
 
 NAME = "openvino_vs_ort"
 SETTINGS = INFERENCE_SETTINGS  # the same model, data and repeats as `inference`

@@ -159,7 +159,7 @@ def predict(
 
     Exit code 0: all predicted; 1: some inputs could not be read (reported per file); 2: nothing to run.
     """
-    from pipeline.predict import Predictor, format_predictions, predict_paths
+    from pipeline.serving.predict import Predictor, format_predictions, predict_paths
 
     try:
         export_dir = model or Params.load(params).paths.export_dir

@@ -342,7 +342,7 @@ def export_folder(tmp_path):
 
 
 def test_the_untampered_export_folder_predicts(export_folder):
-    from pipeline.predict import Predictor
+    from pipeline.serving.predict import Predictor
 
     folder, image = export_folder
     (prediction,) = Predictor(folder).predict([image])

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import export_page
-from pipeline import onnx_runtime as rt
 from pipeline.io import read_json, write_json
+from pipeline.pages import export_page
+from pipeline.serving import onnx_runtime as rt
 
 QUANTIZE = {
     "fp32_accuracy": 0.85,

@@ -46,5 +46,29 @@ def test_the_foundation_imports_only_itself(module):
 
 
 def test_the_scan_sees_real_imports():
-    assert "pipeline.onnx_runtime" in MODULES["pipeline.stages.quantize"]
+    assert "pipeline.serving.onnx_runtime" in MODULES["pipeline.stages.quantize"]
     assert "pipeline.errors" in MODULES["pipeline.config"]
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _under(m, "pipeline.pages")))
+def test_pages_import_neither_stages_nor_training_nor_orchestration(module):
+    banned = ("pipeline.stages", "pipeline.training", "pipeline.orchestration")
+    assert {i for i in MODULES[module] if any(_under(i, b) for b in banned)} == set()
+
+
+@pytest.mark.parametrize(
+    "module", sorted(m for m in MODULES if _under(m, "pipeline.serving") or _under(m, "pipeline.stages"))
+)
+def test_nothing_below_orchestration_imports_it(module):
+    assert {i for i in MODULES[module] if _under(i, "pipeline.orchestration")} == set()
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _under(m, "pipeline.serving")))
+def test_serving_imports_only_the_foundation_and_itself(module):
+    allowed = (*FOUNDATION, "pipeline.serving")
+    assert {i for i in MODULES[module] if not any(_under(i, a) for a in allowed)} == set()
+
+
+def test_the_package_root_holds_only_the_foundation_and_a_few_shared_tools():
+    root = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
+    assert len(root) <= 10, sorted(root)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline import onnx_runtime as rt
+from pipeline.serving import onnx_runtime as rt
 
 _X86 = """processor\t: 0
 vendor_id\t: AuthenticAMD

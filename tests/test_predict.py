@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline import onnx_runtime as rt
 from pipeline.__main__ import app
 from pipeline.data.splits import read_split
 from pipeline.io import read_json
 from pipeline.models import load_trained
-from pipeline.predict import Predictor, format_predictions, predict_paths, served_model
+from pipeline.serving import onnx_runtime as rt
+from pipeline.serving.predict import Predictor, format_predictions, predict_paths, served_model
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +254,7 @@ def test_fp16_export_has_half_weights_float_io_and_predicts_as_fp32(fp16_export)
 
 
 def test_gpu_providers_serve_fp16_when_exported_and_fp16_must_exist(fp16_export, project):
-    from pipeline.predict import UsageError
+    from pipeline.serving.predict import UsageError
 
     params, _ = fp16_export
     meta = {"served": "fp32", "served_reason": "quantization is off"}

@@ -22,9 +22,9 @@ from helpers import make_image, run_child
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline import predict
 from pipeline.__main__ import app
-from pipeline.predict import Predictor
+from pipeline.serving import predict
+from pipeline.serving.predict import Predictor
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status, sets RLIMIT_AS")
 
@@ -45,7 +45,7 @@ print(json.dumps({"shape": inputs.shape, "mib": peak_mib() - before}))
 """
 
 _PREDICT = """
-from pipeline.predict import Predictor
+from pipeline.serving.predict import Predictor
 predictor = Predictor(sys.argv[1], precision="fp32")
 predictor.predict(sys.argv[2:3])  # ONNX Runtime's threads and arenas start here, before the cap
 cap_memory()

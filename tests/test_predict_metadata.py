@@ -16,10 +16,10 @@ import pytest
 from helpers import make_image
 from typer.testing import CliRunner
 
-from pipeline import onnx_runtime as rt
 from pipeline.__main__ import app
 from pipeline.errors import PipelineError
-from pipeline.predict import Predictor
+from pipeline.serving import onnx_runtime as rt
+from pipeline.serving.predict import Predictor
 
 _FIX = "re-run the export stage (dvc repro export) or copy the whole export folder again"
 

@@ -12,8 +12,8 @@ import pytest
 from matplotlib.patches import Rectangle
 from PIL import Image
 
-from pipeline import report
 from pipeline.calibration import reliability
+from pipeline.pages import report
 
 EVIL = "<script>alert(1)</script>"
 

@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline import onnx_runtime as rt
 from pipeline.config import OrchestrateParams, Params
 from pipeline.data.splits import read_splits_table
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, read_json, read_optional_json, write_json, write_text
-from pipeline.predict import Predictor
+from pipeline.serving import onnx_runtime as rt
+from pipeline.serving.predict import Predictor
 from pipeline.stats import PairedComparison, compare
 
 CHAMPION_METRICS = "metrics.json"

@@ -18,13 +18,13 @@ import torch
 from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
-from pipeline import report
 from pipeline.calibration import fit_temperature, log_loss, reliability, softmax
 from pipeline.config import EvaluateParams, Params, PathsParams
 from pipeline.data.splits import read_splits_table
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, write_json, write_text
 from pipeline.models import TrainedModel, load_trained
+from pipeline.pages import report
 from pipeline.preprocess import open_rgb, preprocess_file
 from pipeline.progress import progress
 from pipeline.stages import Stage

@@ -12,14 +12,14 @@ import numpy as np
 import onnx
 import torch
 
-from pipeline import onnx_runtime as rt
 from pipeline.config import Params
 from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
-from pipeline.export_page import write_export_page
 from pipeline.io import atomic_dir, read_optional_json, write_json, write_text
-from pipeline.model_card import model_card
 from pipeline.models import TrainedModel, load_trained
+from pipeline.pages.export_page import write_export_page
+from pipeline.pages.model_card import model_card
+from pipeline.serving import onnx_runtime as rt
 from pipeline.stages import Stage
 
 STAGE = Stage(

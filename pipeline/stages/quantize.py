@@ -39,7 +39,6 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from pipeline import onnx_runtime as rt
 from pipeline import stats, timing
 from pipeline.config import Params, QuantizeParams
 from pipeline.data.sampling import stratified_sample
@@ -47,6 +46,7 @@ from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, write_json
 from pipeline.models import load_trained
+from pipeline.serving import onnx_runtime as rt
 from pipeline.stages import Stage
 
 STAGE = Stage(

@@ -81,6 +81,6 @@ def test_bad_tables_fail_with_one_line_naming_the_file_and_the_fix(tmp_path):
 
 
 def test_the_reader_and_the_predict_path_import_no_torch():
-    code = "import sys, pipeline.data.splits, pipeline.predict; print('torch' in sys.modules)"
+    code = "import sys, pipeline.data.splits, pipeline.serving.predict; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

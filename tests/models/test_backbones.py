@@ -12,10 +12,10 @@ import timm
 import torch
 import torchvision
 
-from pipeline import onnx_runtime as rt
 from pipeline.config import ModelParams, QuantizeParams, TrainParams
 from pipeline.models import build_model
 from pipeline.models.weights import BUNDLED_CHECKPOINTS
+from pipeline.serving import onnx_runtime as rt
 from pipeline.stages.quantize import prepare, quantize_onnx
 from pipeline.training.optim import build_optimizer
 

@@ -100,7 +100,7 @@ def test_build_model_head_shapes(head):
 
 
 def test_se_mlp_head_gates_the_pooled_features_and_its_gate_learns(tmp_path):
-    from pipeline import onnx_runtime as rt
+    from pipeline.serving import onnx_runtime as rt
 
     params = TINY.model_copy(update={"head": "se_mlp", "head_hidden": 16, "se_reduction": 4})
     torch.manual_seed(0)

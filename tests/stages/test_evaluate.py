@@ -11,12 +11,12 @@ import torch
 from helpers import assert_headline_metrics, make_image_folder
 from PIL import Image
 
-from pipeline import report
 from pipeline.calibration import softmax
 from pipeline.config import Params
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
 from pipeline.models import build_model, load_trained, resolve_data_config, save_trained
+from pipeline.pages import report
 from pipeline.preprocess import preprocess_file
 from pipeline.stages import evaluate
 

@@ -15,14 +15,14 @@ import pytest
 import torch
 from helpers import PROJECT_ROOT, SHIP_ANY_INT8, model_project
 
-from pipeline import onnx_runtime as rt
 from pipeline.config import Params
 from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
 from pipeline.io import read_json, write_json
-from pipeline.model_card import model_card
 from pipeline.models import TrainedModel, load_trained
-from pipeline.predict import Predictor, UsageError
+from pipeline.pages.model_card import model_card
+from pipeline.serving import onnx_runtime as rt
+from pipeline.serving.predict import Predictor, UsageError
 from pipeline.stages import export, quantize
 
 TEMPERATURE = 1.7  # what conftest's exported_project writes to the calibration file
@@ -127,7 +127,7 @@ def test_model_card_shows_hostile_class_names_as_text_and_keeps_its_tables(tmp_p
 
 
 def test_model_card_names_a_weights_file_without_the_build_machines_folder():
-    from pipeline.model_card import _training
+    from pipeline.pages.model_card import _training
 
     lines = "\n".join(_training({"model": {"weights": "file:/home/alice/weights/resnet.pth"}, "train": {}}))
     assert "file:resnet.pth" in lines and "/home/alice" not in lines

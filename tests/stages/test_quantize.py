@@ -13,14 +13,14 @@ import pytest
 import torch
 from helpers import PROJECT_ROOT, model_project
 
-from pipeline import onnx_runtime as rt
 from pipeline import stats
 from pipeline.config import ModelParams, QuantizeParams
 from pipeline.data.sampling import stratified_sample
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
 from pipeline.models import build_model, resolve_data_config
-from pipeline.predict import Predictor
+from pipeline.serving import onnx_runtime as rt
+from pipeline.serving.predict import Predictor
 from pipeline.stages import export, quantize
 
 

@@ -11,8 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline import onnx_runtime as rt
 from pipeline.config import QuantizeParams
+from pipeline.serving import onnx_runtime as rt
 from pipeline.stages import quantize
 
 # What each format's name says, written out here and not read from quantize.FORMATS, so that a wrong entry

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from PIL import Image
 
-from pipeline import page
 from pipeline.config import AuditParams
+from pipeline.pages import page
 from pipeline.preprocess import open_rgb
 
 if TYPE_CHECKING:  # the package imports this module: the name only for annotations

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from pipeline import page
 from pipeline.config import ValidateParams
+from pipeline.pages import page
 from pipeline.stages.validate.gx import DOCS_DIR
 from pipeline.stages.validate.rules import RULES
 

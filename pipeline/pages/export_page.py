@@ -11,10 +11,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline import onnx_runtime as rt
-from pipeline import page
 from pipeline.config import PathsParams
 from pipeline.io import read_optional_json, write_text
+from pipeline.pages import page
+from pipeline.serving import onnx_runtime as rt
 
 PAGE = Path("export") / "index.html"  # under paths.reports_dir
 _FILES = {"int8": rt.INT8_FILE, "fp32": rt.FP32_FILE}

@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline import page
 from pipeline.calibration import Reliability
 from pipeline.config import PathsParams
 from pipeline.io import read_optional_json
+from pipeline.pages import page
 
 _ANNOTATE_MAX_CLASSES = 20  # beyond this, numbers inside confusion cells become unreadable
 _MAX_CURVE_PANELS = 6

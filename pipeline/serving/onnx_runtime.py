@@ -1,7 +1,7 @@
 """ONNX export, ONNX Runtime sessions and model metadata, model inputs and the CPU's INT8 features, shared by
 quantize, export and predict (timing: pipeline.timing; splits.csv: pipeline.data.splits).
 
-Only `export_onnx` needs torch and imports it inside, so `pipeline.predict` can use this module in an
+Only `export_onnx` needs torch and imports it inside, so `pipeline.serving.predict` can use this module in an
 environment where torch is not installed.
 """
 

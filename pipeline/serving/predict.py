@@ -22,10 +22,10 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import onnx_runtime as rt
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
 from pipeline.preprocess import IMAGE_EXTENSIONS, INTERPOLATIONS, open_rgb, preprocess
+from pipeline.serving import onnx_runtime as rt
 
 # What PIL raises for missing, truncated, corrupt or oversized files (some decoders raise SyntaxError), and a
 # decode that does not fit in memory: each costs that file an error, never the batch.

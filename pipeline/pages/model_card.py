@@ -8,11 +8,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline import onnx_runtime as rt
 from pipeline.config import PathsParams
 from pipeline.io import read_optional_json
 from pipeline.models import TrainedModel
-from pipeline.page import esc
+from pipeline.pages.page import esc
+from pipeline.serving import onnx_runtime as rt
 
 # Backslash-escaped so that a class name shows as written: `|` would end a table cell, a trailing `\` escape
 # the next `|`, brackets make links and images, the rest formatting. An `_` between two letters or digits
@@ -22,7 +22,8 @@ _MARKDOWN_SYNTAX = re.compile(r"[\\`*\[\]|~]|(?<![^\W_])_|_(?![^\W_])")
 _USE_AND_LIMITS = [
     "## Intended use",
     "Offline or batch classification of images like the training data (same kind of subject, framing "
-    "and source), with `python -m pipeline predict` or `pipeline.predict.Predictor` (no torch needed).",
+    "and source), with `python -m pipeline predict` or `pipeline.serving.predict.Predictor` (no torch "
+    "needed).",
     "",
     "## Limits",
     "- It only knows the classes above: any input gets one of them, even if it shows none.",
