@@ -9,7 +9,7 @@ import sys
 import pytest
 from helpers import PROJECT_ROOT
 
-CHECKED = ["pipeline", "benchmarks", "tests", "scripts"]
+CHECKED = ["pipeline", "benchmarks", "tests", "scripts", "docs"]
 
 
 def _ruff(*args: str) -> subprocess.CompletedProcess:
