@@ -43,7 +43,7 @@ case "${1:-pipeline}" in
         python -m pipeline check   # params and input paths, one line each, before DVC's own [Errno 2]
         dvc repro "$@"
         if ! dvc remote default >/dev/null 2>&1; then   # DVC's hint above assumes a remote exists
-            echo ">> no DVC remote is set, so outputs stay on this machine; to share them, see the README's \"Sharing a project in a team\""
+            echo ">> no DVC remote is set, so outputs stay on this machine; to share them, see docs/teams.md"
         fi
         python -m pipeline outputs
         ;;

@@ -86,7 +86,7 @@ def require_remote(repo: Any) -> str:
     if not name:
         raise PipelineError(
             f"{repo.root_dir}: orchestrate.push is true but DVC has no default remote; add one with "
-            "`dvc remote add -d <name> <url>` (README: Sharing a project in a team) or set "
+            "`dvc remote add -d <name> <url>` (docs/teams.md) or set "
             "orchestrate.push: false"
         )
     return name

@@ -159,7 +159,7 @@ def launch(nproc: int, params_file: Path) -> None:
     except RendezvousError as exc:
         raise PipelineError(
             f"torch.distributed.run could not bring the processes together ({exc}); check the PET_* "
-            "rendezvous variables (README, GPU)"
+            "rendezvous variables (docs/params.md, GPU)"
         ) from None
     finally:
         os.environ.clear()
