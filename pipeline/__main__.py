@@ -23,7 +23,7 @@ from typing import Annotated, Literal, NoReturn
 
 import typer
 
-from pipeline.config import DEFAULT_PARAMS_FILE, Params
+from pipeline.config import DEFAULT_PARAMS_FILE, ModelParams, Params, PathsParams
 from pipeline.errors import PipelineError
 from pipeline.io import write_text
 from pipeline.stages import STAGES, SUMMARIES
@@ -76,8 +76,8 @@ def check(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
 
     try:
         loaded = Params.load(params)
-        source = check_inputs(loaded, for_dvc=True)
-        _check_outputs_and_model(loaded, Path("."))
+        source = check_inputs(loaded.ingest, loaded.paths, for_dvc=True)
+        _check_outputs_and_model(loaded.paths, loaded.model, Path("."))
     except PipelineError as exc:
         _fail("check", str(exc))
     typer.echo(
@@ -86,16 +86,16 @@ def check(params: ParamsOption = DEFAULT_PARAMS_FILE) -> None:
     )
 
 
-def _check_outputs_and_model(params: Params, project: Path) -> None:
+def _check_outputs_and_model(paths: PathsParams, model: ModelParams, project: Path) -> None:
     """What `check` and `flow` refuse once the inputs are fine: outputs the stages could not write, and a
     model section that timm cannot serve (last: importing timm and torch takes a few seconds)."""
     from pipeline.config import output_problems
 
-    if problems := output_problems(params.paths, project):
+    if problems := output_problems(paths, project):
         raise PipelineError("\n".join(problems))
     from pipeline.models import check_backbone
 
-    check_backbone(params.model, project)
+    check_backbone(model, project)
 
 
 @app.command("dvc-yaml")
@@ -250,8 +250,10 @@ def flow(
         parsed = _overrides(overrides or [])
         loaded = Params.load(project / DEFAULT_PARAMS_FILE, parsed)
         if not loaded.orchestrate.push:  # else the flow checks them after pulling them from the remote
-            check_dvc_inputs(loaded, project)  # here: a clear line, before Prefect logs a failed flow run
-            _check_outputs_and_model(loaded, project)  # a `file:` model.weights may come from the remote too
+            # Here: a clear line, before Prefect logs a failed flow run. A `file:` model.weights may come from
+            # the remote too.
+            check_dvc_inputs(loaded.paths, project)
+            _check_outputs_and_model(loaded.paths, loaded.model, project)
         require_prefect_api()  # else a run against a server that is down is a 136-line traceback
         result = retrain(project_dir=str(project), overrides=parsed, experiment=name)
     except (PipelineError, DvcFailed) as exc:

@@ -135,7 +135,7 @@ def test_the_gate_scores_champion_and_new_model_on_the_same_current_test_images(
     params = _project(tmp_path)
     _write_splits(tmp_path, params, {"class_0": 20, "class_1": 20, "class_2": 20})
     _candidate(tmp_path, params, 3, PERFECT, b"first")
-    first = promote(params, tmp_path)
+    first = promote(params.paths, params.orchestrate, tmp_path)
     assert first["promoted"] and first["reason"] == "no champion yet" and first["champion"] is None
     assert first["new"] == 1.0 and first["images"] == 15
     assert _record(tmp_path, params)["gate"] == first
@@ -144,7 +144,7 @@ def test_the_gate_scores_champion_and_new_model_on_the_same_current_test_images(
     # split, including the new test images the champion has never seen.
     _write_splits(tmp_path, params, {"class_0": 22, "class_1": 22, "class_2": 22})
     _candidate(tmp_path, params, 3, BLIND_TO_2, b"second")
-    second = promote(params, tmp_path)
+    second = promote(params.paths, params.orchestrate, tmp_path)
 
     test, scored = _test_split(tmp_path, params), _gate_rows(tmp_path, params)
     assert list(scored["path"]) == list(test["path"]) and second["images"] == len(test) == 18
@@ -157,7 +157,7 @@ def test_the_gate_scores_champion_and_new_model_on_the_same_current_test_images(
     assert not second["promoted"] and "< champion 1.0000" in second["reason"]
     assert (tmp_path / params.paths.champion_dir / params.paths.model.name).read_bytes() == b"first"
 
-    again = promote(params, tmp_path)  # the same gate twice: same figures
+    again = promote(params.paths, params.orchestrate, tmp_path)  # the same gate twice: same figures
     assert again == second
 
 
@@ -165,25 +165,25 @@ def test_a_better_model_is_promoted_and_its_record_holds_the_gate(tmp_path):
     params = _project(tmp_path)
     _write_splits(tmp_path, params, {"class_0": 12, "class_1": 12, "class_2": 12})
     _candidate(tmp_path, params, 3, BLIND_TO_2, b"weak")
-    promote(params, tmp_path)
+    promote(params.paths, params.orchestrate, tmp_path)
     _candidate(tmp_path, params, 3, PERFECT, b"strong")
-    decision = promote(params, tmp_path)
+    decision = promote(params.paths, params.orchestrate, tmp_path)
     assert decision["promoted"] and (decision["champion"], decision["new"]) == (pytest.approx(6 / 9), 1.0)
     assert (decision["worse"], decision["better"]) == (0, 3) and decision["p_value"] == 1.0
     record = _record(tmp_path, params)
     assert record["gate"] == decision and record["model_sha256"] == hashlib.sha256(b"strong").hexdigest()
-    assert promote(params, tmp_path)["reason"] == "already champion"
+    assert promote(params.paths, params.orchestrate, tmp_path)["reason"] == "already champion"
 
 
 def test_an_added_class_is_compared_on_the_shared_classes_and_reported(tmp_path):
     params = _project(tmp_path)
     _write_splits(tmp_path, params, {"class_0": 12, "class_1": 12})
     _candidate(tmp_path, params, 2, (0, 1), b"two classes")
-    promote(params, tmp_path)
+    promote(params.paths, params.orchestrate, tmp_path)
     _write_splits(tmp_path, params, {"class_0": 12, "class_1": 12, "class_2": 12})
     _candidate(tmp_path, params, 3, PERFECT, b"three classes")
 
-    decision = promote(params, tmp_path)
+    decision = promote(params.paths, params.orchestrate, tmp_path)
 
     assert decision["classes_added"] == ["class_2"] and decision["classes_removed"] == []
     assert decision["images"] == 6 and decision["new_on_added"] == 1.0  # 3 test images per class
@@ -195,11 +195,11 @@ def test_a_removed_class_is_named_and_the_shared_classes_decide(tmp_path):
     params = _project(tmp_path)
     _write_splits(tmp_path, params, {"class_0": 12, "class_1": 12, "class_2": 12})
     _candidate(tmp_path, params, 3, PERFECT, b"three classes")
-    promote(params, tmp_path)
+    promote(params.paths, params.orchestrate, tmp_path)
     _write_splits(tmp_path, params, {"class_0": 12, "class_1": 12})
     _candidate(tmp_path, params, 2, (0, 1), b"two classes")
 
-    decision = promote(params, tmp_path)
+    decision = promote(params.paths, params.orchestrate, tmp_path)
 
     assert decision["classes_removed"] == ["class_2"] and decision["classes_added"] == []
     assert decision["images"] == 6 and decision["promoted"]
@@ -210,12 +210,12 @@ def test_a_champion_with_the_same_export_is_scored_once_and_a_different_one_agai
     params = _project(tmp_path)
     _write_splits(tmp_path, params, {"class_0": 12, "class_1": 12, "class_2": 12})
     _candidate(tmp_path, params, 3, PERFECT, b"one")
-    promote(params, tmp_path)
+    promote(params.paths, params.orchestrate, tmp_path)
     scored, top1 = [], champion._top1
     monkeypatch.setattr(champion, "_top1", lambda folder, *args: scored.append(folder) or top1(folder, *args))
     _candidate(tmp_path, params, 3, PERFECT, b"two")  # retrained to the very same export
 
-    same = promote(params, tmp_path)
+    same = promote(params.paths, params.orchestrate, tmp_path)
 
     assert scored == [tmp_path / params.paths.export_dir]
     assert same["champion"] == same["new"] == 1.0 and same["p_value"] == 1.0 and same["images"] == 9
@@ -223,7 +223,7 @@ def test_a_champion_with_the_same_export_is_scored_once_and_a_different_one_agai
     # model.onnx names the labels too, so both change: predict refuses a labels.json its model contradicts.)
     champion_export = tmp_path / params.paths.champion_dir / "export"
     _onnx_classifier(champion_export, ["class_1", "class_0", "class_2"], PERFECT)
-    other = promote(params, tmp_path)
+    other = promote(params.paths, params.orchestrate, tmp_path)
     assert scored[1:] == [tmp_path / params.paths.export_dir, champion_export]
     assert other["champion"] == pytest.approx(3 / 9) and (other["worse"], other["better"]) == (0, 6)
 
@@ -232,15 +232,15 @@ def test_a_champion_without_its_export_says_how_to_recover(tmp_path):
     params = _project(tmp_path)
     _write_splits(tmp_path, params, {"class_0": 8, "class_1": 8})
     _candidate(tmp_path, params, 2, (0, 1), b"one")
-    promote(params, tmp_path)
+    promote(params.paths, params.orchestrate, tmp_path)
     (tmp_path / params.paths.champion_dir / "export" / "model.onnx").unlink()
     _candidate(tmp_path, params, 2, (0, 1), b"two")
     with pytest.raises(
         PipelineError, match=r"champion/export: no exported model to score; restore it, or del"
     ):
-        promote(params, tmp_path)
+        promote(params.paths, params.orchestrate, tmp_path)
 
 
 def test_missing_metrics_say_to_run_the_pipeline(tmp_path):
     with pytest.raises(PipelineError, match=r"evaluate\.json: metrics missing; run the pipeline"):
-        promote(Params(), tmp_path)
+        promote(Params().paths, Params().orchestrate, tmp_path)

@@ -130,8 +130,9 @@ def test_page_is_written_under_reports_with_a_relative_model_card_link(tmp_path)
     )
     write_json(params.paths.metrics("export"), EXPORT)
     write_json(Path(params.paths.onnx_dir) / rt.QUANTIZE_REPORT, REPORT)
-    target = export_page.write_export_page(params.paths, params.paths.export_dir / "model_card.md")
-    assert target == params.paths.reports_dir / "export" / "index.html"
+    page = params.paths.reports("export") / "index.html"
+    target = export_page.write_export_page(params.paths, page, params.paths.export_dir / "model_card.md")
+    assert target == page == params.paths.reports_dir / "export" / "index.html"
     sections = _sections(target.read_text(encoding="utf-8"))
     assert '<a href="../../export_dir/model_card.md">' in sections["served"]
     assert "No metrics/quantize.json" in sections["comparison"] and "s8s8" in sections["candidates"]

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 from uuid import UUID
 
 import pandas as pd
@@ -290,12 +291,13 @@ def test_drift_verdict_ignores_warns_or_stops_as_on_drift_says():
     from pipeline.orchestration.flow import drift_verdict
 
     drifted = {"drifted": True, "drift_auc": 0.93, "prior_shift": 0.02}
-    assert drift_verdict(drifted, "ignore") is None
-    assert "AUC 0.93" in drift_verdict(drifted, "warn")
-    with pytest.raises(PipelineError, match="orchestrate.on_drift: warn"):
-        drift_verdict(drifted, "stop")
-    assert drift_verdict({**drifted, "drifted": False}, "stop") is None
-    assert drift_verdict(None, "stop") is None  # no audit metrics: nothing to act on
+    page = Path("reports/audit/index.html")
+    assert drift_verdict(drifted, "ignore", page) is None
+    assert "AUC 0.93" in drift_verdict(drifted, "warn", page)
+    with pytest.raises(PipelineError, match="look at reports/audit/index.html, or set orchestrate.on_drift"):
+        drift_verdict(drifted, "stop", page)
+    assert drift_verdict({**drifted, "drifted": False}, "stop", page) is None
+    assert drift_verdict(None, "stop", page) is None  # no audit metrics: nothing to act on
 
 
 def test_command_seconds_is_the_stage_commands_last_done_line():

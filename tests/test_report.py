@@ -68,6 +68,7 @@ def _data(figures: dict[str, bytes], **overrides) -> report.ReportData:
         mistakes=pd.DataFrame(
             {"path": [f"x/{EVIL}.png"], "label": ["a"], "pred": ["b"], "confidence": [0.9]}
         ),
+        links={name: f"../{name}/index.html" for name in report.LINKED},
         figures=figures,
         curves_png=None,
         curves_note="No training curves found under dvclive/plots/metrics",

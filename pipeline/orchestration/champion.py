@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.config import OrchestrateParams, Params
+from pipeline.config import OrchestrateParams, PathsParams
 from pipeline.data.splits import read_splits_table
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, read_json, read_optional_json, write_json, write_text
@@ -69,11 +69,11 @@ def decide(comparison: PairedComparison | None, margin: float, alpha: float) -> 
     return True, f"new accuracy {new:.4f} >= {held - margin:.4f} and McNemar p {p:.3g} >= {alpha} ({counts})"
 
 
-def promote(params: Params, root: Path | str = ".") -> dict[str, Any]:
-    """Score the new export and the champion's on the current test split; on success copy the new model to
-    `paths.champion_dir`.
+def promote(paths: PathsParams, gate: OrchestrateParams, root: Path | str = ".") -> dict[str, Any]:
+    """Score the new export and the champion's on the current test split; on success (by `gate`'s
+    `promote_margin` and `promote_alpha`) copy the new model to `paths.champion_dir`.
 
-    Paths in `params` are relative to `root` (the project folder). Both models' top-1 per test image go to
+    `paths` are relative to `root` (the project folder). Both models' top-1 per test image go to
     `reports_dir/promote/predictions.csv`. The champion folder receives the export folder, the trained model
     and `metrics.json` (model hash, the stages' metrics and this decision) in one atomic swap, so a reader
     never sees half a champion.
@@ -81,7 +81,7 @@ def promote(params: Params, root: Path | str = ".") -> dict[str, Any]:
     Returns:
         The Decision as a dict.
     """
-    root, paths = Path(root), params.paths
+    root = Path(root)
     metrics = {stage: _read_metrics(root / paths.metrics(stage)) for stage in _CARRIED_STAGES}
     model_sha256 = _sha256(root / paths.model)
     test = _test_images(root / paths.splits)
@@ -95,7 +95,7 @@ def promote(params: Params, root: Path | str = ".") -> dict[str, Any]:
     elif current:
         lost = f"restore it, or delete {paths.champion_dir} to promote the next model unconditionally"
         held_classes, test["champion"] = _top1(held_dir, files, lost)
-    decision = _gate(test, new_classes, held_classes, params.orchestrate)
+    decision = _gate(test, new_classes, held_classes, gate)
     write_text(root / paths.reports("promote") / GATE_PREDICTIONS, test.to_csv(index=False))
     if current.get("model_sha256") == model_sha256:
         return asdict(replace(decision, promoted=False, reason="already champion"))

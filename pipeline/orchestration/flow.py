@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.config import DEFAULT_PARAMS_FILE, OrchestrateParams, Params
+from pipeline.config import DEFAULT_PARAMS_FILE, OrchestrateParams, Params, PathsParams
 from pipeline.errors import PipelineError
 from pipeline.io import read_optional_json
 from pipeline.orchestration import artifacts, champion, dvc_api, git, params_file
@@ -75,15 +75,16 @@ def set_params(project_dir: str, overrides: dict[str, Any]) -> None:
 
 
 @task(cache_policy=NO_CACHE)
-def promotion_gate(params: Params, project_dir: str) -> dict[str, Any]:
-    decision = champion.promote(params, project_dir)
+def promotion_gate(paths: PathsParams, gate: OrchestrateParams, project_dir: str) -> dict[str, Any]:
+    decision = champion.promote(paths, gate, project_dir)
     get_run_logger().info("champion gate: %s", decision)
     return decision
 
 
-def drift_verdict(metrics: dict[str, Any] | None, on_drift: str) -> str | None:
+def drift_verdict(metrics: dict[str, Any] | None, on_drift: str, page: Path) -> str | None:
     """What `orchestrate.on_drift` makes of the audit's figures: a warning line, or None. Raises
-    PipelineError for `stop` when the audit found the new data drifted from the champion's training set."""
+    PipelineError for `stop` when the audit found the new data drifted from the champion's training set,
+    pointing at the audit's `page`."""
     if not metrics or not metrics.get("drifted") or on_drift == "ignore":
         return None
     line = (
@@ -91,30 +92,31 @@ def drift_verdict(metrics: dict[str, Any] | None, on_drift: str) -> str | None:
         f" class-prior shift {metrics.get('prior_shift')})"
     )
     if on_drift == "stop":
-        raise PipelineError(f"{line}; look at reports/audit/index.html, or set orchestrate.on_drift: warn")
+        raise PipelineError(f"{line}; look at {page}, or set orchestrate.on_drift: warn")
     return line
 
 
 @task(cache_policy=NO_CACHE)
-def drift_gate(params: Params, project_dir: str) -> None:
-    """The audit's drift figures as a Prefect artifact before training; warn or stop by on_drift."""
-    metrics = read_optional_json(Path(project_dir) / params.paths.metrics("audit")) or {}
+def drift_gate(paths: PathsParams, on_drift: str, project_dir: str) -> None:
+    """The audit's drift figures as a Prefect artifact before training; warn or stop by `on_drift`
+    (`orchestrate.on_drift`)."""
+    metrics = read_optional_json(Path(project_dir) / paths.metrics("audit")) or {}
     figures = {key: metrics.get(key) for key in ("drifted", "drift_auc", "prior_shift", "label_issues")}
     rows = "\n".join(f"| {key} | {value} |" for key, value in figures.items())
     create_markdown_artifact(
         key="data-drift", markdown=f"| audit | value |\n| --- | --- |\n{rows}", description="Before training"
     )
-    warning = drift_verdict(metrics, params.orchestrate.on_drift)
+    warning = drift_verdict(metrics, on_drift, paths.reports("audit") / contracts()["audit"].page)
     if warning:
         get_run_logger().warning("audit: %s", warning)
 
 
 @task(cache_policy=NO_CACHE)
-def save_experiment(params: Params, project_dir: str, name: str) -> str:
+def save_experiment(paths: PathsParams, project_dir: str, name: str) -> str:
     """Record the workspace as DVC experiment `name`, metrics and training curves included."""
     project = Path(project_dir)
     # `cache: false` outputs live in git, not the DVC cache; on a clone they may not be committed yet.
-    folders = [p for p in (params.paths.metrics_dir, params.paths.live_dir) if (project / p).exists()]
+    folders = [p for p in (paths.metrics_dir, paths.live_dir) if (project / p).exists()]
     untracked = [str(folder) for folder in folders]
 
     def save(repo) -> None:
@@ -125,16 +127,16 @@ def save_experiment(params: Params, project_dir: str, name: str) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def publish(params: Params, project_dir: str, stages: list[dict], decision: dict) -> None:
+def publish(paths: PathsParams, project_dir: str, stages: list[dict], decision: dict) -> None:
     """Prefect artifacts: a markdown table of the run's metrics, and the path of the evaluation report."""
     project = Path(project_dir)
     create_markdown_artifact(
         key="retrain-metrics",
-        markdown=artifacts.metrics_markdown(params.paths, project, stages, decision),
+        markdown=artifacts.metrics_markdown(paths, project, stages, decision),
         description="Stages, their metrics and the champion decision of this run",
     )
     evaluate = contracts()["evaluate"]
-    report = (project / params.paths.reports("evaluate") / evaluate.page).resolve()
+    report = (project / paths.reports("evaluate") / evaluate.page).resolve()
     create_link_artifact(key="evaluation-report", link=report.as_uri(), link_text=str(report))
 
 
@@ -147,11 +149,11 @@ def pull(project_dir: str) -> dict[str, Any]:
 
 
 @task(cache_policy=NO_CACHE)
-def push(params: Params, project_dir: str, decision: dict, commit: bool) -> dict[str, Any]:
+def push(paths: PathsParams, project_dir: str, decision: dict, commit: bool) -> dict[str, Any]:
     """Push outputs and run cache to the default remote. With `commit` and a promoted model, the champion
     folder is tracked by DVC too, and dvc.lock, params, metrics and the champion's pointer are committed and
     pushed to the branch's upstream, so any clone of the branch can `dvc pull` the champion."""
-    project, champion_dir = Path(project_dir), params.paths.champion_dir
+    project, champion_dir = Path(project_dir), paths.champion_dir
     record = commit and decision["promoted"]
 
     def share(repo) -> int:
@@ -161,7 +163,7 @@ def push(params: Params, project_dir: str, decision: dict, commit: bool) -> dict
 
     files, output = dvc_api.call(project, "push", share)
     get_run_logger().info("push: %d files\n%s", files, output)
-    pointers = [DEFAULT_PARAMS_FILE, "dvc.lock", params.paths.metrics_dir, params.paths.live_dir,
+    pointers = [DEFAULT_PARAMS_FILE, "dvc.lock", paths.metrics_dir, paths.live_dir,
                 Path(f"{champion_dir}.dvc")]  # fmt: skip
     message = f"retrain: promote the new model ({decision['reason']})"
     revision = git.commit_and_push(project, pointers, message, get_run_logger()) if record else None
@@ -190,31 +192,31 @@ def retrain(
         git.require_identity(project)
     # Validates the overrides (unknown key, wrong type) before anything runs or params.yaml changes.
     params = Params.load(Path(project) / DEFAULT_PARAMS_FILE, overrides)
-    sharing = _sharing(params, project, commit)
+    sharing = _sharing(params.orchestrate, project, commit)
     if sharing:
         pull(project)
-    check_dvc_inputs(params, Path(project))  # DVC's own message would be a bare [Errno 2]
+    check_dvc_inputs(params.paths, Path(project))  # DVC's own message would be a bare [Errno 2]
     if overrides:
         set_params(project, overrides)
     stages = []
     for stage, contract in contracts().items():
         if "model" in contract.outs:  # before training: the drift the audit found, shown and acted on
-            drift_gate(params, project)
+            drift_gate(params.paths, params.orchestrate.on_drift, project)
         stages.append(_stage_task(stage, params.orchestrate)(stage, project, sharing))
-    decision = promotion_gate(params, project)
+    decision = promotion_gate(params.paths, params.orchestrate, project)
     if experiment:
-        save_experiment(params, project, experiment)
-    pushed = push(params, project, decision, commit) if sharing else None
-    publish(params, project, stages, decision)
+        save_experiment(params.paths, project, experiment)
+    pushed = push(params.paths, project, decision, commit) if sharing else None
+    publish(params.paths, project, stages, decision)
     return {"stages": stages, "champion": decision, "experiment": experiment, "pushed": pushed}
 
 
-def _sharing(params: Params, project: str, commit: bool) -> bool:
+def _sharing(settings: OrchestrateParams, project: str, commit: bool) -> bool:
     """Whether the run pulls and pushes: orchestrate.push, checked against the DVC remote config up front."""
-    if commit and not params.orchestrate.push:
+    if commit and not settings.push:
         raise PipelineError(
             "commit needs orchestrate.push: true (the commit points at data on the DVC remote)"
         )
-    if params.orchestrate.push:
+    if settings.push:
         dvc_api.call(Path(project), "remote list", dvc_api.require_remote)
-    return params.orchestrate.push
+    return settings.push

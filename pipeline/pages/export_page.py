@@ -1,5 +1,6 @@
-"""The export stage's page `reports/export/index.html`: which model is served and why, INT8 vs FP32, the
-quantization candidates, and the ONNX parity check, from the quantize and export stages' JSON files.
+"""The export stage's page (where its contract says: `reports/export/index.html` by default): which model is
+served and why, INT8 vs FP32, the quantization candidates, and the ONNX parity check, from the quantize and
+export stages' JSON files.
 
 The run report is written by evaluate, before these stages run, so it links here. Any of the files may be
 missing or lack keys (an older quantize stage, quantization disabled): the page shows what is there.
@@ -16,7 +17,6 @@ from pipeline.io import read_optional_json, write_text
 from pipeline.pages import page
 from pipeline.serving import onnx_runtime as rt
 
-PAGE = Path("export") / "index.html"  # under paths.reports_dir
 _FILES = {"int8": rt.INT8_FILE, "fp32": rt.FP32_FILE}
 # (label, key, format): accuracy from metrics/quantize.json, the rest from the report's "fp32"/"int8" runs.
 _ACCURACY = ("accuracy on the compared images (val + test)", "accuracy", "{:.2%}")
@@ -51,10 +51,10 @@ _PARITY = (
 _PARITY_NOTE = "ONNX Runtime (FP32 export) against PyTorch on the test split, checked by every export."
 
 
-def write_export_page(paths: PathsParams, model_card: Path) -> Path:
-    """Build the page from metrics/export.json, metrics/quantize.json and the quantize report; write it.
-    `model_card`: the export folder's model card, linked from the page."""
-    target = Path(paths.reports_dir) / PAGE
+def write_export_page(paths: PathsParams, target: Path, model_card: Path) -> Path:
+    """Build the page from metrics/export.json, metrics/quantize.json and the quantize report; write it to
+    `target` (the export stage's contract says where). `model_card`: the export folder's model card, linked
+    from the page by its path relative to `target`."""
     sources = {
         "export": _read(paths.metrics("export")),
         "quantize": _read(paths.metrics("quantize")),

@@ -283,6 +283,7 @@ class ReportData:
     test_metrics: dict[str, Any]  # the evaluate stage's flat metrics (per-class figures left out)
     per_class: pd.DataFrame  # columns: class, precision, recall, f1, support
     mistakes: pd.DataFrame  # columns: path, label, pred, confidence (the ones in the gallery)
+    links: dict[str, str]  # stage (LINKED) -> its page, relative to the report's folder
     figures: dict[str, bytes] = field(
         default_factory=dict
     )  # confusion_matrix, reliability, per_class_f1, mistakes
@@ -298,9 +299,11 @@ def collect(
     per_class: dict[str, dict[str, float]],
     mistakes: pd.DataFrame,
     figures: dict[str, bytes],
+    links: dict[str, str],
 ) -> ReportData:
     """The report's data: what evaluate computed, plus what earlier stages wrote (their metrics and details
-    files, the dvclive training curves) read from `paths`."""
+    files, the dvclive training curves) read from `paths`. `links`: the pages of the stages the report links
+    to (`LINKED`), relative to the report's folder."""
     curves_dir = paths.curves_dir
     series = read_training_curves(curves_dir) if curves_dir.is_dir() else {}
     curves_png = training_curves_png(series)
@@ -316,6 +319,7 @@ def collect(
             columns=["class", "precision", "recall", "f1", "support"],
         ),
         mistakes=mistakes,
+        links=links,
         figures=figures,
         curves_png=curves_png,
         curves_note=curves_note(series)
@@ -339,9 +343,7 @@ def _stage_figures(paths: PathsParams, stage: str) -> dict | None:
     return metrics if metrics is None or details is None else {**metrics, "details": details}
 
 
-EXPORT_PAGE = "../export/index.html"  # from reports/evaluate/report.html to the export stage's page
-VALIDATION_PAGE = "../validate/index.html"
-AUDIT_PAGE = "../audit/index.html"
+LINKED = ("export", "validate", "audit")  # the stages whose pages the report links to (ReportData.links)
 _EXPORT_LINE = "Quantize and export: see {link} (missing if those stages did not complete)."
 _CALIBRATION_NOTE = (
     "One temperature T, fitted on the validation split by minimising the negative log-likelihood, divides "
@@ -402,7 +404,7 @@ def _headline(data: ReportData) -> str:
         for key in ("backbone", "weights", "strategy", "epochs", "input size")
         if settings.get(key) is not None
     )
-    export_line = _EXPORT_LINE.format(link=page.link(EXPORT_PAGE, EXPORT_PAGE))
+    export_line = _EXPORT_LINE.format(link=page.link(data.links["export"], data.links["export"]))
     return (
         page.cards((label, _shown(value, spec), "") for label, value, spec in figures if value is not None)
         + f"<p>Model: {page.esc(run)}; {len(data.class_names)} classes.</p>"
@@ -425,9 +427,9 @@ def _data_summary(data: ReportData) -> str:
         (k, v) for k, v in page.flatten(validate) if "quarantin" in k.lower() and isinstance(v, int | float)
     ]
     parts.extend(f"<p><strong>{page.esc(k)}</strong>: {page.esc(page.fmt(v))}</p>" for k, v in quarantined)
-    link = page.link(VALIDATION_PAGE, VALIDATION_PAGE)
+    link = page.link(data.links["validate"], data.links["validate"])
     parts.append(f"<p>Data checks (rules, class distribution, quarantine): see {link}.</p>")
-    audit = page.link(AUDIT_PAGE, AUDIT_PAGE)
+    audit = page.link(data.links["audit"], data.links["audit"])
     parts.append(f"<p>Data audit (likely label errors, near-duplicates, drift): see {audit}.</p>")
     return "".join(parts)
 

@@ -8,6 +8,7 @@ The model runs in fp32 on the train stage's device when the machine has a GPU (T
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from pipeline.models import TrainedModel, load_trained
 from pipeline.pages import report
 from pipeline.preprocess import open_rgb, preprocess_file
 from pipeline.progress import progress
-from pipeline.stages import Stage
+from pipeline.stages import Stage, contracts
 from pipeline.training.precision import configure_backends, evaluation_device, visible_gpus
 
 STAGE = Stage(
@@ -255,6 +256,7 @@ def _write_report_folder(
         figures=_plots(
             paths.data_root, cfg.calibration_bins, trained.class_names, mistakes, details, scores, y_test
         ),
+        links=_page_links(paths),
     )
     confusion = pd.DataFrame({"actual": predictions["label"], "predicted": predictions["pred"]})
     with atomic_dir(paths.reports("evaluate")) as folder:
@@ -264,6 +266,14 @@ def _write_report_folder(
         for name, png in {**data.figures, **curves}.items():
             (folder / f"{name}.png").write_bytes(png)
         (folder / STAGE.page).write_text(report.render_report(data), encoding="utf-8")
+
+
+def _page_links(paths: PathsParams) -> dict[str, str]:
+    """The pages the report links to, where their stages' contracts put them, relative to the report's
+    folder (`../export/index.html` with the default paths)."""
+    here = (paths.reports("evaluate") / STAGE.page).parent
+    pages = {name: paths.reports(name) / contracts()[name].page for name in report.LINKED}
+    return {name: Path(os.path.relpath(target, here)).as_posix() for name, target in pages.items()}
 
 
 def _plots(

@@ -80,7 +80,7 @@ def run(params: Params) -> dict:
                 f"written. Re-run quantize (dvc repro quantize) or try another export.opset"
             )
         write_text(out / CARD_FILE, model_card(trained, metrics, meta, paths, quantized))
-    write_export_page(paths, paths.export_dir / CARD_FILE)
+    write_export_page(paths, paths.reports("export") / STAGE.page, paths.export_dir / CARD_FILE)
     return metrics
 
 

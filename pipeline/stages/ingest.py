@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import NO_CSV_MANIFEST, Params
+from pipeline.config import NO_CSV_MANIFEST, IngestParams, Params, PathsParams
 from pipeline.data import images
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, write_json
@@ -40,20 +40,20 @@ STAGE = Stage(
 log = logging.getLogger(__name__)
 
 
-def _scan_tree(params: Params, presplit: bool) -> images.Scan:
+def _scan_tree(ingest: IngestParams, paths: PathsParams, presplit: bool) -> images.Scan:
     return images.scan_tree(
-        params.paths.data_root,
-        params.ingest.extensions,
-        follow_symlinks_inside_root=params.ingest.follow_symlinks_inside_root,
-        label_depth=params.ingest.label_depth,
+        paths.data_root,
+        ingest.extensions,
+        follow_symlinks_inside_root=ingest.follow_symlinks_inside_root,
+        label_depth=ingest.label_depth,
         presplit=presplit,
     )
 
 
-def _read_listing(params: Params) -> images.Scan:
+def _read_listing(ingest: IngestParams, paths: PathsParams) -> images.Scan:
     """The CSV manifest's candidates; the rows that repeat an earlier row are ignored with a warning."""
-    listing = params.paths.csv_manifest
-    scan = images.read_listing(params.paths.data_root, listing, params.ingest.follow_symlinks_inside_root)
+    listing = paths.csv_manifest
+    scan = images.read_listing(paths.data_root, listing, ingest.follow_symlinks_inside_root)
     if scan.repeated_rows:
         lines = images.first_few([str(line) for line in scan.repeated_rows])
         log.warning(
@@ -66,16 +66,16 @@ def _read_listing(params: Params) -> images.Scan:
     return scan
 
 
-_SOURCES: dict[str, Callable[[Params], images.Scan]] = {
-    "folder": lambda p: _scan_tree(p, presplit=False),
-    "presplit": lambda p: _scan_tree(p, presplit=True),
+_SOURCES: dict[str, Callable[[IngestParams, PathsParams], images.Scan]] = {
+    "folder": lambda ingest, paths: _scan_tree(ingest, paths, presplit=False),
+    "presplit": lambda ingest, paths: _scan_tree(ingest, paths, presplit=True),
     "csv": _read_listing,
 }
 
 
 def run(params: Params) -> dict:
-    source = check_inputs(params)
-    metrics, details = _scan_and_inspect(params, source)
+    source = check_inputs(params.ingest, params.paths)
+    metrics, details = _scan_and_inspect(params.ingest, params.paths, source)
     details["source"] = source
     write_json(params.paths.details("ingest"), details)
     write_json(params.paths.metrics("ingest"), metrics)
@@ -107,14 +107,14 @@ def _warn_notes(notes: dict[str, list[str]], details: Path) -> None:
         log.warning("ingest: %d image(s) %s: %s (all in %s)", len(paths), images.NOTES[kind], shown, details)
 
 
-def _scan_and_inspect(params: Params, source: str) -> tuple[dict, dict]:
+def _scan_and_inspect(ingest: IngestParams, paths: PathsParams, source: str) -> tuple[dict, dict]:
     """Find the candidates, write the manifest; its headline figures (metrics) and the rest (details)."""
-    scan = _SOURCES[source](params)
+    scan = _SOURCES[source](ingest, paths)
     if all(c.status == "empty_class_folder" for c in scan.candidates):
         raise PipelineError(
-            f"paths.data_root: no image files under {params.paths.data_root} (skipped {scan.skipped_hidden} "
+            f"paths.data_root: no image files under {paths.data_root} (skipped {scan.skipped_hidden} "
             f"hidden and {scan.skipped_non_image} non-image entries; ingest.extensions = "
-            f"{params.ingest.extensions}); put images in one folder per class"
+            f"{ingest.extensions}); put images in one folder per class"
         )
 
     started = time.perf_counter()
@@ -122,10 +122,11 @@ def _scan_and_inspect(params: Params, source: str) -> tuple[dict, dict]:
     labels: set[str] = set()
     notes: dict[str, list[str]] = {}
     total = len(scan.candidates)
-    step = files_per_task(total, params.ingest.chunksize, params.ingest.num_workers)
+    step = files_per_task(total, ingest.chunksize, ingest.num_workers)
     ranges = [(start, min(start + step, total)) for start in range(0, total, step)]
-    with atomic_path(params.paths.manifest) as tmp:
-        with tmp.open("w", newline="", encoding="utf-8") as fh, _inspector(params, scan.candidates) as imap:
+    inspector = _inspector(ingest, paths.data_root, scan.candidates)
+    with atomic_path(paths.manifest) as tmp:
+        with tmp.open("w", newline="", encoding="utf-8") as fh, inspector as imap:
             csv.writer(fh, lineterminator="\n").writerow(images.MANIFEST_COLUMNS)
             with progress("ingest", total, "file") as bar:
                 for text, counts, usable_labels, noted in imap(_inspect_range, ranges):
@@ -163,30 +164,30 @@ def files_per_task(total: int, chunksize: int, workers: int) -> int:
     return max(1, min(chunksize, math.ceil(total / (4 * max(workers, 1)))))
 
 
-def check_inputs(params: Params, for_dvc: bool = False) -> str:
+def check_inputs(ingest: IngestParams, paths: PathsParams, for_dvc: bool = False) -> str:
     """The source ingest will read (folder, presplit or csv), once its input paths are checked: raises a
     PipelineError with one line per problem. `python -m pipeline check` runs this before `dvc repro` with
     `for_dvc`, which adds the checks of `check_dvc_inputs`."""
-    problems = _path_problems(params, Path("."), for_dvc)
+    problems = _path_problems(paths, Path("."), for_dvc)
     if problems:
         raise PipelineError("\n".join(problems))
-    return _resolve_source(params)
+    return _resolve_source(ingest, paths)
 
 
-def check_dvc_inputs(params: Params, project: Path = Path(".")) -> None:
+def check_dvc_inputs(paths: PathsParams, project: Path = Path(".")) -> None:
     """Raise a PipelineError, one line per problem, on the inputs that make `dvc repro` fail before ingest
     runs with a bare `[Errno 2]`: a data_root or CSV manifest that is not there (the NO_CSV_MANIFEST
     placeholder included: DVC reads it), and entries of the data folder DVC cannot hash. Paths are relative to
     `project`, the folder of params.yaml. The flow runs this at its start; the source settings are ingest's
     to report."""
-    problems = _path_problems(params, project, for_dvc=True)
+    problems = _path_problems(paths, project, for_dvc=True)
     if problems:
         raise PipelineError("\n".join(problems))
 
 
-def _path_problems(params: Params, project: Path, for_dvc: bool) -> list[str]:
-    root, listing = project / params.paths.data_root, project / params.paths.csv_manifest
-    placeholder = params.paths.csv_listing is None
+def _path_problems(paths: PathsParams, project: Path, for_dvc: bool) -> list[str]:
+    root, listing = project / paths.data_root, project / paths.csv_manifest
+    placeholder = paths.csv_listing is None
     problems = []
     if not root.is_dir():
         what = "it is a file" if root.exists() else "it does not exist"
@@ -266,10 +267,10 @@ def _special_kind(entry: os.DirEntry) -> str | None:
     return f"link to a {kind}" if kind and entry.is_symlink() else kind
 
 
-def _resolve_source(params: Params) -> str:
+def _resolve_source(ingest: IngestParams, paths: PathsParams) -> str:
     """`auto`: a CSV manifest when one is set, pre-split when train/ and val/ exist, else class folders."""
-    source, root = params.ingest.source, params.paths.data_root
-    if source == "csv" and params.paths.csv_listing is None:
+    source, root = ingest.source, paths.data_root
+    if source == "csv" and paths.csv_listing is None:
         raise PipelineError("ingest.source is csv but paths.csv_manifest is not set; set it to your CSV file")
     if source == "presplit" and not images.has_presplit_layout(root):
         raise PipelineError(
@@ -278,7 +279,7 @@ def _resolve_source(params: Params) -> str:
         )
     if source != "auto":
         return source
-    if params.paths.csv_listing is not None:
+    if paths.csv_listing is not None:
         return "csv"
     return "presplit" if images.has_presplit_layout(root) else "folder"
 
@@ -325,17 +326,18 @@ def _inspect_range(bounds: tuple[int, int]) -> tuple[str, Counter[str], set[str]
 
 
 @contextlib.contextmanager
-def _inspector(params: Params, candidates: list[images.Candidate]) -> Iterator[Callable]:
-    """An ordered lazy map for _inspect_range: in this process for `ingest.num_workers: 0`, else over a
-    process pool whose workers get the candidates once, when they start."""
-    budget = params.ingest.max_decode_mib * images.MIB
-    settings = (str(params.paths.data_root), params.ingest.max_decode_pixels, budget, candidates)
-    if params.ingest.num_workers == 0:
+def _inspector(ingest: IngestParams, root: Path, candidates: list[images.Candidate]) -> Iterator[Callable]:
+    """An ordered lazy map for _inspect_range over the candidates under `root`: in this process for
+    `ingest.num_workers: 0`, else over a process pool whose workers get the candidates once, when they
+    start."""
+    budget = ingest.max_decode_mib * images.MIB
+    settings = (str(root), ingest.max_decode_pixels, budget, candidates)
+    if ingest.num_workers == 0:
         _start_inspector(*settings)
         try:
             yield map
         finally:
             _INSPECTOR.clear()
         return
-    with multiprocessing.Pool(params.ingest.num_workers, _start_inspector, settings) as pool:
+    with multiprocessing.Pool(ingest.num_workers, _start_inspector, settings) as pool:
         yield pool.imap

@@ -40,7 +40,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from pipeline import stats, timing
-from pipeline.config import Params, QuantizeParams
+from pipeline.config import Params, PathsParams, QuantizeParams
 from pipeline.data.sampling import stratified_sample
 from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
@@ -93,7 +93,7 @@ class Candidate:
 def run(params: Params) -> dict:
     q, paths = params.quantize, params.paths
     trained = load_trained(paths.model)
-    inputs, labels = _compared_images(params, trained.class_names, trained.data_config)
+    inputs, labels = _compared_images(paths, trained.class_names, trained.data_config)
     with atomic_dir(paths.onnx_dir) as out:
         fp32 = rt.export_onnx(
             trained.model, out / rt.FP32_FILE, trained.data_config["input_size"], params.export.opset
@@ -109,7 +109,7 @@ def run(params: Params) -> dict:
         candidates: list[Candidate] = []
         if q.enabled:
             calibration = (
-                _calibration_images(params, trained.class_names, trained.data_config)
+                _calibration_images(paths, trained.class_names, trained.data_config, q, params.base.seed)
                 if q.method == "static"
                 else None
             )
@@ -266,18 +266,20 @@ def quantize_onnx(
     return int8
 
 
-def _compared_images(params: Params, names: list[str], cfg: dict) -> tuple[np.ndarray, np.ndarray]:
+def _compared_images(paths: PathsParams, names: list[str], cfg: dict) -> tuple[np.ndarray, np.ndarray]:
     """The val and test images, preprocessed as predict does, and their class indices."""
-    parts = [
-        read_split(params.paths.splits, params.paths.data_root, split, names) for split in COMPARED_SPLITS
-    ]
+    parts = [read_split(paths.splits, paths.data_root, split, names) for split in COMPARED_SPLITS]
     inputs = np.concatenate([rt.load_inputs(paths, cfg) for paths, _ in parts])
     return inputs, np.concatenate([labels for _, labels in parts])
 
 
-def _calibration_images(params: Params, names: list[str], cfg: dict) -> np.ndarray:
-    train_paths, train_labels = read_split(params.paths.splits, params.paths.data_root, "train", names)
-    chosen = stratified_sample(train_labels, params.quantize.calibration_images, params.base.seed)
+def _calibration_images(
+    paths: PathsParams, names: list[str], cfg: dict, q: QuantizeParams, seed: int
+) -> np.ndarray:
+    """`q.calibration_images` train images, a stratified sample drawn with `seed`, preprocessed as predict
+    does."""
+    train_paths, train_labels = read_split(paths.splits, paths.data_root, "train", names)
+    chosen = stratified_sample(train_labels, q.calibration_images, seed)
     return rt.load_inputs([train_paths[i] for i in chosen], cfg)
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from pipeline.config import Params
+from pipeline.config import Params, SplitParams
 from pipeline.data.audit import describe_group, with_audit_groups
 from pipeline.data.images import SPLITS
 from pipeline.data.splits import VALIDATED_COLUMNS, read_validated
@@ -62,10 +62,11 @@ def run(params: Params) -> dict:
                 f"(e.g. {examples}) while others do; give every row a split, or set "
                 "split.keep_given_splits: false"
             )
-        table, strategy, by_rank = _keep_given(table, params)
+        table, strategy, by_rank = _keep_given(table, params.split, params.base.seed)
     else:
         fractions = {"train": params.split.train, "val": params.split.val, "test": params.split.test}
-        split_of, by_rank = _split_units(table, fractions, params, "their images all go to train")
+        consequence = "their images all go to train"
+        split_of, by_rank = _split_units(table, fractions, params.split, params.base.seed, consequence)
         table, strategy = table.assign(split=_unit_keys(table).map(split_of)), params.split.method
 
     table = table.sort_values("path", kind="stable").reset_index(drop=True)
@@ -99,13 +100,14 @@ def stable_position(sha256: str, seed: int) -> float:
 
 
 def _split_units(
-    table: pd.DataFrame, fractions: dict[str, float], params: Params, consequence: str
+    table: pd.DataFrame, fractions: dict[str, float], settings: SplitParams, seed: int, consequence: str
 ) -> tuple[dict[str, str], dict[str, int]]:
     """(unit -> split, class -> units placed by rank) for the rows of `table`.
 
     `fractions` starts with the split that takes the rest (train, or the split that test is carved from);
-    the others are filled first, in reverse order (test, then val), by `split.method`. Units under two or
-    more labels (an audit group across classes) are placed first (`_place_shared`), then each class's own.
+    the others are filled first, in reverse order (test, then val), by `split.method` (`settings`), drawn
+    with `seed` (`base.seed`). Units under two or more labels (an audit group across classes) are placed
+    first (`_place_shared`), then each class's own.
 
     Raises:
         PipelineError: a class misses a wanted split (`split.small_class: error`), or train (`warning`).
@@ -114,7 +116,7 @@ def _split_units(
     order = [(split, fractions[split]) for split in [*reversed(drawn), rest]]
     wanted = [split for split in fractions if fractions[split] > 0]
     keys = _unit_keys(table)
-    units = _units(table, keys, params.base.seed)
+    units = _units(table, keys, seed)
     single = units["labels"].map(len) == 1
     own, shared = units[single].assign(label=units.loc[single, "labels"].str[0]), units[~single]
     owned = own["label"].value_counts().to_dict()
@@ -133,13 +135,14 @@ def _split_units(
             continue
         # Enough units of its own: every wanted split from them, as without shared units; else the rest.
         must = wanted if len(rows) >= len(wanted) else [s for s in wanted if s not in covered.get(label, ())]
-        if params.split.method == "stable":
+        if settings.method == "stable":
             assigned, moved = _stable(rows["position"], order, must)
             by_rank.update({label: moved} if moved else {})
         else:
-            assigned = _stratified(list(rows.index), fractions, [s for s, _ in order], params.base.seed, must)
+            assigned = _stratified(list(rows.index), fractions, [s for s, _ in order], seed, must)
         split_of.update(assigned)
-    _check_coverage(table.assign(split=keys.map(split_of)), keys, (wanted, rest), params, consequence)
+    placed_table = table.assign(split=keys.map(split_of))
+    _check_coverage(placed_table, keys, (wanted, rest), settings.small_class, consequence)
     return split_of, by_rank
 
 
@@ -223,31 +226,36 @@ def _stratified(
     return split_of
 
 
-def _keep_given(table: pd.DataFrame, params: Params) -> tuple[pd.DataFrame, str, dict[str, int]]:
+def _keep_given(
+    table: pd.DataFrame, settings: SplitParams, seed: int
+) -> tuple[pd.DataFrame, str, dict[str, int]]:
     """The source's own splits; with `split.carve_test_from`, fraction `split.test` of each class of that
-    split is carved out into test (by `split.method`) when the source gave no test split."""
-    source, strategy, by_rank = params.split.carve_test_from, "given", {}
+    split is carved out into test (by `split.method`, seeded by `seed`) when the source gave no test
+    split."""
+    source, strategy, by_rank = settings.carve_test_from, "given", {}
     if source != "none" and (table["split"] == "test").any():
         log.info("split: the source has a test split; split.carve_test_from: %s is not needed", source)
     elif source != "none":
-        if params.split.test == 0:
+        if settings.test == 0:
             raise PipelineError(
                 f"split.carve_test_from is {source} but split.test is 0; set split.test to the fraction "
                 f"of {source} to move into test"
             )
-        fractions = {source: 1.0 - params.split.test, "test": params.split.test}
+        fractions = {source: 1.0 - settings.test, "test": settings.test}
         in_source = table["split"] == source
-        split_of, by_rank = _split_units(table[in_source], fractions, params, f"they stay in {source}")
+        consequence = f"they stay in {source}"
+        split_of, by_rank = _split_units(table[in_source], fractions, settings, seed, consequence)
         moved = in_source & _unit_keys(table).map(split_of).eq("test")
         table = table.assign(split=table["split"].where(~moved, "test"))
-        strategy = f"given, test carved from {source} ({params.split.method})"
+        strategy = f"given, test carved from {source} ({settings.method})"
     present = [split for split in SPLITS if (table["split"] == split).any()]
     missing = [
         f"{label!r} (not in {[s for s in present if s not in set(rows['split'])]})"
         for label, rows in table.groupby("label", sort=True)
         if not set(present) <= set(rows["split"])
     ]
-    _small_classes(missing, f"appear in each given split {present}", "the splits stay as given", params)
+    need = f"appear in each given split {present}"
+    _small_classes(missing, need, "the splits stay as given", settings.small_class)
     return table, strategy, by_rank
 
 
@@ -316,11 +324,11 @@ def _draw(ids: list[str], n: int, seed: int) -> tuple[list[str], list[str]]:
 
 
 def _check_coverage(
-    table: pd.DataFrame, keys: pd.Series, splits: tuple[list[str], str], params: Params, consequence: str
+    table: pd.DataFrame, keys: pd.Series, splits: tuple[list[str], str], small_class: str, consequence: str
 ) -> None:
     """Every class of `table` (with its `split` set) in each wanted split, or one line that names each class
     that is not, its counts, why and the fixes. `splits`: (wanted, the split that takes the rest); with
-    `split.small_class: warning` a class must still be in the latter."""
+    `small_class` (`split.small_class`) `warning` a class must still be in the latter."""
     wanted, rest = splits
     counts = pd.crosstab(table["label"], table["split"]).reindex(columns=wanted, fill_value=0)
     short = [label for label in counts.index if (counts.loc[label] == 0).any()]
@@ -332,12 +340,12 @@ def _check_coverage(
         offenders.append(f"and {len(short) - _DESCRIBED} more: {', '.join(map(repr, short[_DESCRIBED:]))}")
     fixes = ["add images to them", *dict.fromkeys(fix for _, fixes in described for fix in fixes)]
     untrained = [label for label in short if counts.at[label, rest] == 0]
-    if untrained and params.split.small_class == "warning":
+    if untrained and small_class == "warning":
         raise PipelineError(
             f"classes {untrained} get no image in {rest}, even with split.small_class: warning "
             f"({', '.join(offenders)}); {', or '.join(fixes)}"
         )
-    _small_classes(offenders, f"appear in each of {wanted}", consequence, params, fixes)
+    _small_classes(offenders, f"appear in each of {wanted}", consequence, small_class, fixes)
 
 
 _DESCRIBED = 5  # classes described in the message; the others are only named
@@ -369,12 +377,13 @@ def _describe(table: pd.DataFrame, keys: pd.Series, label: str, counts: pd.Serie
 
 
 def _small_classes(
-    offenders: list[str], need: str, consequence: str, params: Params, fixes: list[str] | None = None
+    offenders: list[str], need: str, consequence: str, small_class: str, fixes: list[str] | None = None
 ) -> None:
+    """Raise on `offenders` too small to `need` when `small_class` (split.small_class) is error, else warn."""
     if not offenders:
         return
     problem = f"classes [{', '.join(offenders)}] are too small to {need}"
-    if params.split.small_class == "error":
+    if small_class == "error":
         raise PipelineError(
             f"{problem}; {', or '.join(fixes or ['add images to them'])}, or set split.small_class: warning "
             f"({consequence})"
