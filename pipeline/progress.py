@@ -37,6 +37,7 @@ class Progress:
         desc: str,
         total: int,
         unit: str,
+        *,
         interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         write: Callable[[str], None] = log.info,

@@ -67,7 +67,7 @@ class CachedImages(Dataset):
     """
 
     def __init__(
-        self, cache_file: Path, labels: np.ndarray, transform: Callable, seed: int, random: bool = True
+        self, cache_file: Path, labels: np.ndarray, transform: Callable, seed: int, *, random: bool = True
     ):
         self.cache_file, self.labels, self.transform, self.seed = Path(cache_file), labels, transform, seed
         self.random = random
@@ -109,6 +109,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self,
         labels: np.ndarray,
         seed: int,
+        *,
         rank: int = 0,
         world_size: int = 1,
         shuffle: bool = True,

@@ -134,7 +134,9 @@ def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
         f"{len(class_names)} classes, {len(ready.plans)} epochs"
     )
     live = _live(paths.live_dir, state.history) if env.is_main else None
-    after_epoch = _AfterEpoch(tp, checkpoint_file, trainer, fingerprint, live)
+    after_epoch = _AfterEpoch(
+        tp=tp, checkpoint_file=checkpoint_file, trainer=trainer, fingerprint=fingerprint, live=live
+    )
     state = fit(trainer, ready.plans, ready.data, state, len(class_names), after_epoch)
     if env.is_main:
         ready.model.load_state_dict(state.best_state)
@@ -206,7 +208,7 @@ class _AfterEpoch:
     every `train.checkpoint_every_s` and after the last epoch, the dvclive step and the epoch's log line."""
 
     def __init__(
-        self, tp: TrainParams, checkpoint_file: Path, trainer: Trainer, fingerprint: str, live: Live | None
+        self, *, tp: TrainParams, checkpoint_file: Path, trainer: Trainer, fingerprint: str, live: Live | None
     ):
         self.train_params, self.trainer, self.fingerprint = tp, trainer, fingerprint
         self.live, self.checkpoint_file = live, checkpoint_file
