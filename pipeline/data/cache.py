@@ -99,13 +99,21 @@ def open_cache(path: Path) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-def _fill(array: np.ndarray, paths: Sequence[Path], data_config: dict[str, Any], workers: int) -> None:
-    def fill(index: int) -> None:
-        array[index] = _load(paths[index], data_config)
+# Images per thread task. One task per image made a future per image, all at once (pool.map submits every
+# task before the first result): a million images took 1.6 GB and 23 s in futures alone (benchmarks/scale.py).
+_TASK_IMAGES = 256
 
+
+def _fill(array: np.ndarray, paths: Sequence[Path], data_config: dict[str, Any], workers: int) -> None:
+    def fill(span: tuple[int, int]) -> None:
+        for index in range(*span):
+            array[index] = _load(paths[index], data_config)
+
+    spans = [(start, min(start + _TASK_IMAGES, len(paths))) for start in range(0, len(paths), _TASK_IMAGES)]
     # PIL releases the GIL while decoding and resizing, so threads scale without pickling pixels.
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        list(pool.map(fill, range(len(paths))))
+        for _ in pool.map(fill, spans):  # raises the first task's error, as before
+            pass
 
 
 def _load(path: Path, data_config: dict[str, Any]) -> np.ndarray:

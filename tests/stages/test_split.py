@@ -6,6 +6,7 @@ import hashlib
 import logging
 import math
 import re
+import sys
 
 import numpy as np
 import pandas as pd
@@ -402,3 +403,58 @@ def test_a_class_the_audit_grouped_into_one_image_names_the_group(tmp_path):
     )
     assert "raise audit.similarity or audit.pixel_correlation" in message
     assert "'c08'" not in message  # only the class that cannot be split
+
+
+def _python_calls(function, *args) -> int:
+    """Python-level function calls made while `function(*args)` runs (calls into C are not counted)."""
+    calls = 0
+
+    def count(frame, event, arg) -> None:
+        nonlocal calls
+        calls += event == "call"
+
+    sys.setprofile(count)
+    try:
+        function(*args)
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def _linked_table(n: int) -> pd.DataFrame:
+    """n files in 10 classes: every 20th a byte copy of the one before, every 10th in the near-duplicate group
+    of the one before, and one group across two classes."""
+    shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)]
+    shas = [shas[i - 1] if i % 20 == 19 else sha for i, sha in enumerate(shas)]
+    groups = [shas[i - 1] if i % 10 == 9 else sha for i, sha in enumerate(shas)]
+    groups[1] = groups[0]  # classes 0 and 1
+    labels = [f"c{i % 10}" if i % 10 != 9 else f"c{(i - 1) % 10}" for i in range(n)]
+    return pd.DataFrame({"sha256": shas, "group": groups, "label": labels}, dtype=str)
+
+
+def test_units_of_a_million_rows_take_no_python_call_per_row():
+    """Joining files into units (connected components) and describing them runs in numpy and pandas: a Python
+    union-find and per-row lambdas took 18 s of a million-image split (benchmarks/scale.py)."""
+    small, large = _linked_table(1_000), _linked_table(20_000)
+    for table in (small, large):
+        keys = split._unit_keys(table)
+        units = split._units(table, keys, seed=42)
+        # Each 10th file joins the one before (every other one by its bytes), and file 1 joins file 0.
+        assert keys.nunique() == len(units) == len(table) - len(table) // 10 - 1
+        assert units.loc[keys[0], "labels"] == ("c0", "c1") and units["images"].sum() == len(table)
+    grown = [
+        _python_calls(work, large) - _python_calls(work, small)
+        for work in (split._unit_keys, lambda t: split._units(t, split._unit_keys(t), 42))
+    ]
+    assert max(grown) < 200, grown  # 20 times the rows, the same calls (was one or more per row)
+
+
+def test_stable_positions_are_the_one_by_one_positions():
+    shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(500)]
+    expected = [stable_position(sha, 7) for sha in shas]
+    assert split.stable_positions(shas, 7).tolist() == expected
+    old = [  # the definition, written out
+        int.from_bytes(hashlib.blake2b(s.encode(), key=b"7", digest_size=8).digest(), "big") / 2.0**64
+        for s in shas
+    ]
+    assert expected == old

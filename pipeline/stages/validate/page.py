@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 
 from pipeline.config import ValidateParams
@@ -17,6 +18,8 @@ if TYPE_CHECKING:  # the package imports this module: the name only for annotati
     from pipeline.stages.validate import Checked
 
 _QUARANTINE_SHOWN = 50  # rows of the quarantine list on the page
+_NAMED_CLASSES = 60  # up to this many classes the plot has a named bar per class (32 inches wide at 60)
+_STEPPED_WIDTH = 12.0  # inches: the plot of more classes
 _BOUND = {"min_value": "\u2265", "max_value": "\u2264"}  # >=, <=
 _SUBJECT = {
     "files": "each image: ",
@@ -33,21 +36,32 @@ _DOCS_NOTE = (
 def plot_distribution(
     classes: pd.DataFrame, manifest: pd.DataFrame, excluded: dict[str, str], min_images_per_class: int
 ) -> bytes:
-    """Usable and quarantined images per class, stacked, with the `validate.min_images_per_class` line."""
+    """Usable and quarantined images per class, stacked, with the `validate.min_images_per_class` line: a
+    named bar per class up to _NAMED_CLASSES classes, else one stepped outline over all of them at a fixed
+    width (a bar and a label per class made 1,000 classes a 50,200 px wide image that took 5.8 s)."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
     dropped = manifest[((manifest["status"] != "ok") | manifest["path"].isin(excluded))]
     dropped = dropped[dropped["status"] != "empty_class_folder"]["label"].value_counts()
     dropped = dropped.reindex(classes["label"], fill_value=0).to_numpy()
     kept = classes["images"].to_numpy()
-    figure = Figure(figsize=(max(4.0, 0.5 * len(classes) + 2), 3.5), layout="constrained")
+    named = len(classes) <= _NAMED_CLASSES
+    width = max(4.0, 0.5 * len(classes) + 2) if named else _STEPPED_WIDTH
+    figure = Figure(figsize=(width, 3.5), layout="constrained")
     axes = figure.add_subplot()
-    axes.bar(classes["label"], kept, label="usable", color="#4c72b0")
-    axes.bar(classes["label"], dropped, bottom=kept, label="quarantined", color="#dd8452")
+    if named:
+        axes.bar(classes["label"], kept, label="usable", color="#4c72b0")
+        axes.bar(classes["label"], dropped, bottom=kept, label="quarantined", color="#dd8452")
+        axes.tick_params(axis="x", labelrotation=45)
+    else:
+        edges = np.arange(len(classes) + 1)
+        axes.stairs(kept, edges, fill=True, label="usable", color="#4c72b0")
+        axes.stairs(kept + dropped, edges, baseline=kept, fill=True, label="quarantined", color="#dd8452")
+        axes.set_xlim(0, len(classes))
+        axes.set_xlabel(f"{len(classes)} classes in name order (each one's count: the table below)")
     axes.axhline(min_images_per_class, color="grey", linestyle="--", label="min_images_per_class")
     axes.set_ylabel("images")
     axes.set_title("Images per class")
-    axes.tick_params(axis="x", labelrotation=45)
     axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
