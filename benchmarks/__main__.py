@@ -1,4 +1,5 @@
-"""`python -m benchmarks <name> [--smoke] [--out DIR] [--data DIR] [--repeats N] [--set key=value ...]`.
+"""`python -m benchmarks <name> [--smoke] [--out DIR] [--data DIR] [--repeats N] [--set key=value ...]
+[--sizes N,N,...]`.
 
 Each benchmark module has `SETTINGS` ({"full": ..., "smoke": ...}) and `run(opts) -> result payload`; this
 file only parses the options, runs it and writes `<out>/<name>.json`. See benchmarks/README.md.
@@ -29,13 +30,26 @@ BENCHMARKS = (
     "distill",
     "audit_label_noise",
     "audit_near_duplicates",
+    "scale",
 )
 
 
-def run(name: str, opts: Options) -> Path:
-    """Run benchmark `name` and write its result; returns the result file."""
+def run(name: str, opts: Options, **extra: Any) -> Path:
+    """Run benchmark `name` and write its result; returns the result file. `extra`: options only that
+    benchmark takes (`sizes` for scale)."""
     module = importlib.import_module(f"benchmarks.{name}")
-    return write_result(opts.out_dir, module.run(opts))
+    return write_result(opts.out_dir, module.run(opts, **extra))
+
+
+def _sizes(text: str) -> list[int]:
+    """'10000,100000' -> [10000, 100000]."""
+    try:
+        sizes = [int(part.replace("_", "")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected image counts, e.g. 10000,100000") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive image counts, e.g. 10000,100000")
+    return sizes
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
@@ -66,12 +80,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="params override (value read as YAML), as `dvc exp run -S`")  # fmt: skip
     parser.add_argument("--project", type=Path,
                         help="pipeline_overhead: measure a copy of this reproduced DVC project")  # fmt: skip
+    parser.add_argument("--sizes", type=_sizes, help="scale only: image counts, e.g. 10000,100000")
     args = parser.parse_args(argv)
+    if args.sizes and args.name != "scale":
+        parser.error("--sizes is an option of the scale benchmark only")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     opts = Options(
         args.smoke, args.out, args.data, args.repeats, args.workdir, _overrides(args.overrides), args.project
     )
-    print(f"{args.name}: {run(args.name, opts)}")
+    extra = {"sizes": args.sizes} if args.sizes else {}
+    print(f"{args.name}: {run(args.name, opts, **extra)}")
 
 
 if __name__ == "__main__":

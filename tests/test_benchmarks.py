@@ -250,3 +250,61 @@ def test_audit_near_duplicates_injects_copies_and_times_a_cold_and_a_warm_cache(
     extra = figures["extra_pairs_per_1000_images"]
     assert extra == pytest.approx(1000 * seed["extra_pairs"] / seed["images"])
     assert figures["seconds"]["cold"]["median"] > 0 and figures["seconds"]["warm"]["median"] > 0
+    approximate = seed["approximate_search"]  # the same data by the search sets above checks.ANN_ABOVE get
+    assert 0.0 <= approximate["recall"] <= 1.0 and approximate["injected_pairs"] == 5
+    assert figures["approximate_search"]["recall"] == approximate["recall"]
+
+
+def test_audit_scale_times_both_searches_and_fits_the_exponent(results: _Results) -> None:
+    payload = _load(results, "audit_scale")  # not in BENCHMARKS yet: run by name
+    assert payload["benchmark"] == "audit_scale" and payload["smoke"] is True
+    figures, ratios = payload["results"], payload["ratios"]
+    for path in ("approximate", "exact"):
+        for n, size_run in figures[path].items():
+            assert size_run["seconds"] > 0 and size_run["candidates"] >= int(n)  # each image: a nearest other
+            assert 0 < size_run["peak_anonymous_mib"] <= size_run["peak_rss_mib"]
+            kinds = ("similarity", "neighbours", "pixel_nearest")  # the planted copies: all found
+            assert [size_run[f"recall_{kind}"] for kind in kinds] == [1.0, 1.0, 1.0]
+    sizes = sorted(figures["approximate"], key=int)
+    seconds = [figures["approximate"][n]["seconds"] for n in sizes]
+    assert ratios["search_exponent"] == pytest.approx(math.log(seconds[1] / seconds[0]) / math.log(2))
+    assert figures["pixel_check"]["seconds_per_candidate_pair"] > 0
+    assert all(
+        set(run["seconds"]) == {"k_fold_probe", "cleanlab", "drift"} for run in figures["labels"].values()
+    )
+    for goal in payload["targets"].values():
+        assert set(goal) == {"target", "value", "met"} and isinstance(goal["met"], bool)
+
+
+def test_scale_runs_every_stage_as_a_command_and_plots_seconds_against_images(results: _Results) -> None:
+    payload = _load(results, "scale")
+    (size,) = payload["results"]["sizes"].values()
+    assert (size["images"], size["classes"]) == (2000, 10)
+    assert set(size["stages"]) == {"ingest", "validate", "audit", "split", "train", "evaluate"}
+    for stage, figures in size["stages"].items():
+        assert figures["returncode"] == 0 and not figures["timed_out"], (stage, figures.get("error"))
+        assert figures["seconds"] >= figures["stage_seconds"] > 0, stage  # wall time includes start-up
+        assert figures["peak_rss_mib"] > 0 and figures["processes"] >= 1 and figures["output_bytes"] > 0
+    assert size["stages"]["audit"]["cache_bytes_added"] > 0  # the image cache and the features
+    assert payload["results"]["backbone"]["images_per_s"] > 0
+    assert payload["results"]["growth"] == {"exponents": {}}  # one size: nothing to fit
+    assert payload["settings"]["disk"]["size_gib"] > 0
+    plot = results["scale"].parent / payload["plot"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scale_fits_the_exponent_and_reuses_the_images_it_made(tmp_path: Path) -> None:
+    from benchmarks import scale
+
+    assert scale.exponent(2.0, 200.0, 1_000, 10_000) == pytest.approx(2.0)
+    assert scale.exponent(0.0, 5.0, 1_000, 10_000) is None
+    spec = scale.make_images(tmp_path, 40, workers=1)
+    files = sorted(tmp_path.rglob("*.png"))
+    assert spec["classes"] == 10 and len(files) == 40
+    lost = tmp_path / scale.image_path(11, 40)  # a folder left half-made is completed, the rest is kept
+    lost.unlink()
+    (tmp_path / "spec.json").unlink()
+    before = files[0].stat().st_mtime_ns
+    assert scale.make_images(tmp_path, 40, workers=1) == spec
+    assert lost.read_bytes() == scale.png_bytes(scale.render(11, 40))
+    assert files[0].stat().st_mtime_ns == before

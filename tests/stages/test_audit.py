@@ -147,6 +147,10 @@ def test_aligned_pixel_correlation_matches_crops_and_mirrors_not_other_pictures(
     assert crop >= 0.995 and mirror >= 0.995 and other < 0.9
 
 
+def _tuples(pairs: checks.Pairs) -> set[tuple[int, int]]:
+    return set(zip(pairs.first.tolist(), pairs.second.tolist(), strict=True))
+
+
 def test_a_copy_far_from_its_original_in_embedding_space_is_found_by_its_pixels(tmp_path):
     files = [picture(tmp_path / f"{k}.png", "coffee", k) for k in range(6)]
     _jpeg(Image.open(files[2]).convert("RGB"), 60).save(tmp_path / "copy.jpg")
@@ -154,12 +158,17 @@ def test_a_copy_far_from_its_original_in_embedding_space_is_found_by_its_pixels(
     files += [tmp_path / "copy.jpg", tmp_path / "mirror.png"]
     embeddings = np.random.default_rng(0).normal(size=(len(files), 16))
     embeddings[6], embeddings[7] = -embeddings[2], -embeddings[4]  # each copy far from its original
-    assert not {(2, 6), (4, 7)} & set(checks.similar_pairs(embeddings, threshold=0.97, neighbours=1)[1])
-    thumbs = np.stack([checks.thumbnail(path) for path in files])
-    assert {(2, 6), (4, 7)} <= checks.pixel_nearest(thumbs)
-    pairs = checks.near_duplicate_pairs(embeddings, files, AuditParams(neighbours=1))
-    assert [(p.first, p.second) for p in pairs] == [(2, 6), (4, 7)]  # the other candidates fail the pixels
-    assert all(p.correlation >= 0.995 and p.similarity < 0 for p in pairs)
+    assert not {(2, 6), (4, 7)} & _tuples(checks.similar_pairs(embeddings, threshold=0.97, neighbours=1)[1])
+    thumbs = checks.thumbnails(files)
+    assert thumbs.dtype == np.uint8 and thumbs.shape == (len(files), 48, 48)
+    assert {(2, 6), (4, 7)} <= _tuples(checks.pixel_nearest(thumbs))
+    for ann_above in (checks.ANN_ABOVE, 0):  # all pairs compared, or graphs and memory-mapped files
+        pairs = checks.near_duplicate_pairs(embeddings, files, AuditParams(neighbours=1), ann_above)
+        assert [(p.first, p.second) for p in pairs] == [
+            (2, 6),
+            (4, 7),
+        ]  # the other candidates fail the pixels
+        assert all(p.correlation >= 0.995 and p.similarity < 0 for p in pairs)
 
 
 def test_similar_pairs_are_those_above_the_threshold_and_each_images_closest_others():
@@ -169,12 +178,22 @@ def test_similar_pairs_are_those_above_the_threshold_and_each_images_closest_oth
     similarity = unit @ unit.T
     np.fill_diagonal(similarity, -np.inf)
     expected = {tuple(sorted((i, int(similarity[i].argmax())))) for i in range(len(embeddings))}
-    assert set(pairs) == expected and all(i < j for i, j in pairs)
-    assert pairs[(0, 1)] == pytest.approx(similarity[0, 1], abs=1e-6)
+    assert _tuples(pairs) == expected and (pairs.first < pairs.second).all()
+    assert pairs.similarity[0] == pytest.approx(similarity[0, 1], abs=1e-6)  # (0, 1) sorts first
     above = {(i, j) for i in range(5) for j in range(i + 1, 5) if similarity[i, j] >= 0.5}
-    assert above and set(alike) == above  # whatever their rank
-    assert alike[(0, 1)] == pytest.approx(similarity[0, 1], abs=1e-6)
+    assert above and _tuples(alike) == above  # whatever their rank
+    assert alike.similarity[0] == pytest.approx(similarity[0, 1], abs=1e-6)
     assert len(checks.similar_pairs(embeddings, threshold=0.5, neighbours=10)[1]) == 10  # every pair, once
+
+
+def test_pairs_hold_each_pair_once_lower_index_first_and_never_an_image_with_itself():
+    pairs = checks.Pairs.of([3, 1, 2, 0, 2], [1, 3, 2, 5, 0], [0.5, 0.6, 0.7, 0.8, 0.9])
+    assert _tuples(pairs) == {(1, 3), (0, 5), (0, 2)}
+    assert pairs.first.tolist() == [0, 0, 1] and pairs.second.tolist() == [2, 5, 3]  # sorted
+    assert pairs.similarity.tolist() == pytest.approx([0.9, 0.8, 0.5])  # a pair's first occurrence
+    assert [p.correlation for p in pairs] == [None, None, None]  # NaN: not needed
+    assert checks.group_ids(["d", "c", "b", "a", "e", "f"], pairs) == ["b", "a", "b", "a", "e", "b"]
+    assert len(checks.Pairs.empty()) == 0
 
 
 def test_a_copy_under_another_label_is_a_conflict_and_fails_at_severity_error(tmp_path):

@@ -138,7 +138,7 @@ def audit(
     backbone's (model.weights); `champion_splits`: the champion's training set, drift's baseline."""
     # An untrained backbone's features find every image alike: no near-duplicate search on them.
     search = settings.near_duplicates and weights != "none"
-    pairs = checks.near_duplicate_pairs(embeddings, files, settings) if search else []
+    pairs = checks.near_duplicate_pairs(embeddings, files, settings) if search else checks.Pairs.empty()
     table = table.assign(group=checks.group_ids(table["sha256"].tolist(), pairs))
     table["group_size"] = table.groupby("group")["path"].transform("size").astype(int)
     table, suspects, label_note = _label_issues(table, embeddings, settings, seed)

@@ -1,14 +1,24 @@
 """The audit's statistics on backbone embeddings: near-duplicate groups, likely label errors, drift.
 
-Pure functions on arrays and image files; scikit-learn and cleanlab do the statistics, this module only wires
-them, and compares candidate near-duplicates pixel by pixel.
+Pure functions on arrays and image files; scikit-learn and cleanlab do the statistics, faiss the approximate
+nearest-neighbour search of large sets; this module only wires them, and compares candidate near-duplicates
+pixel by pixel.
+
+How the near-duplicate search grows (benchmarks/audit_scale.py): up to ANN_ABOVE images it compares every
+pair (blocked matrix products, time n^2); above, each image's neighbours come from HNSW graphs (faiss), one
+over the embeddings projected on their first principal axes (then re-ranked by their exact cosine), one over
+the 12 px thumbnails, so time grows as about n log n; the centred embeddings (float16) and the thumbnails
+(uint8) then live in memory-mapped temporary files, read a block at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -16,6 +26,16 @@ from PIL import Image
 from pipeline.config import AuditParams
 
 _BLOCK = 2048  # rows of the similarity matrix computed at a time: (2048, N) float32
+# Up to this many images every pair is compared, above it neighbours are approximate (faiss HNSW graphs), so
+# small sets keep their exact results. Comparing all pairs of 20,000 took 35 s and 1.1 GB on 2 busy cores, the
+# graphs 19 s and 0.2 GB (benchmarks/results/audit_scale.json); from 50,000 on all pairs no longer pays.
+ANN_ABOVE = 20_000
+_ANN_BLOCK = 1024  # images searched and re-ranked at a time: (1024, 16, C) float32 gathered
+_ANN_AXES = 64  # principal axes the embeddings are projected on for the graph (then made unit length)
+_ANN_SAMPLE = 20_000  # images the axes are fitted on (a fixed draw)
+_ANN_WANTED = 16  # neighbours the graph returns per image, re-ranked by their exact cosine
+_HNSW_LINKS, _HNSW_BUILD, _HNSW_SEARCH = 32, 40, 64  # faiss's M, efConstruction, efSearch
+_PIXEL_LINKS, _PIXEL_SEARCH = 16, 64  # the same for the 12 px thumbnails' graph (one nearest wanted)
 
 
 @dataclass(frozen=True)
@@ -24,6 +44,67 @@ class Pair:
     second: int
     similarity: float  # cosine of the two (centred) embeddings
     correlation: float | None  # best aligned pixel correlation (see aligned_correlation); None: not needed
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Pairs of images as arrays, each pair once, first < second, sorted by (first, second)."""
+
+    first: np.ndarray  # (P,) int64
+    second: np.ndarray  # (P,) int64
+    similarity: np.ndarray  # (P,) float32, cosine of the two (centred) embeddings; NaN: not computed
+    correlation: np.ndarray  # (P,) float32, best aligned pixel correlation; NaN: not needed
+    _COLUMNS: ClassVar[tuple[str, ...]] = ("first", "second", "similarity", "correlation")
+
+    @classmethod
+    def of(cls, first: Any, second: Any, similarity: Any = np.nan, correlation: Any = np.nan) -> Pairs:
+        """The pairs (i, j), given either way round: each once (its first occurrence), none of an image with
+        itself."""
+        first, second = (np.asarray(side, dtype=np.int64).ravel() for side in (first, second))
+        values = [
+            np.broadcast_to(np.asarray(v, dtype=np.float32).ravel(), first.shape)
+            for v in (similarity, correlation)
+        ]
+        low, high = np.minimum(first, second), np.maximum(first, second)
+        order = np.lexsort((high, low))  # stable: a pair's first occurrence comes first
+        low, high = low[order], high[order]
+        new = np.ones(len(low), dtype=bool)
+        new[1:] = (low[1:] != low[:-1]) | (high[1:] != high[:-1])
+        keep = new & (low != high)
+        return cls(low[keep], high[keep], *(v[order][keep] for v in values))
+
+    @classmethod
+    def empty(cls) -> Pairs:
+        return cls.of([], [])
+
+    @classmethod
+    def joined(cls, parts: Sequence[Pairs]) -> Pairs:
+        return cls.of(*(np.concatenate([getattr(p, name) for p in parts]) for name in cls._COLUMNS))
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def __iter__(self) -> Iterator[Pair]:
+        """Each pair as a Pair: for reading a few (use the arrays for many)."""
+        columns = (getattr(self, name).tolist() for name in self._COLUMNS)
+        for i, j, similarity, correlation in zip(*columns, strict=True):
+            yield Pair(i, j, similarity, None if math.isnan(correlation) else correlation)
+
+    def where(self, mask: np.ndarray) -> Pairs:
+        return Pairs(*(getattr(self, name)[mask] for name in self._COLUMNS))
+
+    def keys(self, n: int) -> np.ndarray:
+        """(P,) int64 first * n + second for `n` images: one sortable number per pair."""
+        return self.first * n + self.second
+
+
+def _spans(n: int, size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _rows(array: Any, start: int, stop: int) -> np.ndarray:
+    """Rows start:stop of an array or memory-mapped file, as float32."""
+    return np.asarray(array[start:stop], dtype=np.float32)
 
 
 def normalised(embeddings: np.ndarray) -> np.ndarray:
@@ -38,17 +119,42 @@ def _centred(embeddings: np.ndarray) -> np.ndarray:
     return normalised(embeddings - embeddings.mean(axis=0))
 
 
+def unit_embeddings(embeddings: Any, folder: Path | None = None) -> np.ndarray:
+    """The centred unit embeddings (_centred): (N, C) float32 in memory; or with `folder`, float16 in a
+    memory-mapped file there, made a block at a time (a million 1,280-d: 2.6 GB on disk, never 5 GB of float32
+    at once). `embeddings` may itself be memory-mapped, in any float type."""
+    if folder is None:
+        return _centred(np.asarray(embeddings))
+    n, channels = embeddings.shape
+    total = sum(np.asarray(embeddings[a:b], dtype=np.float64).sum(axis=0) for a, b in _spans(n, _BLOCK))
+    mean = (total / n).astype(np.float32)
+    unit = np.lib.format.open_memmap(folder / "unit.npy", mode="w+", dtype=np.float16, shape=(n, channels))
+    for start, stop in _spans(n, _BLOCK):
+        unit[start:stop] = normalised(_rows(embeddings, start, stop) - mean)
+    return unit
+
+
 def similar_pairs(
-    embeddings: np.ndarray, threshold: float, neighbours: int
-) -> tuple[dict[tuple[int, int], float], dict[tuple[int, int], float]]:
-    """One pass over the centred cosine similarities of all pairs, {(i, j), i < j: similarity} twice: the
-    pairs at least `threshold` alike, and each image with its `neighbours` most similar others. An altered
-    copy is its original's nearest neighbour even where the cosine itself is low (a JPEG of a 28 px image:
-    0.45-0.91), so the second set is ranked, not thresholded."""
-    unit = _centred(embeddings)
+    embeddings: np.ndarray, threshold: float, neighbours: int, ann_above: int = ANN_ABOVE
+) -> tuple[Pairs, Pairs]:
+    """The pairs whose centred embeddings' cosine is at least `threshold`, and each image with its
+    `neighbours` most similar others. An altered copy is its original's nearest neighbour even where the
+    cosine itself is low (a JPEG of a 28 px image: 0.45-0.91), so the second set is ranked, not thresholded.
+    Up to `ann_above` images from all pairs (exact); above, approximate (_ann_similar)."""
+    with tempfile.TemporaryDirectory(prefix="audit-") as tmp:
+        unit = unit_embeddings(embeddings, Path(tmp) if len(embeddings) > ann_above else None)
+        return _similar(unit, threshold, neighbours, ann_above)
+
+
+def _similar(unit: np.ndarray, threshold: float, neighbours: int, ann_above: int) -> tuple[Pairs, Pairs]:
     count = min(neighbours, len(unit) - 1)
-    alike: dict[tuple[int, int], float] = {}
-    nearest: dict[tuple[int, int], float] = {}
+    search = _ann_similar if len(unit) > ann_above else _exact_similar
+    return search(unit, threshold, count)
+
+
+def _exact_similar(unit: np.ndarray, threshold: float, count: int) -> tuple[Pairs, Pairs]:
+    """similar_pairs from the cosines of all pairs, a block of rows at a time."""
+    alike, nearest = [], []
     for start in range(0, len(unit), _BLOCK):
         block = unit[start : start + _BLOCK] @ unit.T  # (B, N)
         rows = np.arange(len(block))
@@ -56,15 +162,98 @@ def similar_pairs(
         found_rows, cols = np.nonzero(block >= threshold)
         keep = cols > found_rows + start
         found_rows, cols = found_rows[keep], cols[keep]
-        keys = zip((found_rows + start).tolist(), cols.tolist(), strict=True)
-        alike.update(zip(keys, block[found_rows, cols].tolist(), strict=True))
-        if count < 1:
-            continue
-        tops = np.argpartition(-block, count - 1, axis=1)[:, :count].tolist()
-        for row, top in zip(rows.tolist(), tops, strict=True):
-            for col in top:
-                nearest[tuple(sorted((start + row, col)))] = float(block[row, col])
-    return alike, nearest
+        alike.append(Pairs.of(found_rows + start, cols, block[found_rows, cols]))
+        if count >= 1:
+            tops = np.argpartition(-block, count - 1, axis=1)[:, :count]  # (B, count)
+            top_values = np.take_along_axis(block, tops, axis=1)
+            nearest.append(Pairs.of(np.repeat(rows + start, count), tops, top_values))
+    return Pairs.joined(alike), Pairs.joined(nearest or [Pairs.empty()])
+
+
+def _ann_similar(unit: np.ndarray, threshold: float, count: int) -> tuple[Pairs, Pairs]:
+    """similar_pairs from each image's _ANN_WANTED nearest in an HNSW graph over the embeddings projected on
+    their principal axes, re-ranked by their exact cosine: its `count` first, and all those at least
+    `threshold` alike (asked again for 4x as many while every one returned is)."""
+    n = len(unit)
+    axes = _principal_axes(unit, _ANN_AXES)
+
+    def project(rows: np.ndarray) -> np.ndarray:
+        return normalised(rows if axes is None else rows @ axes)
+
+    index = _graph((project(_rows(unit, a, b)) for a, b in _spans(n, _ANN_BLOCK)), _HNSW_LINKS)
+    alike, nearest = [], []
+    for start, stop in _spans(n, _ANN_BLOCK):
+        ids, wanted = np.arange(start, stop), min(n, max(_ANN_WANTED, count + 1))
+        queries = _rows(unit, start, stop)
+        sims, cols = _reranked(index, unit, ids, queries, project(queries), wanted)
+        found = sims[:, :count] > -np.inf
+        nearest.append(
+            Pairs.of(np.repeat(ids, count)[found.ravel()], cols[:, :count][found], sims[:, :count][found])
+        )
+        while len(ids):
+            hit = sims >= threshold
+            alike.append(Pairs.of(np.broadcast_to(ids[:, None], hit.shape)[hit], cols[hit], sims[hit]))
+            full = hit.sum(axis=1) >= wanted - 1  # every other image returned is alike: there may be more
+            if wanted >= n or not full.any():
+                break
+            ids, queries, wanted = ids[full], queries[full], min(n, 4 * wanted)
+            sims, cols = _reranked(index, unit, ids, queries, project(queries), wanted)
+    return Pairs.joined(alike), Pairs.joined(nearest)
+
+
+def _reranked(
+    index: Any, unit: np.ndarray, ids: np.ndarray, queries: np.ndarray, projected: np.ndarray, wanted: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(B, wanted) exact cosines of the `wanted` images the graph returns for each query, most alike first,
+    and those images; -inf and -1 for the query itself and for none. A few queries at a time when many are
+    wanted: at most (_ANN_BLOCK * _ANN_WANTED, C) embeddings gathered at once."""
+    index.hnsw.efSearch = max(_HNSW_SEARCH, wanted)
+    sims, cols = np.empty((len(ids), wanted), np.float32), np.empty((len(ids), wanted), np.int64)
+    for a, b in _spans(len(ids), max(1, _ANN_BLOCK * _ANN_WANTED // wanted)):
+        _, found = index.search(np.ascontiguousarray(projected[a:b]), wanted)  # (B, wanted), -1: none
+        missing = (found < 0) | (found == ids[a:b, None])
+        found = np.where(missing, ids[a:b, None], found)
+        gathered = np.asarray(unit[found.ravel()], dtype=np.float32).reshape(*found.shape, -1)
+        values = np.matmul(gathered, queries[a:b, :, None])[..., 0]
+        values[missing] = -np.inf
+        order = np.argsort(-values, axis=1, kind="stable")
+        sims[a:b] = np.take_along_axis(values, order, axis=1)
+        cols[a:b] = np.take_along_axis(np.where(missing, -1, found), order, axis=1)
+    return sims, cols
+
+
+def _principal_axes(unit: np.ndarray, dims: int) -> np.ndarray | None:
+    """(C, dims) float32, the axes that keep most of the embeddings' energy (eigenvectors of the second
+    moment of a fixed draw of _ANN_SAMPLE of them); None when they have `dims` dimensions or fewer."""
+    from scipy.linalg import eigh
+
+    n, channels = unit.shape
+    if channels <= dims:
+        return None
+    rows = np.sort(np.random.default_rng(0).choice(n, min(n, _ANN_SAMPLE), replace=False))
+    sample = np.asarray(unit[rows], dtype=np.float32)
+    # only the largest: 0.6 s for 1,280 channels, where numpy's full float32 eigh took 13 s on 2 busy cores
+    _, vectors = eigh(sample.T @ sample, subset_by_index=[channels - dims, channels - 1])  # ascending
+    return np.ascontiguousarray(vectors[:, ::-1], dtype=np.float32)
+
+
+def _graph(blocks: Iterable[np.ndarray], links: int) -> Any:
+    """An HNSW graph (faiss, inner product; `links`: its M) over the rows of `blocks`, built on one thread:
+    the same graph on every run (several threads insert in a varying order; on 2 busy cores one was no
+    slower)."""
+    import faiss
+
+    index, threads = None, faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        for block in blocks:
+            if index is None:
+                index = faiss.IndexHNSWFlat(block.shape[1], links, faiss.METRIC_INNER_PRODUCT)
+                index.hnsw.efConstruction = _HNSW_BUILD
+            index.add(np.ascontiguousarray(block, dtype=np.float32))
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return index
 
 
 # Pixel comparison: grey thumbnails, lightly blurred so resampling differences do not count; one image may be
@@ -76,19 +265,36 @@ _PIXEL_SIDE = 12  # pixel_nearest compares thumbnails shrunk to 12 x 12 (4 x 4 b
 
 
 def thumbnail(path: Path) -> np.ndarray:
-    """The image as a (_THUMB, _THUMB) float32 grey array, EXIF-oriented and lightly blurred."""
+    """The image as a (_THUMB, _THUMB) uint8 grey array, EXIF-oriented and lightly blurred."""
     from PIL import ImageFilter
 
     from pipeline.data.images import open_reduced
 
     image = open_reduced(path, _THUMB).convert("L").resize((_THUMB, _THUMB), Image.Resampling.BILINEAR)
-    return np.asarray(image.filter(ImageFilter.GaussianBlur(_BLUR)), dtype=np.float32)
+    return np.asarray(image.filter(ImageFilter.GaussianBlur(_BLUR)), dtype=np.uint8)
+
+
+def thumbnails(files: Sequence[Path], folder: Path | None = None) -> np.ndarray:
+    """(N, _THUMB, _THUMB) uint8 thumbnails of `files`: in memory; or with `folder`, in a memory-mapped file
+    there (2.3 GB for a million)."""
+    shape = (len(files), _THUMB, _THUMB)
+    if folder is None:
+        thumbs = np.empty(shape, dtype=np.uint8)
+    else:
+        thumbs = np.lib.format.open_memmap(folder / "thumbs.npy", mode="w+", dtype=np.uint8, shape=shape)
+    for k, path in enumerate(files):
+        thumbs[k] = thumbnail(path)
+    return thumbs
 
 
 def _standardised(rows: np.ndarray) -> np.ndarray:
     """Each row minus its mean, divided by its norm: a dot product of two such rows is their correlation."""
     rows = rows - rows.mean(axis=1, keepdims=True)
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-6)
+
+
+def _grey(thumb: np.ndarray) -> np.ndarray:
+    return np.asarray(thumb, dtype=np.float32)
 
 
 def _windows(thumb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -112,68 +318,133 @@ def _windows(thumb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows, np.maximum(centred, 1e-6).astype(np.float32)
 
 
-def aligned_correlation(
-    thumbs: Mapping[int, np.ndarray] | np.ndarray, pairs: Sequence[tuple[int, int]]
-) -> list[float]:
-    """For each pair: the highest pixel correlation of one thumbnail (or its mirror image) with any window of
-    the other one enlarged by up to 1.2x, trying both ways round: 1.0 for the same picture re-encoded,
-    resized, brightened or flipped, and close to it for a crop of it."""
-    partners: dict[int, list[int]] = {}
-    for i, j in pairs:
-        partners.setdefault(i, []).append(j)
-        partners.setdefault(j, []).append(i)
-    templates = {
-        k: _standardised(np.stack([thumbs[k].ravel(), thumbs[k][:, ::-1].ravel()])) for k in partners
-    }
-    best: dict[tuple[int, int], float] = {}
-    for big, smalls in partners.items():  # each thumbnail's windows are made once
-        rows, norms = _windows(thumbs[big])
-        scores = (rows @ np.concatenate([templates[k] for k in smalls]).T) / norms[:, None]
-        for k, score in zip(smalls, scores.max(axis=0).reshape(-1, 2).max(axis=1).tolist(), strict=True):
-            key = (min(big, k), max(big, k))
-            best[key] = max(best.get(key, -1.0), score)
-    return [best[(min(i, j), max(i, j))] for i, j in pairs]
+def aligned_correlation(thumbs: Mapping[int, np.ndarray] | np.ndarray, pairs: Any) -> np.ndarray:
+    """(P,) float32: for each pair ((P, 2) indices into `thumbs`), the highest pixel correlation of one
+    thumbnail (or its mirror image) with any window of the other one enlarged by up to 1.2x, trying both ways
+    round: 1.0 for the same picture re-encoded, resized, brightened or flipped, and close to it for a crop of
+    it. One thumbnail's windows at a time (each made once), and the thumbnails it is paired with."""
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    big, small = np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])
+    order = np.argsort(big, kind="stable")
+    starts = np.flatnonzero(np.diff(big[order], prepend=-1))
+    scores = np.empty(len(big), dtype=np.float32)
+    for first, last in zip(starts.tolist(), [*starts[1:].tolist(), len(order)], strict=True):
+        at = order[first:last]
+        rows, norms = _windows(_grey(thumbs[int(big[at[0]])]))
+        templates = [_grey(thumbs[k]) for k in small[at].tolist()]
+        templates = _standardised(
+            np.stack([side for t in templates for side in (t.ravel(), t[:, ::-1].ravel())])
+        )
+        scores[at] = ((rows @ templates.T) / norms[:, None]).max(axis=0).reshape(-1, 2).max(axis=1)
+    return np.maximum(scores[: len(pairs)], scores[len(pairs) :])
 
 
-def pixel_nearest(thumbs: np.ndarray) -> set[tuple[int, int]]:
-    """Each image with the other whose thumbnail, shrunk to _PIXEL_SIDE px, correlates most with its own or
-    with its mirror image: {(i, j), i < j}. A re-encoded, resized, brightened or mirrored copy is its
-    original's nearest by pixels even where other products of its kind embed closer: of 300 JPEG copies of
-    28 px Fashion-MNIST images (five draws of audit_near_duplicates), all were their original's nearest by
-    pixels and 272 among its 5 nearest embeddings."""
+def _shrunk(thumbs: np.ndarray, mirrored: bool = False) -> np.ndarray:
+    """(B, _PIXEL_SIDE ** 2) standardised pixels of thumbnails shrunk to _PIXEL_SIDE px (box means), or of
+    their mirror images."""
     n, box = len(thumbs), _THUMB // _PIXEL_SIDE
-    small = thumbs.reshape(n, _PIXEL_SIDE, box, _PIXEL_SIDE, box).mean(axis=(2, 4))
-    plain = _standardised(small.reshape(n, -1))
-    mirrored = _standardised(small[:, :, ::-1].reshape(n, -1))
-    nearest: set[tuple[int, int]] = set()
+    small = _grey(thumbs).reshape(n, _PIXEL_SIDE, box, _PIXEL_SIDE, box).mean(axis=(2, 4))
+    return _standardised((small[:, :, ::-1] if mirrored else small).reshape(n, -1))
+
+
+def pixel_nearest(thumbs: np.ndarray, ann_above: int = ANN_ABOVE) -> Pairs:
+    """Each image with the other whose thumbnail, shrunk to _PIXEL_SIDE px, correlates most with its own or
+    with its mirror image. A re-encoded, resized, brightened or mirrored copy is its original's nearest by
+    pixels even where other products of its kind embed closer: of 300 JPEG copies of 28 px Fashion-MNIST
+    images (five draws of audit_near_duplicates), all were their original's nearest by pixels and 272 among
+    its 5 nearest embeddings. Up to `ann_above` images from all pairs (exact); above, from an HNSW graph."""
+    n = len(thumbs)
+    if n > ann_above:
+        return _ann_pixel_nearest(thumbs)
+    plain = np.concatenate([_shrunk(thumbs[a:b]) for a, b in _spans(n, _BLOCK)])
+    mirrored = np.concatenate([_shrunk(thumbs[a:b], mirrored=True) for a, b in _spans(n, _BLOCK)])
+    nearest = []
     for start in range(0, n, _BLOCK):
         rows = plain[start : start + _BLOCK]
         block = np.maximum(rows @ plain.T, rows @ mirrored.T)  # (B, N)
         block[np.arange(len(block)), np.arange(len(block)) + start] = -np.inf
-        for row, col in enumerate(block.argmax(axis=1).tolist()):
-            nearest.add((min(start + row, col), max(start + row, col)))
-    return nearest
+        nearest.append(Pairs.of(np.arange(len(block)) + start, block.argmax(axis=1)))
+    return Pairs.joined(nearest)
 
 
-def near_duplicate_pairs(embeddings: np.ndarray, files: Sequence[Path], audit: AuditParams) -> list[Pair]:
+def _ann_pixel_nearest(thumbs: np.ndarray) -> Pairs:
+    """pixel_nearest by an HNSW graph over the shrunk thumbnails: each image's two nearest by its pixels and
+    by its mirror image's, the best of the four other than itself."""
+    n = len(thumbs)
+    index = _graph((_shrunk(thumbs[a:b]) for a, b in _spans(n, _ANN_BLOCK)), _PIXEL_LINKS)
+    index.hnsw.efSearch = _PIXEL_SEARCH
+    nearest = []
+    for start, stop in _spans(n, _ANN_BLOCK):
+        ids = np.arange(start, stop)
+        found = [index.search(_shrunk(thumbs[start:stop], mirrored), 2) for mirrored in (False, True)]
+        scores, cols = (np.concatenate(side, axis=1) for side in zip(*found, strict=True))  # (B, 4)
+        scores[(cols < 0) | (cols == ids[:, None])] = -np.inf
+        best = scores.argmax(axis=1)
+        ok = scores[ids - start, best] > -np.inf
+        nearest.append(Pairs.of(ids[ok], cols[ids - start, best][ok]))
+    return Pairs.joined(nearest)
+
+
+def near_duplicate_pairs(
+    embeddings: np.ndarray, files: Sequence[Path], audit: AuditParams, ann_above: int = ANN_ABOVE
+) -> Pairs:
     """Pairs whose embeddings are at least `audit.similarity` alike, and pairs whose pixels correlate at least
     `audit.pixel_correlation` once aligned (aligned_correlation) among two kinds of candidates: an image and
     one of its `audit.neighbours` nearest others by embedding, and an image and its nearest other by pixels
-    (pixel_nearest)."""
+    (pixel_nearest). Above `ann_above` images the neighbours are approximate, and the thumbnails and centred
+    embeddings are kept in memory-mapped temporary files."""
     if len(files) < 2:
-        return []
-    alike, nearest = similar_pairs(embeddings, audit.similarity, audit.neighbours)
-    found = {(i, j): Pair(i, j, similarity, None) for (i, j), similarity in alike.items()}
-    thumbs = np.stack([thumbnail(path) for path in files])
-    candidates = sorted((set(nearest) | pixel_nearest(thumbs)) - set(found))
-    unit = _centred(embeddings)
-    for (i, j), correlation in zip(candidates, aligned_correlation(thumbs, candidates), strict=True):
-        if correlation >= audit.pixel_correlation:
-            found[(i, j)] = Pair(i, j, float(unit[i] @ unit[j]), correlation)
-    return [found[key] for key in sorted(found)]
+        return Pairs.empty()
+    with tempfile.TemporaryDirectory(prefix="audit-") as tmp:
+        thumbs = thumbnails(files, Path(tmp) if len(files) > ann_above else None)
+        return near_duplicates(embeddings, thumbs, audit, ann_above)
 
 
-def group_ids(keys: Sequence[str], pairs: Sequence[Pair]) -> list[str]:
+def near_duplicates(
+    embeddings: Any, thumbs: np.ndarray, audit: AuditParams, ann_above: int = ANN_ABOVE
+) -> Pairs:
+    """near_duplicate_pairs of images whose thumbnails are made: (N, _THUMB, _THUMB) uint8 (`thumbnails`)."""
+    with tempfile.TemporaryDirectory(prefix="audit-") as tmp:
+        unit = unit_embeddings(embeddings, Path(tmp) if len(embeddings) > ann_above else None)
+        alike, candidates = candidate_pairs(unit, thumbs, audit, ann_above)
+        return verified(unit, thumbs, alike, candidates, audit.pixel_correlation)
+
+
+def candidate_pairs(
+    unit: np.ndarray, thumbs: np.ndarray, audit: AuditParams, ann_above: int = ANN_ABOVE
+) -> tuple[Pairs, Pairs]:
+    """The pairs alike enough by their centred unit embeddings (`unit_embeddings`) alone, and the others to
+    compare pixel by pixel: an image and one of its `audit.neighbours` nearest by embedding or its nearest by
+    pixels."""
+    n = len(unit)
+    alike, nearest = _similar(unit, audit.similarity, audit.neighbours, ann_above)
+    keys = np.union1d(nearest.keys(n), pixel_nearest(thumbs, ann_above).keys(n))
+    keys = np.setdiff1d(keys, alike.keys(n), assume_unique=True)
+    return alike, Pairs.of(keys // n, keys % n)
+
+
+def verified(
+    unit: np.ndarray, thumbs: np.ndarray, alike: Pairs, candidates: Pairs, threshold: float
+) -> Pairs:
+    """`alike` and those of the `candidates` whose pixels correlate at least `threshold` once aligned, with
+    their cosine."""
+    correlation = aligned_correlation(thumbs, np.stack([candidates.first, candidates.second], axis=1))
+    passed = correlation >= threshold
+    first, second = candidates.first[passed], candidates.second[passed]
+    flagged = Pairs.of(first, second, _cosines(unit, first, second), correlation[passed])
+    return Pairs.joined([alike, flagged])
+
+
+def _cosines(unit: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """(P,) float32 cosines of the pairs' unit embeddings, a block of pairs at a time."""
+    parts = [np.empty(0, dtype=np.float32)]
+    for a, b in _spans(len(first), _BLOCK):
+        left, right = (np.asarray(unit[side[a:b]], dtype=np.float32) for side in (first, second))
+        parts.append(np.einsum("ij,ij->i", left, right))
+    return np.concatenate(parts)
+
+
+def group_ids(keys: Sequence[str], pairs: Pairs) -> list[str]:
     """Each image's group: the smallest key (sha256) among the images its pairs connect it to. Equal keys
     (identical files) are always one group."""
     from scipy.sparse import coo_matrix
@@ -181,9 +452,8 @@ def group_ids(keys: Sequence[str], pairs: Sequence[Pair]) -> list[str]:
 
     n = len(keys)
     first_of: dict[str, int] = {}
-    same = [(i, first_of.setdefault(key, i)) for i, key in enumerate(keys)]
-    edges = same + [(p.first, p.second) for p in pairs]
-    rows, cols = (np.array(side, dtype=np.int64) for side in zip(*edges, strict=True)) if edges else ([], [])
+    same = np.array([first_of.setdefault(key, i) for i, key in enumerate(keys)], dtype=np.int64)
+    rows, cols = np.concatenate([np.arange(n), pairs.first]), np.concatenate([same, pairs.second])
     graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
     _, component = connected_components(graph, directed=False)
     smallest: dict[int, str] = {}
