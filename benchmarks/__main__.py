@@ -30,6 +30,7 @@ BENCHMARKS = (
     "distill",
     "audit_label_noise",
     "audit_near_duplicates",
+    "audit_scale",
     "scale",
 )
 

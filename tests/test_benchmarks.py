@@ -256,7 +256,7 @@ def test_audit_near_duplicates_injects_copies_and_times_a_cold_and_a_warm_cache(
 
 
 def test_audit_scale_times_both_searches_and_fits_the_exponent(results: _Results) -> None:
-    payload = _load(results, "audit_scale")  # not in BENCHMARKS yet: run by name
+    payload = _load(results, "audit_scale")
     assert payload["benchmark"] == "audit_scale" and payload["smoke"] is True
     figures, ratios = payload["results"], payload["ratios"]
     for path in ("approximate", "exact"):
