@@ -142,7 +142,32 @@ def median(values: list[float]) -> float:
 # ---------------------------------------------------------------------------------------------- memory
 
 
-class TreeMemory:
+class BackgroundSampler:
+    """Calls `sample()` every `interval` seconds on a daemon thread while the `with` block runs."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+
+class TreeMemory(BackgroundSampler):
     """Peak memory of a process and all its descendants, sampled on a background thread.
 
     Two sums per sample: RSS (counts pages shared between forked workers once per process, so it overstates)
@@ -150,18 +175,9 @@ class TreeMemory:
     """
 
     def __init__(self, pid: int | None = None, interval: float = 0.05):
-        self.pid, self.interval = pid or os.getpid(), interval
+        super().__init__(interval)
+        self.pid = pid or os.getpid()
         self.peak_rss = self.peak_pss = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> TreeMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def sample(self) -> None:
         try:
@@ -179,11 +195,6 @@ class TreeMemory:
 
     def figures(self) -> dict[str, float]:
         return {"peak_rss_mib": self.peak_rss / MIB, "peak_pss_mib": self.peak_pss / MIB}
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
 
 
 @dataclass

@@ -22,14 +22,13 @@ import math
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks._common import MIB, Options, machine, result, target, tool_env, workdir
+from benchmarks._common import MIB, BackgroundSampler, Options, machine, result, target, tool_env, workdir
 
 NAME = "audit_scale"
 _EXACT = 10**12  # ann_above for the exact path: never approximate
@@ -97,21 +96,13 @@ def planted(n: int) -> dict[str, np.ndarray]:
     return keys
 
 
-class _AnonymousPeak:
+class _AnonymousPeak(BackgroundSampler):
     """Peak RssAnon of this process (heap and other private memory; not the pages of mapped files), sampled
     every `interval` seconds."""
 
     def __init__(self, interval: float = 0.02):
-        self.peak, self.interval, self._stop = 0, interval, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> _AnonymousPeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        super().__init__(interval)
+        self.peak = 0
 
     def now(self) -> int:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -119,10 +110,8 @@ class _AnonymousPeak:
                 return int(line.split()[1]) * 1024
         return 0
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.now())
-            self._stop.wait(self.interval)
+    def sample(self) -> None:
+        self.peak = max(self.peak, self.now())
 
 
 def _search(job: dict[str, Any]) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from benchmarks._common import (
     MIB,
     REPO_ROOT,
     SMOKE_PARAMS,
+    BackgroundSampler,
     Options,
     machine,
     project_params,
@@ -368,26 +369,17 @@ def _backbone_rate(text: str) -> float | None:
     return float(found[-1]) if found else None
 
 
-class _TreePeaks:
+class _TreePeaks(BackgroundSampler):
     """Peak RSS of a process and each of its descendants (workers), and of their sum, read from /proc every
     `interval` seconds (RSS only: cheap, unlike PSS, which parses smaps; forked workers' shared pages count
     in each, so the sum overstates)."""
 
     def __init__(self, pid: int, interval: float = 0.2):
-        self.pid, self.interval = pid, interval
+        super().__init__(interval)
+        self.pid = pid
         self.peaks: dict[int, int] = {}
         self.peak_sum = 0
         self._known: dict[int, psutil.Process] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> _TreePeaks:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def figures(self) -> dict[str, Any]:
         workers = [rss for pid, rss in self.peaks.items() if pid != self.pid]
@@ -398,7 +390,7 @@ class _TreePeaks:
             "processes": len(self.peaks),
         }
 
-    def _sample(self) -> None:
+    def sample(self) -> None:
         try:
             root = self._known.setdefault(self.pid, psutil.Process(self.pid))
             tree = [root, *root.children(recursive=True)]
@@ -413,11 +405,6 @@ class _TreePeaks:
             total += rss
             self.peaks[process.pid] = max(self.peaks.get(process.pid, 0), rss)
         self.peak_sum = max(self.peak_sum, total)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.interval)
 
 
 # ---------------------------------------------------------------------------------------------- backbone
