@@ -371,13 +371,14 @@ def _walk(root: Path, extensions: set[str], follow_inside: bool) -> _Tree:
     return tree
 
 
-def dvc_blockers(root: Path) -> tuple[list[str], list[str]]:
-    """(dangling links, names that are not UTF-8) under `root`, relative to it (bytes that are not UTF-8 as
+def dvc_blockers(root: Path) -> tuple[list[str], list[str], list[str]]:
+    """(dangling links, names that are not UTF-8, "'path' (kind)" of each FIFO, socket or device or link to
+    one, which DVC would block reading) under `root`, relative to it (bytes that are not UTF-8 as
     os.fsdecode's surrogates): the entries that stop DVC from hashing the folder as a dependency, so that
     `dvc repro` fails before ingest runs (DVC 3.67 stats every file, following links, and its `[Errno 2]`
     names one file). Walks as DVC does: hidden entries too, links to folders not followed; a link loop
     counts as dangling (`find -xtype l` lists both); a folder whose name is not UTF-8 is not entered."""
-    dangling, non_utf8 = [], []
+    dangling, non_utf8, special = [], [], []
     stack = [("", root)]
     while stack:
         prefix, directory = stack.pop()
@@ -385,12 +386,29 @@ def dvc_blockers(root: Path) -> tuple[list[str], list[str]]:
             rel = prefix + entry.name
             if _escaped(entry.name) != entry.name:
                 non_utf8.append(rel)
-            elif entry.is_symlink():
-                if not os.path.exists(entry.path):  # False for a dangling link or a loop
-                    dangling.append(rel)
+            elif entry.is_symlink() and not os.path.exists(entry.path):  # a dangling link or a loop
+                dangling.append(rel)
             elif entry.is_dir(follow_symlinks=False):
                 stack.append((rel + "/", Path(entry.path)))
-    return sorted(dangling), sorted(non_utf8)
+            elif kind := _special_kind(entry):
+                special.append(f"{rel!r} ({kind})")
+    return sorted(dangling), sorted(non_utf8), sorted(special)
+
+
+_SPECIAL = {stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device",
+            stat.S_IFBLK: "block device"}  # fmt: skip
+
+
+def _special_kind(entry: os.DirEntry) -> str | None:
+    """'FIFO', 'link to a socket', ...; None for a file or a folder. Only stat'ed: opening a FIFO to look at
+    it would block here too."""
+    if entry.is_file(follow_symlinks=False):  # most entries: known from the folder listing alone
+        return None
+    try:
+        kind = _SPECIAL.get(stat.S_IFMT(os.stat(entry.path).st_mode))
+    except OSError:
+        return None
+    return f"link to a {kind}" if kind and entry.is_symlink() else kind
 
 
 def _list_dir(directory: Path) -> list[os.DirEntry]:

@@ -16,7 +16,6 @@ import math
 import multiprocessing
 import os
 import shlex
-import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -210,7 +209,7 @@ def _path_problems(paths: PathsParams, project: Path, for_dvc: bool) -> list[str
 def _dvc_blockers(root: Path) -> list[str]:
     """One line per kind of entry under `root` that DVC cannot hash, naming the first few and what to do.
     Ingest run by itself lists them in the manifest (`broken_symlink`, `non_utf8_name`)."""
-    dangling, non_utf8 = images.dvc_blockers(root)
+    dangling, non_utf8, special = images.dvc_blockers(root)
     where = shlex.quote(str(root))
     problems = []
     if dangling:
@@ -227,7 +226,7 @@ def _dvc_blockers(root: Path) -> list[str]:
             f"hash: {named}; rename them to UTF-8 (e.g. convmv -r -f latin1 -t utf-8 --notest {where}) or "
             "remove them"
         )
-    if special := _special_files(root):
+    if special:
         them = "it" if len(special) == 1 else "them"
         problems.append(
             f"paths.data_root: {len(special)} FIFO(s), socket(s) or device(s) under {root}, which DVC cannot "
@@ -235,36 +234,6 @@ def _dvc_blockers(root: Path) -> list[str]:
             f"move {them} out of paths.data_root"
         )
     return problems
-
-
-_SPECIAL = {stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device",
-            stat.S_IFBLK: "block device"}  # fmt: skip
-
-
-def _special_files(root: Path) -> list[str]:
-    """The "'path' (kind)" of each entry under `root` that is a FIFO, socket or device, or a link to one: DVC
-    opens every file to hash it. Links to folders are not followed (as by DVC and images.dvc_blockers)."""
-    found, stack = [], [str(root)]
-    while stack:
-        with contextlib.suppress(OSError), os.scandir(stack.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-                elif kind := _special_kind(entry):
-                    found.append((os.path.relpath(entry.path, root), kind))
-    return [f"{path!r} ({kind})" for path, kind in sorted(found)]
-
-
-def _special_kind(entry: os.DirEntry) -> str | None:
-    """'FIFO', 'link to a socket', ...; None for a file or a dangling link (reported as dangling). Only
-    stat'ed: opening a FIFO to look at it would block here too."""
-    if entry.is_file(follow_symlinks=False):  # most entries: known from the folder listing alone
-        return None
-    try:
-        kind = _SPECIAL.get(stat.S_IFMT(os.stat(entry.path).st_mode))
-    except OSError:
-        return None
-    return f"link to a {kind}" if kind and entry.is_symlink() else kind
 
 
 def _resolve_source(ingest: IngestParams, paths: PathsParams) -> str:

@@ -408,10 +408,11 @@ def test_dvc_blockers_are_the_entries_dvc_stats_and_fails_on(tmp_path):
     os.mkdir(bad_folder)
     os.symlink(b"gone", os.path.join(bad_folder, b"x\xff.png"))  # inside a bad folder: reported once
 
-    dangling, non_utf8 = images.dvc_blockers(root)
+    dangling, non_utf8, special = images.dvc_blockers(root)
 
     assert dangling == ["class_0/broken.png", "class_0/loop.png", "class_1/.hidden"]
     assert [os.fsencode(name) for name in non_utf8] == [b"caf\xe9"]
+    assert special == []  # regular files, folders and live links only
 
 
 def _png(path, width, height, rows=None):
