@@ -8,9 +8,12 @@ Images are decoded reduced (`images.open_reduced`: a JPEG at a smaller DCT scale
 factor that keeps at least twice the square's side): a smaller image's crop is the eval crop exactly, a larger
 one's differs by a few grey levels (4000x3000 photos: mean 0.3, at most 2).
 
-On disk it is one `.npy` array (N, 3, side, side) keyed by the images' identities (relative path + sha256, in
-order) and the resize settings, so experiments that change only training params reuse it. Workers open it as a
-read-only memmap.
+On disk it is content-addressed: one folder per resize setting holds the square of every image ever cached
+with it, each keyed by a digest of the setting and the image's identity (relative path + sha256), in shards
+of `_SHARD_BYTES` written as they fill (`data.shards`), so a kill keeps every finished shard and an image is
+decoded once for every set that holds it (the audit's usable images, train's split, the next run's). An
+image set is a small file under `sets/`: each image's key, shard and row (24 bytes an image). Experiments that
+change only training params reuse it all. Readers (DataLoader workers too) read just the squares they need.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,13 +30,20 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data.images import open_reduced
+from pipeline.data.shards import ShardRows, ShardStore, digests
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
 from pipeline.preprocess import resize_side, resized_square, to_rgb
+from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 
-_FORMAT_VERSION = 3  # bump when the cached pixels would change for the same key inputs
+_FORMAT_VERSION = (
+    4  # bump when the cached pixels would change for the same key inputs (4: shards; 3: a file a set)
+)
+# Bytes a shard holds: what a kill can lose, and what a shard being written maps. 512 MiB: 2,700 images at
+# 224 px (256 px squares), 33,000 at 64 px (73 px squares); a million at 224 px make 370 shards.
+_SHARD_BYTES = 512 * 2**20
 
 
 def cache_side(data_config: dict[str, Any]) -> int:
@@ -42,9 +52,9 @@ def cache_side(data_config: dict[str, Any]) -> int:
     return max(size, resize_side(size, float(data_config["crop_pct"])))
 
 
-def cache_key(identities: Sequence[str], data_config: dict[str, Any]) -> str:
+def _settings(data_config: dict[str, Any]) -> str:
+    """What makes an image's square, besides its bytes, as a key."""
     spec = {
-        "images": list(identities),
         "size": int(data_config["input_size"][-1]),
         "side": cache_side(data_config),
         "interpolation": data_config["interpolation"],
@@ -53,8 +63,19 @@ def cache_key(identities: Sequence[str], data_config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def cache_key(identities: Sequence[str], data_config: dict[str, Any]) -> str:
+    """The key of an image set: its images' identities, in order, and the resize settings."""
+    spec = json.dumps([_settings(data_config), list(identities)])
+    return hashlib.sha256(spec.encode()).hexdigest()[:20]
+
+
 def cache_path(cache_dir: Path, identities: Sequence[str], data_config: dict[str, Any]) -> Path:
-    return Path(cache_dir) / f"images-{cache_key(identities, data_config)}.npy"
+    """The image set's file, for `open_cache`."""
+    return _folder(cache_dir, data_config) / "sets" / f"{cache_key(identities, data_config)}.npz"
+
+
+def _folder(cache_dir: Path, data_config: dict[str, Any]) -> Path:
+    return Path(cache_dir) / f"images-{_settings(data_config)}"
 
 
 def cached_square(img: Image.Image, data_config: dict[str, Any]) -> np.ndarray:
@@ -77,26 +98,72 @@ def build_cache(
     cache_dir: Path,
     workers: int,
 ) -> Path:
-    """Decode and resize every image once into the on-disk cache (reused when it exists); returns its path.
+    """Decode and resize once, into the on-disk cache, every image it lacks; returns the set's file.
 
     `identities`: one string per image that changes whenever its pixels do (e.g. relative path + sha256).
     """
     target = cache_path(cache_dir, identities, data_config)
-    side = cache_side(data_config)
     if target.is_file():
         log.info("image cache: reusing %s", target)
         return target
-    log.info("image cache: decoding %d images into %s (%dx%d)", len(paths), target, side, side)
-    with atomic_path(target) as tmp:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, side, side))
-        _fill(array, paths, data_config, workers)
-        array.flush()
+    store = ShardStore(_folder(cache_dir, data_config))
+    keys = digests(f"{_settings(data_config)}|{identity}" for identity in identities)
+    missing = store.missing(keys)
+    side = cache_side(data_config)
+    log.info(
+        "image cache: %d of %d images to decode, %dx%d, in %s",
+        len(missing),
+        len(keys),
+        side,
+        side,
+        store.folder,
+    )
+    if len(missing):
+        _decode(store, paths, keys, missing, data_config, workers)
+    _write_set(store, keys, side, target)
     return target
 
 
-def open_cache(path: Path) -> np.ndarray:
-    """The cache as a read-only memmap (N, 3, side, side) uint8; cheap, so each worker opens its own."""
-    return np.load(path, mmap_mode="r")
+def _write_set(store: ShardStore, keys: np.ndarray, side: int, target: Path) -> None:
+    """The set's file: each image's key, shard and row; it names only the shards it reads, from 0."""
+    shard, row = store.locate(keys)
+    used = np.unique(shard)
+    names = np.array([store.names[i] for i in used], dtype=str)
+    renumbered = np.searchsorted(used, shard).astype(np.int32)
+    with atomic_path(target) as tmp, open(tmp, "wb") as file:
+        np.savez(file, keys=keys, shard=renumbered, row=row, names=names, side=side)
+
+
+def open_cache(path: Path) -> CachedSet:
+    """An image set of the cache (N, 3, side, side) uint8, read out of memory-mapped shards; cheap, so each
+    worker opens its own."""
+    return CachedSet(path)
+
+
+class CachedSet:
+    """An image set, (N, 3, side, side) uint8, read by index out of the shards that hold it (`ShardRows`):
+    `[i]`, `[indices]` and `[start:stop]` read just those squares, never the cache whole."""
+
+    def __init__(self, path: Path):
+        with np.load(path) as saved:
+            self.keys = saved["keys"]  # (N,) the squares' keys: the same image has the same key in any set
+            self._shard, self._row = saved["shard"], saved["row"]  # (N,) int32 each
+            self._rows = ShardRows(Path(path).parent.parent, saved["names"].tolist())
+            self.shape = (len(self.keys), 3, int(saved["side"]), int(saved["side"]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+        if isinstance(index, int | np.integer):
+            return self[[index]][0]
+        chosen = np.arange(*index.indices(len(self))) if isinstance(index, slice) else np.asarray(index)
+        out = np.empty((len(chosen), *self.shape[1:]), dtype=np.uint8)
+        self._rows.gather(self._shard[chosen], self._row[chosen], out)
+        return out
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        return self[:] if dtype is None else self[:].astype(dtype)
 
 
 # Images per thread task. One task per image made a future per image, all at once (pool.map submits every
@@ -104,16 +171,50 @@ def open_cache(path: Path) -> np.ndarray:
 _TASK_IMAGES = 256
 
 
-def _fill(array: np.ndarray, paths: Sequence[Path], data_config: dict[str, Any], workers: int) -> None:
-    def fill(span: tuple[int, int]) -> None:
-        for index in range(*span):
-            array[index] = _load(paths[index], data_config)
-
-    spans = [(start, min(start + _TASK_IMAGES, len(paths))) for start in range(0, len(paths), _TASK_IMAGES)]
+def _decode(
+    store: ShardStore,
+    paths: Sequence[Path],
+    keys: np.ndarray,
+    missing: np.ndarray,
+    data_config: dict[str, Any],
+    workers: int,
+) -> None:
+    """The squares of images `missing` into new shards of `store`, each committed as soon as it is full."""
+    side = cache_side(data_config)
+    per_shard = max(1, _SHARD_BYTES // (3 * side * side))
     # PIL releases the GIL while decoding and resizing, so threads scale without pickling pixels.
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for _ in pool.map(fill, spans):  # raises the first task's error, as before
-            pass
+    with (
+        ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
+        progress("image cache", len(missing), "img") as bar,
+    ):
+        for start in range(0, len(missing), per_shard):
+            chunk = missing[start : start + per_shard]
+            _fill(store, keys[chunk], [paths[i] for i in chunk], data_config, pool, bar.update)
+
+
+def _fill(
+    store: ShardStore,
+    keys: np.ndarray,
+    paths: Sequence[Path],
+    data_config: dict[str, Any],
+    pool: ThreadPoolExecutor,
+    done: Callable[[int], object],
+) -> None:
+    """One shard: the squares of `paths`, decoded by `pool`'s threads into its memmap (unmapped on return)."""
+    side = cache_side(data_config)
+    with store.write(keys, (3, side, side), np.uint8) as array:
+
+        def fill(span: tuple[int, int]) -> None:
+            for index in range(*span):
+                array[index] = _load(paths[index], data_config)
+
+        spans = [
+            (start, min(start + _TASK_IMAGES, len(paths))) for start in range(0, len(paths), _TASK_IMAGES)
+        ]
+        for (start, stop), _ in zip(
+            spans, pool.map(fill, spans), strict=True
+        ):  # raises the first task's error
+            done(stop - start)
 
 
 def _load(path: Path, data_config: dict[str, Any]) -> np.ndarray:

@@ -1,9 +1,14 @@
-"""Each epoch's batches: augmented images from the uint8 cache, or backbone features for head-only epochs."""
+"""Each epoch's batches: augmented images from the uint8 cache, or backbone features for head-only epochs.
+
+The features are (N, C) float16 memmaps (`training.features`): each batch's rows are read and made float32
+on their own, so a head-only epoch over a million images holds one batch, never the 5 GB float32 set.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -19,15 +24,16 @@ class EpochData:
         self,
         train_loader: DataLoader,
         val_loader: DataLoader,
-        features: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+        features: Callable[[], tuple[np.ndarray, np.ndarray]],
         labels: tuple[torch.Tensor, torch.Tensor],
     ):
         self.train_loader, self.val_loader = train_loader, val_loader
         self._features_fn, self._features = features, None
         self.labels = labels  # (train, val) int64 label tensors, for the feature batches
 
-    def features(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(train, val) features, computed on first use (never, when resuming past the head-only epochs)."""
+    def features(self) -> tuple[np.ndarray, np.ndarray]:
+        """(train, val) (N, C) features, computed on first use (never, when resuming past the head-only
+        epochs)."""
         if self._features is None:
             self._features = self._features_fn()
         return self._features
@@ -39,7 +45,7 @@ class EpochData:
         if not on_features:
             return self.train_loader, len(self.train_loader)
         features, batches = self.features()[0], list(sampler.index_batches(self.train_loader.batch_size))
-        return ((features[i], self.labels[0][i]) for i in batches), len(batches)
+        return _feature_batches(features, self.labels[0], batches), len(batches)
 
     def val(self, on_features: bool) -> tuple[Batches, int]:
         """The validation batches and their number (the same batches from images or from features)."""
@@ -47,4 +53,13 @@ class EpochData:
             return self.val_loader, len(self.val_loader)
         sampler: EpochSampler = self.val_loader.sampler
         features, batches = self.features()[1], sampler.index_batches(self.val_loader.batch_size)
-        return ((features[i], self.labels[1][i]) for i in batches), len(self.val_loader)
+        return _feature_batches(features, self.labels[1], batches), len(self.val_loader)
+
+
+def _feature_batches(
+    features: np.ndarray, labels: torch.Tensor, batches: Iterable[torch.Tensor]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(B, C) float32 features and (B,) labels of each batch of indices, read out of the (N, C) array."""
+    for indices in batches:
+        rows = np.asarray(features[indices.numpy()], dtype=np.float32)
+        yield torch.from_numpy(rows), labels[indices]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.data.cache import open_cache
+from pipeline.data.cache import CachedSet, open_cache
 from pipeline.data.splits import read_splits_table
 from pipeline.errors import PipelineError
 
@@ -71,14 +71,14 @@ class CachedImages(Dataset):
     ):
         self.cache_file, self.labels, self.transform, self.seed = Path(cache_file), labels, transform, seed
         self.random = random
-        self._array: np.ndarray | None = None  # opened lazily: a memmap must not be pickled into workers
+        self._array: CachedSet | None = None  # opened lazily, in each worker: see __getstate__
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, index = key
-        image = torch.from_numpy(np.array(self._cache()[index]))  # (3, side, side) uint8, out of the memmap
+        image = torch.from_numpy(np.array(self._cache()[index]))  # (3, side, side) uint8, out of its shard
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only: torch.manual_seed would also queue GPU seeding, costing 1 ms an image.
             torch.default_generator.manual_seed(_item_seed(self.seed, epoch, index))
@@ -89,13 +89,17 @@ class CachedImages(Dataset):
         if self.random:
             return [self[key] for key in keys]
         indices = [index for _, index in keys]
-        images = self.transform(torch.from_numpy(self._cache()[indices]))  # fancy indexing copies the rows
+        images = self.transform(torch.from_numpy(self._cache()[indices]))  # a copy of just these squares
         return list(zip(images.unbind(0), self.labels[indices].tolist(), strict=True))
 
-    def _cache(self) -> np.ndarray:
+    def _cache(self) -> CachedSet:
         if self._array is None:
             self._array = open_cache(self.cache_file)
         return self._array
+
+    def __getstate__(self) -> dict:
+        """What a DataLoader worker receives: the set is opened again there, not pickled with its index."""
+        return {**self.__dict__, "_array": None}
 
 
 class EpochSampler(Sampler[tuple[int, int]]):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from dvclive import Live
@@ -282,7 +283,7 @@ def _epoch_data(
     eval_batch_size = resolve_eval_batch_size(tp.eval_batch_size, tp.batch_size, precision.device)
     val_loader = build_loader(val_images, val_sampler, eval_batch_size, loading, precision.device)
 
-    def features() -> tuple[torch.Tensor, torch.Tensor]:
+    def features() -> tuple[np.ndarray, np.ndarray]:
         unaugmented_train = CachedImages(train_file, splits.train.labels, eval_transform, seed, random=False)
         settings = (*feature_pass(features_params, env), cache_dir, env)
         return tuple(backbone_features(model.backbone, (unaugmented_train, val_images), *settings))
@@ -292,7 +293,8 @@ def _epoch_data(
 
 
 def _image_caches(splits: Splits, data_config: dict, cache_dir: Path, env: Dist) -> list[Path]:
-    """The train and val uint8 caches, built by one process per machine while the others wait."""
+    """The train and val sets of the uint8 cache, built by one process per machine while the others wait;
+    content-addressed, so images the audit (or an earlier run) decoded are not decoded again."""
     for rows in (splits.train, splits.val):
         if env.is_local_main:
             build_cache(rows.paths, rows.identities, data_config, cache_dir, workers=os.cpu_count() or 1)

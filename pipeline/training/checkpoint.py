@@ -41,6 +41,7 @@ _CODE = (
     "training/*.py",
     "data/cache.py",
     "data/epochs.py",
+    "data/shards.py",
     "data/loader.py",
     "data/splits.py",
     "data/transforms.py",

@@ -85,7 +85,7 @@ def test_an_undecodable_file_names_itself_and_leaves_no_cache(tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(PipelineError, match="broken.png"):
         cache.build_cache([bad], ["broken.png:x"], CONFIG, tmp_path / "cache", workers=1)
-    assert not list((tmp_path / "cache").glob("*.npy"))
+    assert not list((tmp_path / "cache").rglob("*.np[yz]"))
 
 
 def _photo(path, width, height, **save):

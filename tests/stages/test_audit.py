@@ -261,11 +261,11 @@ def test_a_second_run_embeds_nothing_and_writes_the_same_table(tmp_path):
     params = _params(tmp_path, clean_folder(tmp_path / "data"))
     _audit(params)
     first = params.paths.audit_table.read_bytes()
-    stores = list(params.paths.cache_dir.glob("features-*/*.pt"))
+    stores = list(params.paths.cache_dir.glob("features-*/*.keys.npy"))
     assert len(stores) == 1
     stores[0].chmod(0o444)
     audit.run(params)
-    assert list(params.paths.cache_dir.glob("features-*/*.pt")) == stores  # no new shard: all reused
+    assert list(params.paths.cache_dir.glob("features-*/*.keys.npy")) == stores  # no new shard: all reused
     assert params.paths.audit_table.read_bytes() == first
 
 
@@ -299,7 +299,11 @@ def test_train_reuses_the_audit_features_for_its_head_only_epochs(tmp_path):
     params = _params(tmp_path, clean_folder(tmp_path / "data"))
     _audit(params)
     split.run(params)
-    shards = sorted(params.paths.cache_dir.glob("features-*/*.pt"))
-    assert len(shards) == 1
+
+    def shards() -> list[Path]:
+        return sorted(params.paths.cache_dir.glob("*/*.keys.npy"))  # features-* and images-*
+
+    made = shards()
+    assert [p.parent.name.split("-")[0] for p in made] == ["features", "images"]
     train.run(_params(tmp_path, tmp_path / "data", train={"strategy": "linear_probe", "epochs": 1}))
-    assert sorted(params.paths.cache_dir.glob("features-*/*.pt")) == shards  # every image found by content
+    assert shards() == made  # every image found by content: neither decoded nor embedded again

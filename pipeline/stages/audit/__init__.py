@@ -83,9 +83,9 @@ def embed(
     cache_dir: Path,
     seed: int,
 ) -> np.ndarray:
-    """(N, C) pooled backbone features of the table's images (`files`, same order) by the `features` pass,
-    the one train's head-only epochs use, so either reuses what the other computed (both cache by content
-    under `cache_dir`). `seed`: base.seed, as train seeds."""
+    """(N, C) float16 pooled backbone features of the table's images (`files`, same order), a read-only memmap
+    to read a block at a time, by the `features` pass, the one train's head-only epochs use, so either reuses
+    what the other computed (both cache by content under `cache_dir`). `seed`: base.seed, as train seeds."""
     import torch
 
     from pipeline.data.cache import build_cache
@@ -108,7 +108,7 @@ def embed(
     transform = build_transforms(data_config, AugmentParams(), train=False)  # eval: no augmentation
     images = CachedImages(cache_file, labels, transform, seed, random=False)
     settings = (batch_size, precision, channels_last, cache_dir, Dist())
-    return backbone_features(backbone, [images], *settings)[0].numpy()
+    return backbone_features(backbone, [images], *settings)[0]
 
 
 @dataclass
