@@ -339,8 +339,8 @@ class AuditParams(_Section):
     label_issues: Literal["off", "report", "quarantine"] = "report"
     """`off`, `report` (listed in the table and page), or `quarantine` (also left out of the splits)"""
     folds: Annotated[int, Field(ge=2)] = 5
-    """k of the k-fold logistic regression whose out-of-sample probabilities cleanlab ranks (capped by the
-    smallest class)
+    """k of the k-fold linear probe (logistic regression; a linear discriminant above 50,000 images) whose
+    out-of-sample probabilities cleanlab ranks (capped by the smallest class)
     """
     drift: bool = True
     """compare the images added since the champion's training set with those it was trained on"""

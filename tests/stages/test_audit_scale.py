@@ -98,3 +98,108 @@ def test_the_approximate_search_never_holds_all_thumbnails_or_embeddings_as_floa
     growth = -_peak_bytes(small, tmp_path) + _peak_bytes(large, tmp_path)
     added = large - small  # as float32, their thumbnails are 28 MB, their embeddings 15 MB
     assert growth < 0.25 * added * 1280 * 4, f"{growth / 2**20:.1f} MiB"
+
+
+def _noisy_classes(n: int, classes: int, channels: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian classes (unit noise around random centres) with 5% of the labels changed: continuous
+    probabilities, so no two images tie."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    centres = 1.5 * rng.standard_normal((classes, channels))
+    embeddings = (centres[labels] + rng.standard_normal((n, channels))).astype(np.float32)
+    flipped = rng.choice(n, n // 20, replace=False)
+    labels[flipped] = (labels[flipped] + rng.integers(1, classes, len(flipped))) % classes
+    return embeddings, labels
+
+
+@pytest.mark.parametrize("source", ["logistic", "discriminant"])
+def test_label_issues_read_a_block_at_a_time_are_cleanlabs_own(source, monkeypatch):
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    embeddings, labels = _noisy_classes(9000, 12, 16)  # more rows than one block
+    if source == "logistic":
+        probabilities = checks.out_of_fold_probabilities(embeddings, labels, 3, seed=0)
+    else:
+        probabilities = checks.discriminant_probabilities(embeddings, labels, 3, seed=0).astype(np.float64)
+    expected = find_label_issues(
+        labels, probabilities, filter_by="low_self_confidence", return_indices_ranked_by="self_confidence"
+    )
+    monkeypatch.setattr(checks, "_PROBE_BLOCK", 1000)
+    found = checks.label_issues(labels, probabilities)
+    assert 150 < len(expected) < 900  # the data has issues to find (450 labels changed)
+    assert np.array_equal(found.ranked, expected)
+    assert np.allclose(
+        found.quality, get_label_quality_scores(labels, probabilities, method="self_confidence")
+    )
+    assert np.array_equal(found.suggested, probabilities.argmax(axis=1))
+
+
+def test_the_discriminant_is_sklearns_fitted_on_the_other_folds_then_tempered():
+    from scipy.special import log_softmax
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    embeddings, labels = _noisy_classes(3000, 5, 8, seed=1)
+    probabilities = checks.discriminant_probabilities(embeddings, labels, 4, seed=3, shrinkage=0.0)
+    folds = checks.fold_of(labels, 4, seed=3)
+    assert np.bincount(folds).min() >= 700  # four folds, all used
+    logits = np.empty_like(probabilities, dtype=np.float64)
+    for k in range(4):
+        held = folds == k
+        model = LinearDiscriminantAnalysis(solver="lsqr").fit(embeddings[~held], labels[~held])
+        logits[held] = model.decision_function(embeddings[held])
+    # one temperature for all folds: log-probability differences are the logits' divided by it
+    gaps = np.log(probabilities[:, 1:]) - np.log(probabilities[:, :1])
+    temperature = np.median((logits[:, 1:] - logits[:, :1]) / gaps)
+    assert 1.2 < temperature < 20  # Gaussian posteriors are overconfident: the fit softens them
+    assert np.allclose(probabilities, np.exp(log_softmax(logits / temperature, axis=1)), atol=1e-5)
+
+
+def test_the_discriminants_memory_does_not_grow_with_the_images(tmp_path, monkeypatch):
+    monkeypatch.setattr(checks, "_PROBE_BLOCK", 500)
+    peaks, results = [], []
+    for n in (20_000, 60_000):
+        embeddings, labels = _noisy_classes(n, 100, 32, seed=2)
+        source = np.lib.format.open_memmap(
+            tmp_path / f"e{n}.npy", mode="w+", dtype=np.float16, shape=embeddings.shape
+        )
+        source[:] = embeddings
+        del embeddings
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        tracemalloc.start()
+        mapped = checks.discriminant_probabilities(source, labels, 5, seed=0, folder=folder)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert isinstance(mapped, np.memmap)
+        results.append((mapped, labels))
+    assert peaks[1] < 1.25 * peaks[0]  # three times the images, the same memory (blocks, a fixed draw)
+    mapped, labels = results[1]
+    assert (mapped.argmax(axis=1) == labels).mean() > 0.8  # a probe that learnt the classes (5% mislabelled)
+
+
+def test_the_long_passes_log_their_progress(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from pipeline import progress
+
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.0)  # a line at every step, as a long pass writes them
+    embeddings, thumbs, _ = _planted(300, 96)
+    labels = np.arange(300) % 3
+    with caplog.at_level(logging.INFO, logger="pipeline.progress"):
+        checks.near_duplicates(embeddings, thumbs, AuditParams(neighbours=2), ann_above=0)
+        checks.discriminant_probabilities(embeddings, labels, 3, seed=0)
+    logged = " ".join(record.getMessage() for record in caplog.records)
+    for desc in ("embedding graph", "embedding neighbours", "pixel graph", "pixel neighbours",
+                 "pixel check (half side)", "label probe (probabilities)"):  # fmt: skip
+        assert f"audit {desc}" in logged
+
+
+def test_above_probe_above_the_label_probe_is_the_discriminant_in_a_file(tmp_path, monkeypatch):
+    embeddings, labels = _noisy_classes(600, 4, 8, seed=4)
+    small = checks.out_of_fold_probabilities(embeddings, labels, 3, seed=0, folder=tmp_path)
+    assert not isinstance(small, np.memmap)  # the logistic regression, in memory
+    monkeypatch.setattr(checks, "PROBE_ABOVE", 500)
+    large = checks.out_of_fold_probabilities(embeddings, labels, 3, seed=0, folder=tmp_path)
+    assert isinstance(large, np.memmap)
+    assert np.allclose(large, checks.discriminant_probabilities(embeddings, labels, 3, seed=0))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,7 +182,10 @@ def _label_issues(
         return table, table.iloc[:0], "off (audit.label_issues: off)"
     if len(classes) < 2 or folds < 2:
         return table, table.iloc[:0], "skipped: needs 2 classes of at least 2 images each"
-    issues = checks.label_issues(y, checks.out_of_fold_probabilities(embeddings, y, folds, seed))
+    with tempfile.TemporaryDirectory(prefix="audit-") as tmp:
+        probabilities = checks.out_of_fold_probabilities(embeddings, y, folds, seed, folder=Path(tmp))
+        issues = checks.label_issues(y, probabilities)
+        del probabilities  # the memory-mapped file goes with the folder
     flagged = np.zeros(len(table), dtype=bool)
     flagged[issues.ranked] = True
     table = table.assign(
@@ -190,7 +194,8 @@ def _label_issues(
         label_quality=issues.quality.round(6),
         quarantined=flagged & (mode == "quarantine"),
     )
-    return table, table.iloc[issues.ranked], f"{mode}: {folds}-fold logistic regression + cleanlab"
+    probe = "logistic regression" if len(y) <= checks.PROBE_ABOVE else "linear discriminant"
+    return table, table.iloc[issues.ranked], f"{mode}: {folds}-fold {probe} + cleanlab"
 
 
 def _groups(table: pd.DataFrame) -> pd.DataFrame:
@@ -243,7 +248,7 @@ def _drift(
             "status": f"too few images to compare (audit.drift_min_images {settings.drift_min_images})",
             **counts,
         }
-    auc = checks.two_sample_auc(embeddings[old], embeddings[new], settings.folds, seed)
+    auc = checks.two_sample_auc(embeddings, old, new, settings.folds, seed)
     before = trained["label"].value_counts().to_dict()
     after = table.loc[new, "label"].value_counts().to_dict()
     shift = checks.prior_shift(before, after)

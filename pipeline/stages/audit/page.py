@@ -21,8 +21,9 @@ _THUMB = 96  # pixels, the longer side of a thumbnail
 _GROUP_MEMBERS_SHOWN = 6
 _FIGURE = 'style="display:inline-block;margin:.3rem;width:{w}px;vertical-align:top;font-size:.8rem"'
 _SUSPECTS_NOTE = (
-    "Out-of-sample probabilities of a k-fold logistic regression on the backbone's embeddings, ranked by "
-    "cleanlab (confident learning). Each image: its given label, the label the classifier suggests, and the "
+    "Out-of-sample probabilities of a k-fold linear probe on the backbone's embeddings (a logistic "
+    "regression; a linear discriminant above 50,000 images), ranked by cleanlab (confident learning). "
+    "Each image: its given label, the label the classifier suggests, and the "
     "probability it gives the given label (low = suspicious). Look before you relabel: the classifier is "
     "only as good as a linear probe."
 )
