@@ -216,3 +216,24 @@ def test_curves_without_a_phase_series_mark_nothing_and_keep_every_epoch():
 )
 def test_train_and_val_series_share_a_panel(name, panel):
     assert report._panel_of(name) == panel
+
+
+def test_with_many_classes_the_confusion_matrix_shows_those_with_the_most_mistakes(monkeypatch):
+    classes = 200
+    matrix = np.diag(np.full(classes, 50))
+    matrix[7, 150], matrix[150, 7], matrix[33, 34] = 9, 6, 4  # 7 and 150 mixed up most, then 33 and 34
+    assert report._most_mistaken(matrix, 3).tolist() == [7, 33, 150]  # a tie goes to the first class
+    assert report._most_mistaken(matrix[:3, :3], 40).tolist() == [0, 1, 2]  # few classes: all, in order
+    drawn = []
+    figure = report._figure
+    monkeypatch.setattr(report, "_figure", lambda *size: drawn.append(figure(*size)) or drawn[-1])
+    report.confusion_png(matrix, [f"class{i:03d}" for i in range(classes)])
+    ticks = [label.get_text() for label in drawn[0].axes[0].get_xticklabels()]
+    assert len(ticks) == report.PLOTTED_CLASSES_MAX and {"class007", "class150", "class033"} <= set(ticks)
+
+
+def test_with_many_classes_the_f1_chart_shows_the_lowest():
+    f1 = np.linspace(0.5, 1.0, 1000)
+    tall = Image.open(BytesIO(report.per_class_f1_png([f"c{i}" for i in range(1000)], f1)))
+    forty = Image.open(BytesIO(report.per_class_f1_png([f"c{i}" for i in range(40)], f1[:40])))
+    assert tall.size[1] <= forty.size[1] * 1.05  # 40 bars, not 1,000 (a 300-inch figure)

@@ -47,18 +47,37 @@ def _png(fig: Any) -> bytes:
     return buffer.getvalue()
 
 
+# Beyond this many classes the confusion matrix and the F1 bars show the classes with the most mistakes
+# (a thousand classes: 2,000 tick labels took matplotlib minutes and no reader finds a cell among a million).
+PLOTTED_CLASSES_MAX = 40
+
+
+def _most_mistaken(matrix: np.ndarray, limit: int) -> np.ndarray:
+    """Indices of the `limit` classes with the most mistakes (images of them missed, plus images predicted as
+    them wrongly), in class order; all classes when there are no more than `limit`."""
+    if len(matrix) <= limit:
+        return np.arange(len(matrix))
+    wrong = matrix.sum(axis=0) + matrix.sum(axis=1) - 2 * np.diag(matrix)
+    return np.sort(np.argsort(-wrong, kind="stable")[:limit])
+
+
 def confusion_png(matrix: np.ndarray, class_names: Sequence[str]) -> bytes:
-    """Counts and row-normalised (per-true-class recall) confusion matrices side by side. Rows: true class."""
-    k = len(class_names)
-    side = min(max(4.0, 0.45 * k + 2.0), 16.0)
-    fig = _figure(2 * side + 1.5, side)
+    """Counts and row-normalised (per-true-class recall) confusion matrices side by side. Rows: true class.
+    More than PLOTTED_CLASSES_MAX classes: those with the most mistakes (row-normalised over all columns)."""
+    shown = _most_mistaken(matrix, PLOTTED_CLASSES_MAX)
     row_sums = matrix.sum(axis=1, keepdims=True)
     normalised = np.divide(matrix, row_sums, out=np.zeros(matrix.shape), where=row_sums > 0)
-    panels = ((matrix, "Counts", "{:d}"), (normalised, "Row-normalised", "{:.2f}"))
+    matrix, normalised = matrix[np.ix_(shown, shown)], normalised[np.ix_(shown, shown)]
+    names = [class_names[i] for i in shown]
+    k = len(names)
+    side = min(max(4.0, 0.45 * k + 2.0), 16.0)
+    fig = _figure(2 * side + 1.5, side)
+    subset = "" if k == len(row_sums) else f" ({k} of {len(row_sums)} classes: most mistakes)"
+    panels = ((matrix, "Counts" + subset, "{:d}"), (normalised, "Row-normalised", "{:.2f}"))
     for ax, (data, title, fmt) in zip(fig.subplots(1, 2), panels, strict=True):
         image = ax.imshow(data, cmap="Blues", vmin=0)
-        ax.set_xticks(range(k), class_names, rotation=45, ha="right")
-        ax.set_yticks(range(k), class_names)
+        ax.set_xticks(range(k), names, rotation=45, ha="right")
+        ax.set_yticks(range(k), names)
         ax.set_xlabel("Predicted")
         ax.set_ylabel("True")
         ax.set_title(title)
@@ -116,16 +135,22 @@ def reliability_png(before: Reliability, after: Reliability, temperature: float)
 
 
 def per_class_f1_png(class_names: Sequence[str], f1: Sequence[float]) -> bytes:
-    k = len(class_names)
+    """F1 per class, one bar each; more than PLOTTED_CLASSES_MAX classes: the lowest ones."""
+    f1 = np.asarray(f1, dtype=float)
+    shown = np.arange(len(f1))
+    if len(f1) > PLOTTED_CLASSES_MAX:
+        shown = np.sort(np.argsort(f1, kind="stable")[:PLOTTED_CLASSES_MAX])
+    k = len(shown)
     fig = _figure(7, max(2.5, 0.3 * k + 1.2))
     ax = fig.subplots()
     positions = np.arange(k)
-    ax.barh(positions, f1, color="tab:green")
-    ax.set_yticks(positions, class_names)
+    ax.barh(positions, f1[shown], color="tab:green")
+    ax.set_yticks(positions, [class_names[i] for i in shown])
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
-    ax.set_xlabel("F1 on the test split")
-    for y, value in zip(positions, f1, strict=True):
+    lowest = "" if k == len(f1) else f" (the {k} lowest of {len(f1)} classes)"
+    ax.set_xlabel("F1 on the test split" + lowest)
+    for y, value in zip(positions, f1[shown], strict=True):
         ax.text(min(value + 0.01, 0.9), y, f"{value:.2f}", va="center", fontsize=8)
     return _png(fig)
 

@@ -249,3 +249,25 @@ def test_top_k_accuracy_on_known_scores():
     assert evaluate.top_k_accuracy(probs, labels, 1) == pytest.approx(1 / 3)
     assert evaluate.top_k_accuracy(probs, labels, 2) == pytest.approx(2 / 3)
     assert evaluate.top_k_accuracy(probs, labels, 3) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("classes", [3, 150])
+def test_predictions_have_a_probability_per_class_or_above_a_hundred_the_five_most_probable(classes):
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(classes), size=20)
+    names = [f"c{k:03d}" for k in range(classes)]
+    test = pd.DataFrame(
+        {"path": [f"{i}.png" for i in range(20)], "label": [names[i % classes] for i in range(20)]}
+    )
+    pred = probs.argmax(axis=1)
+    frame = evaluate._predictions_frame(test, evaluate._Scores(probs, probs), pred, names)
+    prob_columns = [c for c in frame.columns if c.startswith("prob_")]
+    if classes <= evaluate.PROB_COLUMNS_MAX:
+        assert np.array_equal(frame[prob_columns].to_numpy(), probs)
+        return
+    assert prob_columns == []  # 150 columns of figures per image no more
+    order = np.argsort(-probs, axis=1)[:, : evaluate.TOP_SHOWN]
+    for k in range(evaluate.TOP_SHOWN):
+        assert frame[f"top{k + 1}_label"].tolist() == [names[j] for j in order[:, k]]
+        assert np.allclose(frame[f"top{k + 1}_prob"], probs[np.arange(20), order[:, k]])
+    assert (frame["top1_label"] == frame["pred"]).all()
