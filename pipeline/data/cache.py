@@ -38,9 +38,8 @@ from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 
-_FORMAT_VERSION = (
-    4  # bump when the cached pixels would change for the same key inputs (4: shards; 3: a file a set)
-)
+# Bump when the cached pixels would change for the same key inputs (4: shards; 3: a file a set).
+_FORMAT_VERSION = 4
 # Bytes a shard holds: what a kill can lose, and what a shard being written maps. 512 MiB: 2,700 images at
 # 224 px (256 px squares), 33,000 at 64 px (73 px squares); a million at 224 px make 370 shards.
 _SHARD_BYTES = 512 * 2**20
