@@ -32,6 +32,7 @@ BENCHMARKS = (
     "audit_near_duplicates",
     "audit_scale",
     "scale",
+    "trust",
 )
 
 

@@ -139,6 +139,14 @@ def predict(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or globs.")],
     model: Annotated[Path | None, typer.Option(help="Export folder (default: paths.export_dir).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes shown per image.")] = 1,
+    sets: Annotated[
+        bool,
+        typer.Option(
+            "--sets",
+            help="Also show each image's conformal prediction set: the classes that hold the true one with "
+            "probability >= 1 - evaluate.conformal.alpha.",
+        ),
+    ] = False,
     output_format: Annotated[Literal["table", "json", "csv"], typer.Option("--format")] = "table",
     precision: Annotated[
         Literal["auto", "fp32", "int8", "fp16"],
@@ -157,6 +165,7 @@ def predict(
 ) -> None:
     """Classify images with the exported ONNX model (ONNX Runtime only: works without torch).
 
+    Images unlike the training data are marked UNKNOWN with their score when the export has a detector.
     Exit code 0: all predicted; 1: some inputs could not be read (reported per file); 2: nothing to run.
     """
     from pipeline.serving.predict import Predictor, format_predictions, predict_paths
@@ -166,7 +175,7 @@ def predict(
         predictor = Predictor(export_dir, precision=precision, provider=provider)
         running = f"{predictor.served.upper()}: {predictor.reason} (provider {predictor.provider})"
         typer.echo(f"predict: running {running}", err=True)
-        results = predict_paths(paths, predictor, top_k=top_k)
+        results = predict_paths(paths, predictor, top_k=top_k, sets=sets)
     except PipelineError as exc:
         typer.secho(f"predict: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None

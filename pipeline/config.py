@@ -103,7 +103,10 @@ class PathsParams(_Section):
     predictions: Path = Path("models/predictions.csv")
     """evaluate: per-test-image predictions"""
     calibration: Path = Path("models/calibration.json")
-    """evaluate: the temperature fitted on the val split"""
+    """evaluate: the temperature, conformal threshold and unknown-input threshold fitted on the val split"""
+    feature_bank: Path = Path("models/feature_bank.npy")
+    """evaluate: unit-length train features (float16) for the knn unknown-input detector; the export copies it
+    """
     onnx_dir: Path = Path("models/onnx")
     """quantize: FP32 and INT8 ONNX models"""
     export_dir: Path = Path("models/export")
@@ -557,6 +560,47 @@ class TrainParams(_Section):
     distill: DistillParams = DistillParams()
 
 
+class ConformalParams(_Section):
+    """Split conformal prediction sets, calibrated on the val split after temperature scaling."""
+
+    alpha: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    """miscoverage: a new image like the val images has its true class in its set with probability at least
+    1 - alpha (on average over images, not per class)
+    """
+    method: Literal["aps", "raps", "lac"] = "aps"
+    """`aps`: adaptive sets (the mass of the classes ranked at or above each), larger for hard images;
+    `raps`: aps with a penalty on long tails of unlikely classes (`raps_k_reg`, `raps_lambda`); `lac`:
+    1 - probability, the smallest sets on average but coverage uneven across classes
+    """
+    raps_k_reg: NonNegInt = 1
+    """raps: classes ranked beyond this many are penalised"""
+    raps_lambda: Annotated[float, Field(ge=0.0)] = 0.01
+    """raps: the penalty per rank beyond `raps_k_reg`"""
+
+
+class UnknownParams(_Section):
+    """Unknown-input rejection: a detector fitted on train-split features, its threshold chosen on val."""
+
+    detector: Literal["knn", "energy", "msp"] = "knn"
+    """`knn`: distance to the k-th nearest train image in the normalized penultimate features (needs the
+    feature bank in the export); `energy`: logsumexp of the logits; `msp`: the largest calibrated probability.
+    knn is the default by measurement (`python -m benchmarks trust`)
+    """
+    tpr: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
+    """share of in-distribution (val) images kept; the rest of the score range is marked unknown"""
+    knn_k: PositiveInt = 5
+    """knn: which nearest train image's distance is the score"""
+    knn_dims: NonNegInt = 128
+    """knn: search on the bank's top this many principal axes (0: all features); fewer read less per image
+    (batch-1 latency) but merge more of what tells images apart (`python -m benchmarks trust`)
+    """
+    bank_size: PositiveInt = 2_000
+    """knn: at most this many train images (a stratified sample drawn with `base.seed`) in the feature bank,
+    stored as float16 in the export (features x bank_size x 2 bytes); predict reads the whole bank per image,
+    so its latency grows with it (`python -m benchmarks trust`)
+    """
+
+
 class EvaluateParams(_Section):
     top_k: PositiveInt = 3
     """top-k accuracy (k is capped at the number of classes)"""
@@ -568,6 +612,8 @@ class EvaluateParams(_Section):
     """most confident mistakes in the gallery"""
     batch_size: PositiveInt = 64
     """images per forward pass"""
+    conformal: ConformalParams = ConformalParams()
+    unknown: UnknownParams = UnknownParams()
 
 
 class QuantizeParams(_Section):

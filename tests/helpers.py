@@ -168,6 +168,7 @@ def model_project(root: Path, model=None, class_names: tuple[str, ...] = (), **s
         **{key: str(root / key) for key in ("onnx_dir", "export_dir", "metrics_dir", "reports_dir")},
         "model": str(root / "model.pt"),
         "calibration": str(root / "calibration.json"),
+        "feature_bank": str(root / "feature_bank.npy"),
         **sections.pop("paths", {}),
     }
     quantize = {"benchmark_repeats": 2, "calibration_images": 8, **sections.pop("quantize", {})}

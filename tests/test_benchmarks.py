@@ -255,6 +255,41 @@ def test_audit_near_duplicates_injects_copies_and_times_a_cold_and_a_warm_cache(
     assert figures["approximate_search"]["recall"] == approximate["recall"]
 
 
+def test_trust_scores_every_detector_and_conformal_method_and_times_the_knn_options(
+    results: _Results,
+) -> None:
+    payload = _load(results, "trust")
+    figures = payload["results"]
+    known = [f"class_{k}" for k in range(CLASSES - 1)]  # the last class held out as near-OOD
+    assert figures["classes"] == {"in_distribution": known, "held_out_near_ood": [f"class_{CLASSES - 1}"]}
+    assert figures["images"] == {"train": 12, "val": 8, "test": 4 * len(known), "near": 4, "far": 8}
+    for method in ("aps", "raps", "lac"):
+        for alpha in ("0.1", "0.05"):
+            sets = figures["conformal"][method][alpha]
+            assert 0.0 <= sets["coverage"] <= 1.0 and 0.0 <= sets["set_size_mean"] <= len(known)
+    assert set(figures["detectors"]) == {"knn", "energy", "msp"}
+    for detector in figures["detectors"].values():
+        for ood in ("near", "far"):
+            assert 0.0 <= detector[ood]["auroc"] <= 1.0 and 0.0 <= detector[ood]["fpr_at_95_tpr"] <= 1.0
+    options = figures["knn_options"]  # fitted as evaluate fits them: the default's figures are the knn's
+    shipped = next(o for o in options.values() if (o["dims"], o["k"]) == (128, 5) and o["bank_images"] == 12)
+    assert shipped["val_threshold"] == figures["detectors"]["knn"]["val_threshold"]
+    assert shipped["near_auroc"] == figures["detectors"]["knn"]["near"]["auroc"]
+    assert options["pca128_plus_energy"]["shipped"] is False and "ms" not in options["pca128_plus_energy"]
+    latency = figures["latency_batch1_ms"]
+    assert latency["model"] > 0 and latency["conditions"]["cpu"] == payload["machine"]["cpu"]
+    assert latency["conditions"]["load_average_1min"] >= 0 and "fp32" in latency["conditions"]["precision"]
+    for name, timed in latency["detectors"].items():
+        assert timed["ms"] > 0 and timed["share"] == pytest.approx(timed["ms"] / latency["model"]), name
+        assert name == "default" or options[name]["ms"] == timed["ms"]
+    assert payload["targets"]["detector_latency_share"]["value"] == latency["detectors"]["default"]["share"]
+    assert set(payload["targets"]) >= {
+        "near_ood_auroc_knn",
+        "far_ood_auroc_knn",
+        "coverage_gap_aps_alpha_0.1",
+    }
+
+
 def test_audit_scale_times_both_searches_and_fits_the_exponent(results: _Results) -> None:
     payload = _load(results, "audit_scale")
     assert payload["benchmark"] == "audit_scale" and payload["smoke"] is True

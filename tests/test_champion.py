@@ -14,11 +14,19 @@ import pandas as pd
 import pytest
 from helpers import make_image
 from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
 
 from pipeline.config import Params
 from pipeline.errors import PipelineError
 from pipeline.orchestration import champion
-from pipeline.orchestration.champion import CHAMPION_METRICS, GATE_PREDICTIONS, decide, promote
+from pipeline.orchestration.champion import (
+    CHAMPION_METRICS,
+    GATE_PREDICTIONS,
+    decide,
+    drift_and_unknown,
+    drift_table,
+    promote,
+)
 from pipeline.stats import compare, mcnemar_p
 
 PERFECT = (0, 1, 2)  # class k scored by the mean of input channel k: right on every `make_image` image
@@ -50,9 +58,12 @@ def test_decide(comparison, promoted, reason):
     assert verdict is promoted and reason in why, why
 
 
-def _onnx_classifier(folder: Path, class_names: list[str], channels: tuple) -> Path:
+def _onnx_classifier(
+    folder: Path, class_names: list[str], channels: tuple, unknown: dict | None = None
+) -> Path:
     """An export folder whose real ONNX model scores class k by the mean of input channel `channels[k]`
-    (None: a constant -1, so that class never wins): GlobalAveragePool, Flatten, MatMul, Add."""
+    (None: a constant -1, so that class never wins): GlobalAveragePool, Flatten, MatMul, Add; with
+    `unknown`, the unknown-input detector's settings in its metadata, as export writes them."""
     weights = np.zeros((3, len(class_names)), dtype=np.float32)
     bias = np.zeros(len(class_names), dtype=np.float32)
     for k, channel in enumerate(channels):
@@ -79,6 +90,8 @@ def _onnx_classifier(folder: Path, class_names: list[str], channels: tuple) -> P
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     # What the export stage writes into the model, and predict checks labels.json and preprocess.json against.
     meta = {key: value if isinstance(value, str) else json.dumps(value) for key, value in config.items()}
+    if unknown:
+        meta["unknown"] = json.dumps(unknown)
     helper.set_model_props(model, {"class_names": json.dumps(class_names), **meta})
     onnx.save(model, folder / "model.onnx")
     (folder / "labels.json").write_text(json.dumps(class_names))
@@ -108,11 +121,13 @@ def _write_splits(root: Path, params: Params, per_class: dict[str, int], test_ev
         writer.writerows(rows)
 
 
-def _candidate(root: Path, params: Params, classes: int, channels: tuple, name: bytes) -> None:
+def _candidate(
+    root: Path, params: Params, classes: int, channels: tuple, name: bytes, unknown: dict | None = None
+) -> None:
     """What the pipeline leaves behind: a trained model, an export folder and the stages' metrics."""
     paths = params.paths
     (root / paths.model).write_bytes(name)
-    _onnx_classifier(root / paths.export_dir, [f"class_{k}" for k in range(classes)], channels)
+    _onnx_classifier(root / paths.export_dir, [f"class_{k}" for k in range(classes)], channels, unknown)
     for stage in ("evaluate", "quantize", "export"):
         (root / paths.metrics(stage)).parent.mkdir(parents=True, exist_ok=True)
         (root / paths.metrics(stage)).write_text(json.dumps({"accuracy": 0.5} if stage == "evaluate" else {}))
@@ -159,6 +174,61 @@ def test_the_gate_scores_champion_and_new_model_on_the_same_current_test_images(
 
     again = promote(params.paths, params.orchestrate, tmp_path)  # the same gate twice: same figures
     assert again == second
+
+
+def _energy_detector(threshold: float) -> dict:
+    return {"detector": "energy", "threshold": threshold, "tpr": 0.95, "k": 1}
+
+
+def test_the_gate_shows_the_audits_drift_next_to_the_share_of_new_images_marked_unknown(tmp_path):
+    params = _project(tmp_path)
+    _write_splits(tmp_path, params, {"class_0": 20, "class_1": 20, "class_2": 20})
+    # Energy (logsumexp of the logits) of a make_image image under PERFECT: about 0.45; of a black one:
+    # -1 + log 3 = 0.10. The champion marks images below 0.3 unknown, the new model none.
+    _candidate(tmp_path, params, 3, PERFECT, b"first", _energy_detector(0.3))
+    first = promote(params.paths, params.orchestrate, tmp_path)
+    assert first["drift"]["new_test_images"] is None  # no champion yet: no image is new to it
+    assert first["drift"]["champion_unknown_added_images"] is None
+
+    for k in range(3):  # the data grows by images unlike the old ones: black (img_020 of each class is test)
+        for i in (20, 21):
+            path = tmp_path / params.paths.data_root / f"class_{k}" / f"img_{i:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (32, 32)).save(path)
+    _write_splits(tmp_path, params, {"class_0": 22, "class_1": 22, "class_2": 22})
+    audit = {"drifted": True, "drift_auc": 0.97, "prior_shift": 0.0, "label_issues": 0}
+    (tmp_path / params.paths.metrics("audit")).write_text(json.dumps(audit))
+    _candidate(tmp_path, params, 3, PERFECT, b"second", _energy_detector(-100.0))
+    drift = promote(params.paths, params.orchestrate, tmp_path)["drift"]
+
+    assert drift == {
+        "drifted": True,
+        "drift_auc": 0.97,
+        "prior_shift": 0.0,
+        "new_test_images": 3,  # img_020 of each class: not in the champion's splits record
+        "champion_unknown_added_images": 1.0,
+        "champion_unknown_other_images": 0.0,
+        "new_unknown_added_images": 0.0,
+        "new_unknown_other_images": 0.0,
+    }
+    table = drift_table(drift)
+    assert "| True | 0.97 | 0.0 | 3 | champion model | 100.0% | 0.0% |" in table
+    assert "| new model | 0.0% | 0.0% |" in table
+
+
+def test_drift_and_unknown_splits_the_test_images_by_the_champions_record():
+    test = pd.DataFrame(
+        {
+            "sha256": ["a", "b", "c", "d"],
+            "champion_unknown": [False, True, True, True],
+            "new_unknown": [None] * 4,  # an export without a detector
+        }
+    )
+    drift = drift_and_unknown(test, {"a", "b", "z"}, {"drifted": False, "drift_auc": 0.51})
+    assert drift["new_test_images"] == 2 and drift["prior_shift"] is None
+    assert (drift["champion_unknown_added_images"], drift["champion_unknown_other_images"]) == (1.0, 0.5)
+    assert drift["new_unknown_added_images"] is None and drift["new_unknown_other_images"] is None
+    assert "| False | 0.51 | None | 2 | champion model | 100.0% | 50.0% |" in drift_table(drift)
 
 
 def test_a_better_model_is_promoted_and_its_record_holds_the_gate(tmp_path):
@@ -211,8 +281,12 @@ def test_a_champion_with_the_same_export_is_scored_once_and_a_different_one_agai
     _write_splits(tmp_path, params, {"class_0": 12, "class_1": 12, "class_2": 12})
     _candidate(tmp_path, params, 3, PERFECT, b"one")
     promote(params.paths, params.orchestrate, tmp_path)
-    scored, top1 = [], champion._top1
-    monkeypatch.setattr(champion, "_top1", lambda folder, *args: scored.append(folder) or top1(folder, *args))
+    scored, score = [], champion._score
+    monkeypatch.setattr(
+        champion,
+        "_score",
+        lambda test, model, folder, *args: scored.append(folder) or score(test, model, folder, *args),
+    )
     _candidate(tmp_path, params, 3, PERFECT, b"two")  # retrained to the very same export
 
     same = promote(params.paths, params.orchestrate, tmp_path)

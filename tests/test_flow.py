@@ -116,6 +116,10 @@ def test_flow_publishes_metrics_table_and_report_path(first_run):
     assert "| export | ran |" in table and "| ingest | unchanged |" in table
     assert "accuracy" in table and "promoted (no champion yet" in table
     assert "| drifted | None |" in by_key["data-drift"].data  # shown before training; no champion before
+    # after the gate: the audit's drift next to the share of the new test images each model marks unknown
+    drift = by_key["drift-and-unknown"].data
+    assert "| None | None | None | n/a | champion model | n/a | n/a |" in drift  # no champion: none is new
+    assert "| new model | n/a | " in drift and "marked unknown by" in drift
     report = project / "reports" / "evaluate" / "report.html"
     assert report.is_file()
     assert by_key["evaluation-report"].data.endswith(f"({report.resolve().as_uri()})")

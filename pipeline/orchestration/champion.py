@@ -5,6 +5,12 @@ exactly one of them is right does not show it less accurate (p >= `orchestrate.p
 
 Class changes: the comparison uses the test images of the classes both models know. Test images of added
 classes cannot be scored for the champion: the new model's accuracy on them is reported, not gated.
+
+Trust, reported and not gated: on the same images, each model's conformal coverage (the share whose true class
+is in its prediction set) and the share it marks unknown, where its export carries the thresholds. Next to
+the audit's drift figures (metrics/audit.json: the images added since the champion's training set against
+it), the share of the test images among those added that each model marks unknown, and the share of the
+other test images for comparison: drift the champion's detector sees shows there first.
 """
 
 from __future__ import annotations
@@ -52,6 +58,12 @@ class Decision:
     classes_added: list[str]
     classes_removed: list[str]
     new_on_added: float | None  # the new model's accuracy on the test images of the added classes
+    # On the compared images; None where that model's export has no conformal threshold or detector.
+    new_coverage: float | None = None
+    champion_coverage: float | None = None
+    new_unknown_rate: float | None = None
+    champion_unknown_rate: float | None = None
+    drift: dict[str, Any] | None = None  # drift_and_unknown(): the audit's drift next to the unknown shares
 
 
 def decide(comparison: PairedComparison | None, margin: float, alpha: float) -> tuple[bool, str]:
@@ -86,16 +98,20 @@ def promote(paths: PathsParams, gate: OrchestrateParams, root: Path | str = ".")
     model_sha256 = _sha256(root / paths.model)
     test = _test_images(root / paths.splits)
     files = [root / paths.data_root / path for path in test["path"]]
-    new_classes, test["new"] = _top1(root / paths.export_dir, files, "run the pipeline (dvc repro) first")
+    new_classes = _score(test, "new", root / paths.export_dir, files, "run the pipeline (dvc repro) first")
     current = _read_champion(root / paths.champion_dir / CHAMPION_METRICS)
-    held_classes, test["champion"] = None, None
+    held_classes = None
+    for column in _TRUST_COLUMNS:
+        test[f"champion{column}"] = None
     held_dir = root / paths.champion_dir / paths.export_dir.name
     if current and _scored_files(held_dir) == _scored_files(root / paths.export_dir):
-        held_classes, test["champion"] = new_classes, test["new"]  # the same model: scoring it again is waste
+        held_classes = new_classes  # the same model: scoring it again is waste
+        for column in _TRUST_COLUMNS:
+            test[f"champion{column}"] = test[f"new{column}"]
     elif current:
         lost = f"restore it, or delete {paths.champion_dir} to promote the next model unconditionally"
-        held_classes, test["champion"] = _top1(held_dir, files, lost)
-    decision = _gate(test, new_classes, held_classes, gate)
+        held_classes = _score(test, "champion", held_dir, files, lost)
+    decision = replace(_gate(test, new_classes, held_classes, gate), drift=_drift(root, paths, test, current))
     write_text(root / paths.reports("promote") / GATE_PREDICTIONS, test.to_csv(index=False))
     if current.get("model_sha256") == model_sha256:
         return asdict(replace(decision, promoted=False, reason="already champion"))
@@ -147,12 +163,73 @@ def _gate(
         classes_added=added,
         classes_removed=removed,
         new_on_added=_accuracy(test[test["label"].isin(added)], "new"),
+        new_coverage=_share(shared, "new_covered"),
+        champion_coverage=_share(shared, "champion_covered") if scored else None,
+        new_unknown_rate=_share(shared, "new_unknown"),
+        champion_unknown_rate=_share(shared, "champion_unknown") if scored else None,
     )
 
 
 def _accuracy(rows: pd.DataFrame, column: str) -> float | None:
     """Top-1 accuracy of `column` against `label`; None when there are no rows."""
     return float(np.mean(rows[column] == rows["label"])) if len(rows) else None
+
+
+_DRIFT_KEYS = ("drifted", "drift_auc", "prior_shift")  # the audit's headline drift figures
+
+
+def drift_and_unknown(
+    test: pd.DataFrame, trained_on: set[str] | None, audit: dict[str, Any]
+) -> dict[str, Any]:
+    """The audit's drift figures next to the share of the test images added since the champion's training
+    set that each model marks unknown, and the share of the other test images.
+
+    Args: test with columns sha256, champion_unknown and new_unknown (booleans; None where a model has no
+    detector or was not scored); trained_on the sha256 of every image in the champion's splits (None: no
+    champion yet, so no image is new to it); audit the audit's metrics.
+    Returns: {drifted, drift_auc, prior_shift, new_test_images, {champion,new}_unknown_{added,other}_images}.
+    """
+    figures: dict[str, Any] = {key: audit.get(key) for key in _DRIFT_KEYS}
+    added = None if trained_on is None else ~test["sha256"].isin(trained_on)
+    figures["new_test_images"] = None if added is None else int(added.sum())
+    for model in ("champion", "new"):
+        for part, rows in (("added", added), ("other", None if added is None else ~added)):
+            share = None if rows is None else _share(test[rows], f"{model}_unknown")
+            figures[f"{model}_unknown_{part}_images"] = share
+    return figures
+
+
+def drift_table(figures: dict[str, Any]) -> str:
+    """drift_and_unknown()'s figures as a markdown table: drift and the unknown shares side by side."""
+
+    def shown(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.1%}" if isinstance(value, float) else str(value)
+
+    rows = [
+        "| audit: drifted | old-vs-new AUC | class-prior shift | new test images | marked unknown by | "
+        "among the new ones | among the others |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    drift = [str(figures.get(key)) for key in _DRIFT_KEYS] + [shown(figures.get("new_test_images"))]
+    for model in ("champion", "new"):
+        shares = [shown(figures.get(f"{model}_unknown_{part}_images")) for part in ("added", "other")]
+        rows.append(f"| {' | '.join(drift)} | {model} model | {' | '.join(shares)} |")
+        drift = ["", "", "", ""]  # the drift once, the unknown shares per model
+    return "\n".join(rows)
+
+
+def _drift(root: Path, paths: PathsParams, test: pd.DataFrame, champion: dict[str, Any]) -> dict[str, Any]:
+    """drift_and_unknown() from the audit's metrics and the current champion's splits record (none: no image
+    is new to a champion that does not exist, or whose record is lost)."""
+    record = root / paths.champion_splits
+    trained_on = set(read_splits_table(record)["sha256"]) if champion and record.is_file() else None
+    return drift_and_unknown(test, trained_on, read_optional_json(root / paths.metrics("audit")) or {})
+
+
+def _share(rows: pd.DataFrame, column: str) -> float | None:
+    """Share of True in a column of booleans; None when there are no rows or the model had no threshold."""
+    values = rows[column]
+    return float(values.astype(bool).mean()) if len(values) and values.notna().all() else None
 
 
 def _test_images(splits_csv: Path) -> pd.DataFrame:
@@ -164,17 +241,28 @@ def _test_images(splits_csv: Path) -> pd.DataFrame:
     return test.sort_values("path", kind="stable").reset_index(drop=True)
 
 
-def _top1(export_dir: Path, files: list[Path], fix: str) -> tuple[list[str], list[str]]:
-    """(class names, top-1 class per file) of the FP32 model of an export folder; `fix` says what to do
-    when the folder has no model."""
+_TRUST_COLUMNS = ("", "_covered", "_unknown")  # per model: top-1, true class in its set, marked unknown
+
+
+def _score(test: pd.DataFrame, model: str, export_dir: Path, files: list[Path], fix: str) -> list[str]:
+    """Fill `test`'s columns <model> (top-1 class), <model>_covered (true class in its conformal set) and
+    <model>_unknown (None where the export has no threshold) from the FP32 model of an export folder; return
+    its class names. `fix` says what to do when the folder has no model."""
     if not (export_dir / rt.FP32_FILE).is_file():
         raise PipelineError(f"{export_dir}: no exported model to score; {fix}")
     predictor = Predictor(export_dir, precision="fp32")
-    predictions = predictor.predict(files)
+    sets = predictor.conformal is not None
+    predictions = predictor.predict(files, sets=sets)
     unreadable = [p.source for p in predictions if not p.ok]
     if unreadable:
         raise PipelineError(f"{unreadable[0]}: a test image is unreadable; re-run the pipeline (dvc repro)")
-    return predictor.class_names, [p.labels[0][0] for p in predictions]
+    test[model] = [p.labels[0][0] for p in predictions]
+    test[f"{model}_covered"] = [
+        label in p.prediction_set if sets else None
+        for p, label in zip(predictions, test["label"], strict=True)
+    ]
+    test[f"{model}_unknown"] = [p.unknown for p in predictions]
+    return predictor.class_names
 
 
 def _scored_files(export_dir: Path) -> list[str] | None:

@@ -76,8 +76,15 @@ def set_params(project_dir: str, overrides: dict[str, Any]) -> None:
 
 @task(cache_policy=NO_CACHE)
 def promotion_gate(paths: PathsParams, gate: OrchestrateParams, project_dir: str) -> dict[str, Any]:
+    """The champion gate; the audit's drift next to the share of the new test images each model marks
+    unknown, as a Prefect artifact."""
     decision = champion.promote(paths, gate, project_dir)
     get_run_logger().info("champion gate: %s", decision)
+    create_markdown_artifact(
+        key="drift-and-unknown",
+        markdown=champion.drift_table(decision["drift"]),
+        description="Drift of the new images (audit) and the share of them each model marks unknown",
+    )
     return decision
 
 

@@ -26,7 +26,8 @@ _USE_AND_LIMITS = [
     "needed).",
     "",
     "## Limits",
-    "- It only knows the classes above: any input gets one of them, even if it shows none.",
+    "- It only knows the classes above: any input gets one of them, even if it shows none; the unknown flag "
+    "catches many such inputs, not all.",
     "- Accuracy was measured on a held-out split of the same source; other cameras, backgrounds, "
     "resolutions or class balance can lower it. Check on your own data before relying on it.",
     "- Probabilities are calibrated by the evaluate stage with one temperature; treat them as estimates.",
@@ -59,6 +60,7 @@ def model_card(
         ],
         _training(trained.params),
         ["## Test metrics (PyTorch, evaluate stage)", *_section(figures["evaluate"], "evaluate")],
+        ["## Prediction sets and unknown inputs", *_trust(meta, figures["evaluate"], export)],
         ["## INT8 vs FP32 (quantize stage, this machine)", *_quantize_section(quantized)],
         [
             "## Export check",
@@ -86,6 +88,39 @@ def _files(export: dict, meta: dict[str, str], quantized: dict[str, Any]) -> lis
         "- both ONNX files carry the same in their metadata_props, plus the calibration temperature "
         f"({meta['temperature']}: probabilities are softmax(logits / temperature))",
     ]
+
+
+def _trust(meta: dict[str, str], evaluated: dict[str, Any], export: dict) -> list[str]:
+    """The conformal guarantee in one plain sentence, and what the unknown flag means, from the thresholds
+    in the export's metadata and the test figures of the evaluate stage."""
+    if "conformal" not in meta or "unknown" not in meta:
+        return ["(none: the evaluate stage calibrated no prediction sets or unknown-input detector)"]
+    sets, flagged = json.loads(meta["conformal"]), json.loads(meta["unknown"])
+    target = 1 - sets["alpha"]
+    lines = [
+        f"With `predict --sets`, each image's set of classes contains its true class for at least "
+        f"{target:.0%} of images that come from the same source as the training data (on average over "
+        f"images, not for every image or class; calibrated on {sets['n_calibration']} validation images, "
+        f"method {sets['method']}).",
+    ]
+    if "coverage" in evaluated:
+        lines[0] += (
+            f" On the test split: coverage {evaluated['coverage']:.1%}, mean set size "
+            f"{evaluated['set_size_mean']:.2f}, {evaluated['singleton_share']:.0%} single-class sets."
+        )
+    bank = (
+        f", {export['feature_bank_mb']:.2f} MB feature bank `{rt.FEATURE_BANK_FILE}`"
+        if flagged["detector"] == "knn"
+        else ""
+    )
+    lines += [
+        "",
+        f"`predict` marks an image `unknown` when its {flagged['detector']} score is below "
+        f"{flagged['threshold']:.4g}{bank}: the threshold keeps {flagged['tpr']:.0%} of validation images, "
+        f"so about {1 - flagged['tpr']:.0%} of ordinary images are marked too, and an unusual image is not "
+        "always caught.",
+    ]
+    return lines
 
 
 def _preprocessing(cfg: dict[str, Any]) -> list[str]:

@@ -155,6 +155,39 @@ def per_class_f1_png(class_names: Sequence[str], f1: Sequence[float]) -> bytes:
     return _png(fig)
 
 
+def coverage_png(conformal: dict[str, Any]) -> bytes:
+    """Conformal sets on the test split: coverage per class against the 1 - alpha target (left), and images
+    and coverage per set size (right). `conformal`: evaluate's details["conformal"]."""
+    target = 1.0 - conformal["alpha"]
+    per_class = conformal["coverage_per_class"]
+    by_size = {int(size): figures for size, figures in conformal["coverage_by_size"].items()}
+    fig = _figure(11, max(3.0, 0.3 * len(per_class) + 1.4))
+    left, right = fig.subplots(1, 2)
+    positions = np.arange(len(per_class))
+    values = list(per_class.values())
+    left.barh(positions, values, color=["tab:red" if v < target else "tab:blue" for v in values])
+    left.axvline(target, color="black", linestyle="--", linewidth=1, label=f"1 - alpha = {target:.2f}")
+    left.set_yticks(positions, list(per_class))
+    left.invert_yaxis()
+    left.set_xlim(0, 1)
+    left.set_xlabel("Coverage: true class in the set (test split)")
+    left.legend(loc="lower left", fontsize=8)
+    sizes = sorted(by_size)
+    right.bar(sizes, [by_size[s]["images"] for s in sizes], color="tab:gray")
+    for size in sizes:
+        right.annotate(
+            f"{by_size[size]['coverage']:.0%}",
+            (size, by_size[size]["images"]),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    right.set_xticks(sizes)
+    right.set_xlabel("Set size (classes); label: coverage of those sets")
+    right.set_ylabel("Test images")
+    return _png(fig)
+
+
 @dataclass(frozen=True)
 class Tile:
     image: Image.Image
@@ -314,6 +347,7 @@ class ReportData:
     )  # confusion_matrix, reliability, per_class_f1, mistakes
     curves_png: bytes | None = None
     curves_note: str = ""
+    trust: dict[str, Any] = field(default_factory=dict)  # evaluate's details "conformal" and "unknown"
 
 
 def collect(
@@ -325,6 +359,7 @@ def collect(
     mistakes: pd.DataFrame,
     figures: dict[str, bytes],
     links: dict[str, str],
+    trust: dict[str, Any] | None = None,
 ) -> ReportData:
     """The report's data: what evaluate computed, plus what earlier stages wrote (their metrics and details
     files, the dvclive training curves) read from `paths`. `links`: the pages of the stages the report links
@@ -346,6 +381,7 @@ def collect(
         mistakes=mistakes,
         links=links,
         figures=figures,
+        trust=trust or {},
         curves_png=curves_png,
         curves_note=curves_note(series)
         if curves_png
@@ -384,6 +420,7 @@ SECTIONS = (
     ("per-class", "Per-class metrics"),
     ("confusion", "Confusion matrix"),
     ("calibration", "Calibration"),
+    ("trust", "Prediction sets and unknown inputs"),
     ("mistakes", "Most confident mistakes"),
     ("data", "Data"),
     ("raw", "Raw figures"),
@@ -401,6 +438,7 @@ def render_report(data: ReportData) -> str:
         "confusion": page.image(data.figures["confusion_matrix"], "confusion matrix"),
         "calibration": page.note(_CALIBRATION_NOTE)
         + page.image(data.figures["reliability"], "reliability diagram"),
+        "trust": _trust(data),
         "mistakes": page.note(_MISTAKES_NOTE)
         + page.image(data.figures["mistakes"], "most confident mistakes")
         + (
@@ -412,6 +450,44 @@ def render_report(data: ReportData) -> str:
         "raw": _raw_tables(data),
     }
     return page.document("Evaluation report", [(key, title, bodies[key]) for key, title in SECTIONS])
+
+
+def _trust(data: ReportData) -> str:
+    """Coverage and set sizes of the conformal sets, and the unknown-input detector, in plain words."""
+    sets, flagged = data.trust.get("conformal"), data.trust.get("unknown")
+    if not sets or not flagged:
+        return page.note("No prediction sets or unknown-input detector: the evaluate stage computed none.")
+    target = 1 - sets["alpha"]
+    figures = [
+        (
+            f"coverage (target >= {target:.0%})",
+            f"{sets['coverage']:.1%}",
+            "good" if sets["coverage"] >= target - 0.02 else "warn",
+        ),
+        ("mean set size", f"{sets['set_size_mean']:.2f}", ""),
+        ("median set size", f"{sets['set_size_median']:g}", ""),
+        ("single-class sets", f"{sets['singleton_share']:.1%}", ""),
+        (f"worst class: {sets['worst_class']}", f"{sets['worst_class_coverage']:.1%}", ""),
+        ("test images marked unknown", f"{flagged['test_unknown_rate']:.1%}", ""),
+    ]
+    return (
+        page.cards(figures)
+        + page.note(
+            f"Prediction sets ({sets['method']}, alpha {sets['alpha']:g}): calibrated on the validation "
+            f"split after temperature scaling, each set holds the true class for at least {target:.0%} of "
+            "images like the training data, on average over images (not for every class: see the worst "
+            "one). A set of one class is a confident answer; a larger set says which classes the model "
+            "cannot tell apart."
+        )
+        + page.image(data.figures["coverage"], "coverage per class and per set size")
+        + page.note(
+            f"Unknown inputs ({flagged['detector']} detector): an image scoring below "
+            f"{flagged['threshold']:.4g} is marked unknown; the threshold keeps {flagged['tpr']:.0%} of "
+            f"validation images, so about {1 - flagged['tpr']:.0%} of ordinary images are marked too. On the "
+            f"test split: {_shown(flagged.get('unknown_rate_correct'), '{:.1%}')} of correct predictions and "
+            f"{_shown(flagged.get('unknown_rate_mistakes'), '{:.1%}')} of mistakes."
+        )
+    )
 
 
 def _headline(data: ReportData) -> str:

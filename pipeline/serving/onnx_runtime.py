@@ -33,10 +33,16 @@ PREPROCESS_FILE = "preprocess.json"  # the export folder: the eval preprocessing
 QUANTIZE_REPORT = "quantize_report.json"  # the quantize stage's candidates and decision, next to the models
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+FEATURES_NAME = (
+    "features"  # the second output: the pooled penultimate features, for the unknown-input detector
+)
+FEATURE_BANK_FILE = "feature_bank.npy"  # the export folder: the knn detector's unit-length train features
 
 
 def export_onnx(model: Any, path: Path, input_size: Sequence[int], opset: int) -> Path:
-    """Write `model` as FP32 ONNX with a dynamic batch axis, via the dynamo exporter.
+    """Write `model` as FP32 ONNX with a dynamic batch axis, via the dynamo exporter: outputs `logits` (N, K)
+    and, for a model with `forward_features` and `head` (ImageClassifier), `features` (N, C), the pooled
+    backbone features the head reads, which the unknown-input detector scores.
 
     On torch 2.14 the dynamo exporter gives a graph with BatchNorm folded (94 nodes for lite0 against 595 from
     the TorchScript exporter) that runs faster in ONNX Runtime and quantizes better. What the exporter records
@@ -46,20 +52,37 @@ def export_onnx(model: Any, path: Path, input_size: Sequence[int], opset: int) -
 
     # Batch 2, not 1: torch.export specialises a size-1 dimension to a constant.
     example = torch.zeros((2, *[int(n) for n in input_size]), dtype=torch.float32)
+    with_features = hasattr(model, "forward_features") and hasattr(model, "head")
     with quiet_logs("onnxscript", "onnx_ir"):  # hundreds of INFO lines per export otherwise
         torch.onnx.export(
-            model.eval(),
+            _with_features(model).eval() if with_features else model.eval(),
             (example,),
             str(path),
             dynamo=True,
             opset_version=opset,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=[OUTPUT_NAME, FEATURES_NAME] if with_features else [OUTPUT_NAME],
             dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
             external_data=False,  # one self-contained file; lite0 is far below protobuf's 2 GB limit
             verbose=False,
         )
     return strip_provenance(path)
+
+
+def _with_features(model: Any) -> Any:
+    """`model` as a module returning (logits, pooled features), so one ONNX graph serves both."""
+    from torch import nn
+
+    class LogitsAndFeatures(nn.Module):
+        def __init__(self, inner: nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, images):
+            features = self.inner.forward_features(images)  # (B, C)
+            return self.inner.head(features), features
+
+    return LogitsAndFeatures(model)
 
 
 def strip_provenance(path: Path) -> Path:
@@ -166,6 +189,24 @@ def logits(sess: ort.InferenceSession, inputs: np.ndarray, batch_size: int = 32)
         sess.run(None, {name: inputs[i : i + batch_size]})[0] for i in range(0, len(inputs), batch_size)
     ]
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
+
+
+def outputs(
+    sess: ort.InferenceSession, inputs: np.ndarray, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(N, 3, S, S) float32 -> ((N, K) logits, (N, C) features or None for a model exported without them)."""
+    name = sess.get_inputs()[0].name
+    wanted = [OUTPUT_NAME, FEATURES_NAME] if has_features(sess) else [sess.get_outputs()[0].name]
+    runs = [sess.run(wanted, {name: inputs[i : i + batch_size]}) for i in range(0, len(inputs), batch_size)]
+    if not runs:
+        return np.zeros((0, 0), dtype=np.float32), None
+    logits = np.concatenate([run[0] for run in runs])
+    return logits, np.concatenate([run[1] for run in runs]) if len(wanted) == 2 else None
+
+
+def has_features(sess: ort.InferenceSession) -> bool:
+    """Whether the model outputs the penultimate features next to the logits."""
+    return [o.name for o in sess.get_outputs()] == [OUTPUT_NAME, FEATURES_NAME]
 
 
 def metadata(sess: ort.InferenceSession) -> dict[str, str]:

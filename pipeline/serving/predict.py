@@ -2,6 +2,10 @@
 
 Preprocessing is the export's `preprocess.json` applied by `pipeline.preprocess`, the same code the evaluate
 stage uses, so predictions match evaluate's. Python use: `Predictor(model_dir).predict([image_or_path, ...])`.
+
+Where the export carries them (evaluate calibrated both on val), each prediction also says whether the image
+is `unknown` (unlike the training data, `pipeline.serving.unknown`) with its score, and, asked with
+`sets=True`, its conformal prediction set (`pipeline.serving.conformal`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from pipeline.errors import PipelineError
 from pipeline.io import read_json
 from pipeline.preprocess import IMAGE_EXTENSIONS, INTERPOLATIONS, open_rgb, preprocess
 from pipeline.serving import onnx_runtime as rt
+from pipeline.serving.conformal import Conformal, prediction_sets
+from pipeline.serving.unknown import Detector
 
 # What PIL raises for missing, truncated, corrupt or oversized files (some decoders raise SyntaxError), and a
 # decode that does not fit in memory: each costs that file an error, never the batch.
@@ -51,11 +57,16 @@ class UsageError(PipelineError):
 
 @dataclass
 class Prediction:
-    """One input's top-k (label, probability) pairs, best first, or the reason it could not be read."""
+    """One input's top-k (label, probability) pairs, best first, or the reason it could not be read; its
+    conformal set (most probable first; None when not asked for) and unknown flag and score (None when the
+    export has no detector)."""
 
     source: str
     labels: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
+    prediction_set: list[str] | None = None
+    unknown: bool | None = None
+    unknown_score: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -93,11 +104,21 @@ class Predictor:
         _check_fits(self._session, served, self.class_names, self.data_config)
         opened = {model_dir / rt.FP32_FILE: fp32, served: self._session}
         _check_models(model_dir, opened, self.class_names, self.data_config)
-        self.temperature = _temperature(served, rt.metadata(self._session))
+        meta = rt.metadata(self._session)
+        self.temperature = _temperature(served, meta)
+        self.conformal: Conformal | None = _conformal(served, meta)
+        self.detector: Detector | None = _detector(served, meta, self._session)
         self.batch_size = batch_size
 
-    def predict(self, items: Sequence[Image.Image | Path | str], top_k: int = 1) -> list[Prediction]:
-        """Top-k predictions per item, in order; an unreadable file gets an error and the run goes on."""
+    def predict(
+        self, items: Sequence[Image.Image | Path | str], top_k: int = 1, sets: bool = False
+    ) -> list[Prediction]:
+        """Top-k predictions per item, in order, with the unknown flag where the export has a detector and the
+        conformal set when `sets`; an unreadable file gets an error and the run goes on."""
+        if sets and self.conformal is None:
+            raise UsageError(
+                f"this export has no conformal threshold in its metadata, so no prediction sets; {_REEXPORT}"
+            )
         results: list[Prediction | None] = [None] * len(items)
         with tqdm(
             total=len(items),
@@ -114,19 +135,49 @@ class Predictor:
                     except _READ_ERRORS as exc:
                         results[position] = Prediction(_name(items[position], position), error=_describe(exc))
                 if arrays:
-                    for position, probs in zip(positions, self.probabilities(np.stack(arrays)), strict=True):
-                        results[position] = Prediction(
-                            _name(items[position], position), self._top(probs, top_k)
-                        )
+                    for position, result in zip(
+                        positions, self._answers(np.stack(arrays), top_k, sets), strict=True
+                    ):
+                        result.source = _name(items[position], position)
+                        results[position] = result
                 bar.update(min(self.batch_size, len(items) - start))
         return [result for result in results if result is not None]
 
     def probabilities(self, inputs: np.ndarray) -> np.ndarray:
         """(N, 3, S, S) preprocessed inputs -> (N, K) calibrated class probabilities."""
-        scaled = rt.logits(self._session, inputs, self.batch_size).astype(np.float64) / self.temperature
+        return self._calibrated(rt.logits(self._session, inputs, self.batch_size))
+
+    def trust(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(N, 3, S, S) preprocessed inputs -> (N, K) calibrated probabilities, (N, K) bool conformal sets and
+        (N,) unknown-input scores (each None where the export has no threshold for it)."""
+        logits, features = rt.outputs(self._session, inputs, self.batch_size)
+        probs = self._calibrated(logits)
+        in_set = None if self.conformal is None else prediction_sets(probs, self.conformal)
+        scores = None if self.detector is None else self.detector.scores(logits, features, self.temperature)
+        return probs, in_set, scores
+
+    def _calibrated(self, logits: np.ndarray) -> np.ndarray:
+        scaled = logits.astype(np.float64) / self.temperature
         scaled -= scaled.max(axis=1, keepdims=True)
         exp = np.exp(scaled)
         return exp / exp.sum(axis=1, keepdims=True)
+
+    def _answers(self, inputs: np.ndarray, top_k: int, sets: bool) -> list[Prediction]:
+        """One Prediction per input row (its source filled in by the caller)."""
+        probs, in_set, scores = self.trust(inputs)
+        answers = []
+        for row, p in enumerate(probs):
+            answer = Prediction("", self._top(p, top_k))
+            if sets and in_set is not None:
+                members = np.flatnonzero(in_set[row])
+                answer.prediction_set = [
+                    self.class_names[i] for i in members[np.argsort(-p[members], kind="stable")]
+                ]
+            if scores is not None and self.detector is not None:
+                answer.unknown = bool(self.detector.unknown(scores[row : row + 1])[0])
+                answer.unknown_score = float(scores[row])
+            answers.append(answer)
+        return answers
 
     def _prepare(self, item: Image.Image | Path | str) -> np.ndarray:
         image = item if isinstance(item, Image.Image) else open_rgb(item)
@@ -289,6 +340,49 @@ def _temperature(model: Path, meta: dict[str, str]) -> float:
     return temperature
 
 
+def _conformal(model: Path, meta: dict[str, str]) -> Conformal | None:
+    """The conformal threshold evaluate calibrated on val, from the model's metadata (None: an export from
+    before prediction sets)."""
+    if "conformal" not in meta:
+        return None
+    return Conformal.from_json(_metadata_value(model, meta, "conformal"), f"{model} metadata conformal")
+
+
+def _detector(model: Path, meta: dict[str, str], session: Any) -> Detector | None:
+    """The unknown-input detector evaluate fitted, from the model's metadata, with the export's feature bank
+    for knn (None: an export from before the detector)."""
+    if "unknown" not in meta:
+        return None
+    settings = _metadata_value(model, meta, "unknown")
+    bank = None
+    if isinstance(settings, dict) and settings.get("detector") == "knn":
+        bank = _feature_bank(model.parent / rt.FEATURE_BANK_FILE, session, model)
+    return Detector.from_settings(settings, bank, f"{model} metadata unknown")
+
+
+def _feature_bank(path: Path, session: Any, model: Path) -> np.ndarray:
+    """The knn detector's (M, C) train features as stored (float16), checked against the model's features
+    output; the detector derives its float32 search index from them once."""
+    if not rt.has_features(session):
+        raise PipelineError(f"{model}: outputs no features for the knn unknown-input detector; {_REEXPORT}")
+    try:
+        bank = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{path}: cannot read the knn feature bank ({exc}); {_REEXPORT}") from None
+    width = session.get_outputs()[1].shape[-1]
+    if (
+        bank.ndim != 2
+        or len(bank) == 0
+        or bank.dtype.kind != "f"
+        or (isinstance(width, int) and bank.shape[1] != width)
+    ):
+        raise PipelineError(
+            f"{path}: expected a non-empty (images, {width}) float array of features, got {bank.dtype} "
+            f"{bank.shape}; {_REEXPORT}"
+        )
+    return bank
+
+
 def _check_fits(session: Any, model: Path, class_names: list[str], data_config: dict[str, Any]) -> None:
     """The labels and the preprocessed size agree with the model's output and input (where they are fixed)."""
     classes = session.get_outputs()[0].shape[-1]
@@ -358,12 +452,14 @@ def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[Prediction]]:
     return list(dict.fromkeys(files)), errors
 
 
-def predict_paths(args: Sequence[str], predictor: Predictor, top_k: int = 1) -> list[Prediction]:
+def predict_paths(
+    args: Sequence[str], predictor: Predictor, top_k: int = 1, sets: bool = False
+) -> list[Prediction]:
     """What `python -m pipeline predict` does: expand the inputs, then predict every file."""
     files, errors = expand_inputs(args)
     if not files:
         raise UsageError(f"no image files found in {', '.join(args) or 'the inputs'}")
-    return predictor.predict(files, top_k) + errors
+    return predictor.predict(files, top_k, sets) + errors
 
 
 def format_predictions(results: Sequence[Prediction], fmt: str) -> str:
@@ -376,10 +472,20 @@ def _table(results: Sequence[Prediction]) -> str:
     rows = [f"{'path':<{width}}  prediction (probability)"]
     for r in results:
         shown = (
-            "   ".join(f"{label} ({prob:.3f})" for label, prob in r.labels) if r.ok else f"ERROR {r.error}"
+            "   ".join(f"{label} ({prob:.3f})" for label, prob in r.labels) + _trust_note(r)
+            if r.ok
+            else f"ERROR {r.error}"
         )
         rows.append(f"{r.source:<{width}}  {shown}")
     return "\n".join(rows)
+
+
+def _trust_note(r: Prediction) -> str:
+    """The set and the unknown mark after a table row's labels."""
+    note = "" if r.prediction_set is None else f"   set {{{', '.join(r.prediction_set)}}}"
+    if r.unknown:
+        note += f"   UNKNOWN (score {r.unknown_score:.3f})"
+    return note
 
 
 def _json(results: Sequence[Prediction]) -> str:
@@ -388,6 +494,8 @@ def _json(results: Sequence[Prediction]) -> str:
             "path": r.source,
             "predictions": [{"label": label, "probability": prob} for label, prob in r.labels],
             "error": r.error,
+            **({} if r.prediction_set is None else {"set": r.prediction_set}),
+            **({} if r.unknown is None else {"unknown": r.unknown, "unknown_score": r.unknown_score}),
         }
         for r in results
     ]
@@ -397,12 +505,17 @@ def _json(results: Sequence[Prediction]) -> str:
 def _csv(results: Sequence[Prediction]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "rank", "label", "probability", "error"])
+    writer.writerow(["path", "rank", "label", "probability", "error", "set", "unknown", "unknown_score"])
     for r in results:
         if not r.ok:
-            writer.writerow([r.source, "", "", "", r.error])
+            writer.writerow([r.source, "", "", "", r.error, "", "", ""])
+        trust = [
+            "" if r.prediction_set is None else "|".join(r.prediction_set),
+            "" if r.unknown is None else str(r.unknown).lower(),
+            "" if r.unknown_score is None else f"{r.unknown_score:.6f}",
+        ]
         for rank, (label, prob) in enumerate(r.labels, start=1):
-            writer.writerow([r.source, rank, label, f"{prob:.6f}", ""])
+            writer.writerow([r.source, rank, label, f"{prob:.6f}", "", *trust])
     return buffer.getvalue().rstrip("\n")
 
 

@@ -3,10 +3,15 @@
 Images go through `pipeline.preprocess.preprocess_file`, the same torch-free function the ONNX `predict`
 command uses, so evaluate's predictions are those a user gets from the export (test-time augmentation aside).
 The model runs in fp32 on the train stage's device when the machine has a GPU (TF32 off), else on the CPU.
+
+Trust: the val split also calibrates the conformal prediction sets (`pipeline.serving.conformal`) and the
+unknown-input threshold (`pipeline.serving.unknown`, its kNN bank drawn from the train split); the test split,
+untouched by both, measures their coverage and how many in-distribution images they mark unknown.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -21,19 +26,21 @@ from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_su
 
 from pipeline.calibration import fit_temperature, log_loss, reliability, softmax
 from pipeline.config import EvaluateParams, Params, PathsParams
+from pipeline.data.sampling import stratified_sample
 from pipeline.data.splits import read_splits_table
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_dir, write_json, write_text
+from pipeline.io import atomic_dir, write_bytes, write_json, write_text
 from pipeline.models import TrainedModel, load_trained
 from pipeline.pages import report
 from pipeline.preprocess import open_rgb, preprocess_file
 from pipeline.progress import progress
+from pipeline.serving import conformal, unknown
 from pipeline.stages import Stage, contracts
 from pipeline.training.precision import configure_backends, evaluation_device, visible_gpus
 
 STAGE = Stage(
     summary="Test-split metrics, calibration, plots and the run's report page.",
-    params=("evaluate", "train.device"),
+    params=("evaluate", "train.device", "base.seed"),
     deps=(
         "model",
         "splits",
@@ -43,7 +50,7 @@ STAGE = Stage(
         "details:validate",
         "details:split",
     ),
-    outs=("predictions", "calibration", "reports:evaluate"),
+    outs=("predictions", "calibration", "feature_bank", "reports:evaluate"),
     page="report.html",
     dvc_plots={
         "confusion.csv": {
@@ -56,12 +63,14 @@ STAGE = Stage(
         "reliability.png": {},
         "per_class_f1.png": {},
         "mistakes.png": {},
+        "coverage.png": {},
     },
 )
 
 log = logging.getLogger(__name__)
 
 _THUMBNAIL_SIDE = 160
+_TRUST_DETAILS = ("conformal", "unknown")  # details keys the report shows in its own section
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,24 @@ class _Scores:
 
     probs: np.ndarray  # (N, K)
     probs_calibrated: np.ndarray  # (N, K)
+
+
+@dataclass(frozen=True)
+class _Outputs:
+    """The model's outputs on one split: logits per view and the first view's penultimate features."""
+
+    logits: np.ndarray  # (V, N, K)
+    features: np.ndarray  # (N, C): the pooled backbone features the head reads
+
+
+@dataclass(frozen=True)
+class _Trust:
+    """The val-calibrated conformal predictor and unknown-input detector, and what they do on test."""
+
+    conformal: conformal.Conformal
+    detector: unknown.Detector
+    sets: np.ndarray  # (N, K) bool, test
+    unknown_scores: np.ndarray  # (N,), test
 
 
 def run(params: Params) -> dict:
@@ -85,24 +112,35 @@ def run(params: Params) -> dict:
     configure_backends(device, tf32=False)
     trained.model.float().to(device).eval()
 
-    val_logits = _logits(trained, paths.data_root, val["path"], cfg.batch_size, False, "evaluate val")[0]
-    fit = fit_temperature(val_logits, y_val)
-    test_views = _logits(trained, paths.data_root, test["path"], cfg.batch_size, cfg.tta, "evaluate test")
+    val_out = _outputs(trained, paths.data_root, val["path"], cfg.batch_size, False, "evaluate val")
+    fit = fit_temperature(val_out.logits[0], y_val)
+    test_out = _outputs(trained, paths.data_root, test["path"], cfg.batch_size, cfg.tta, "evaluate test")
+    test_views = test_out.logits
     scores = _Scores(
         probs=np.mean([softmax(v) for v in test_views], axis=0),
         probs_calibrated=np.mean([softmax(v, fit.temperature) for v in test_views], axis=0),
     )
+    bank_files = _bank_files(splits, paths.splits, index, cfg, params.base.seed)
+    trust = _fit_trust(trained, paths.data_root, cfg, (val_out, y_val), test_out, bank_files, fit.temperature)
 
     pred = scores.probs.argmax(axis=1)
     predictions = _predictions_frame(test, scores, pred, class_names)
     metrics, details = _figures(y_test, pred, scores, class_names, cfg.top_k, cfg.calibration_bins)
     details["temperature"] = fit.temperature
+    _trust_figures(trust, y_test, pred, class_names, metrics, details)
 
     _write_report_folder(paths, cfg, trained, splits, predictions, metrics, details, scores, y_test)
     write_text(paths.predictions, predictions.to_csv(index=False))
+    write_bytes(paths.feature_bank, _npy(_bank(trust.detector, val_out.features.shape[1])))
     write_json(
         paths.calibration,
-        {"temperature": fit.temperature, "val_nll_before": fit.nll_before, "val_nll_after": fit.nll_after},
+        {
+            "temperature": fit.temperature,
+            "val_nll_before": fit.nll_before,
+            "val_nll_after": fit.nll_after,
+            "conformal": trust.conformal.to_json(),
+            "unknown": trust.detector.settings(),
+        },
     )
     write_json(paths.metrics("evaluate"), metrics)
     log.info(
@@ -138,25 +176,105 @@ def _read_splits(path: Path, class_names: list[str], model_path: Path) -> pd.Dat
     return read_splits_table(path, class_names, model_path)
 
 
-def _logits(
+def _outputs(
     trained: TrainedModel, data_root: Path, files: pd.Series, batch_size: int, tta: bool, desc: str
-) -> np.ndarray:
-    """(V, N, K) fp32 logits of the model (in eval mode, on its device); V = 2 with TTA (the image and its
-    horizontal flip), else 1."""
+) -> _Outputs:
+    """fp32 logits (V, N, K) of the model (in eval mode, on its device), V = 2 with TTA (the image and its
+    horizontal flip), else 1; and the unflipped images' pooled features (N, C), which the head maps to logits
+    and the ONNX export outputs next to them."""
     model = trained.model
     device = next(model.parameters()).device
     views: list[list[np.ndarray]] = [[] for _ in range(2 if tta else 1)]
+    features: list[np.ndarray] = []
     files = list(files)
     with torch.inference_mode(), progress(desc, len(files), "img") as bar:
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
             images = np.stack([_load(data_root, f, trained.data_config) for f in chunk])
             batch = torch.from_numpy(images).to(device)
-            views[0].append(model(batch).cpu().numpy())
+            pooled = model.forward_features(batch)
+            features.append(pooled.cpu().numpy())
+            views[0].append(model.head(pooled).cpu().numpy())
             if tta:
                 views[1].append(model(torch.flip(batch, dims=[3])).cpu().numpy())  # (B, C, H, W): flip W
             bar.update(len(chunk))
-    return np.stack([np.concatenate(v) for v in views])
+    return _Outputs(np.stack([np.concatenate(v) for v in views]), np.concatenate(features))
+
+
+def _bank_files(
+    splits: pd.DataFrame, source: Path, index: dict[str, int], cfg: EvaluateParams, seed: int
+) -> pd.Series:
+    """The train images whose features make the kNN bank: a stratified sample of `unknown.bank_size` drawn
+    with `seed`; none for the other detectors, which need no bank."""
+    if cfg.unknown.detector != "knn":
+        return pd.Series([], dtype=str)
+    train = _rows(splits, "train", source)
+    return train["path"].iloc[
+        stratified_sample(train["label"].map(index).to_numpy(), cfg.unknown.bank_size, seed)
+    ]
+
+
+def _fit_trust(
+    trained: TrainedModel,
+    data_root: Path,
+    cfg: EvaluateParams,
+    val: tuple[_Outputs, np.ndarray],
+    test: _Outputs,
+    bank_files: pd.Series,
+    temperature: float,
+) -> _Trust:
+    """Conformal threshold and unknown-input threshold from val (after temperature scaling), applied to the
+    unflipped test images, the ones predict sees."""
+    (val_out, y_val), c, u = val, cfg.conformal, cfg.unknown
+    val_probs = softmax(val_out.logits[0], temperature)
+    calibrated = conformal.calibrate(val_probs, y_val, c.method, c.alpha, c.raps_k_reg, c.raps_lambda)
+    bank = np.zeros((0, val_out.features.shape[1]), dtype=np.float32)
+    if len(bank_files):
+        bank = _outputs(trained, data_root, bank_files, cfg.batch_size, False, "evaluate train bank").features
+    detector = unknown.fit(
+        u.detector, (val_out.logits[0], val_out.features), bank, temperature, u.tpr, u.knn_k, u.knn_dims
+    )
+    return _Trust(
+        conformal=calibrated,
+        detector=detector,
+        sets=conformal.prediction_sets(softmax(test.logits[0], temperature), calibrated),
+        unknown_scores=detector.scores(test.logits[0], test.features, temperature),
+    )
+
+
+def _trust_figures(
+    trust: _Trust, y: np.ndarray, pred: np.ndarray, class_names: list[str], metrics: dict, details: dict
+) -> None:
+    """Add the test split's coverage, set sizes and unknown rate: headline scalars to `metrics`, the rest
+    (per class, by set size) to `details`."""
+    sets = conformal.set_figures(trust.sets, y, class_names)
+    flagged = trust.detector.unknown(trust.unknown_scores)
+    correct = pred == y
+    metrics.update(
+        coverage=sets["coverage"],
+        set_size_mean=sets["set_size_mean"],
+        singleton_share=sets["singleton_share"],
+        unknown_rate=float(flagged.mean()),
+    )
+    details["conformal"] = {**trust.conformal.to_json(), **sets}
+    details["unknown"] = {
+        **trust.detector.settings(),
+        "bank_images": 0 if trust.detector.bank is None else len(trust.detector.bank),
+        "test_unknown_rate": float(flagged.mean()),
+        "unknown_rate_correct": float(flagged[correct].mean()) if correct.any() else None,
+        "unknown_rate_mistakes": float(flagged[~correct].mean()) if (~correct).any() else None,
+    }
+
+
+def _bank(detector: unknown.Detector, width: int) -> np.ndarray:
+    """The kNN bank to ship (float16, unit rows); an empty (0, C) one for the detectors that need none."""
+    return detector.bank if detector.bank is not None else np.zeros((0, width), dtype=np.float16)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def _load(data_root: Path, relative: str, data_config: dict) -> np.ndarray:
@@ -263,13 +381,18 @@ def _write_report_folder(
         paths,
         run_summary=_run_summary(paths.model, cfg, trained),
         splits=splits,
-        test_metrics={key: value for key, value in {**metrics, **details}.items() if key != "per_class"},
+        test_metrics={
+            key: value
+            for key, value in {**metrics, **details}.items()
+            if key not in ("per_class", *_TRUST_DETAILS)
+        },
         per_class=details["per_class"],
         mistakes=mistakes,
         figures=_plots(
             paths.data_root, cfg.calibration_bins, trained.class_names, mistakes, details, scores, y_test
         ),
         links=_page_links(paths),
+        trust={key: details[key] for key in _TRUST_DETAILS},
     )
     confusion = pd.DataFrame({"actual": predictions["label"], "predicted": predictions["pred"]})
     with atomic_dir(paths.reports("evaluate")) as folder:
@@ -317,6 +440,7 @@ def _plots(
             class_names, [details["per_class"][c]["f1"] for c in class_names]
         ),
         "mistakes": report.mistakes_png(tiles, "No mistakes on the test split"),
+        "coverage": report.coverage_png(details["conformal"]),
     }
 
 

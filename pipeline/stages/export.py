@@ -1,10 +1,12 @@
 """Stage: export. Assemble a folder that is usable on its own (ONNX models carrying their metadata, labels,
-preprocessing, model card) and check, every time, that ONNX Runtime reproduces PyTorch on the test split.
+preprocessing, model card, the unknown-input detector's feature bank) and check, every time, that ONNX Runtime
+reproduces PyTorch on the test split, logits and penultimate features both.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ STAGE = Stage(
         "model",
         "onnx_dir",
         "calibration",
+        "feature_bank",
         "splits",
         "metrics:validate",
         "metrics:split",
@@ -41,6 +44,8 @@ STAGE = Stage(
 )
 
 CARD_FILE = "model_card.md"
+# ONNX Runtime FP32 against PyTorch features, relative to the largest feature: float rounding stays ~1e-6.
+_FEATURE_TOLERANCE = 1e-3
 
 
 def run(params: Params) -> dict:
@@ -55,7 +60,11 @@ def run(params: Params) -> dict:
     inputs = rt.load_inputs(test_paths, trained.data_config)
     opset = _opset(fp32)
     quantized = read_optional_json(Path(paths.onnx_dir) / rt.QUANTIZE_REPORT) or {}
-    meta = model_metadata(trained, _temperature(paths.calibration), opset, serving(has_int8, quantized))
+    calibration = read_optional_json(paths.calibration) or {}
+    meta = model_metadata(
+        trained, float(calibration.get("temperature", 1.0)), opset, serving(has_int8, quantized)
+    )
+    meta.update(trust_metadata(calibration))
 
     with atomic_dir(paths.export_dir) as out:
         write_metadata(fp32, out / rt.FP32_FILE, meta)
@@ -68,6 +77,8 @@ def run(params: Params) -> dict:
         reference = torch_logits(trained.model, inputs)
         metrics = parity(reference, out / rt.FP32_FILE, inputs)
         metrics.update(opset=opset, fp32_mb=rt.file_mb(out / rt.FP32_FILE), served=meta["served"])
+        metrics.update(feature_parity(trained.model, out / rt.FP32_FILE, inputs))
+        metrics.update(_copy_bank(calibration, paths.feature_bank, out / rt.FEATURE_BANK_FILE))
         if params.export.fp16:  # checked on the CPU here; GPUs compute FP16 with their own rounding
             fp16 = parity(reference, out / rt.FP16_FILE, inputs)
             metrics.update(fp16_top1_agreement=fp16["top1_agreement"], fp16_mb=rt.file_mb(out / rt.FP16_FILE))
@@ -101,6 +112,53 @@ def parity(reference: np.ndarray, onnx_path: Path, inputs: np.ndarray) -> dict[s
         "max_abs_logit_diff": float(np.abs(onnx_logits - reference).max()),
         "top1_agreement": float(np.mean(onnx_logits.argmax(1) == reference.argmax(1))),
     }
+
+
+def feature_parity(model: torch.nn.Module, onnx_path: Path, inputs: np.ndarray) -> dict[str, float]:
+    """Max |difference| of the ONNX model's `features` output from PyTorch's pooled features on `inputs`:
+    the unknown-input detector was fitted on the latter, so the export must output the same layer."""
+    _, features = rt.outputs(rt.session(onnx_path), inputs)
+    if features is None:
+        raise PipelineError(
+            f"{onnx_path}: the model outputs no features for the unknown-input detector; re-run quantize "
+            "(dvc repro quantize), which exports them"
+        )
+    with torch.inference_mode():
+        reference = np.concatenate(
+            [
+                model.forward_features(torch.from_numpy(inputs[i : i + 32])).numpy()
+                for i in range(0, len(inputs), 32)
+            ]
+        )
+    if features.shape != reference.shape:
+        raise PipelineError(
+            f"{onnx_path}: features {features.shape[1:]} but the model's penultimate layer is "
+            f"{reference.shape[1:]}; re-run quantize (dvc repro quantize)"
+        )
+    worst = float(np.abs(features - reference).max())
+    if worst > _FEATURE_TOLERANCE * max(float(np.abs(reference).max()), 1e-12):
+        raise PipelineError(
+            f"{onnx_path}: its features differ from PyTorch's penultimate layer by up to {worst:.3g} (more "
+            f"than {_FEATURE_TOLERANCE:g} of their range), so the unknown-input detector fitted on those "
+            "would not apply; re-run quantize (dvc repro quantize)"
+        )
+    return {"features_max_abs_diff": worst}
+
+
+def trust_metadata(calibration: dict[str, Any]) -> dict[str, str]:
+    """The conformal threshold and the unknown-input detector's settings that evaluate calibrated on val, as
+    JSON metadata (none when evaluate wrote none: predict then offers neither)."""
+    return {key: json.dumps(calibration[key]) for key in ("conformal", "unknown") if key in calibration}
+
+
+def _copy_bank(calibration: dict[str, Any], bank: Path, target: Path) -> dict[str, Any]:
+    """Copy the knn detector's feature bank into the export; its size for the metrics."""
+    if calibration.get("unknown", {}).get("detector") != "knn":
+        return {"feature_bank_mb": 0.0}
+    if not bank.is_file():
+        raise PipelineError(f"{bank}: the knn feature bank is missing; re-run evaluate (dvc repro evaluate)")
+    shutil.copyfile(bank, target)
+    return {"feature_bank_mb": rt.file_mb(target), "feature_bank_images": int(np.load(target).shape[0])}
 
 
 def serving(has_int8: bool, quantized: dict[str, Any]) -> dict[str, str]:
@@ -152,8 +210,3 @@ def write_metadata(source: Path, target: Path, meta: dict[str, str]) -> Path:
 def _opset(path: Path) -> int:
     model = onnx.load(str(path), load_external_data=False)
     return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
-
-
-def _temperature(path: Path) -> float:
-    """The evaluate stage's calibration temperature; 1.0 (raw softmax) when it wrote none."""
-    return float((read_optional_json(path) or {}).get("temperature", 1.0))

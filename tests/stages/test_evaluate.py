@@ -18,10 +18,13 @@ from pipeline.io import read_json
 from pipeline.models import build_model, load_trained, resolve_data_config, save_trained
 from pipeline.pages import report
 from pipeline.preprocess import preprocess_file
+from pipeline.serving import conformal
+from pipeline.serving.conformal import Conformal
+from pipeline.serving.unknown import Detector
 from pipeline.stages import evaluate
 
 CLASSES = ["class_0", "class_1", "class_2"]
-PNGS = ("confusion_matrix.png", "mistakes.png", "reliability.png", "per_class_f1.png")
+PNGS = ("confusion_matrix.png", "mistakes.png", "reliability.png", "per_class_f1.png", "coverage.png")
 METRIC_KEYS = {
     "accuracy",
     "balanced_accuracy",
@@ -30,8 +33,21 @@ METRIC_KEYS = {
     "log_loss",
     "ece_before",
     "ece_after",
+    "coverage",
+    "set_size_mean",
+    "singleton_share",
+    "unknown_rate",
 }
-DETAIL_KEYS = {"f1_weighted", "top_k", "log_loss_calibrated", "temperature", "n_test", "per_class"}
+DETAIL_KEYS = {
+    "f1_weighted",
+    "top_k",
+    "log_loss_calibrated",
+    "temperature",
+    "n_test",
+    "per_class",
+    "conformal",
+    "unknown",
+}
 
 
 def _project(root: Path, tta: bool = False, split_of=None, favour: int | None = None) -> Params:
@@ -64,6 +80,7 @@ def _project(root: Path, tta: bool = False, split_of=None, favour: int | None = 
                 "model": str(root / "models" / "model.pt"),
                 "predictions": str(root / "models" / "predictions.csv"),
                 "calibration": str(root / "models" / "calibration.json"),
+                "feature_bank": str(root / "models" / "feature_bank.npy"),
                 "metrics_dir": str(root / "metrics"),
                 "reports_dir": str(root / "reports"),
                 "live_dir": str(root / "dvclive"),
@@ -129,10 +146,36 @@ def test_predictions_are_sorted_and_match_the_model_on_preprocess_file(evaluated
     )
 
 
+def test_conformal_sets_and_unknown_detector_are_calibrated_on_val_and_measured_on_test(evaluated):
+    params, _ = evaluated
+    calibration, details = read_json(params.paths.calibration), read_json(params.paths.details("evaluate"))
+    fitted = Conformal.from_json(calibration["conformal"], "calibration.json")
+    assert (fitted.method, fitted.alpha, fitted.n_calibration) == ("aps", 0.1, 9)  # ceil(10 x 0.9) = 9 of 9
+    trained = load_trained(params.paths.model)
+    test = pd.read_csv(params.paths.predictions, dtype=str)
+    batch = np.stack([preprocess_file(params.paths.data_root / p, trained.data_config) for p in test["path"]])
+    with torch.inference_mode():
+        features = trained.model.forward_features(torch.from_numpy(batch))
+        logits = trained.model.head(features).numpy()
+    sets = conformal.prediction_sets(softmax(logits, calibration["temperature"]), fitted)
+    labels = np.array([CLASSES.index(label) for label in test["label"]])
+    assert details["conformal"]["coverage"] == pytest.approx(sets[np.arange(9), labels].mean())
+    assert details["conformal"]["set_size_mean"] == pytest.approx(sets.sum(axis=1).mean())
+    assert details["conformal"]["worst_class"] in CLASSES
+
+    bank = np.load(params.paths.feature_bank)
+    assert bank.dtype == np.float16 and bank.shape == (9, features.shape[1])  # the 9 train images
+    np.testing.assert_allclose(np.linalg.norm(bank.astype(np.float32), axis=1), 1.0, atol=1e-2)
+    detector = Detector.from_settings(calibration["unknown"], bank, "calibration.json")
+    assert detector.kind == "knn" and detector.tpr == 0.95
+    flagged = detector.unknown(detector.scores(logits, features.numpy(), calibration["temperature"]))
+    assert read_json(params.paths.metrics("evaluate"))["unknown_rate"] == pytest.approx(flagged.mean())
+
+
 def test_calibration_file_and_confusion_csv(evaluated):
     params, _ = evaluated
     calibration = read_json(params.paths.calibration)
-    assert set(calibration) == {"temperature", "val_nll_before", "val_nll_after"}
+    assert set(calibration) == {"temperature", "val_nll_before", "val_nll_after", "conformal", "unknown"}
     assert calibration["temperature"] > 0
     assert calibration["val_nll_after"] <= calibration["val_nll_before"]
     assert calibration["temperature"] == read_json(params.paths.details("evaluate"))["temperature"]
@@ -165,9 +208,12 @@ def test_report_is_self_contained_and_complete(evaluated):
         "test_efficientnet",
         "No training curves found",
         "No metrics file from the validate stage",
+        "each set holds the true class for at least 90% of images like the training data",
+        "Unknown inputs (knn detector)",
     ):
         assert text in page, text
-    assert page.count('src="data:image/png;base64,') == 4  # confusion, reliability, per-class F1, mistakes
+    # confusion, reliability, per-class F1, coverage, mistakes
+    assert page.count('src="data:image/png;base64,') == 5
 
 
 def test_tta_averages_the_flip_and_report_shows_curves_and_stage_metrics(tmp_path):
@@ -200,7 +246,7 @@ def test_tta_averages_the_flip_and_report_shows_curves_and_stage_metrics(tmp_pat
         assert curves.format == "PNG"
     page = (folder / "report.html").read_text(encoding="utf-8")
     assert "No training curves found" not in page
-    assert page.count('src="data:image/png;base64,') == 5
+    assert page.count('src="data:image/png;base64,') == 6  # the five figures and the training curves
     assert "n_quarantined" in page and "No metrics file from the split stage" in page
     assert "details.images_per_class.class_0" in page  # validate's details file, next to its metrics
 
