@@ -278,6 +278,7 @@ _THUMB = 48
 _BLUR = 0.7  # px, Gaussian sigma at _THUMB
 _ZOOMS = tuple(round(1.0 + 0.02 * k, 2) for k in range(11))  # 1.00 .. 1.20
 _PIXEL_SIDE = 12  # pixel_nearest compares thumbnails shrunk to 12 x 12 (4 x 4 boxes)
+_PIXEL_TASK = 256  # thumbnails whose windows one thread task makes (aligned_correlation)
 
 
 def thumbnail(path: Path) -> np.ndarray:
@@ -352,22 +353,42 @@ def aligned_correlation(
     """(P,) float32: for each pair ((P, 2) indices into `thumbs`), the highest pixel correlation of one
     thumbnail (or its mirror image) with any window of the other one enlarged by up to 1.2x, trying both ways
     round: 1.0 for the same picture re-encoded, resized, brightened or flipped, and close to it for a crop of
-    it. One thumbnail's windows at a time (each made once), and the thumbnails it is paired with.
-    `halved`: on the thumbnails shrunk to half their side (2 x 2 box means), 14 times fewer window pixels."""
+    it. `halved`: on the thumbnails shrunk to half their side (2 x 2 box means), 14 times fewer window pixels.
+
+    Each thumbnail's windows are made once, for every thumbnail it is paired with either way round, on a
+    thread per core, a few hundred thumbnails a task, each matrix product on one BLAS thread: OpenBLAS's own
+    threads on such small products waited on each other (1,000 images x 6 pairs on 2 busy cores: 14 s, 2.4 s
+    on one thread at half side), and tasks of pairs rather than of thumbnails made the same windows up to
+    five times (100,000 images: 1,100 pairs/s)."""
+    from threadpoolctl import threadpool_limits
+
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     grey = _halved if halved else _grey
     big, small = np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])
     order = np.argsort(big, kind="stable")
-    starts = np.flatnonzero(np.diff(big[order], prepend=-1))
+    starts = np.flatnonzero(np.diff(big[order], prepend=-1)).tolist()
+    groups = list(zip(starts, [*starts[1:], len(order)][: len(starts)], strict=True))  # a thumbnail each
     scores = np.empty(len(big), dtype=np.float32)
-    for first, last in zip(starts.tolist(), [*starts[1:].tolist(), len(order)], strict=True):
-        at = order[first:last]
-        rows, norms = _windows(grey(thumbs[int(big[at[0]])]))
-        templates = [grey(thumbs[k]) for k in small[at].tolist()]
-        templates = _standardised(
-            np.stack([side for t in templates for side in (t.ravel(), t[:, ::-1].ravel())])
-        )
-        scores[at] = ((rows @ templates.T) / norms[:, None]).max(axis=0).reshape(-1, 2).max(axis=1)
+
+    def score(span: tuple[int, int]) -> int:
+        for first, last in groups[span[0] : span[1]]:
+            at = order[first:last]
+            rows, norms = _windows(grey(thumbs[int(big[at[0]])]))
+            templates = [grey(thumbs[k]) for k in small[at].tolist()]
+            templates = _standardised(
+                np.stack([side for t in templates for side in (t.ravel(), t[:, ::-1].ravel())])
+            )
+            scores[at] = ((rows @ templates.T) / norms[:, None]).max(axis=0).reshape(-1, 2).max(axis=1)
+        return span[1] - span[0]
+
+    desc = f"audit pixel check ({'half' if halved else 'full'} side)"
+    with (
+        threadpool_limits(limits=1, user_api="blas"),
+        ThreadPoolExecutor(os.cpu_count() or 1) as pool,
+        progress(desc, len(groups), "img") as bar,
+    ):
+        for done in pool.map(score, _spans(len(groups), _PIXEL_TASK)):
+            bar.update(done)
     return np.maximum(scores[: len(pairs)], scores[len(pairs) :])
 
 
@@ -467,7 +488,6 @@ def candidate_pairs(
 # altered images), the half-side check was at most 0.022 below (a 90% crop); it left 37% of 13,500
 # non-copies, each image's three nearest by pixels, for the full check.
 _HALF_SIDE_MARGIN = 0.04
-_PIXEL_TASK = 2048  # candidate pairs per thread task
 
 
 def verified(
@@ -476,32 +496,13 @@ def verified(
     """`alike` and those of the `candidates` whose pixels correlate at least `threshold` once aligned, with
     their cosine."""
     pairs = np.stack([candidates.first, candidates.second], axis=1)
-    correlation = pixel_correlations(thumbs, pairs, halved=True)
+    correlation = aligned_correlation(thumbs, pairs, halved=True)
     close = correlation >= threshold - _HALF_SIDE_MARGIN
-    correlation[close] = pixel_correlations(thumbs, pairs[close])
+    correlation[close] = aligned_correlation(thumbs, pairs[close])
     passed = correlation >= threshold
     first, second = candidates.first[passed], candidates.second[passed]
     flagged = Pairs.of(first, second, _cosines(unit, first, second), correlation[passed])
     return Pairs.joined([alike, flagged])
-
-
-def pixel_correlations(thumbs: np.ndarray, pairs: np.ndarray, halved: bool = False) -> np.ndarray:
-    """aligned_correlation of `pairs` ((P, 2)) on a thread per core, a task of _PIXEL_TASK pairs at a time,
-    each matrix product on one BLAS thread: small products on all of OpenBLAS's threads waited on each other
-    (1,000 images x 6 pairs on 2 busy cores: 14 s, 2.4 s on one thread at half side)."""
-    from threadpoolctl import threadpool_limits
-
-    tasks, parts = [pairs[a:b] for a, b in _spans(len(pairs), _PIXEL_TASK)], [np.empty(0, dtype=np.float32)]
-    desc = f"audit pixel check ({'half' if halved else 'full'} side)"
-    with (
-        threadpool_limits(limits=1, user_api="blas"),
-        ThreadPoolExecutor(os.cpu_count() or 1) as pool,
-        progress(desc, len(pairs), "pair") as bar,
-    ):
-        for part in pool.map(lambda task: aligned_correlation(thumbs, task, halved=halved), tasks):
-            parts.append(part)
-            bar.update(len(part))
-    return np.concatenate(parts)
 
 
 def _cosines(unit: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
