@@ -307,3 +307,18 @@ def test_train_reuses_the_audit_features_for_its_head_only_epochs(tmp_path):
     assert [p.parent.name.split("-")[0] for p in made] == ["features", "images"]
     train.run(_params(tmp_path, tmp_path / "data", train={"strategy": "linear_probe", "epochs": 1}))
     assert shards() == made  # every image found by content: neither decoded nor embedded again
+
+
+@pytest.mark.parametrize(
+    ("images", "largest", "warned"), [(1000, 40, False), (1000, 60, True), (10_000, 60, False)]
+)
+def test_a_group_holding_over_one_percent_and_fifty_images_is_called_a_chain(images, largest, warned):
+    from pipeline.config import AuditSeverityParams
+
+    groups = pd.DataFrame({"group": ["a", "b"], "images": [largest, 2], "labels": [1, 1], "splits": [0, 0]})
+    found = audit.Found(pd.DataFrame({"path": range(images)}), pd.DataFrame(), groups, {})
+    audit._judge_groups(found, AuditSeverityParams())
+    chained = [line for line in found.warnings if "largest near-duplicate group" in line]
+    assert bool(chained) == warned
+    if warned:
+        assert f"holds {largest} of {images} images" in chained[0] and "audit.similarity" in chained[0]
