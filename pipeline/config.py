@@ -567,10 +567,12 @@ class ConformalParams(_Section):
     """miscoverage: a new image like the val images has its true class in its set with probability at least
     1 - alpha (on average over images, not per class)
     """
-    method: Literal["aps", "raps", "lac"] = "aps"
+    method: Literal["aps", "raps", "lac"] = "raps"
     """`aps`: adaptive sets (the mass of the classes ranked at or above each), larger for hard images;
-    `raps`: aps with a penalty on long tails of unlikely classes (`raps_k_reg`, `raps_lambda`); `lac`:
-    1 - probability, the smallest sets on average but coverage uneven across classes
+    `raps`: aps with a penalty on long tails of unlikely classes (`raps_k_reg`, `raps_lambda`), the default:
+    as adaptive, half aps's sets on Fashion-MNIST at the same coverage (1.73 vs 3.18 classes at alpha 0.1,
+    `python -m benchmarks trust`); `lac`: 1 - probability, the smallest sets on average (1.09) but coverage
+    uneven across classes
     """
     raps_k_reg: NonNegInt = 1
     """raps: classes ranked beyond this many are penalised"""

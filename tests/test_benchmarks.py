@@ -13,6 +13,7 @@ from helpers import make_image
 
 from benchmarks.__main__ import BENCHMARKS, main, run
 from benchmarks._common import RESULTS_DIR, Options
+from pipeline.config import Params
 
 pytestmark = pytest.mark.slow  # a few minutes for all twelve on 2 cores
 
@@ -286,7 +287,7 @@ def test_trust_scores_every_detector_and_conformal_method_and_times_the_knn_opti
     assert set(payload["targets"]) >= {
         "near_ood_auroc_knn",
         "far_ood_auroc_knn",
-        "coverage_gap_aps_alpha_0.1",
+        f"coverage_gap_{Params().evaluate.conformal.method}_alpha_0.1",  # the default method's
     }
 
 

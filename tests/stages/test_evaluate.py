@@ -150,7 +150,7 @@ def test_conformal_sets_and_unknown_detector_are_calibrated_on_val_and_measured_
     params, _ = evaluated
     calibration, details = read_json(params.paths.calibration), read_json(params.paths.details("evaluate"))
     fitted = Conformal.from_json(calibration["conformal"], "calibration.json")
-    assert (fitted.method, fitted.alpha, fitted.n_calibration) == ("aps", 0.1, 9)  # ceil(10 x 0.9) = 9 of 9
+    assert (fitted.method, fitted.alpha, fitted.n_calibration) == ("raps", 0.1, 9)  # ceil(10 x 0.9) = 9 of 9
     trained = load_trained(params.paths.model)
     test = pd.read_csv(params.paths.predictions, dtype=str)
     batch = np.stack([preprocess_file(params.paths.data_root / p, trained.data_config) for p in test["path"]])
