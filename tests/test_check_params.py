@@ -90,7 +90,7 @@ CASES = {
     "data_root holds the project": (
         {"paths": {"data_root": "."}},
         "paths.manifest (data/interim/manifest.csv), paths.validated (data/interim/validated.csv), "
-        "paths.quarantine (data/interim/quarantine.csv) and 12 more are inside paths.data_root (.)",
+        "paths.quarantine (data/interim/quarantine.csv) and 13 more are inside paths.data_root (.)",
     ),
     "data_root inside an output": (
         {"paths": {"data_root": "reports/images"}},
@@ -108,7 +108,7 @@ CASES = {
     ),
     "outputs inside an output": (
         {"paths": {"checkpoint_dir": "models"}},
-        OUTPUTS_IN_MODELS + "calibration (models/calibration.json) and 3 more are inside "
+        OUTPUTS_IN_MODELS + "calibration (models/calibration.json) and 4 more are inside "
         "paths.checkpoint_dir (models); give each output a place of its own",
     ),
     "output inside the code": (

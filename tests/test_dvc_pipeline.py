@@ -303,7 +303,8 @@ def test_exp_show_has_few_columns_none_per_class_and_a_complete_baseline(experim
         figures = {stage: data["metrics"][f"metrics/{stage}.json"]["data"] for stage in HEADLINE_STAGES}
         for metrics in figures.values():
             assert_headline_metrics(metrics, CLASSES)
-        assert sum(len(metric_columns(metrics)) for metrics in figures.values()) <= 30, (name, figures)
+        # 30 before evaluate's four trust figures (coverage, set size, singletons, unknown rate: issue 28)
+        assert sum(len(metric_columns(metrics)) for metrics in figures.values()) <= 34, (name, figures)
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ PAGES = {
     ),
     "evaluate/report.html": (
         "Evaluation report",
-        ["headline", "curves", "per-class", "confusion", "calibration", "mistakes", "data", "raw"],
+        ["headline", "curves", "per-class", "confusion", "calibration", "trust", "mistakes", "data", "raw"],
     ),
     "export/index.html": ("Quantize and export", ["served", "comparison", "candidates", "parity", "raw"]),
 }
