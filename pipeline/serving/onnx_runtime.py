@@ -33,9 +33,8 @@ PREPROCESS_FILE = "preprocess.json"  # the export folder: the eval preprocessing
 QUANTIZE_REPORT = "quantize_report.json"  # the quantize stage's candidates and decision, next to the models
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-FEATURES_NAME = (
-    "features"  # the second output: the pooled penultimate features, for the unknown-input detector
-)
+# The second output: the pooled penultimate features, for the unknown-input detector.
+FEATURES_NAME = "features"
 FEATURE_BANK_FILE = "feature_bank.npy"  # the export folder: the knn detector's unit-length train features
 
 
@@ -184,24 +183,29 @@ def to_float16(source: Path, target: Path) -> Path:
 
 def logits(sess: ort.InferenceSession, inputs: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """(N, 3, S, S) float32 -> (N, K) logits, run in batches."""
-    name = sess.get_inputs()[0].name
-    outputs = [
-        sess.run(None, {name: inputs[i : i + batch_size]})[0] for i in range(0, len(inputs), batch_size)
-    ]
-    return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
+    return _run(sess, inputs, batch_size, [sess.get_outputs()[0].name])[0]
 
 
 def outputs(
     sess: ort.InferenceSession, inputs: np.ndarray, batch_size: int = 32
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(N, 3, S, S) float32 -> ((N, K) logits, (N, C) features or None for a model exported without them)."""
+    """(N, 3, S, S) float32 -> ((N, K) logits, (N, C) features or None for a model exported without them),
+    from one run of each batch."""
+    if not has_features(sess) or len(inputs) == 0:
+        return logits(sess, inputs, batch_size), None
+    found, features = _run(sess, inputs, batch_size, [OUTPUT_NAME, FEATURES_NAME])
+    return found, features
+
+
+def _run(
+    sess: ort.InferenceSession, inputs: np.ndarray, batch_size: int, names: list[str]
+) -> list[np.ndarray]:
+    """The outputs `names` of `inputs` run `batch_size` at a time, each concatenated over the batches."""
     name = sess.get_inputs()[0].name
-    wanted = [OUTPUT_NAME, FEATURES_NAME] if has_features(sess) else [sess.get_outputs()[0].name]
-    runs = [sess.run(wanted, {name: inputs[i : i + batch_size]}) for i in range(0, len(inputs), batch_size)]
+    runs = [sess.run(names, {name: inputs[i : i + batch_size]}) for i in range(0, len(inputs), batch_size)]
     if not runs:
-        return np.zeros((0, 0), dtype=np.float32), None
-    logits = np.concatenate([run[0] for run in runs])
-    return logits, np.concatenate([run[1] for run in runs]) if len(wanted) == 2 else None
+        return [np.zeros((0, 0), dtype=np.float32) for _ in names]
+    return [np.concatenate(parts) for parts in zip(*runs, strict=True)]
 
 
 def has_features(sess: ort.InferenceSession) -> bool:

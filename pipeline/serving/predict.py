@@ -165,6 +165,7 @@ class Predictor:
     def _answers(self, inputs: np.ndarray, top_k: int, sets: bool) -> list[Prediction]:
         """One Prediction per input row (its source filled in by the caller)."""
         probs, in_set, scores = self.trust(inputs)
+        flagged = None if scores is None or self.detector is None else self.detector.unknown(scores)
         answers = []
         for row, p in enumerate(probs):
             answer = Prediction("", self._top(p, top_k))
@@ -173,9 +174,8 @@ class Predictor:
                 answer.prediction_set = [
                     self.class_names[i] for i in members[np.argsort(-p[members], kind="stable")]
                 ]
-            if scores is not None and self.detector is not None:
-                answer.unknown = bool(self.detector.unknown(scores[row : row + 1])[0])
-                answer.unknown_score = float(scores[row])
+            if flagged is not None:
+                answer.unknown, answer.unknown_score = bool(flagged[row]), float(scores[row])
             answers.append(answer)
         return answers
 

@@ -74,10 +74,11 @@ def run(params: Params) -> dict:
             write_metadata(rt.to_float16(fp32, out / rt.FP16_FILE), out / rt.FP16_FILE, meta)
         write_json(out / rt.LABELS_FILE, trained.class_names)
         write_json(out / rt.PREPROCESS_FILE, trained.data_config)
-        reference = torch_logits(trained.model, inputs)
-        metrics = parity(reference, out / rt.FP32_FILE, inputs)
+        reference, reference_features = torch_outputs(trained.model, inputs)
+        onnx_logits, features = rt.outputs(rt.session(out / rt.FP32_FILE), inputs)
+        metrics = agreement(reference, onnx_logits)
         metrics.update(opset=opset, fp32_mb=rt.file_mb(out / rt.FP32_FILE), served=meta["served"])
-        metrics.update(feature_parity(trained.model, out / rt.FP32_FILE, inputs))
+        metrics.update(feature_parity(reference_features, features, out / rt.FP32_FILE))
         metrics.update(_copy_bank(calibration, paths.feature_bank, out / rt.FEATURE_BANK_FILE))
         if params.export.fp16:  # checked on the CPU here; GPUs compute FP16 with their own rounding
             fp16 = parity(reference, out / rt.FP16_FILE, inputs)
@@ -97,38 +98,45 @@ def run(params: Params) -> dict:
 
 def torch_logits(model: torch.nn.Module, inputs: np.ndarray) -> np.ndarray:
     """The PyTorch model's logits on `inputs` (N, 3, S, S), in eval mode, 32 at a time."""
+    return torch_outputs(model, inputs)[0]
+
+
+def torch_outputs(model: torch.nn.Module, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The PyTorch model's (N, K) logits and (N, C) pooled features (the head's input) on `inputs`
+    (N, 3, S, S), in eval mode, 32 at a time: what the ONNX export's two outputs must match."""
     model.eval()
+    logits, features = [], []
     with torch.inference_mode():
-        batches = [model(torch.from_numpy(inputs[i : i + 32])).numpy() for i in range(0, len(inputs), 32)]
-    return np.concatenate(batches)
+        for i in range(0, len(inputs), 32):
+            pooled = model.forward_features(torch.from_numpy(inputs[i : i + 32]))
+            features.append(pooled.numpy())
+            logits.append(model.head(pooled).numpy())
+    return np.concatenate(logits), np.concatenate(features)
 
 
 def parity(reference: np.ndarray, onnx_path: Path, inputs: np.ndarray) -> dict[str, Any]:
     """Max |logit difference| and top-1 agreement of ONNX Runtime on `inputs` vs PyTorch's `reference`
     logits on them (torch_logits)."""
-    onnx_logits = rt.logits(rt.session(onnx_path), inputs)
+    return agreement(reference, rt.logits(rt.session(onnx_path), inputs))
+
+
+def agreement(reference: np.ndarray, onnx_logits: np.ndarray) -> dict[str, Any]:
+    """Max |logit difference| and top-1 agreement of ONNX Runtime's logits with PyTorch's `reference`."""
     return {
-        "n": len(inputs),
+        "n": len(reference),
         "max_abs_logit_diff": float(np.abs(onnx_logits - reference).max()),
         "top1_agreement": float(np.mean(onnx_logits.argmax(1) == reference.argmax(1))),
     }
 
 
-def feature_parity(model: torch.nn.Module, onnx_path: Path, inputs: np.ndarray) -> dict[str, float]:
-    """Max |difference| of the ONNX model's `features` output from PyTorch's pooled features on `inputs`:
-    the unknown-input detector was fitted on the latter, so the export must output the same layer."""
-    _, features = rt.outputs(rt.session(onnx_path), inputs)
+def feature_parity(reference: np.ndarray, features: np.ndarray | None, onnx_path: Path) -> dict[str, float]:
+    """Max |difference| of the ONNX model's `features` output (None: it has none) from PyTorch's pooled
+    features `reference` on the same inputs: the unknown-input detector was fitted on the latter, so the
+    export must output the same layer."""
     if features is None:
         raise PipelineError(
             f"{onnx_path}: the model outputs no features for the unknown-input detector; re-run quantize "
             "(dvc repro quantize), which exports them"
-        )
-    with torch.inference_mode():
-        reference = np.concatenate(
-            [
-                model.forward_features(torch.from_numpy(inputs[i : i + 32])).numpy()
-                for i in range(0, len(inputs), 32)
-            ]
         )
     if features.shape != reference.shape:
         raise PipelineError(
