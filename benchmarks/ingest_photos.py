@@ -88,6 +88,7 @@ def run(opts: Options) -> dict[str, Any]:
         for _ in range(settings["repeats"]):
             runs["reduced"].append(_reduced(params, root / "cache", workers))
             runs["full_resolution"].append(_full_resolution(params, photos, root / "cache", workers))
+        shutil.rmtree(params.paths.cache_dir, ignore_errors=True)  # the workers decode, not reuse rows
         peak = _worker_peak_rss_mib(write_params(params, root / "params.yaml"))
         caught = _status(params, next(photos.rglob(CUT)).relative_to(photos).as_posix()) == "truncated"
 
@@ -108,6 +109,7 @@ def run(opts: Options) -> dict[str, Any]:
 def _reduced(params: Params, cache_dir: Path, workers: int) -> dict[str, Any]:
     """The pipeline: the ingest and validate stages, then the image cache over every usable image."""
     load = os.getloadavg()[0]
+    shutil.rmtree(params.paths.cache_dir, ignore_errors=True)  # an earlier run's ingest rows would be reused
     ingest_s, _ = timed(lambda: ingest.run(params))
     validate_s, _ = timed(lambda: validate.run(params))
     paths, identities = _usable(params)

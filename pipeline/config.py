@@ -95,7 +95,8 @@ class PathsParams(_Section):
     splits: Path = Path("data/processed/splits.csv")
     """split: `path,label,split,sha256,width,height`"""
     cache_dir: Path = Path("data/cache")
-    """uint8 image cache and backbone-feature cache (reused across runs; safe to delete)"""
+    """ingest's finished rows, the uint8 image cache and the backbone-feature cache (reused across runs by
+    content; safe to delete)"""
     checkpoint_dir: Path = Path("models/checkpoints")
     """the resumable checkpoint (`train.checkpoint_every_s`; kept across `dvc repro` to resume)"""
     model: Path = Path("models/model.pt")
@@ -218,7 +219,8 @@ class IngestParams(_Section):
     num_workers: NonNegInt = 2
     """decoding processes; `0` runs in-process"""
     chunksize: PositiveInt = 1024
-    """most files handed to a worker at a time; fewer when that would leave a worker under 4 tasks"""
+    """most files handed to a worker at a time (half that on average: a task ends where a path's hash says, so
+    new files change only the tasks they fall in); fewer when that would leave a worker under 4 tasks"""
 
     @field_validator("extensions")
     @classmethod

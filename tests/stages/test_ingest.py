@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pandas as pd
@@ -241,6 +242,114 @@ def test_files_over_the_read_whole_limit_are_streamed_with_the_same_row(tmp_path
 )
 def test_tasks_hold_at_most_chunksize_files_and_each_worker_gets_four(files, workers, expected):
     assert ingest.files_per_task(files, 1024, workers) == expected
+
+
+def _paths(count: int, prefix: str = "c/") -> list[images.Candidate]:
+    return [images.Candidate(f"{prefix}{i:05d}.png", "c") for i in range(count)]
+
+
+def test_task_ends_come_from_the_paths_so_a_new_file_changes_one_task():
+    candidates = _paths(3000)
+    ranges = ingest.task_ranges(candidates, 64)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 3000
+    assert all(stop == start for (_, stop), (start, _) in zip(ranges, ranges[1:], strict=False))
+    assert max(stop - start for start, stop in ranges) <= 64
+    assert 20 <= 3000 / len(ranges) <= 40  # half of `most` on average, a little under with the forced cuts
+
+    grown = sorted([*candidates, images.Candidate("c/01500-new.png", "c")], key=lambda c: c.path)
+    changed = _tasks(grown, 64) - _tasks(candidates, 64)
+    assert 1 <= len(changed) <= 2 and any("c/01500-new.png" in task for task in changed)
+
+
+def _counting_inspect(monkeypatch, fail_on: str | None = None) -> list[str]:
+    """images.inspect as ingest calls it, recording each path; raises on `fail_on` (a crash mid-stage)."""
+    seen, real = [], images.inspect
+
+    def inspect(root, max_pixels, candidate, **kwargs):
+        if candidate.path == fail_on:
+            raise RuntimeError("killed")
+        seen.append(candidate.path)
+        return real(root, max_pixels, candidate, **kwargs)
+
+    monkeypatch.setattr(images, "inspect", inspect)
+    return seen
+
+
+def test_a_crashed_ingest_resumes_from_its_finished_tasks_and_writes_the_same_manifest(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=40)
+    clean = data_stage_params(tmp_path / "clean", root, ingest={"num_workers": 0, "chunksize": 8})
+    ingest.run(clean)
+    params = data_stage_params(tmp_path, root, ingest={"num_workers": 0, "chunksize": 8})
+    seen = _counting_inspect(monkeypatch, fail_on="class_1/img_010.png")
+
+    with pytest.raises(RuntimeError):
+        ingest.run(params)
+    assert not params.paths.manifest.exists()  # nothing half-written
+    finished = len(seen)
+    assert finished >= 40
+
+    monkeypatch.undo()  # the crash is over
+    seen = _counting_inspect(monkeypatch)
+    ingest.run(params)
+
+    assert 0 < len(seen) <= 80 - finished + 8  # what had not finished, and the task the crash was in
+    assert "class_0/img_000.png" not in seen
+    assert params.paths.manifest.read_bytes() == clean.paths.manifest.read_bytes()
+    details = read_json(params.paths.details("ingest"))
+    assert details["rows_reused"] == 80 - len(seen) and details["status"] == {"ok": 80}
+
+
+def test_a_rerun_inspects_only_the_tasks_of_new_and_changed_files(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=60)
+    params = data_stage_params(tmp_path, root, ingest={"num_workers": 0, "chunksize": 16})
+    ingest.run(params)
+    chunk_folder = next(params.paths.cache_dir.glob("ingest-*"))
+    before = {path.name for path in chunk_folder.glob("*.json")}
+    seen = _counting_inspect(monkeypatch)
+
+    ingest.run(params)
+    assert seen == [] and read_json(params.paths.details("ingest"))["rows_reused"] == 120
+
+    old_tasks = _tasks(_candidates_of(params), 16)
+    make_image(root / "class_0" / "img_030b.png", 0, seed=99)  # a new image
+    changed = root / "class_1" / "img_045.png"
+    make_image(changed, 2, seed=5)  # the same name, new pixels
+    ingest.run(params)
+
+    new_tasks = _tasks(_candidates_of(params), 16)
+    expected = {path for task in new_tasks - old_tasks for path in task}  # the task the new file fell in
+    expected |= next(set(task) for task in new_tasks if "class_1/img_045.png" in task)
+    assert sorted(seen) == sorted(expected) and len(expected) < 60  # not all 121
+    rows = _manifest(params).set_index("path")
+    assert rows.at["class_1/img_045.png", "sha256"] == hashlib.sha256(changed.read_bytes()).hexdigest()
+    after = {path.name for path in chunk_folder.glob("*.json")}
+    assert 2 <= len(before - after) <= 4  # the tasks of the new and the changed file, deleted
+    assert len(after) == len(ingest.task_ranges(_candidates_of(params), 16))  # and nothing else stale kept
+
+
+def _tasks(candidates: list[images.Candidate], most: int) -> set[tuple[str, ...]]:
+    ranges = ingest.task_ranges(candidates, most)
+    return {tuple(c.path for c in candidates[start:stop]) for start, stop in ranges}
+
+
+def _candidates_of(params) -> list[images.Candidate]:
+    rows = _manifest(params)[["path", "label"]].itertuples(index=False)
+    return [images.Candidate(path, label) for path, label in rows]
+
+
+def test_unreadable_or_foreign_task_results_are_inspected_again(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=10)
+    params = data_stage_params(tmp_path, root, ingest={"num_workers": 0, "chunksize": 4})
+    ingest.run(params)
+    expected = params.paths.manifest.read_bytes()
+    results = sorted(next(params.paths.cache_dir.glob("ingest-*")).glob("*.json"))
+    results[0].write_text("{not json")
+    results[1].write_text('{"a": 1}')
+
+    ingest.run(params)
+
+    assert params.paths.manifest.read_bytes() == expected
+    assert read_json(params.paths.details("ingest"))["rows_reused"] < 20
 
 
 def test_names_that_are_not_utf8_are_quarantined_and_every_later_writer_copes(tmp_path):
