@@ -88,6 +88,45 @@ def _peak_bytes(n: int, tmp_path: Path, channels: int = 1280) -> int:
         tracemalloc.stop()
 
 
+def _correlation_by_pil(first: np.ndarray, second: np.ndarray) -> float:
+    """aligned_correlation of one pair, the slow plain way: PIL enlarges `first` (float) by each zoom, every
+    window is compared with `second` and its mirror image by np.corrcoef; the best, both ways round."""
+    from PIL import Image
+
+    best = -1.0
+    for big_one, small_one in ((first, second), (second, first)):
+        size = big_one.shape[0]
+        for zoom in checks._ZOOMS:
+            side = round(size * zoom)
+            big = np.asarray(Image.fromarray(big_one).resize((side, side), Image.Resampling.BILINEAR))
+            for dy in range(side - size + 1):
+                for dx in range(side - size + 1):
+                    window = big[dy : dy + size, dx : dx + size].ravel()
+                    for template in (small_one, small_one[:, ::-1]):
+                        best = max(best, float(np.corrcoef(window, template.ravel())[0, 1]))
+    return best
+
+
+@pytest.mark.parametrize("halved", [True, False])
+def test_the_batched_pixel_check_gives_each_pair_the_plain_computations_score(halved, monkeypatch):
+    rng = np.random.default_rng(3)
+    thumbs = rng.integers(0, 256, size=(30, 48, 48)).astype(np.uint8)
+    thumbs[5] = np.clip(thumbs[4].astype(int) + 9, 0, 255)  # brighter copy
+    thumbs[7] = thumbs[6][:, ::-1]  # mirror image
+    pairs = [(4, 5), (7, 6), *((0, k) for k in range(8, 30)), (1, 2), (3, 9), (2, 1), (10, 11)]  # 0: a hub
+    monkeypatch.setattr(checks, "_PIXEL_TASK_BYTES", 2**20)  # tasks of a few thumbnails each
+
+    scores = checks.aligned_correlation(thumbs, pairs, halved=halved)
+
+    def grey(k: int) -> np.ndarray:
+        thumb = thumbs[k].astype(np.float32)
+        return thumb.reshape(24, 2, 24, 2).mean(axis=(1, 3)) if halved else thumb
+
+    expected = [_correlation_by_pil(grey(a), grey(b)) for a, b in pairs[:6] + pairs[-4:]]
+    np.testing.assert_allclose(scores[:6].tolist() + scores[-4:].tolist(), expected, atol=1e-4)
+    assert scores[0] > 0.999 and scores[1] > 0.999 and scores[2:].max() < 0.5
+
+
 def test_the_approximate_search_never_holds_all_thumbnails_or_embeddings_as_float32(tmp_path, monkeypatch):
     # Small fixed buffers, so that what grows with the number of images stands out at a test's size.
     monkeypatch.setattr(checks, "_BLOCK", 256)

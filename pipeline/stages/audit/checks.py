@@ -13,10 +13,11 @@ the 12 px thumbnails, so time grows as about n log n; the centred embeddings (fl
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,15 +196,16 @@ def _ann_similar(unit: np.ndarray, threshold: float, count: int) -> tuple[Pairs,
     index = _graph(
         (project(_rows(unit, a, b)) for a, b in _spans(n, _ANN_BLOCK)), _HNSW_LINKS, n, "embedding"
     )
-    alike, nearest = [], []
-    for start, stop in _tracked(n, _ANN_BLOCK, "audit embedding neighbours"):
+
+    def block(start: int, stop: int) -> tuple[list[Pairs], Pairs]:
         ids, wanted = np.arange(start, stop), min(n, max(_ANN_WANTED, count + 1))
         queries = _rows(unit, start, stop)
         sims, cols = _reranked(index, unit, ids, queries, project(queries), wanted)
         found = sims[:, :count] > -np.inf
-        nearest.append(
-            Pairs.of(np.repeat(ids, count)[found.ravel()], cols[:, :count][found], sims[:, :count][found])
+        nearest = Pairs.of(
+            np.repeat(ids, count)[found.ravel()], cols[:, :count][found], sims[:, :count][found]
         )
+        alike = []
         while len(ids):
             hit = sims >= threshold
             alike.append(Pairs.of(np.broadcast_to(ids[:, None], hit.shape)[hit], cols[hit], sims[hit]))
@@ -212,7 +214,36 @@ def _ann_similar(unit: np.ndarray, threshold: float, count: int) -> tuple[Pairs,
                 break
             ids, queries, wanted = ids[full], queries[full], min(n, 4 * wanted)
             sims, cols = _reranked(index, unit, ids, queries, project(queries), wanted)
-    return Pairs.joined(alike), Pairs.joined(nearest)
+        return alike, nearest
+
+    blocks = _in_threads(n, "audit embedding neighbours", block)
+    alike = [part for parts, _ in blocks for part in parts]
+    return Pairs.joined(alike), Pairs.joined([nearest for _, nearest in blocks])
+
+
+def _in_threads(n: int, desc: str, work: Callable[[int, int], Any]) -> list[Any]:
+    """[work(start, stop) for each _ANN_BLOCK of `n` images], on a thread per core, faiss and BLAS on one
+    thread in each (both release the GIL; a graph answers concurrent searches), progress logged. Searching
+    a million images' graph a block at a time on faiss's own threads left a core idle while numpy re-ranked.
+    """
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    spans, threads = _spans(n, _ANN_BLOCK), faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        with (
+            threadpool_limits(limits=1, user_api="blas"),
+            ThreadPoolExecutor(os.cpu_count() or 1) as pool,
+            progress(desc, n, "img") as bar,
+        ):
+            results = []
+            for (start, stop), result in zip(spans, pool.map(lambda span: work(*span), spans), strict=True):
+                results.append(result)
+                bar.update(stop - start)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return results
 
 
 def _reranked(
@@ -221,10 +252,12 @@ def _reranked(
     """(B, wanted) exact cosines of the `wanted` images the graph returns for each query, most alike first,
     and those images; -inf and -1 for the query itself and for none. A few queries at a time when many are
     wanted: at most (_ANN_BLOCK * _ANN_WANTED, C) embeddings gathered at once."""
-    index.hnsw.efSearch = max(_HNSW_SEARCH, wanted)
+    import faiss
+
+    search = faiss.SearchParametersHNSW(efSearch=max(_HNSW_SEARCH, wanted))
     sims, cols = np.empty((len(ids), wanted), np.float32), np.empty((len(ids), wanted), np.int64)
     for a, b in _spans(len(ids), max(1, _ANN_BLOCK * _ANN_WANTED // wanted)):
-        _, found = index.search(np.ascontiguousarray(projected[a:b]), wanted)  # (B, wanted), -1: none
+        _, found = index.search(np.ascontiguousarray(projected[a:b]), wanted, params=search)  # -1: none
         missing = (found < 0) | (found == ids[a:b, None])
         found = np.where(missing, ids[a:b, None], found)
         gathered = np.asarray(unit[found.ravel()], dtype=np.float32).reshape(*found.shape, -1)
@@ -278,7 +311,7 @@ _THUMB = 48
 _BLUR = 0.7  # px, Gaussian sigma at _THUMB
 _ZOOMS = tuple(round(1.0 + 0.02 * k, 2) for k in range(11))  # 1.00 .. 1.20
 _PIXEL_SIDE = 12  # pixel_nearest compares thumbnails shrunk to 12 x 12 (4 x 4 boxes)
-_PIXEL_TASK = 256  # thumbnails whose windows one thread task makes (aligned_correlation)
+_PIXEL_TASK_BYTES = 32 * 2**20  # a task's windows, or its templates, at most (aligned_correlation)
 
 
 def thumbnail(path: Path) -> np.ndarray:
@@ -325,26 +358,59 @@ def _grey(thumb: np.ndarray) -> np.ndarray:
     return np.asarray(thumb, dtype=np.float32)
 
 
-def _windows(thumb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every window of the thumbnail's side (S) in the thumbnail enlarged by each of _ZOOMS: (W, S ** 2) rows
-    of pixels, and each row's norm once its mean is taken off (a row's dot product with a standardised
-    template, divided by that norm, is their correlation)."""
+@functools.cache
+def _resize_matrix(size: int, side: int) -> np.ndarray:
+    """(side, size) float32: PIL's bilinear resize of `size` pixels to `side` as a matrix, each column the
+    resize of a unit pixel, so that R @ X @ R.T is PIL's resize of a (size, size) float image X, and a batch
+    of thumbnails is resized by two matrix products (the bilinear filter is separable and linear)."""
+    units = np.eye(size, dtype=np.float32)
+    columns = [
+        np.asarray(Image.fromarray(units[k : k + 1]).resize((side, 1), Image.Resampling.BILINEAR))[0]
+        for k in range(size)
+    ]
+    return np.stack(columns, axis=1)
+
+
+def _sides(size: int) -> list[int]:
+    return [round(size * zoom) for zoom in _ZOOMS]
+
+
+def _window_count(size: int) -> int:
+    return sum((side - size + 1) ** 2 for side in _sides(size))
+
+
+def _windows(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every window of the thumbnails' side (S) in each (B, S, S) float32 thumbnail enlarged by each of
+    _ZOOMS: (B, W, S ** 2) rows of pixels, and (B, W) each row's norm once its mean is taken off (a row's dot
+    product with a standardised template, divided by that norm, is their correlation), from running sums
+    of the enlarged pixels and their squares rather than from the rows."""
     from numpy.lib.stride_tricks import sliding_window_view
 
-    size = thumb.shape[0]
-    sides = [round(size * zoom) for zoom in _ZOOMS]
-    rows = np.empty((sum((side - size + 1) ** 2 for side in sides), size * size), dtype=np.float32)
+    count, size = grey.shape[0], grey.shape[1]
+    rows = np.empty((count, _window_count(size), size * size), dtype=np.float32)
+    norms = np.empty(rows.shape[:2], dtype=np.float32)
     start = 0
-    for side in sides:
-        big = np.asarray(Image.fromarray(thumb).resize((side, side), Image.Resampling.BILINEAR))
+    for side in _sides(size):
+        resize = _resize_matrix(size, side)
+        big = resize @ grey @ resize.T  # (B, side, side)
         places = side - size + 1
-        block = rows[start : start + places * places].reshape(places, places, size, size)
-        block[...] = sliding_window_view(big, (size, size))  # one copy, straight into place
+        block = rows[:, start : start + places * places].reshape(count, places, places, size, size)
+        block[...] = sliding_window_view(big, (size, size), axis=(1, 2))  # one copy, straight into place
+        sums = _window_sums(big.astype(np.float64), size)
+        squares = _window_sums(np.square(big, dtype=np.float64), size)
+        centred = np.sqrt(np.maximum(squares - sums * sums / (size * size), 0.0))
+        norms[:, start : start + places * places] = centred.reshape(count, -1)
         start += places * places
-    sums = rows.sum(axis=1, dtype=np.float64)
-    squares = np.einsum("ij,ij->i", rows, rows, dtype=np.float64)
-    centred = np.sqrt(np.maximum(squares - sums * sums / rows.shape[1], 0.0))
-    return rows, np.maximum(centred, 1e-6).astype(np.float32)
+    return rows, np.maximum(norms, 1e-6)
+
+
+def _window_sums(values: np.ndarray, size: int) -> np.ndarray:
+    """(B, P, P) sums of every (size, size) window of (B, side, side) `values` (P = side - size + 1)."""
+    total = np.zeros((values.shape[0], values.shape[1] + 1, values.shape[2] + 1), dtype=np.float64)
+    total[:, 1:, 1:] = values.cumsum(axis=1).cumsum(axis=2)
+    return (
+        total[:, size:, size:] - total[:, :-size, size:] - total[:, size:, :-size] + total[:, :-size, :-size]
+    )
 
 
 def aligned_correlation(
@@ -355,47 +421,69 @@ def aligned_correlation(
     round: 1.0 for the same picture re-encoded, resized, brightened or flipped, and close to it for a crop of
     it. `halved`: on the thumbnails shrunk to half their side (2 x 2 box means), 14 times fewer window pixels.
 
-    Each thumbnail's windows are made once, for every thumbnail it is paired with either way round, on a
-    thread per core, a few hundred thumbnails a task, each matrix product on one BLAS thread: OpenBLAS's own
-    threads on such small products waited on each other (1,000 images x 6 pairs on 2 busy cores: 14 s, 2.4 s
-    on one thread at half side), and tasks of pairs rather than of thumbnails made the same windows up to
-    five times (100,000 images: 1,100 pairs/s)."""
+    Each thumbnail's windows are made once, for every thumbnail it is paired with either way round, a batch
+    of thumbnails at a time (_windows: the resizes are matrix products, the windows one copy) on a thread per
+    core, each matrix product on one BLAS thread (OpenBLAS's own threads on such small products waited on
+    each other). Thumbnails are batched by how many others they are paired with, so a thumbnail paired with
+    hundreds (a plain background is many images' nearest) does not pad the others' templates. One thumbnail
+    at a time, with PIL resizing each, ran at 750 thumbnails/s at half side on 2 cores (100,000 images)."""
     from threadpoolctl import threadpool_limits
 
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-    grey = _halved if halved else _grey
     big, small = np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])
     order = np.argsort(big, kind="stable")
-    starts = np.flatnonzero(np.diff(big[order], prepend=-1)).tolist()
-    groups = list(zip(starts, [*starts[1:], len(order)][: len(starts)], strict=True))  # a thumbnail each
+    starts = np.flatnonzero(np.diff(big[order], prepend=-1))
+    stops = np.append(starts[1:], len(order))
+    by_count = np.argsort(stops - starts, kind="stable")  # thumbnails paired with few others first
     scores = np.empty(len(big), dtype=np.float32)
+    size = _THUMB // 2 if halved else _THUMB
+    row_bytes = 4 * size * size
 
-    def score(span: tuple[int, int]) -> int:
-        for first, last in groups[span[0] : span[1]]:
-            at = order[first:last]
-            rows, norms = _windows(grey(thumbs[int(big[at[0]])]))
-            templates = [grey(thumbs[k]) for k in small[at].tolist()]
-            templates = _standardised(
-                np.stack([side for t in templates for side in (t.ravel(), t[:, ::-1].ravel())])
-            )
-            scores[at] = ((rows @ templates.T) / norms[:, None]).max(axis=0).reshape(-1, 2).max(axis=1)
-        return span[1] - span[0]
+    def gather(ids: np.ndarray) -> np.ndarray:
+        grey = _grey(np.stack([np.asarray(thumbs[k]) for k in ids.tolist()]))
+        return grey.reshape(len(ids), size, 2, size, 2).mean(axis=(2, 4)) if halved else grey
 
+    def score(task: np.ndarray) -> int:
+        counts = stops[task] - starts[task]
+        rows, norms = _windows(gather(big[order[starts[task]]]))
+        wanted = np.zeros((len(task), int(counts.max()) * 2, size * size), dtype=np.float32)
+        partners = np.concatenate([order[a:b] for a, b in zip(starts[task], stops[task], strict=True)])
+        templates = gather(small[partners])
+        both = np.stack([templates, templates[:, :, ::-1]], axis=1)  # (P, 2, S, S): as is, and mirrored
+        standardised = _standardised(both.reshape(-1, size * size)).reshape(-1, 2, size * size)
+        slots = np.concatenate([np.arange(c) for c in counts.tolist()])
+        owner = np.repeat(np.arange(len(task)), counts)
+        wanted[owner, 2 * slots] = standardised[:, 0]
+        wanted[owner, 2 * slots + 1] = standardised[:, 1]
+        best = (np.matmul(rows, wanted.transpose(0, 2, 1)) / norms[:, :, None]).max(axis=1)  # (B, 2T)
+        scores[partners] = best.reshape(len(task), -1, 2).max(axis=2)[owner, slots]
+        return len(task)
+
+    tasks = _pixel_tasks(stops - starts, by_count, _window_count(size) * row_bytes, row_bytes)
     desc = f"audit pixel check ({'half' if halved else 'full'} side)"
     with (
         threadpool_limits(limits=1, user_api="blas"),
         ThreadPoolExecutor(os.cpu_count() or 1) as pool,
-        progress(desc, len(groups), "img") as bar,
+        progress(desc, len(starts), "img") as bar,
     ):
-        for done in pool.map(score, _spans(len(groups), _PIXEL_TASK)):
+        for done in pool.map(score, tasks):
             bar.update(done)
     return np.maximum(scores[: len(pairs)], scores[len(pairs) :])
 
 
-def _halved(thumb: np.ndarray) -> np.ndarray:
-    """The thumbnail at half its side, float32 (2 x 2 box means)."""
-    side = thumb.shape[0] // 2
-    return _grey(thumb).reshape(side, 2, side, 2).mean(axis=(1, 3))
+def _pixel_tasks(counts: np.ndarray, by_count: np.ndarray, window_bytes: int, row_bytes: int) -> list:
+    """Runs of `by_count` (thumbnails in order of how many others each is paired with, `counts`), each as
+    long as keeps its windows (`window_bytes` a thumbnail) and its templates padded to the widest (two rows
+    of `row_bytes` a partner) within _PIXEL_TASK_BYTES each; one thumbnail at least."""
+    tasks, start = [], 0
+    for end in range(1, len(by_count) + 1):
+        if end < len(by_count):
+            widest = 2 * int(counts[by_count[end]]) * row_bytes
+            if (end + 1 - start) * max(window_bytes, widest) <= _PIXEL_TASK_BYTES:
+                continue
+        tasks.append(by_count[start:end])
+        start = end
+    return tasks
 
 
 def _shrunk(thumbs: np.ndarray, mirrored: bool = False) -> np.ndarray:
@@ -430,18 +518,23 @@ def _ann_pixel_nearest(thumbs: np.ndarray) -> Pairs:
     """pixel_nearest by an HNSW graph over the shrunk thumbnails: each image's two nearest by its pixels and
     by its mirror image's, the best of the four other than itself."""
     n = len(thumbs)
+    import faiss
+
     index = _graph((_shrunk(thumbs[a:b]) for a, b in _spans(n, _ANN_BLOCK)), _PIXEL_LINKS, n, "pixel")
-    index.hnsw.efSearch = _PIXEL_SEARCH
-    nearest = []
-    for start, stop in _tracked(n, _ANN_BLOCK, "audit pixel neighbours"):
+    search = faiss.SearchParametersHNSW(efSearch=_PIXEL_SEARCH)
+
+    def block(start: int, stop: int) -> Pairs:
         ids = np.arange(start, stop)
-        found = [index.search(_shrunk(thumbs[start:stop], mirrored), 2) for mirrored in (False, True)]
+        found = [
+            index.search(_shrunk(thumbs[start:stop], mirror), 2, params=search) for mirror in (False, True)
+        ]
         scores, cols = (np.concatenate(side, axis=1) for side in zip(*found, strict=True))  # (B, 4)
         scores[(cols < 0) | (cols == ids[:, None])] = -np.inf
         best = scores.argmax(axis=1)
         ok = scores[ids - start, best] > -np.inf
-        nearest.append(Pairs.of(ids[ok], cols[ids - start, best][ok]))
-    return Pairs.joined(nearest)
+        return Pairs.of(ids[ok], cols[ids - start, best][ok])
+
+    return Pairs.joined(_in_threads(n, "audit pixel neighbours", block))
 
 
 def near_duplicate_pairs(
