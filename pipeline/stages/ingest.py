@@ -330,7 +330,7 @@ class _Chunks:
 
     def keep_only(self, keys: set[str]) -> None:
         """Delete the results of tasks this run did not have (files since changed, moved or deleted)."""
-        for stale in self.folder.glob("*.json") if self.folder.is_dir() else ():
+        for stale in self.folder.glob("[!.]*.json") if self.folder.is_dir() else ():  # not a writer's temp
             if stale.stem not in keys:
                 stale.unlink(missing_ok=True)
 

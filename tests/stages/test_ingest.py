@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pandas as pd
 import pytest
+import yaml
 from helpers import assert_headline_metrics, data_stage_params, make_image, make_image_folder
 from PIL import Image, ImageFile
 
@@ -335,6 +341,41 @@ def _tasks(candidates: list[images.Candidate], most: int) -> set[tuple[str, ...]
 def _candidates_of(params) -> list[images.Candidate]:
     rows = _manifest(params)[["path", "label"]].itertuples(index=False)
     return [images.Candidate(path, label) for path, label in rows]
+
+
+@pytest.mark.slow
+def test_ingest_killed_mid_run_resumes_from_the_tasks_it_finished(tmp_path):
+    """A real SIGKILL of `python -m pipeline ingest` and its two workers, while they decode slow files at the
+    end of the listing (large PNGs whose pixels compress to nothing)."""
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=150)
+    for k in range(6):
+        Image.new("RGB", (6000, 6000), (k, 0, 0)).save(root / "class_1" / f"zz_{k}.png")
+    params = data_stage_params(tmp_path, root, ingest={"num_workers": 2, "chunksize": 16})
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
+    command = [sys.executable, "-m", "pipeline", "ingest", "--params", str(params_file)]
+    proc = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    chunks = params.paths.cache_dir
+    deadline = time.monotonic() + 60
+    while (
+        len(list(chunks.glob("ingest-*/*.json"))) < 10 and proc.poll() is None and time.monotonic() < deadline
+    ):
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = [json.loads(path.read_text()) for path in chunks.glob("ingest-*/[!.]*.json")]  # not temps
+    assert not params.paths.manifest.exists(), "ingest ended before the kill: the slow files were not slow"
+
+    ingest.run(params)
+
+    details = read_json(params.paths.details("ingest"))
+    rows_finished = sum(sum(counts.values()) for _, counts, _, _ in finished)  # (text, counts, labels, notes)
+    assert details["status"] == {"ok": 306} and 80 <= rows_finished <= details["rows_reused"] < 306
+    clean = data_stage_params(tmp_path / "clean", root, ingest={"num_workers": 0})
+    ingest.run(clean)
+    assert params.paths.manifest.read_bytes() == clean.paths.manifest.read_bytes()
 
 
 def test_unreadable_or_foreign_task_results_are_inspected_again(tmp_path):
