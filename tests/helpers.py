@@ -245,3 +245,14 @@ def peak_mib():  # VmHWM: ru_maxrss starts from the parent's peak, pytest's hund
 def run_child(code: str, *args: str) -> subprocess.CompletedProcess:
     """Run `code` in a fresh Python with `CHILD_HELPERS` (cap_memory, peak_mib) defined and `args` in argv."""
     return subprocess.run([sys.executable, "-c", CHILD_HELPERS + code, *args], capture_output=True, text=True)
+
+
+def mapped_bytes(path: Path) -> int:
+    """Bytes of `path` mapped resident in this process (its /proc/self/smaps entries' Rss)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.data.loader import EpochSampler
+from pipeline.data.shards import release
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -59,7 +60,9 @@ class EpochData:
 def _feature_batches(
     features: np.ndarray, labels: torch.Tensor, batches: Iterable[torch.Tensor]
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(B, C) float32 features and (B,) labels of each batch of indices, read out of the (N, C) array."""
+    """(B, C) float32 features and (B,) labels of each batch of indices, read out of the (N, C) array (a
+    memmap's pages unmapped after each batch: random batches would map the whole file over an epoch)."""
     for indices in batches:
-        rows = np.asarray(features[indices.numpy()], dtype=np.float32)
+        rows = np.array(features[indices.numpy()], dtype=np.float32)
+        release(features)
         yield torch.from_numpy(rows), labels[indices]

@@ -10,6 +10,7 @@ being written. The index is every key with its shard and row, as numpy arrays so
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -24,6 +25,19 @@ KEY = np.dtype("S16")  # a blake2b digest of 16 bytes: no collision in 2^64 rows
 
 _ROWS, _KEYS = ".rows.npy", ".keys.npy"
 _GATHER_BYTES = 32 * 2**20  # rows gathered at a time by `save`: 13,000 float16 rows of 1,280
+
+
+def release(*arrays: object) -> None:
+    """Unmap from this process the pages of each memory-mapped array (a numpy.memmap or a view of one) that
+    it touched: madvise(MADV_DONTNEED). The kernel keeps them in its page cache, a shared mapping's dirty
+    pages too (they are written back as usual), so the data is intact and a later read faults them back in
+    from the cache. Without it a pass over a file-backed array leaves every page it read or wrote counted in
+    the process's RSS: 7.2 GB at a million images in the audit (thumbnails, features, unit embeddings).
+    Arrays in memory are left alone."""
+    for array in arrays:
+        mapped = getattr(array, "_mmap", None)  # numpy.memmap keeps its mmap.mmap here, views share it
+        if mapped is not None and not mapped.closed and hasattr(mmap, "MADV_DONTNEED"):
+            mapped.madvise(mmap.MADV_DONTNEED)
 
 
 def digests(strings: Iterable[str]) -> np.ndarray:

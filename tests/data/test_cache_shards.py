@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import mapped_bytes
 from torch import nn
 
 from pipeline.data import cache, shards
@@ -143,3 +144,18 @@ def test_random_reads_hold_only_the_squares_read(tmp_path, monkeypatch):
 def _rss_file() -> int:
     status = Path("/proc/self/status").read_text()
     return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("RssFile"))
+
+
+def test_release_unmaps_a_memmaps_pages_and_keeps_what_was_written(tmp_path):
+    path = tmp_path / "rows.npy"
+    rows = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(64, 2**20))  # 64 MiB
+    rows[:] = 7
+    assert mapped_bytes(path) > 60 * 2**20
+
+    shards.release(rows[10:20])  # a view releases the whole mapping
+
+    assert mapped_bytes(path) < 2**20
+    assert rows[63, -1] == 7  # read back from the page cache
+    del rows
+    assert (np.load(path)[:, ::4096] == 7).all()  # what was written reached the file
+    shards.release(np.zeros(3), [1, 2])  # nothing mapped: nothing to do

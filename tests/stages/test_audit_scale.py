@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import mapped_bytes
 
 from pipeline.config import AuditParams
 from pipeline.stages.audit import checks
@@ -149,6 +150,23 @@ def _noisy_classes(n: int, classes: int, channels: int, seed: int = 0) -> tuple[
     flipped = rng.choice(n, n // 20, replace=False)
     labels[flipped] = (labels[flipped] + rng.integers(1, classes, len(flipped))) % classes
     return embeddings, labels
+
+
+def test_memory_mapped_passes_leave_no_file_pages_in_the_rss(tmp_path):
+    """unit_embeddings reads the features and writes the unit rows through memory maps a block at a time; the
+    pages each block touched are released (shards.release), so the process does not end up mapping both
+    files whole (at a million images: 5 GB of RSS)."""
+    source = tmp_path / "features.npy"
+    features = np.lib.format.open_memmap(source, mode="w+", dtype=np.float16, shape=(20_000, 512))
+    features[:] = np.random.default_rng(0).standard_normal((20_000, 512))
+    del features
+    features = np.load(source, mmap_mode="r")  # 20 MB, as the feature store hands it over
+
+    unit = checks.unit_embeddings(features, tmp_path)
+
+    assert mapped_bytes(source) < 4 * 2**20 and mapped_bytes(tmp_path / "unit.npy") < 4 * 2**20
+    expected = checks.unit_embeddings(np.asarray(features, dtype=np.float32))
+    np.testing.assert_allclose(np.asarray(unit, dtype=np.float32), expected, atol=2e-3)
 
 
 @pytest.mark.parametrize("source", ["logistic", "discriminant"])

@@ -28,6 +28,7 @@ from PIL import Image
 
 from pipeline.calibration import fit_temperature, softmax
 from pipeline.config import AuditParams
+from pipeline.data.shards import release
 from pipeline.progress import progress
 
 _BLOCK = 2048  # rows of the similarity matrix computed at a time: (2048, N) float32
@@ -117,7 +118,15 @@ def _tracked(n: int, size: int, desc: str) -> Iterator[tuple[int, int]]:
 
 def _rows(array: Any, start: int, stop: int) -> np.ndarray:
     """Rows start:stop of an array or memory-mapped file, as float32."""
-    return np.asarray(array[start:stop], dtype=np.float32)
+    return _read(array, slice(start, stop))
+
+
+def _read(array: Any, index: Any, dtype: Any = np.float32) -> np.ndarray:
+    """array[index] as `dtype`, a copy in memory; a memory-mapped array's pages are then unmapped from this
+    process (shards.release), so passes over a million rows leave no gigabytes of file pages in its RSS."""
+    rows = np.array(array[index], dtype=dtype)
+    release(array)
+    return rows
 
 
 def normalised(embeddings: np.ndarray) -> np.ndarray:
@@ -139,11 +148,12 @@ def unit_embeddings(embeddings: Any, folder: Path | None = None) -> np.ndarray:
     if folder is None:
         return _centred(np.asarray(embeddings))
     n, channels = embeddings.shape
-    total = sum(np.asarray(embeddings[a:b], dtype=np.float64).sum(axis=0) for a, b in _spans(n, _BLOCK))
+    total = sum(_read(embeddings, slice(a, b), np.float64).sum(axis=0) for a, b in _spans(n, _BLOCK))
     mean = (total / n).astype(np.float32)
     unit = np.lib.format.open_memmap(folder / "unit.npy", mode="w+", dtype=np.float16, shape=(n, channels))
     for start, stop in _spans(n, _BLOCK):
         unit[start:stop] = normalised(_rows(embeddings, start, stop) - mean)
+        release(unit)
     return unit
 
 
@@ -260,7 +270,7 @@ def _reranked(
         _, found = index.search(np.ascontiguousarray(projected[a:b]), wanted, params=search)  # -1: none
         missing = (found < 0) | (found == ids[a:b, None])
         found = np.where(missing, ids[a:b, None], found)
-        gathered = np.asarray(unit[found.ravel()], dtype=np.float32).reshape(*found.shape, -1)
+        gathered = _read(unit, found.ravel()).reshape(*found.shape, -1)
         values = np.matmul(gathered, queries[a:b, :, None])[..., 0]
         values[missing] = -np.inf
         order = np.argsort(-values, axis=1, kind="stable")
@@ -278,7 +288,7 @@ def _principal_axes(unit: np.ndarray, dims: int) -> np.ndarray | None:
     if channels <= dims:
         return None
     rows = np.sort(np.random.default_rng(0).choice(n, min(n, _ANN_SAMPLE), replace=False))
-    sample = np.asarray(unit[rows], dtype=np.float32)
+    sample = _read(unit, rows)
     # only the largest: 0.6 s for 1,280 channels, where numpy's full float32 eigh took 13 s on 2 busy cores
     _, vectors = eigh(sample.T @ sample, subset_by_index=[channels - dims, channels - 1])  # ascending
     return np.ascontiguousarray(vectors[:, ::-1], dtype=np.float32)
@@ -344,6 +354,7 @@ def thumbnails(files: Sequence[Path], folder: Path | None = None) -> np.ndarray:
         progress("audit thumbnails", len(files), "img") as bar,
     ):
         for (start, stop), _ in zip(spans, pool.map(fill, spans), strict=True):
+            release(thumbs)
             bar.update(stop - start)
     return thumbs
 
@@ -441,6 +452,7 @@ def aligned_correlation(
 
     def gather(ids: np.ndarray) -> np.ndarray:
         grey = _grey(np.stack([np.asarray(thumbs[k]) for k in ids.tolist()]))
+        release(thumbs)
         return grey.reshape(len(ids), size, 2, size, 2).mean(axis=(2, 4)) if halved else grey
 
     def score(task: np.ndarray) -> int:
@@ -520,13 +532,14 @@ def _ann_pixel_nearest(thumbs: np.ndarray) -> Pairs:
     n = len(thumbs)
     import faiss
 
-    index = _graph((_shrunk(thumbs[a:b]) for a, b in _spans(n, _ANN_BLOCK)), _PIXEL_LINKS, n, "pixel")
+    index = _graph((_shrunk(_rows(thumbs, a, b)) for a, b in _spans(n, _ANN_BLOCK)), _PIXEL_LINKS, n, "pixel")
     search = faiss.SearchParametersHNSW(efSearch=_PIXEL_SEARCH)
 
     def block(start: int, stop: int) -> Pairs:
         ids = np.arange(start, stop)
         found = [
-            index.search(_shrunk(thumbs[start:stop], mirror), 2, params=search) for mirror in (False, True)
+            index.search(_shrunk(_rows(thumbs, start, stop), mirror), 2, params=search)
+            for mirror in (False, True)
         ]
         scores, cols = (np.concatenate(side, axis=1) for side in zip(*found, strict=True))  # (B, 4)
         scores[(cols < 0) | (cols == ids[:, None])] = -np.inf
@@ -602,7 +615,7 @@ def _cosines(unit: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndar
     """(P,) float32 cosines of the pairs' unit embeddings, a block of pairs at a time."""
     parts = [np.empty(0, dtype=np.float32)]
     for a, b in _spans(len(first), _BLOCK):
-        left, right = (np.asarray(unit[side[a:b]], dtype=np.float32) for side in (first, second))
+        left, right = (_read(unit, side[a:b]) for side in (first, second))
         parts.append(np.einsum("ij,ij->i", left, right))
     return np.concatenate(parts)
 
@@ -726,12 +739,13 @@ def discriminant_probabilities(
         out[start:stop] = softmax(
             _logits(embeddings, np.arange(start, stop), assignment, models), temperature
         )
+        release(out)
     return out
 
 
 def _logits(embeddings: Any, rows: np.ndarray, assignment: np.ndarray, models: list) -> np.ndarray:
     """(R, K) logits of `rows` (sorted), each from the model of the folds it is not in."""
-    data = np.asarray(embeddings[rows], dtype=np.float64)
+    data = _read(embeddings, rows, np.float64)
     logits = np.empty((len(rows), models[0][1].shape[0]))
     for k, (weights, bias) in enumerate(models):
         mine = assignment[rows] == k
@@ -802,7 +816,7 @@ def label_issues(labels: np.ndarray, probabilities: Any) -> LabelIssues:
     n, classes = probabilities.shape
     quality, suggested = np.empty(n), np.empty(n, dtype=np.int64)
     for start, stop in _spans(n, _PROBE_BLOCK):
-        block = np.asarray(probabilities[start:stop], dtype=np.float64)
+        block = _read(probabilities, slice(start, stop), np.float64)
         quality[start:stop] = block[np.arange(stop - start), labels[start:stop]]
         suggested[start:stop] = block.argmax(axis=1)
     present = np.bincount(labels, minlength=classes)
@@ -810,7 +824,7 @@ def label_issues(labels: np.ndarray, probabilities: Any) -> LabelIssues:
     thresholds = np.clip(thresholds, CONFIDENT_THRESHOLDS_LOWER_BOUND, None)
     count = 0
     for start, stop in _spans(n, _PROBE_BLOCK):
-        block, given = np.asarray(probabilities[start:stop], dtype=np.float64), labels[start:stop]
+        block, given = _read(probabilities, slice(start, stop), np.float64), labels[start:stop]
         _, off = compute_confident_joint(given, block, thresholds=thresholds, calibrate=False,
                                          return_indices_of_off_diagonals=True)  # fmt: skip
         off = np.asarray(off, dtype=np.int64)
@@ -842,7 +856,7 @@ def two_sample_auc(embeddings: Any, old: np.ndarray, new: np.ndarray, folds: int
     rows = np.concatenate([rng.permutation(old_rows)[:n], rng.permutation(new_rows)[:n]])
     order = np.argsort(rows, kind="stable")  # read a memory-mapped array in file order
     data = np.empty((2 * n, embeddings.shape[1]), dtype=np.float32)
-    data[order] = np.asarray(embeddings[rows[order]], dtype=np.float32)
+    data[order] = _read(embeddings, rows[order])
     target = np.repeat([0, 1], n)
     splitter = StratifiedKFold(n_splits=min(folds, n), shuffle=True, random_state=seed)
     return float(np.mean(cross_val_score(_probe(len(target)), data, target, cv=splitter, scoring="roc_auc")))
