@@ -62,6 +62,30 @@ def test_the_approximate_search_finds_the_same_pairs_and_groups_as_comparing_all
     assert checks.group_ids(keys, approximate) == checks.group_ids(keys, exact)
 
 
+def test_a_clump_larger_than_the_alike_cap_stays_one_group_without_all_its_pairs(monkeypatch):
+    """Every image of a clump of 150 is alike to the 149 others: with at most 32 asked for per image the
+    search stops there (11,175 pairs would grow as the clump squared), and the chained group is whole."""
+    rng = np.random.default_rng(5)
+    embeddings = rng.standard_normal((400, 96)).astype(np.float32)
+    embeddings[250:] = embeddings[250] + 0.05 * rng.standard_normal((150, 96))
+    monkeypatch.setattr(checks, "_ALIKE_MOST", 32)
+    asked = []
+    real = checks._reranked
+
+    def reranked(index, unit, ids, queries, projected, wanted):
+        asked.append(wanted)
+        return real(index, unit, ids, queries, projected, wanted)
+
+    monkeypatch.setattr(checks, "_reranked", reranked)
+
+    alike, _ = checks.similar_pairs(embeddings, 0.9, 2, ann_above=0)
+
+    assert max(asked) == 32 and len(alike) <= 150 * 32
+    keys = [f"{k:04d}" for k in range(400)]
+    groups = checks.group_ids(keys, alike)
+    assert len({groups[k] for k in range(250, 400)}) == 1 and len(set(groups[:250])) == 250
+
+
 def test_the_approximate_pixel_search_finds_each_images_mirrored_copy():
     _, thumbs, _ = _planted(400, 8)
     mirrored = {(k, k + 1) for k in range(20, 350, 30)}  # the third kind of planted copy

@@ -40,6 +40,10 @@ _ANN_BLOCK = 1024  # images searched and re-ranked at a time: (1024, 16, C) floa
 _ANN_AXES = 64  # principal axes the embeddings are projected on for the graph (then made unit length)
 _ANN_SAMPLE = 20_000  # images the axes are fitted on (a fixed draw)
 _ANN_WANTED = 16  # neighbours the graph returns per image, re-ranked by their exact cosine
+# The most alike others one image is asked for (16, then 64, then 256 while all returned are alike). Groups
+# chain, so a clump needs no more to stay one group; all its pairs would cost clump-size squared (100,000
+# scale images: 1,634 queries for 1,024 and 6 for 4,096; a million, 15 minutes for this search alone).
+_ALIKE_MOST = 256
 _HNSW_LINKS, _HNSW_BUILD, _HNSW_SEARCH = 32, 40, 64  # faiss's M, efConstruction, efSearch
 _PIXEL_LINKS, _PIXEL_SEARCH = 16, 64  # the same for the 12 px thumbnails' graph (one nearest wanted)
 
@@ -195,8 +199,9 @@ def _exact_similar(unit: np.ndarray, threshold: float, count: int) -> tuple[Pair
 
 def _ann_similar(unit: np.ndarray, threshold: float, count: int) -> tuple[Pairs, Pairs]:
     """similar_pairs from each image's _ANN_WANTED nearest in an HNSW graph over the embeddings projected on
-    their principal axes, re-ranked by their exact cosine: its `count` first, and all those at least
-    `threshold` alike (asked again for 4x as many while every one returned is)."""
+    their principal axes, re-ranked by their exact cosine: its `count` first, and those at least `threshold`
+    alike (asked again for 4x as many while every one returned is, up to _ALIKE_MOST: enough to chain a
+    clump of alike images into one group, not all its pairs)."""
     n = len(unit)
     axes = _principal_axes(unit, _ANN_AXES)
 
@@ -220,9 +225,9 @@ def _ann_similar(unit: np.ndarray, threshold: float, count: int) -> tuple[Pairs,
             hit = sims >= threshold
             alike.append(Pairs.of(np.broadcast_to(ids[:, None], hit.shape)[hit], cols[hit], sims[hit]))
             full = hit.sum(axis=1) >= wanted - 1  # every other image returned is alike: there may be more
-            if wanted >= n or not full.any():
+            if wanted >= min(n, _ALIKE_MOST) or not full.any():
                 break
-            ids, queries, wanted = ids[full], queries[full], min(n, 4 * wanted)
+            ids, queries, wanted = ids[full], queries[full], min(n, _ALIKE_MOST, 4 * wanted)
             sims, cols = _reranked(index, unit, ids, queries, project(queries), wanted)
         return alike, nearest
 
