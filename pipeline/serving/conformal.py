@@ -84,7 +84,13 @@ def calibrate(
     if method not in METHODS:
         raise PipelineError(f"conformal method {method!r}: use one of {', '.join(METHODS)}")
     labels = np.asarray(labels)
-    true = class_scores(probs, method, k_reg, lam)[np.arange(len(labels)), labels]
+    true = np.concatenate(
+        [
+            class_scores(probs[a:b], method, k_reg, lam)[np.arange(b - a), labels[a:b]]
+            for a, b in _blocks(len(labels))
+        ]
+        or [np.empty(0)]
+    )
     rank = math.ceil((len(labels) + 1) * (1.0 - alpha))
     threshold = math.inf if rank > len(labels) else float(np.sort(true)[rank - 1])
     return Conformal(method, float(alpha), threshold, len(labels), int(k_reg), float(lam))
@@ -92,7 +98,20 @@ def calibrate(
 
 def prediction_sets(probs: np.ndarray, conformal: Conformal) -> np.ndarray:
     """(N, K) probabilities -> (N, K) bool: class k is in image n's set."""
-    return class_scores(probs, conformal.method, conformal.k_reg, conformal.lam) <= conformal.threshold
+    sets = np.empty(np.shape(probs), dtype=bool)
+    for a, b in _blocks(len(sets)):
+        scores = class_scores(probs[a:b], conformal.method, conformal.k_reg, conformal.lam)
+        sets[a:b] = scores <= conformal.threshold
+    return sets
+
+
+def _blocks(n: int) -> list[tuple[int, int]]:
+    """Rows scored at a time: class_scores makes five (rows, K) float64 arrays, which for all 295,000 test
+    images of a million-image set of 1,000 classes were 12 GB (evaluate was killed at 19 GB of RSS)."""
+    return [(start, min(start + _ROWS, n)) for start in range(0, n, _ROWS)]
+
+
+_ROWS = 4096
 
 
 def set_figures(sets: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict[str, Any]:
