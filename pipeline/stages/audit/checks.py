@@ -237,27 +237,36 @@ def _ann_similar(unit: np.ndarray, threshold: float, count: int) -> tuple[Pairs,
 
 
 def _in_threads(n: int, desc: str, work: Callable[[int, int], Any]) -> list[Any]:
-    """[work(start, stop) for each _ANN_BLOCK of `n` images], on a thread per core, faiss and BLAS on one
-    thread in each (both release the GIL; a graph answers concurrent searches), progress logged. Searching
-    a million images' graph a block at a time on faiss's own threads left a core idle while numpy re-ranked.
-    """
+    """[work(start, stop) for each _ANN_BLOCK of `n` images] `_on_threads`, faiss on one thread in each (it
+    releases the GIL; a graph answers concurrent searches). Searching a million images' graph a block at a
+    time on faiss's own threads left a core idle while numpy re-ranked."""
     import faiss
-    from threadpoolctl import threadpool_limits
 
     spans, threads = _spans(n, _ANN_BLOCK), faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
-        with (
-            threadpool_limits(limits=1, user_api="blas"),
-            ThreadPoolExecutor(os.cpu_count() or 1) as pool,
-            progress(desc, n, "img") as bar,
-        ):
-            results = []
-            for (start, stop), result in zip(spans, pool.map(lambda span: work(*span), spans), strict=True):
-                results.append(result)
-                bar.update(stop - start)
+        return _on_threads(spans, [stop - start for start, stop in spans], desc, lambda span: work(*span))
     finally:
         faiss.omp_set_num_threads(threads)
+
+
+def _on_threads(
+    tasks: Sequence[Any], sizes: Sequence[int], desc: str, work: Callable[[Any], Any]
+) -> list[Any]:
+    """[work(task) for task in tasks] on a thread per core, BLAS on one thread in each (numpy's products
+    release the GIL; OpenBLAS's own threads on small products waited on each other); progress logged by the
+    tasks' `sizes` (images)."""
+    from threadpoolctl import threadpool_limits
+
+    with (
+        threadpool_limits(limits=1, user_api="blas"),
+        ThreadPoolExecutor(os.cpu_count() or 1) as pool,
+        progress(desc, int(sum(sizes)), "img") as bar,
+    ):
+        results = []
+        for size, result in zip(sizes, pool.map(work, tasks), strict=True):
+            results.append(result)
+            bar.update(size)
     return results
 
 
@@ -443,8 +452,6 @@ def aligned_correlation(
     each other). Thumbnails are batched by how many others they are paired with, so a thumbnail paired with
     hundreds (a plain background is many images' nearest) does not pad the others' templates. One thumbnail
     at a time, with PIL resizing each, ran at 750 thumbnails/s at half side on 2 cores (100,000 images)."""
-    from threadpoolctl import threadpool_limits
-
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     big, small = np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])
     order = np.argsort(big, kind="stable")
@@ -460,7 +467,7 @@ def aligned_correlation(
         release(thumbs)
         return grey.reshape(len(ids), size, 2, size, 2).mean(axis=(2, 4)) if halved else grey
 
-    def score(task: np.ndarray) -> int:
+    def score(task: np.ndarray) -> None:
         counts = stops[task] - starts[task]
         rows, norms = _windows(gather(big[order[starts[task]]]))
         wanted = np.zeros((len(task), int(counts.max()) * 2, size * size), dtype=np.float32)
@@ -474,17 +481,14 @@ def aligned_correlation(
         wanted[owner, 2 * slots + 1] = standardised[:, 1]
         best = (np.matmul(rows, wanted.transpose(0, 2, 1)) / norms[:, :, None]).max(axis=1)  # (B, 2T)
         scores[partners] = best.reshape(len(task), -1, 2).max(axis=2)[owner, slots]
-        return len(task)
 
     tasks = _pixel_tasks(stops - starts, by_count, _window_count(size) * row_bytes, row_bytes)
-    desc = f"audit pixel check ({'half' if halved else 'full'} side)"
-    with (
-        threadpool_limits(limits=1, user_api="blas"),
-        ThreadPoolExecutor(os.cpu_count() or 1) as pool,
-        progress(desc, len(starts), "img") as bar,
-    ):
-        for done in pool.map(score, tasks):
-            bar.update(done)
+    _on_threads(
+        tasks,
+        [len(task) for task in tasks],
+        f"audit pixel check ({'half' if halved else 'full'} side)",
+        score,
+    )
     return np.maximum(scores[: len(pairs)], scores[len(pairs) :])
 
 
