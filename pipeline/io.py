@@ -63,6 +63,21 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def scratch_dir(target: Path | str) -> Iterator[Path]:
+    """Yield an empty temp folder named for `target` in its parent, for files a stage needs only while it
+    runs (arrays too large for memory), removed on exit; a killed run's is removed by the next
+    (`_remove_dead_temps`)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temps(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), dir=target.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def _full_disk_names(target: Path, tmp: Path) -> Iterator[None]:
     """A full disk met while writing `tmp` is reported as writing `target`: a write() names no file, and the
     temp name means nothing to the user."""

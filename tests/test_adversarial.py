@@ -286,6 +286,45 @@ def test_temps_of_a_killed_writer_are_removed_by_the_next_write_and_a_live_write
     assert sorted(p.name for p in folder.parent.iterdir()) == [legacy.name, "model.pt", "onnx"]
 
 
+_SCRATCH_USER = """
+import sys, time
+from pipeline.io import scratch_dir
+with scratch_dir(sys.argv[1]) as folder:
+    (folder / "logits.npy").write_bytes(bytes(1000))
+    print(folder, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_scratch_folder_goes_when_its_run_ends_and_a_killed_runs_with_the_next(tmp_path):
+    """evaluate's memory-mapped outputs (2.7 GB at a million images) live in a scratch folder: gone when the
+    stage ends, even by an error; a SIGKILL'd run's is removed by the next run, a live one's is not."""
+    from pipeline.io import scratch_dir
+
+    target = tmp_path / "cache" / "evaluate"
+    with pytest.raises(RuntimeError), scratch_dir(target) as folder:
+        (folder / "logits.npy").write_bytes(b"x")
+        raise RuntimeError("the stage failed")
+    assert not folder.exists()
+    user = subprocess.Popen(
+        [sys.executable, "-c", _SCRATCH_USER, str(target)],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        killed = Path(user.stdout.readline().strip())
+        with scratch_dir(target) as folder:
+            assert killed.is_dir(), "a live run's scratch folder was removed"
+    finally:
+        user.kill()
+        user.wait()
+    with scratch_dir(target) as folder:
+        assert not killed.exists(), "the killed run's scratch folder was left behind"
+        assert folder.is_dir() and folder.parent == target.parent
+    assert list(target.parent.iterdir()) == []
+
+
 # --- a tampered export folder -------------------------------------------------------------------------------
 
 CLASSES = ["cat", "dog", "fox"]

@@ -87,3 +87,25 @@ def test_underconfident_logits_get_a_temperature_below_one():
 def test_fit_is_deterministic():
     logits, labels = _synthetic(scale=2.0, n=500, seed=4)
     assert fit_temperature(logits, labels) == fit_temperature(logits, labels)
+
+
+def test_nll_reads_a_memory_mapped_split_a_block_at_a_time(tmp_path, monkeypatch):
+    """evaluate's val logits are a memory-mapped file (600 MB at a million images of 1,000 classes), read some
+    40 times by the temperature search: never converted whole to float64; memory bounded by the block."""
+    import tracemalloc
+
+    from pipeline import calibration
+
+    monkeypatch.setattr(calibration, "_ROWS", 512)
+    rng = np.random.default_rng(0)
+    logits = np.lib.format.open_memmap(tmp_path / "logits.npy", "w+", np.float32, (20_000, 500))
+    logits[:] = rng.normal(0, 3, size=logits.shape)
+    labels = rng.integers(0, 500, size=20_000)
+    whole = np.asarray(logits, dtype=np.float64)  # the reference, all rows at once
+    tracemalloc.start()
+    blocked = nll(logits, labels, 1.7)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    reference = -np.mean(np.log(softmax(whole, 1.7))[np.arange(20_000), labels])
+    assert blocked == pytest.approx(reference, rel=1e-12)
+    assert peak < whole.nbytes / 2, peak / 2**20  # the whole float64 copy alone was 80 MB

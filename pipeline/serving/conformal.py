@@ -81,19 +81,32 @@ def calibrate(
 
     Args: probs (n, K) calibrated probabilities of the val split, labels (n,) class indices.
     """
+    return from_true_scores(true_scores(probs, labels, method, k_reg, lam), method, alpha, k_reg, lam)
+
+
+def true_scores(
+    probs: np.ndarray, labels: np.ndarray, method: str, k_reg: int = 0, lam: float = 0.0
+) -> np.ndarray:
+    """(n,) nonconformity of each image's true class, `labels` (n,), from its (n, K) probabilities."""
     if method not in METHODS:
         raise PipelineError(f"conformal method {method!r}: use one of {', '.join(METHODS)}")
     labels = np.asarray(labels)
-    true = np.concatenate(
+    return np.concatenate(
         [
             class_scores(probs[a:b], method, k_reg, lam)[np.arange(b - a), labels[a:b]]
             for a, b in _blocks(len(labels))
         ]
         or [np.empty(0)]
     )
-    rank = math.ceil((len(labels) + 1) * (1.0 - alpha))
-    threshold = math.inf if rank > len(labels) else float(np.sort(true)[rank - 1])
-    return Conformal(method, float(alpha), threshold, len(labels), int(k_reg), float(lam))
+
+
+def from_true_scores(
+    true: np.ndarray, method: str, alpha: float, k_reg: int = 0, lam: float = 0.0
+) -> Conformal:
+    """The calibrated predictor of the (n,) true-class scores of n calibration images (`true_scores`)."""
+    rank = math.ceil((len(true) + 1) * (1.0 - alpha))
+    threshold = math.inf if rank > len(true) else float(np.sort(true)[rank - 1])
+    return Conformal(method, float(alpha), threshold, len(true), int(k_reg), float(lam))
 
 
 def prediction_sets(probs: np.ndarray, conformal: Conformal) -> np.ndarray:
@@ -115,14 +128,21 @@ _ROWS = 4096
 
 
 def set_figures(sets: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict[str, Any]:
-    """What the sets achieve on labelled images: coverage overall, per class (the worst named) and by set
-    size; mean and median size; shares of singleton and empty sets."""
+    """What the (N, K) bool sets achieve on labelled images (`figures_of` their rows' coverage and sizes)."""
     labels = np.asarray(labels)
-    covered = sets[np.arange(len(labels)), labels]
-    sizes = sets.sum(axis=1)
-    per_class = {
-        name: float(covered[labels == k].mean()) for k, name in enumerate(class_names) if np.any(labels == k)
-    }
+    return figures_of(sets[np.arange(len(labels)), labels], sets.sum(axis=1), labels, class_names)
+
+
+def figures_of(
+    covered: np.ndarray, sizes: np.ndarray, labels: np.ndarray, class_names: list[str]
+) -> dict[str, Any]:
+    """Coverage overall, per class (the worst named) and by set size; mean and median size; shares of
+    singleton and empty sets; from each image's (N,) `covered` (its true class is in its set) and set
+    `sizes`."""
+    labels = np.asarray(labels)
+    images = np.bincount(labels, minlength=len(class_names))
+    hits = np.bincount(labels, weights=covered, minlength=len(class_names))
+    per_class = {name: float(hits[k] / images[k]) for k, name in enumerate(class_names) if images[k]}
     worst = min(per_class, key=per_class.get) if per_class else None
     return {
         "coverage": float(covered.mean()),

@@ -15,6 +15,7 @@ The threshold is fitted on the val split so that a share `tpr` of in-distributio
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,10 @@ class Detector:
         if features is None or self._index is None:
             raise PipelineError("the knn detector needs the model's features and the train feature bank")
         return self._index.scores(features, self.k)
+
+    def fitted(self, val_scores: np.ndarray) -> Detector:
+        """This detector with the threshold that keeps a share `tpr` of the val images' (n,) `scores`."""
+        return dataclasses.replace(self, threshold=threshold_at_tpr(val_scores, self.tpr))
 
     def unknown(self, scores: np.ndarray) -> np.ndarray:
         """(N,) bool: the image is unlike the training data."""
@@ -183,12 +188,17 @@ def fit(
     (M, C) of the train split (the knn bank, stored as float16 in the export, searched on its `dims`
     principal axes).
     """
+    detector = unfitted(kind, train_features, tpr, k, dims)
+    return detector.fitted(detector.scores(val[0], val[1], temperature))
+
+
+def unfitted(kind: str, train_features: np.ndarray, tpr: float, k: int, dims: int = 0) -> Detector:
+    """`fit`'s detector before its threshold (0.0 until `Detector.fitted`), for val scores computed a block of
+    rows at a time."""
     if kind not in DETECTORS:
         raise PipelineError(f"unknown-input detector {kind!r}: use one of {', '.join(DETECTORS)}")
     bank = normalize(train_features).astype(np.float16) if kind == "knn" else None
-    dims = dims if kind == "knn" else 0
-    scores = Detector(kind, 0.0, tpr, k, bank, dims).scores(val[0], val[1], temperature)
-    return Detector(kind, threshold_at_tpr(scores, tpr), tpr, k, bank, dims)
+    return Detector(kind, 0.0, tpr, k, bank, dims if kind == "knn" else 0)
 
 
 def threshold_at_tpr(scores: np.ndarray, tpr: float) -> float:

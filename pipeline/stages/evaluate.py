@@ -7,6 +7,11 @@ The model runs in fp32 on the train stage's device when the machine has a GPU (T
 Trust: the val split also calibrates the conformal prediction sets (`pipeline.serving.conformal`) and the
 unknown-input threshold (`pipeline.serving.unknown`, its kNN bank drawn from the train split); the test split,
 untouched by both, measures their coverage and how many in-distribution images they mark unknown.
+
+Memory: the logits and features of each split go to memory-mapped files in a scratch folder under
+`paths.cache_dir` (removed when the stage ends) and every figure is computed a block of rows at a time, so
+what stays in memory is a few figures per test image (and their probabilities up to PROB_COLUMNS_MAX
+classes).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,15 +28,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from numpy.lib.format import open_memmap
 from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
-from pipeline.calibration import fit_temperature, log_loss, reliability, softmax
+from pipeline.calibration import Reliability, fit_temperature, log_loss_of, reliability_of, softmax
 from pipeline.config import EvaluateParams, Params, PathsParams
 from pipeline.data.sampling import stratified_sample
+from pipeline.data.shards import release
 from pipeline.data.splits import read_splits_table
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_dir, write_bytes, write_json, write_text
+from pipeline.io import atomic_dir, scratch_dir, write_bytes, write_json, write_text
 from pipeline.models import TrainedModel, load_trained
 from pipeline.pages import report
 from pipeline.preprocess import open_rgb, preprocess_file
@@ -74,29 +83,57 @@ _TRUST_DETAILS = ("conformal", "unknown")  # details keys the report shows in it
 
 
 @dataclass(frozen=True)
-class _Scores:
-    """Test-split scores: probabilities averaged over the TTA views, before and after temperature scaling."""
-
-    probs: np.ndarray  # (N, K)
-    probs_calibrated: np.ndarray  # (N, K)
-
-
-@dataclass(frozen=True)
 class _Outputs:
-    """The model's outputs on one split: logits per view and the first view's penultimate features."""
+    """The model's outputs on one split, memory-mapped in the stage's scratch folder: logits per view and the
+    first view's pooled backbone features, which the head maps to logits (the test split's are 2.7 GB at a
+    million images of 1,000 classes)."""
 
-    logits: np.ndarray  # (V, N, K)
-    features: np.ndarray  # (N, C): the pooled backbone features the head reads
+    logits: np.ndarray  # (V, N, K) float32
+    features: np.ndarray  # (N, C) float32
+
+    def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(V, b, K) logits and (b, C) features of rows start:stop, in memory; the mapped pages let go."""
+        logits, features = np.array(self.logits[:, start:stop]), np.array(self.features[start:stop])
+        release(self.logits, self.features)
+        return logits, features
 
 
 @dataclass(frozen=True)
 class _Trust:
-    """The val-calibrated conformal predictor and unknown-input detector, and what they do on test."""
+    """The val-calibrated conformal predictor and unknown-input detector."""
 
     conformal: conformal.Conformal
     detector: unknown.Detector
-    sets: np.ndarray  # (N, K) bool, test
-    unknown_scores: np.ndarray  # (N,), test
+
+
+@dataclass(frozen=True)
+class _Scores:
+    """What the metrics, predictions, plots and trust figures read of each test image, computed a block of
+    rows at a time (`_score`): never the (N, K) probabilities, 2.4 GB a copy at a million images of 1,000
+    classes. `probs` are the softmax probabilities averaged over the TTA views; `calibrated` the same after
+    temperature scaling."""
+
+    pred: np.ndarray  # (N,) argmax of probs
+    confidence: np.ndarray  # (N,) probs[pred]
+    confidence_calibrated: np.ndarray  # (N,) calibrated[pred]: what predict reports
+    calibrated_top: np.ndarray  # (N,) max of calibrated, and its argmax (ECE after scaling)
+    calibrated_pred: np.ndarray
+    true_prob: np.ndarray  # (N,) probs[label], calibrated[label]
+    true_prob_calibrated: np.ndarray
+    true_rank: np.ndarray  # (N,) classes more probable than the true one
+    probs: np.ndarray  # (N, K) up to PROB_COLUMNS_MAX classes, else (N, 0)
+    top: np.ndarray  # (N, min(K, TOP_SHOWN)) the most probable classes, most probable first
+    top_probs: np.ndarray  # (N, min(K, TOP_SHOWN)) their probs
+    covered: np.ndarray  # (N,) bool: the true class is in the conformal set
+    set_size: np.ndarray  # (N,)
+    unknown_scores: np.ndarray  # (N,) in-distribution score of the unknown-input detector
+
+    def reliability(self, labels: np.ndarray, bins: int) -> tuple[Reliability, Reliability]:
+        """Confidence bins before and after temperature scaling."""
+        return (
+            reliability_of(self.confidence, self.pred == labels, bins),
+            reliability_of(self.calibrated_top, self.calibrated_pred == labels, bins),
+        )
 
 
 def run(params: Params) -> dict:
@@ -112,26 +149,27 @@ def run(params: Params) -> dict:
     configure_backends(device, tf32=False)
     trained.model.float().to(device).eval()
 
-    val_out = _outputs(trained, paths.data_root, val["path"], cfg.batch_size, False, "evaluate val")
-    fit = fit_temperature(val_out.logits[0], y_val)
-    test_out = _outputs(trained, paths.data_root, test["path"], cfg.batch_size, cfg.tta, "evaluate test")
-    test_views = test_out.logits
-    scores = _Scores(
-        probs=np.mean([softmax(v) for v in test_views], axis=0),
-        probs_calibrated=np.mean([softmax(v, fit.temperature) for v in test_views], axis=0),
-    )
-    bank_files = _bank_files(splits, paths.splits, index, cfg, params.base.seed)
-    trust = _fit_trust(trained, paths.data_root, cfg, (val_out, y_val), test_out, bank_files, fit.temperature)
+    with scratch_dir(paths.cache_dir / "evaluate") as scratch:
+        val_out = _outputs(trained, paths.data_root, val["path"], cfg, False, scratch / "val", "evaluate val")
+        fit = fit_temperature(val_out.logits[0], y_val)
+        bank_files = _bank_files(splits, paths.splits, index, cfg, params.base.seed)
+        trust = _fit_trust(
+            trained, paths.data_root, cfg, val_out, y_val, bank_files, fit.temperature, scratch
+        )
+        test_out = _outputs(
+            trained, paths.data_root, test["path"], cfg, cfg.tta, scratch / "test", "evaluate test"
+        )
+        scores = _score(test_out, y_test, fit.temperature, trust, len(class_names))
+        width = test_out.features.shape[1]
 
-    pred = scores.probs.argmax(axis=1)
-    predictions = _predictions_frame(test, scores, pred, class_names)
-    metrics, details = _figures(y_test, pred, scores, class_names, cfg.top_k, cfg.calibration_bins)
+    predictions = _predictions_frame(test, scores, class_names)
+    metrics, details = _figures(y_test, scores, class_names, cfg.top_k, cfg.calibration_bins)
     details["temperature"] = fit.temperature
-    _trust_figures(trust, y_test, pred, class_names, metrics, details)
+    _trust_figures(trust, scores, y_test, class_names, metrics, details)
 
     _write_report_folder(paths, cfg, trained, splits, predictions, metrics, details, scores, y_test)
     write_text(paths.predictions, predictions.to_csv(index=False))
-    write_bytes(paths.feature_bank, _npy(_bank(trust.detector, val_out.features.shape[1])))
+    write_bytes(paths.feature_bank, _npy(_bank(trust.detector, width)))
     write_json(
         paths.calibration,
         {
@@ -177,28 +215,72 @@ def _read_splits(path: Path, class_names: list[str], model_path: Path) -> pd.Dat
 
 
 def _outputs(
-    trained: TrainedModel, data_root: Path, files: pd.Series, batch_size: int, tta: bool, desc: str
+    trained: TrainedModel,
+    data_root: Path,
+    files: pd.Series,
+    cfg: EvaluateParams,
+    tta: bool,
+    folder: Path,
+    desc: str,
 ) -> _Outputs:
     """fp32 logits (V, N, K) of the model (in eval mode, on its device), V = 2 with TTA (the image and its
     horizontal flip), else 1; and the unflipped images' pooled features (N, C), which the head maps to logits
-    and the ONNX export outputs next to them."""
+    and the ONNX export outputs next to them. Written batch by batch to .npy files in `folder`, memory-mapped.
+    """
     model = trained.model
     device = next(model.parameters()).device
-    views: list[list[np.ndarray]] = [[] for _ in range(2 if tta else 1)]
-    features: list[np.ndarray] = []
     files = list(files)
+    folder.mkdir(parents=True, exist_ok=True)
+    logits = features = np.zeros((0, 0))  # allocated at the first batch, when their widths are known
     with torch.inference_mode(), progress(desc, len(files), "img") as bar:
-        for start in range(0, len(files), batch_size):
-            chunk = files[start : start + batch_size]
-            images = np.stack([_load(data_root, f, trained.data_config) for f in chunk])
+        for start, images in _decoded(data_root, files, cfg.batch_size, trained.data_config):
+            rows = slice(start, start + len(images))
             batch = torch.from_numpy(images).to(device)
             pooled = model.forward_features(batch)
-            features.append(pooled.cpu().numpy())
-            views[0].append(model.head(pooled).cpu().numpy())
+            head = model.head(pooled)
+            if start == 0:
+                shape = (2 if tta else 1, len(files), head.shape[1])
+                logits = open_memmap(folder / "logits.npy", "w+", np.float32, shape)
+                features = open_memmap(
+                    folder / "features.npy", "w+", np.float32, (len(files), pooled.shape[1])
+                )
+            features[rows] = pooled.cpu().numpy()
+            logits[0, rows] = head.cpu().numpy()
             if tta:
-                views[1].append(model(torch.flip(batch, dims=[3])).cpu().numpy())  # (B, C, H, W): flip W
-            bar.update(len(chunk))
-    return _Outputs(np.stack([np.concatenate(v) for v in views]), np.concatenate(features))
+                logits[1, rows] = model(torch.flip(batch, dims=[3])).cpu().numpy()  # (B, C, H, W): flip W
+            release(logits, features)
+            bar.update(len(images))
+    return _Outputs(logits, features)
+
+
+def _decoded(
+    data_root: Path, files: list[str], batch_size: int, data_config: dict
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, (B, 3, H, W) float32 batch) of `files` preprocessed as predict does, the next batch
+    decoded on a thread while the model runs on this one (Pillow and numpy let go of the GIL): the scale
+    benchmark's 32 px PNGs, one torch thread, 2-core Xeon: 530 -> 642 img/s."""
+
+    def load(start: int) -> np.ndarray:
+        return np.stack([_load(data_root, f, data_config) for f in files[start : start + batch_size]])
+
+    starts = range(0, len(files), batch_size)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, starts[0]) if starts else None
+        for i, start in enumerate(starts):
+            images = pending.result()
+            if i + 1 < len(starts):
+                pending = pool.submit(load, starts[i + 1])
+            yield start, images
+
+
+def _blocks(n: int) -> Iterator[tuple[int, int]]:
+    """The row ranges of the passes over a split's outputs: a block of (_ROWS, K) float64 probabilities and
+    their temporaries at a time."""
+    for start in range(0, n, _ROWS):
+        yield start, min(start + _ROWS, n)
+
+
+_ROWS = 4096
 
 
 def _bank_files(
@@ -218,38 +300,79 @@ def _fit_trust(
     trained: TrainedModel,
     data_root: Path,
     cfg: EvaluateParams,
-    val: tuple[_Outputs, np.ndarray],
-    test: _Outputs,
+    val: _Outputs,
+    y_val: np.ndarray,
     bank_files: pd.Series,
     temperature: float,
+    scratch: Path,
 ) -> _Trust:
-    """Conformal threshold and unknown-input threshold from val (after temperature scaling), applied to the
-    unflipped test images, the ones predict sees."""
-    (val_out, y_val), c, u = val, cfg.conformal, cfg.unknown
-    val_probs = softmax(val_out.logits[0], temperature)
-    calibrated = conformal.calibrate(val_probs, y_val, c.method, c.alpha, c.raps_k_reg, c.raps_lambda)
-    bank = np.zeros((0, val_out.features.shape[1]), dtype=np.float32)
+    """Conformal threshold and unknown-input threshold from the unflipped val images (after temperature
+    scaling), in one pass over blocks of rows."""
+    c, u = cfg.conformal, cfg.unknown
+    bank = np.zeros((0, val.features.shape[1]), dtype=np.float32)
     if len(bank_files):
-        bank = _outputs(trained, data_root, bank_files, cfg.batch_size, False, "evaluate train bank").features
-    detector = unknown.fit(
-        u.detector, (val_out.logits[0], val_out.features), bank, temperature, u.tpr, u.knn_k, u.knn_dims
-    )
+        bank_out = _outputs(
+            trained, data_root, bank_files, cfg, False, scratch / "bank", "evaluate train bank"
+        )
+        bank = np.array(bank_out.features)
+    detector = unknown.unfitted(u.detector, bank, u.tpr, u.knn_k, u.knn_dims)
+    true_scores, unknown_scores = [], []
+    for start, stop in _blocks(len(y_val)):
+        logits, features = val.rows(start, stop)
+        probs = softmax(logits[0], temperature)
+        true_scores.append(
+            conformal.true_scores(probs, y_val[start:stop], c.method, c.raps_k_reg, c.raps_lambda)
+        )
+        unknown_scores.append(detector.scores(logits[0], features, temperature))
     return _Trust(
-        conformal=calibrated,
-        detector=detector,
-        sets=conformal.prediction_sets(softmax(test.logits[0], temperature), calibrated),
-        unknown_scores=detector.scores(test.logits[0], test.features, temperature),
+        conformal=conformal.from_true_scores(
+            np.concatenate(true_scores), c.method, c.alpha, c.raps_k_reg, c.raps_lambda
+        ),
+        detector=detector.fitted(np.concatenate(unknown_scores)),
     )
+
+
+def _score(test: _Outputs, y: np.ndarray, temperature: float, trust: _Trust, classes: int) -> _Scores:
+    """Each test image's `_Scores`, a block of rows at a time; the conformal sets and unknown scores of the
+    unflipped images, the ones predict sees."""
+    parts: list[dict[str, np.ndarray]] = []
+    for start, stop in _blocks(len(y)):
+        views, features = test.rows(start, stop)
+        labels, rows = y[start:stop], np.arange(stop - start)
+        probs = sum(softmax(v) for v in views) / len(views)
+        calibrated = sum(softmax(v, temperature) for v in views) / len(views)
+        pred, calibrated_pred = probs.argmax(axis=1), calibrated.argmax(axis=1)
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :TOP_SHOWN].copy()  # not a view of all K
+        sets = conformal.prediction_sets(softmax(views[0], temperature), trust.conformal)
+        parts.append(
+            {
+                "pred": pred,
+                "confidence": probs[rows, pred],
+                "confidence_calibrated": calibrated[rows, pred],
+                "calibrated_top": calibrated[rows, calibrated_pred],
+                "calibrated_pred": calibrated_pred,
+                "true_prob": probs[rows, labels],
+                "true_prob_calibrated": calibrated[rows, labels],
+                "true_rank": true_rank(probs, labels),
+                "probs": probs if classes <= PROB_COLUMNS_MAX else np.empty((len(probs), 0)),
+                "top": top,
+                "top_probs": np.take_along_axis(probs, top, axis=1),
+                "covered": sets[rows, labels],
+                "set_size": sets.sum(axis=1),
+                "unknown_scores": trust.detector.scores(views[0], features, temperature),
+            }
+        )
+    return _Scores(**{name: np.concatenate([part[name] for part in parts]) for name in parts[0]})
 
 
 def _trust_figures(
-    trust: _Trust, y: np.ndarray, pred: np.ndarray, class_names: list[str], metrics: dict, details: dict
+    trust: _Trust, scores: _Scores, y: np.ndarray, class_names: list[str], metrics: dict, details: dict
 ) -> None:
     """Add the test split's coverage, set sizes and unknown rate: headline scalars to `metrics`, the rest
     (per class, by set size) to `details`."""
-    sets = conformal.set_figures(trust.sets, y, class_names)
-    flagged = trust.detector.unknown(trust.unknown_scores)
-    correct = pred == y
+    sets = conformal.figures_of(scores.covered, scores.set_size, y, class_names)
+    flagged = trust.detector.unknown(scores.unknown_scores)
+    correct = scores.pred == y
     metrics.update(
         coverage=sets["coverage"],
         set_size_mean=sets["set_size_mean"],
@@ -288,33 +411,29 @@ def _load(data_root: Path, relative: str, data_config: dict) -> np.ndarray:
         ) from None
 
 
-def _predictions_frame(
-    test: pd.DataFrame, scores: _Scores, pred: np.ndarray, class_names: list[str]
-) -> pd.DataFrame:
+def _predictions_frame(test: pd.DataFrame, scores: _Scores, class_names: list[str]) -> pd.DataFrame:
     """One row per test image. `confidence` and prob_* are raw softmax; `confidence_calibrated` is the
     predicted class's probability after temperature scaling, the figure `predict` reports. A prob_<class>
     column per class up to PROB_COLUMNS_MAX classes; above, the TOP_SHOWN most probable as top<k>_label and
     top<k>_prob (a thousand classes of 150,000 test images: 150 million figures, 1.5 GB of CSV)."""
-    rows = np.arange(len(pred))
+    names = np.asarray(class_names, dtype=object)
     frame = pd.DataFrame(
         {
             "path": test["path"],
             "label": test["label"],
-            "pred": [class_names[i] for i in pred],
-            "confidence": scores.probs[rows, pred],
+            "pred": names[scores.pred],
+            "confidence": scores.confidence,
         }
     )
     frame["correct"] = frame["label"] == frame["pred"]
-    frame["confidence_calibrated"] = scores.probs_calibrated[rows, pred]
+    frame["confidence_calibrated"] = scores.confidence_calibrated
     if len(class_names) <= PROB_COLUMNS_MAX:
         columns = {f"prob_{name}": scores.probs[:, k] for k, name in enumerate(class_names)}
     else:
-        top = np.argsort(-scores.probs, axis=1, kind="stable")[:, :TOP_SHOWN]
-        names = np.asarray(class_names, dtype=object)
         columns = {}
-        for k in range(TOP_SHOWN):
-            columns[f"top{k + 1}_label"] = names[top[:, k]]
-            columns[f"top{k + 1}_prob"] = scores.probs[rows, top[:, k]]
+        for k in range(scores.top.shape[1]):
+            columns[f"top{k + 1}_label"] = names[scores.top[:, k]]
+            columns[f"top{k + 1}_prob"] = scores.top_probs[:, k]
     return pd.concat([frame, pd.DataFrame(columns, index=frame.index)], axis=1)
 
 
@@ -324,32 +443,37 @@ TOP_SHOWN = 5
 
 def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
     """Share of rows whose true class is among the k highest scores (ties count for the true class)."""
+    return float(np.mean(true_rank(probs, labels) < k))
+
+
+def true_rank(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(N,) how many classes score above each row's true class (0: top-1; a tie counts for the true class)."""
     true_score = probs[np.arange(len(labels)), labels]
-    rank = (probs > true_score[:, None]).sum(axis=1)
-    return float(np.mean(rank < k))
+    return (probs > true_score[:, None]).sum(axis=1)
 
 
 def _figures(
-    y: np.ndarray, pred: np.ndarray, scores: _Scores, class_names: list[str], top_k: int, bins: int
+    y: np.ndarray, scores: _Scores, class_names: list[str], top_k: int, bins: int
 ) -> tuple[dict, dict]:
     """(metrics, details): the headline scalars `dvc exp show` compares, and the rest, per class included."""
-    k = min(top_k, len(class_names))
+    k, pred = min(top_k, len(class_names)), scores.pred
+    before, after = scores.reliability(y, bins)
     labels = list(range(len(class_names)))
     precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     metrics = {
         "accuracy": float(accuracy_score(y, pred)),
         "balanced_accuracy": float(np.mean(recall[support > 0])),  # sklearn's definition, for all K labels
         "f1_macro": float(f1_score(y, pred, average="macro", zero_division=0)),
-        "top_k_accuracy": top_k_accuracy(scores.probs, y, k),
-        "log_loss": log_loss(scores.probs, y),
-        "ece_before": reliability(scores.probs, y, bins).ece,
-        "ece_after": reliability(scores.probs_calibrated, y, bins).ece,
+        "top_k_accuracy": float(np.mean(scores.true_rank < k)),
+        "log_loss": log_loss_of(scores.true_prob),
+        "ece_before": before.ece,
+        "ece_after": after.ece,
     }
     details = {
         "n_test": len(y),
         "top_k": k,
         "f1_weighted": float(f1_score(y, pred, average="weighted", zero_division=0)),
-        "log_loss_calibrated": log_loss(scores.probs_calibrated, y),
+        "log_loss_calibrated": log_loss_of(scores.true_prob_calibrated),
         "per_class": {
             name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
             for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=True)
@@ -424,7 +548,7 @@ def _plots(
     """The report's PNGs: confusion matrix, reliability before/after scaling (`bins` of confidence), per-class
     F1, mistakes (their images under `data_root`)."""
     matrix = np.zeros((len(class_names), len(class_names)), dtype=int)
-    np.add.at(matrix, (y_test, scores.probs.argmax(axis=1)), 1)
+    np.add.at(matrix, (y_test, scores.pred), 1)
     tiles = [
         report.Tile(
             _thumbnail(data_root / row.path),
@@ -432,7 +556,7 @@ def _plots(
         )
         for row in mistakes.itertuples(index=False)
     ]
-    before, after = (reliability(probs, y_test, bins) for probs in (scores.probs, scores.probs_calibrated))
+    before, after = scores.reliability(y_test, bins)
     return {
         "confusion_matrix": report.confusion_png(matrix, class_names),
         "reliability": report.reliability_png(before, after, details["temperature"]),
