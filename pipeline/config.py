@@ -466,7 +466,7 @@ class TrainParams(_Section):
     """
     batch_size: PositiveInt = 32
     """images per optimizer micro-step (per process under DDP)"""
-    eval_batch_size: PositiveInt | None = None  # None: 2 x batch_size on GPU, 16 on CPU
+    eval_batch_size: PositiveInt | None = None  # None: 2 x batch_size on GPU, 16 on CPU (features: >= 2 x)
     """batch of the validation pass; `null` = 2 x `batch_size` on GPU, 16 on CPU, where bigger batches run
     slower (fresh pages for every buffer over 32 MiB). The feature pass has its own, `features.batch_size`"""
     optimizer: Literal["adamw", "sgd"] = "adamw"

@@ -39,5 +39,18 @@ def test_feature_batches_are_float32_rows_of_the_memmaps_in_the_samplers_order(t
         assert x.dtype == torch.float32 and x.shape == (len(y), 4)
         torch.testing.assert_close(x, torch.from_numpy(train_rows[y.numpy()].astype(np.float32)))
     assert sorted(torch.cat([y for _, y in batches]).tolist()) == list(range(10))  # a permutation
-    val, count = data.val(on_features=True)
-    assert [y.tolist() for _, y in val] == [[0, 1], [2]] and count == 2
+    val, count = data.val(on_features=True)  # twice the train batch: [[0, 1], [2]] in the image loader's 2
+    assert [y.tolist() for _, y in val] == [[0, 1, 2]] and count == 1
+
+
+def test_feature_val_batches_are_twice_the_train_batch_or_the_val_loaders_if_larger(tmp_path):
+    rows = np.zeros((20, 4), np.float16)
+    features = (_memmap(tmp_path / "train.npy", rows), _memmap(tmp_path / "val.npy", rows))
+    labels = (torch.arange(20), torch.arange(20))
+    for train_batch, val_batch, expected in ((3, 2, [6, 6, 6, 2]), (3, 8, [8, 8, 4])):
+        loaders = (
+            DataLoader(range(20), train_batch, sampler=EpochSampler(labels[0].numpy(), seed=0)),
+            DataLoader(range(20), val_batch, sampler=EpochSampler(labels[1].numpy(), seed=0, shuffle=False)),
+        )
+        val, count = EpochData(*loaders, lambda: features, labels).val(on_features=True)
+        assert [len(y) for _, y in val] == expected and count == len(expected)
