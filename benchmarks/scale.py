@@ -61,6 +61,11 @@ _COMMON = {
     "model.image_size": 32,
     "train.strategy": "linear_probe",
     "train.epochs": 5,
+    # A linear probe's batch, lr scaled with it (32 and 1e-4 before): at 32 a head-only epoch of 1,000 classes
+    # stepped AdamW over 1.28 M weights every 32 images (3.9 ms a batch on a 2-core Xeon, bf16 autocast; 7.9
+    # ms for 256 images).
+    "train.batch_size": 256,
+    "train.lr": 8e-4,
     "train.checkpoint_every_s": 600,
     "audit.drift": False,
 }
