@@ -50,6 +50,7 @@ from pipeline.training.memory import keep_freed_memory
 from pipeline.training.precision import (
     Precision,
     configure_backends,
+    flush_denormals,
     resolve_device,
     resolve_precision,
     visible_gpus,
@@ -91,6 +92,7 @@ def run(params: Params) -> dict[str, Any]:
     if nproc > 1 and not distributed.under_launcher(os.environ):
         return _launch(params, nproc)
     keep_freed_memory()
+    flush_denormals()
     env, device = distributed.setup(tp.device, tp.dist_timeout_min)
     configure_backends(device, tf32=True)
     try:

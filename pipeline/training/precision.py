@@ -164,3 +164,13 @@ def configure_backends(device: torch.device, tf32: bool) -> dict[str, object]:
         torch.set_float32_matmul_precision(settings["matmul_precision"])
         torch.backends.cudnn.allow_tf32 = settings["cudnn_tf32"]
     return settings
+
+
+def flush_denormals() -> bool:
+    """Treat subnormal floats as zero on this CPU thread (x86's FTZ and DAZ; True where supported), and so on
+    every intra-op thread torch starts after it (a new thread inherits the mode): call it before torch's first
+    parallel operation. AdamW's squared gradients of a head's rarely-seen classes fall below float32's normal
+    range (1.2e-38), where the CPU takes a slow path per value: a million images of 1,000 classes, fused
+    AdamW's step on the 1.28 M head weights took 4.7 ms instead of 1 ms. Their size at flushing is below
+    anything an update can show."""
+    return torch.set_flush_denormal(True)

@@ -4,9 +4,12 @@ they are given (spec, compute capability, ranks, GPU count), so they are tested 
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
+from helpers import PROJECT_ROOT
 
 from pipeline.data.loader import resolve_eval_batch_size, resolve_workers
 from pipeline.errors import PipelineError
@@ -159,3 +162,16 @@ def test_configure_backends_sets_torchs_switches_for_a_cuda_device(tf32):
     assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")
     assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
     assert torch.backends.cuda.matmul.fp32_precision == ("tf32" if tf32 else "ieee")
+
+
+def test_flush_denormals_reaches_the_intra_op_threads_started_after_it():
+    """A head's AdamW step on subnormal squared gradients took 4.7 ms instead of 1 ms: flushed, they are 0 on
+    the calling thread and on torch's 2 intra-op threads (a new process: its threads start after the call)."""
+    code = (
+        "import torch; from pipeline.training.precision import flush_denormals; "
+        "print(flush_denormals()); torch.set_num_threads(2); "
+        "x = torch.full((1_000_000,), 1e-39) * 1.0; print(int((x == 0).sum()))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    supported, zeros = done.stdout.split()
+    assert supported == "True" and int(zeros) == 1_000_000, done.stderr  # unflushed: 1e-39 * 1.0 is 1e-39
