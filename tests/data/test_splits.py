@@ -45,7 +45,7 @@ def test_classes_named_like_missing_values_survive_every_reader(na_splits, tmp_p
 
     splits = read_splits(na_splits, tmp_path)  # the train stage's reader
     assert splits.class_names == NA_LIKE
-    assert [p.parent.name for p in splits.train.paths] == ["null", "null", "None", "None", "NA", "NA"]
+    assert [Path(p).parent.name for p in splits.train.paths] == ["null", "null", "None", "None", "NA", "NA"]
     assert splits.train.labels.tolist() == [2, 2, 1, 1, 0, 0] and splits.val.labels.tolist() == [
         2,
         2,
