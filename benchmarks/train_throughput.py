@@ -187,10 +187,10 @@ def _model(params: Params, classes: int, device: torch.device) -> nn.Module:
     return model.to(memory_format=torch.channels_last) if params.train.channels_last else model
 
 
-def _image_folder(root: Path, paths: list[Path], labels, class_names: list[str]) -> Path:
+def _image_folder(root: Path, paths: list[str], labels, class_names: list[str]) -> Path:
     """The train split as ImageFolder wants it (<root>/<class>/<file>), as symlinks to the source files."""
     for path, label in zip(paths, labels, strict=True):
-        link = root / class_names[label] / path.name
+        link = root / class_names[label] / Path(path).name
         link.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(Path(path).resolve(), link)
     return root
