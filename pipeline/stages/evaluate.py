@@ -339,11 +339,12 @@ def _score(test: _Outputs, y: np.ndarray, temperature: float, trust: _Trust, cla
     for start, stop in _blocks(len(y)):
         views, features = test.rows(start, stop)
         labels, rows = y[start:stop], np.arange(stop - start)
+        unflipped = softmax(views[0], temperature)
         probs = sum(softmax(v) for v in views) / len(views)
-        calibrated = sum(softmax(v, temperature) for v in views) / len(views)
+        calibrated = (unflipped + sum(softmax(v, temperature) for v in views[1:])) / len(views)
         pred, calibrated_pred = probs.argmax(axis=1), calibrated.argmax(axis=1)
         top = np.argsort(-probs, axis=1, kind="stable")[:, :TOP_SHOWN].copy()  # not a view of all K
-        sets = conformal.prediction_sets(softmax(views[0], temperature), trust.conformal)
+        sets = conformal.prediction_sets(unflipped, trust.conformal)
         parts.append(
             {
                 "pred": pred,
@@ -441,13 +442,9 @@ PROB_COLUMNS_MAX = 100
 TOP_SHOWN = 5
 
 
-def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Share of rows whose true class is among the k highest scores (ties count for the true class)."""
-    return float(np.mean(true_rank(probs, labels) < k))
-
-
 def true_rank(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(N,) how many classes score above each row's true class (0: top-1; a tie counts for the true class)."""
+    """(N,) how many classes score above each row's true class (0: top-1; a tie counts for the true class):
+    the share below k is the top-k accuracy."""
     true_score = probs[np.arange(len(labels)), labels]
     return (probs > true_score[:, None]).sum(axis=1)
 
