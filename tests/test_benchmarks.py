@@ -8,6 +8,7 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import make_image
 
@@ -324,15 +325,36 @@ def test_scale_runs_every_stage_as_a_command_and_plots_seconds_against_images(re
     assert size["stages"]["audit"]["cache_bytes_added"] > 0  # the image cache and the features
     assert payload["results"]["backbone"]["images_per_s"] > 0
     assert payload["results"]["growth"] == {"exponents": {}}  # one size: nothing to fit
+    largest = payload["results"]["largest"]
+    assert largest["minutes"] * 60 == pytest.approx(sum(f["seconds"] for f in size["stages"].values()))
+    assert 0 < largest["minutes_without_network_passes"] <= largest["minutes"]
+    assert set(payload["targets"]) == {"largest_peak_rss_gib", "largest_minutes_without_network_passes"}
     assert payload["settings"]["disk"]["size_gib"] > 0
     plot = results["scale"].parent / payload["plot"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scale_draws_every_class_at_its_own_period() -> None:
+    """Classes that share a shape and texture differ by their period, plain fills included (168 of the
+    million's classes were one plain shape and chained into a near-duplicate group of 163,092 images)."""
+    from benchmarks import scale
+
+    for texture in range(6):
+        label = 6 * texture  # shape 0; the next period is 36 labels on
+        drawn = [scale._motif(label + 36 * step, np.random.default_rng(7)) for step in (0, 1, 27)]
+        assert all((drawn[0] != other).any(axis=2).mean() > 0.02 for other in drawn[1:]), texture
 
 
 def test_scale_fits_the_exponent_and_reuses_the_images_it_made(tmp_path: Path) -> None:
     from benchmarks import scale
 
     assert scale.exponent(2.0, 200.0, 1_000, 10_000) == pytest.approx(2.0)
+    log = (
+        "INFO pipeline.progress: backbone features 1/1: 9000/9000 img (100%), 15 img/s, done in 1 min 04 s\n"
+        "INFO pipeline.progress: audit thumbnails: 9000/9000 img (100%), 4073 img/s, done in 4 min 06 s\n"
+        "INFO pipeline.progress: evaluate test: 9000/9000 img (100%), 2 img/s, done in 1 h 02 min\n"
+    )
+    assert scale._network_pass_seconds(log) == 64 + 3720  # the audit's own passes are not the network's
     assert scale.exponent(0.0, 5.0, 1_000, 10_000) is None
     spec = scale.make_images(tmp_path, 40, workers=1)
     files = sorted(tmp_path.rglob("*.png"))
