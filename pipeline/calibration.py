@@ -12,7 +12,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
-from pipeline.data.shards import release
+from pipeline.data.shards import BLOCK_ROWS, release, spans
 
 # Search range for log T: T in [0.01, 100] covers every useful temperature by a wide margin.
 _LOG_T_BOUNDS = (float(np.log(1e-2)), float(np.log(1e2)))
@@ -44,15 +44,12 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> flo
     """
     labels = np.asarray(labels)
     total = 0.0
-    for start in range(0, len(labels), _ROWS):
-        block = np.asarray(logits[start : start + _ROWS], dtype=np.float64)
+    for start, stop in spans(len(labels), BLOCK_ROWS):
+        block = np.asarray(logits[start:stop], dtype=np.float64)
         release(logits)
         log_probs = log_softmax(block / temperature, axis=1)
-        total += float(log_probs[np.arange(len(block)), labels[start : start + _ROWS]].sum())
+        total += float(log_probs[np.arange(len(block)), labels[start:stop]].sum())
     return -total / max(len(labels), 1)
-
-
-_ROWS = 4096
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,7 @@ def test_nll_reads_a_memory_mapped_split_a_block_at_a_time(tmp_path, monkeypatch
 
     from pipeline import calibration
 
-    monkeypatch.setattr(calibration, "_ROWS", 512)
+    monkeypatch.setattr(calibration, "BLOCK_ROWS", 512)
     rng = np.random.default_rng(0)
     logits = np.lib.format.open_memmap(tmp_path / "logits.npy", "w+", np.float32, (20_000, 500))
     logits[:] = rng.normal(0, 3, size=logits.shape)

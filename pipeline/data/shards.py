@@ -40,6 +40,15 @@ def release(*arrays: object) -> None:
             mapped.madvise(mmap.MADV_DONTNEED)
 
 
+def spans(n: int, size: int) -> list[tuple[int, int]]:
+    """(start, stop) of `n` rows `size` at a time: how every pass over rows too many for memory (float64
+    probabilities, a memory-mapped file) takes them."""
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+BLOCK_ROWS = 4096  # rows at a time of a pass over (N, K) float64 figures: 33 MB at 1,000 classes
+
+
 def digests(strings: Iterable[str]) -> np.ndarray:
     """(N,) keys of `strings`: the same string has the same key in every store."""
     return np.array([hashlib.blake2b(s.encode(), digest_size=16).digest() for s in strings], dtype=KEY)

@@ -35,7 +35,7 @@ from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_su
 from pipeline.calibration import Reliability, fit_temperature, log_loss_of, reliability_of, softmax
 from pipeline.config import EvaluateParams, Params, PathsParams
 from pipeline.data.sampling import stratified_sample
-from pipeline.data.shards import release
+from pipeline.data.shards import BLOCK_ROWS, release, spans
 from pipeline.data.splits import read_splits_table
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, scratch_dir, write_bytes, write_json, write_text
@@ -273,16 +273,6 @@ def _decoded(
             yield start, images
 
 
-def _blocks(n: int) -> Iterator[tuple[int, int]]:
-    """The row ranges of the passes over a split's outputs: a block of (_ROWS, K) float64 probabilities and
-    their temporaries at a time."""
-    for start in range(0, n, _ROWS):
-        yield start, min(start + _ROWS, n)
-
-
-_ROWS = 4096
-
-
 def _bank_files(
     splits: pd.DataFrame, source: Path, index: dict[str, int], cfg: EvaluateParams, seed: int
 ) -> pd.Series:
@@ -317,7 +307,7 @@ def _fit_trust(
         bank = np.array(bank_out.features)
     detector = unknown.unfitted(u.detector, bank, u.tpr, u.knn_k, u.knn_dims)
     true_scores, unknown_scores = [], []
-    for start, stop in _blocks(len(y_val)):
+    for start, stop in spans(len(y_val), BLOCK_ROWS):
         logits, features = val.rows(start, stop)
         probs = softmax(logits[0], temperature)
         true_scores.append(
@@ -336,7 +326,7 @@ def _score(test: _Outputs, y: np.ndarray, temperature: float, trust: _Trust, cla
     """Each test image's `_Scores`, a block of rows at a time; the conformal sets and unknown scores of the
     unflipped images, the ones predict sees."""
     parts: list[dict[str, np.ndarray]] = []
-    for start, stop in _blocks(len(y)):
+    for start, stop in spans(len(y), BLOCK_ROWS):
         views, features = test.rows(start, stop)
         labels, rows = y[start:stop], np.arange(stop - start)
         unflipped = softmax(views[0], temperature)

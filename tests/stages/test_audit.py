@@ -174,7 +174,7 @@ def test_a_copy_far_from_its_original_in_embedding_space_is_found_by_its_pixels(
 def test_similar_pairs_are_those_above_the_threshold_and_each_images_closest_others():
     embeddings = np.array([[1.0, 0.0, 0.2], [0.9, 0.1, 0.0], [0.0, 1.0, 0.1], [0.1, 0.8, 0.9], [0, 0, 1.0]])
     alike, pairs = checks.similar_pairs(embeddings, threshold=0.5, neighbours=1)
-    unit = checks.normalised(embeddings - embeddings.mean(axis=0))
+    unit = checks.normalize(embeddings - embeddings.mean(axis=0))
     similarity = unit @ unit.T
     np.fill_diagonal(similarity, -np.inf)
     expected = {tuple(sorted((i, int(similarity[i].argmax())))) for i in range(len(embeddings))}

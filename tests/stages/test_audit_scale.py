@@ -221,7 +221,7 @@ _GRAPH_PEAK = """
 import re, numpy as np
 from pipeline.stages.audit import checks
 
-def status(field):  # KiB; VmHWM is this process's own high-water mark (ru_maxrss keeps the parent's over exec)
+def status(field):  # KiB; VmHWM is this process's own peak (ru_maxrss keeps the parent's over exec)
     return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 
 checks._HNSW_BUILD = 8  # a quick build: the memory is the graph's links and vectors either way

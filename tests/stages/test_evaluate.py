@@ -329,7 +329,7 @@ def test_test_scores_are_computed_a_block_of_rows_at_a_time_from_memory_mapped_o
     memory bounded by the block (a few block-sized temporaries), not by the split."""
     import tracemalloc
 
-    monkeypatch.setattr(evaluate, "_ROWS", 256)
+    monkeypatch.setattr(evaluate, "BLOCK_ROWS", 256)
     rng = np.random.default_rng(0)
     n, k = 16_000, 600
     logits = np.lib.format.open_memmap(tmp_path / "logits.npy", "w+", np.float32, (2, n, k))

@@ -28,8 +28,9 @@ from PIL import Image
 
 from pipeline.calibration import fit_temperature, softmax
 from pipeline.config import AuditParams
-from pipeline.data.shards import release
+from pipeline.data.shards import BLOCK_ROWS, release, spans
 from pipeline.progress import progress
+from pipeline.serving.unknown import normalize
 
 _BLOCK = 2048  # rows of the similarity matrix computed at a time: (2048, N) float32
 # Up to this many images every pair is compared, above it neighbours are approximate (faiss HNSW graphs), so
@@ -108,14 +109,10 @@ class Pairs:
         return self.first * n + self.second
 
 
-def _spans(n: int, size: int) -> list[tuple[int, int]]:
-    return [(start, min(start + size, n)) for start in range(0, n, size)]
-
-
 def _tracked(n: int, size: int, desc: str) -> Iterator[tuple[int, int]]:
-    """_spans(n, size), logging progress (pipeline.progress) as each is done: a long pass never looks hung."""
+    """spans(n, size), logging progress (pipeline.progress) as each is done: a long pass never looks hung."""
     with progress(desc, n, "img") as bar:
-        for start, stop in _spans(n, size):
+        for start, stop in spans(n, size):
             yield start, stop
             bar.update(stop - start)
 
@@ -146,16 +143,11 @@ def _read(array: Any, index: Any, dtype: Any = np.float32) -> np.ndarray:
 _GATHER_ROWS = 1024  # at most 64 MB of file pages mapped by a read of scattered rows
 
 
-def normalised(embeddings: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
 def _centred(embeddings: np.ndarray) -> np.ndarray:
     """Unit embeddings centred on their mean: pooled post-ReLU features share a large common part that makes
     any two images look alike (random block patterns at 0.96-0.98; on Fashion-MNIST centring halved the other
     pairs at equal recall)."""
-    return normalised(embeddings - embeddings.mean(axis=0))
+    return normalize(embeddings - embeddings.mean(axis=0))
 
 
 def unit_embeddings(embeddings: Any, folder: Path | None = None) -> np.ndarray:
@@ -165,11 +157,11 @@ def unit_embeddings(embeddings: Any, folder: Path | None = None) -> np.ndarray:
     if folder is None:
         return _centred(np.asarray(embeddings))
     n, channels = embeddings.shape
-    total = sum(_read(embeddings, slice(a, b), np.float64).sum(axis=0) for a, b in _spans(n, _BLOCK))
+    total = sum(_read(embeddings, slice(a, b), np.float64).sum(axis=0) for a, b in spans(n, _BLOCK))
     mean = (total / n).astype(np.float32)
     unit = np.lib.format.open_memmap(folder / "unit.npy", mode="w+", dtype=np.float16, shape=(n, channels))
-    for start, stop in _spans(n, _BLOCK):
-        unit[start:stop] = normalised(_rows(embeddings, start, stop) - mean)
+    for start, stop in spans(n, _BLOCK):
+        unit[start:stop] = normalize(_rows(embeddings, start, stop) - mean)
         release(unit)
     return unit
 
@@ -219,11 +211,9 @@ def _ann_similar(unit: np.ndarray, threshold: float, count: int) -> tuple[Pairs,
     axes = _principal_axes(unit, _ANN_AXES)
 
     def project(rows: np.ndarray) -> np.ndarray:
-        return normalised(rows if axes is None else rows @ axes)
+        return normalize(rows if axes is None else rows @ axes)
 
-    index = _graph(
-        (project(_rows(unit, a, b)) for a, b in _spans(n, _ANN_BLOCK)), _HNSW_LINKS, n, "embedding"
-    )
+    index = _graph((project(_rows(unit, a, b)) for a, b in spans(n, _ANN_BLOCK)), _HNSW_LINKS, n, "embedding")
 
     def block(start: int, stop: int) -> tuple[Pairs, Pairs]:
         ids, wanted = np.arange(start, stop), min(n, max(_ANN_WANTED, count + 1))
@@ -254,10 +244,10 @@ def _in_threads(n: int, desc: str, work: Callable[[int, int], Any]) -> list[Any]
     time on faiss's own threads left a core idle while numpy re-ranked."""
     import faiss
 
-    spans, threads = _spans(n, _ANN_BLOCK), faiss.omp_get_max_threads()
+    blocks, threads = spans(n, _ANN_BLOCK), faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
-        return _on_threads(spans, [stop - start for start, stop in spans], desc, lambda span: work(*span))
+        return _on_threads(blocks, [stop - start for start, stop in blocks], desc, lambda span: work(*span))
     finally:
         faiss.omp_set_num_threads(threads)
 
@@ -292,7 +282,7 @@ def _reranked(
 
     search = faiss.SearchParametersHNSW(efSearch=max(_HNSW_SEARCH, wanted))
     sims, cols = np.empty((len(ids), wanted), np.float32), np.empty((len(ids), wanted), np.int64)
-    for a, b in _spans(len(ids), max(1, _ANN_BLOCK * _ANN_WANTED // wanted)):
+    for a, b in spans(len(ids), max(1, _ANN_BLOCK * _ANN_WANTED // wanted)):
         _, found = index.search(np.ascontiguousarray(projected[a:b]), wanted, params=search)  # -1: none
         missing = (found < 0) | (found == ids[a:b, None])
         found = np.where(missing, ids[a:b, None], found)
@@ -391,12 +381,12 @@ def thumbnails(files: Sequence[Path], folder: Path | None = None) -> np.ndarray:
             thumbs[k] = thumbnail(files[k])
 
     # PIL releases the GIL while decoding and resizing: a thread per core, a few hundred images per task.
-    spans = _spans(len(files), 256)
+    tasks = spans(len(files), 256)
     with (
         ThreadPoolExecutor(os.cpu_count() or 1) as pool,
         progress("audit thumbnails", len(files), "img") as bar,
     ):
-        for (start, stop), _ in zip(spans, pool.map(fill, spans), strict=True):
+        for (start, stop), _ in zip(tasks, pool.map(fill, tasks), strict=True):
             release(thumbs)
             bar.update(stop - start)
     return thumbs
@@ -555,8 +545,8 @@ def pixel_nearest(thumbs: np.ndarray, ann_above: int = ANN_ABOVE) -> Pairs:
     n = len(thumbs)
     if n > ann_above:
         return _ann_pixel_nearest(thumbs)
-    plain = np.concatenate([_shrunk(thumbs[a:b]) for a, b in _spans(n, _BLOCK)])
-    mirrored = np.concatenate([_shrunk(thumbs[a:b], mirrored=True) for a, b in _spans(n, _BLOCK)])
+    plain = np.concatenate([_shrunk(thumbs[a:b]) for a, b in spans(n, _BLOCK)])
+    mirrored = np.concatenate([_shrunk(thumbs[a:b], mirrored=True) for a, b in spans(n, _BLOCK)])
     nearest = []
     for start in range(0, n, _BLOCK):
         rows = plain[start : start + _BLOCK]
@@ -572,7 +562,7 @@ def _ann_pixel_nearest(thumbs: np.ndarray) -> Pairs:
     n = len(thumbs)
     import faiss
 
-    index = _graph((_shrunk(_rows(thumbs, a, b)) for a, b in _spans(n, _ANN_BLOCK)), _PIXEL_LINKS, n, "pixel")
+    index = _graph((_shrunk(_rows(thumbs, a, b)) for a, b in spans(n, _ANN_BLOCK)), _PIXEL_LINKS, n, "pixel")
     search = faiss.SearchParametersHNSW(efSearch=_PIXEL_SEARCH)
 
     def block(start: int, stop: int) -> Pairs:
@@ -654,7 +644,7 @@ def verified(
 def _cosines(unit: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
     """(P,) float32 cosines of the pairs' unit embeddings, a block of pairs at a time."""
     parts = [np.empty(0, dtype=np.float32)]
-    for a, b in _spans(len(first), _BLOCK):
+    for a, b in spans(len(first), _BLOCK):
         left, right = (_read(unit, side[a:b]) for side in (first, second))
         parts.append(np.einsum("ij,ij->i", left, right))
     return np.concatenate(parts)
@@ -699,7 +689,7 @@ def _probe(n: int):
 # covariance has too few images to be estimated (the bundled sample: 1,200).
 PROBE_ABOVE = 50_000
 _LDA_SHRINKAGE = 0.1  # share of the within-class covariance replaced by its diagonal (see discriminant_...)
-_PROBE_BLOCK = 4096  # rows read, and probabilities written, at a time
+_PROBE_BLOCK = BLOCK_ROWS  # rows read, and probabilities written, at a time
 _TEMPERATURE_SAMPLE = 10_000  # images whose out-of-fold logits fit the discriminant's temperature
 
 
@@ -802,7 +792,7 @@ def _temperature(
     by the logistic regression)."""
     draw = np.sort(np.random.default_rng(seed).permutation(len(labels))[:_TEMPERATURE_SAMPLE])
     logits = np.concatenate(
-        [_logits(embeddings, draw[a:b], assignment, models) for a, b in _spans(len(draw), _PROBE_BLOCK)]
+        [_logits(embeddings, draw[a:b], assignment, models) for a, b in spans(len(draw), _PROBE_BLOCK)]
     )
     return fit_temperature(logits, labels[draw]).temperature
 
@@ -855,7 +845,7 @@ def label_issues(labels: np.ndarray, probabilities: Any) -> LabelIssues:
 
     n, classes = probabilities.shape
     quality, suggested = np.empty(n), np.empty(n, dtype=np.int64)
-    for start, stop in _spans(n, _PROBE_BLOCK):
+    for start, stop in spans(n, _PROBE_BLOCK):
         block = _read(probabilities, slice(start, stop), np.float64)
         quality[start:stop] = block[np.arange(stop - start), labels[start:stop]]
         suggested[start:stop] = block.argmax(axis=1)
@@ -863,7 +853,7 @@ def label_issues(labels: np.ndarray, probabilities: Any) -> LabelIssues:
     thresholds = np.where(present > 0, np.bincount(labels, quality, classes) / np.maximum(present, 1), 2.0)
     thresholds = np.clip(thresholds, CONFIDENT_THRESHOLDS_LOWER_BOUND, None)
     count = 0
-    for start, stop in _spans(n, _PROBE_BLOCK):
+    for start, stop in spans(n, _PROBE_BLOCK):
         block, given = _read(probabilities, slice(start, stop), np.float64), labels[start:stop]
         _, off = compute_confident_joint(given, block, thresholds=thresholds, calibrate=False,
                                          return_indices_of_off_diagonals=True)  # fmt: skip
