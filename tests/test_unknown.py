@@ -96,6 +96,20 @@ def test_evaluate_and_predict_derive_the_same_search_from_the_shipped_bank():
     assert Detector.from_settings(before, fitted.bank, "old export").dims == 0  # searched all features
 
 
+def test_fitting_the_threshold_keeps_the_search_it_was_scored_with(monkeypatch):
+    """evaluate scores val a block at a time with the unfitted detector, then fits its threshold: the kNN
+    index (the bank's principal axes, an eigendecomposition) comes along, not derived again."""
+    _, train_features, _ = _features(300, 4)
+    val_logits, val_features, _ = _features(200, 5)
+    detector = unknown.unfitted("knn", train_features, 0.95, 5, dims=6)
+    scores = detector.scores(val_logits, val_features, 1.0)
+    monkeypatch.setattr(unknown.KnnIndex, "build", lambda *args: pytest.fail("the index was built again"))
+    fitted = detector.fitted(scores)
+    assert fitted._index is detector._index and detector.threshold == 0.0
+    assert fitted.threshold == unknown.threshold_at_tpr(scores, 0.95)
+    assert fitted.unknown(scores).mean() == pytest.approx(0.05, abs=0.01)
+
+
 def test_settings_round_trip_and_bad_settings():
     detector = Detector("energy", 1.5, 0.95, 10)
     assert Detector.from_settings(detector.settings(), None, "test") == detector

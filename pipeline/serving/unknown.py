@@ -15,7 +15,7 @@ The threshold is fitted on the val split so that a share `tpr` of in-distributio
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,8 +61,11 @@ class Detector:
         return self._index.scores(features, self.k)
 
     def fitted(self, val_scores: np.ndarray) -> Detector:
-        """This detector with the threshold that keeps a share `tpr` of the val images' (n,) `scores`."""
-        return dataclasses.replace(self, threshold=threshold_at_tpr(val_scores, self.tpr))
+        """This detector with the threshold that keeps a share `tpr` of the val images' (n,) `scores`; the kNN
+        index comes along (dataclasses.replace would derive it again from the bank)."""
+        fitted = copy.copy(self)
+        object.__setattr__(fitted, "threshold", threshold_at_tpr(val_scores, self.tpr))
+        return fitted
 
     def unknown(self, scores: np.ndarray) -> np.ndarray:
         """(N,) bool: the image is unlike the training data."""
