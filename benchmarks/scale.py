@@ -253,22 +253,32 @@ def run(opts: Options, sizes: list[int] | None = None) -> dict[str, Any]:
         f"{key.removesuffix('_seconds_exponent')}_time_exponent": target(value, "<=", MAX_TIME_EXPONENT)
         for key, value in ratios.items()
     }
-    largest = results["sizes"][str(max(settings["sizes"]))]["stages"].values()
-    results["largest"] = {
-        "peak_rss_gib": max(figures["peak_rss_mib"] for figures in largest) / 1024,
-        "minutes": sum(figures["seconds"] for figures in largest) / 60,
-        "minutes_without_network_passes": sum(
-            figures["seconds"] - figures["network_pass_seconds"] for figures in largest
-        )
-        / 60,
-    }
-    targets["largest_peak_rss_gib"] = target(results["largest"]["peak_rss_gib"], "<=", MAX_PEAK_RSS_GIB)
-    targets["largest_minutes_without_network_passes"] = target(
-        results["largest"]["minutes_without_network_passes"], "<=", MAX_MINUTES_WITHOUT_NETWORK
-    )
+    largest = results["largest"] = _largest(results["sizes"][str(max(settings["sizes"]))]["stages"])
+    for key, most in (
+        ("peak_rss_gib", MAX_PEAK_RSS_GIB),
+        ("minutes_without_network_passes", MAX_MINUTES_WITHOUT_NETWORK),
+    ):
+        goal = target(largest[key], "<=", most)
+        targets[f"largest_{key}"] = {**goal, "met": goal["met"] and largest["complete"]}
     omp = os.environ.get("OMP_NUM_THREADS")  # what the stages inherit when `threads` is None
     settings.update(cores=os.cpu_count(), cpu_flags=_cpu_flags(), disk=disk, omp_num_threads=omp)
     return result(NAME, opts, started, settings, results, ratios, targets, plot=plot.name)
+
+
+def _largest(stages: dict[str, Any]) -> dict[str, Any]:
+    """The largest size's figures the targets read: its largest peak RSS, its minutes in all and without the
+    network's passes, and whether every stage ran to the end (a stage that failed or never ran would
+    otherwise make the minutes look short)."""
+    done = [stages.get(stage, {}) for stage in STAGES]
+    return {
+        "complete": all(f.get("returncode") == 0 and not f.get("timed_out") for f in done),
+        "peak_rss_gib": max(figures["peak_rss_mib"] for figures in stages.values()) / 1024,
+        "minutes": sum(figures["seconds"] for figures in stages.values()) / 60,
+        "minutes_without_network_passes": sum(
+            figures["seconds"] - figures["network_pass_seconds"] for figures in stages.values()
+        )
+        / 60,
+    }
 
 
 def _project(project: Path, data: Path, overrides: dict[str, Any]) -> Params:

@@ -355,6 +355,23 @@ def test_scale_fits_the_exponent_and_reuses_the_images_it_made(tmp_path: Path) -
         "INFO pipeline.progress: evaluate test: 9000/9000 img (100%), 2 img/s, done in 1 h 02 min\n"
     )
     assert scale._network_pass_seconds(log) == 64 + 3720  # the audit's own passes are not the network's
+    ran = {
+        "returncode": 0,
+        "timed_out": False,
+        "seconds": 60.0,
+        "network_pass_seconds": 30.0,
+        "peak_rss_mib": 512,
+    }
+    stages = {stage: dict(ran) for stage in scale.STAGES}
+    assert scale._largest(stages) == {
+        "complete": True,
+        "peak_rss_gib": 0.5,
+        "minutes": 6.0,
+        "minutes_without_network_passes": 3.0,
+    }
+    stages["train"]["returncode"] = 1  # failed: evaluate never ran, so the minutes are short
+    del stages["evaluate"]
+    assert not scale._largest(stages)["complete"]
     assert scale.exponent(0.0, 5.0, 1_000, 10_000) is None
     spec = scale.make_images(tmp_path, 40, workers=1)
     files = sorted(tmp_path.rglob("*.png"))
