@@ -147,8 +147,8 @@ def _read(array: Any, index: Any, dtype: Any = np.float32) -> np.ndarray:
     the audit at a million images to 4.3-4.6 GB of RSS."""
     if isinstance(index, np.ndarray) and index.ndim == 1 and len(index) > _GATHER_ROWS:
         rows = np.empty((len(index), *array.shape[1:]), dtype=dtype)
-        for start in range(0, len(index), _GATHER_ROWS):
-            rows[start : start + _GATHER_ROWS] = _read(array, index[start : start + _GATHER_ROWS], dtype)
+        for start, stop in spans(len(index), _GATHER_ROWS):
+            rows[start:stop] = _read(array, index[start:stop], dtype)
         return rows
     rows = np.array(array[index], dtype=dtype)
     release(array)
