@@ -28,10 +28,14 @@ ensure_env() {
     step "environment ready"
 }
 
-ensure_chromium() {  # tests/test_pages.py opens the HTML reports in Debian's chromium (never a downloaded one)
-    if [[ -x /usr/bin/chromium || $EUID -ne 0 ]] || ! command -v apt-get >/dev/null; then return; fi
-    echo ">> installing Debian chromium for the page tests (apt-get install chromium)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+ensure_test_tools() {  # Debian's chromium opens the HTML reports (tests/test_pages.py, never a downloaded one);
+    # qemu-user runs INT8 models as on an AVX2-only CPU (tests/stages/test_quantize_cpus.py)
+    local missing=()
+    [[ -x /usr/bin/chromium ]] || missing+=(chromium)
+    command -v qemu-x86_64 >/dev/null || missing+=(qemu-user)
+    if [[ ${#missing[@]} -eq 0 || $EUID -ne 0 ]] || ! command -v apt-get >/dev/null; then return; fi
+    echo ">> installing Debian ${missing[*]} for the tests (apt-get install ${missing[*]})"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
 ensure_env
@@ -49,7 +53,7 @@ case "${1:-pipeline}" in
         ;;
     test)
         shift
-        ensure_chromium
+        ensure_test_tools
         python -m pytest "$@"
         ;;
     *)

@@ -637,12 +637,21 @@ class QuantizeParams(_Section):
     per_channel: bool = True
     """per-output-channel weight scales (much better for depthwise convs)"""
     exclude_nodes: list[str] = Field(default_factory=list)
-    """ONNX node names left in FP32 (an unknown name fails and lists the names)"""
-    formats: Annotated[list[Literal["u8s8", "u8s8_reduce_range", "u8u8", "s8s8"]], Field(min_length=1)] = (
-        Field(default_factory=lambda: ["u8s8", "u8s8_reduce_range"])
-    )
-    """INT8 candidates, each quantized and judged (also `u8u8`, `s8s8`: exact on every CPU but without a fast
-    kernel, about 0.1x and 0.7-1x FP32's speed)
+    """ONNX node names always left in FP32 (an unknown name fails and lists the names)"""
+    sensitivity_max_nodes: NonNegInt = 3
+    """sensitivity search: at most this many more nodes left in FP32, those whose quantization moves the
+    softmax furthest from FP32's on val (each added only if it lowers that by a tenth); 0 = no search. It
+    quantizes once per weighted node and format (about 1 s each for lite0 on 2 cores)
+    """
+    sensitivity_images: PositiveInt = 256
+    """sensitivity search: val images it scores each node on (a stratified sample)"""
+    formats: Annotated[
+        list[Literal["u8s8_portable", "u8s8", "u8s8_reduce_range", "u8u8", "s8s8"]], Field(min_length=1)
+    ] = Field(default_factory=lambda: ["u8s8_portable", "u8s8"])
+    """INT8 candidates, each quantized and judged; a passing portable one (`u8s8_portable`,
+    `u8s8_reduce_range`, `u8u8`: the same integers on every x86 CPU) ships before `u8s8` and `s8s8`, whose
+    kernels saturate on CPUs without VNNI. `u8u8` and `s8s8` have no fast kernel (about 0.1x and 0.7-1x FP32's
+    speed)
     """
     min_agreement: Fraction = 0.95
     """gate: reject a candidate when the upper confidence bound of its top-1 agreement with FP32 is below this

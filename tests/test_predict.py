@@ -164,6 +164,14 @@ _U8S8 = {"served": "int8", "int8_format": "u8s8", "int8_checked_on": "a VNNI CPU
         ("auto", _U8S8, None, "int8", "passed"),  # not x86: no int16 saturation question
         ("auto", _U8S8, False, "fp32", "this CPU has no VNNI"),
         ("auto", {**_U8S8, "int8_format": "u8s8_reduce_range"}, False, "int8", "passed"),
+        ("auto", {**_U8S8, "int8_format": "u8s8_portable"}, False, "int8", "passed"),
+        (
+            "auto",
+            {**_U8S8, "int8_format": "s8s8"},
+            False,
+            "fp32",
+            "this CPU has no VNNI",
+        ),  # ORT shifts it to u8s8
         ("auto", {"served": "fp32", "served_reason": "no INT8 format passed the gate"}, True, "fp32", "gate"),
         ("int8", _U8S8, False, "int8", "asked for INT8"),
         ("fp32", _U8S8, True, "fp32", "asked for FP32"),

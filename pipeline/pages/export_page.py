@@ -41,6 +41,8 @@ _CANDIDATE_COLUMNS = (
     ("only INT8 right", "better", "{:d}"),
     ("McNemar p", "p_worse", "{:.3g}"),
     ("speed-up, batch 1", "speedup_batch1", "{:.2f}x"),
+    ("same integers on every x86 CPU", "portable", "{}"),
+    ("nodes left in FP32 (sensitivity search)", "fp32_nodes", "{}"),
 )
 _PARITY = (
     ("test images", "n", "{:d}"),
@@ -101,8 +103,15 @@ def _served(export: dict, quantize: dict, report: dict, model_card: str) -> str:
     return (
         page.cards([("served model", served.upper(), "good"), ("file", _FILES[served], "")])
         + f"<p><strong>Why:</strong> {page.esc(reason)}</p>"
+        + (f"<p><strong>CPUs:</strong> {page.esc(checked)}</p>" if (checked := _checked_for(report)) else "")
         + f"<p>Model card: {page.link(model_card, model_card)}</p>"
     )
+
+
+def _checked_for(report: dict) -> str:
+    """Which CPUs the shipped INT8 model's agreement holds on (the quantize report's word), or ""."""
+    decision = report.get("decision") if isinstance(report.get("decision"), dict) else {}
+    return str(decision.get("checked_for") or "")
 
 
 def _comparison(quantize: dict, report: dict, missing: bool) -> str:

@@ -200,16 +200,21 @@ def _quantize_section(q: dict[str, Any]) -> list[str]:
             f"INT8 candidates on {q['compared']['n']} val+test images (FP32 accuracy "
             f"{q['candidates'][0]['reference_accuracy']:.1%}):",
             "",
-            "| format | agreement with FP32 | accuracy | worse / better | McNemar p | speed-up | verdict |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| format | agreement with FP32 | accuracy | worse / better | McNemar p | speed-up "
+            "| same on every x86 CPU | left in FP32 | verdict |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             *(
                 f"| {c['format']} | {c['agreement']:.1%} | {c['candidate_accuracy']:.1%} | {c['worse']} / "
                 f"{c['better']} | {c['p_worse']:.3g} | {c['speedup_batch1']:.2f}x | "
+                f"{'yes' if c.get('portable') else 'no'} | {', '.join(c.get('fp32_nodes', [])) or '-'} | "
                 f"{'passed' if c['passed'] else 'rejected: ' + '; '.join(c['rejected_because'])} |"
                 for c in q["candidates"]
             ),
         ]
-    lines += ["", f"Decision: {q.get('decision', {}).get('reason', 'unknown')}."]
+    decision = q.get("decision", {})
+    lines += ["", f"Decision: {decision.get('reason', 'unknown')}."]
+    if decision.get("checked_for"):
+        lines += ["", f"CPUs: {decision['checked_for']}."]
     return lines
 
 

@@ -227,6 +227,13 @@ def load_inputs(paths: Sequence[Path], data_config: dict[str, Any]) -> np.ndarra
         ) from None
 
 
+# INT8 formats (quantize.formats) whose integer arithmetic is the same on every x86 CPU, with or without VNNI:
+# none of their weights reaches ORT's u8 x s8 kernels that add product pairs in int16 at full 8 bits (7-bit
+# weights keep each pair within int16), and u8u8 never uses those kernels. Plain u8s8 (and s8s8, which ORT
+# shifts to u8s8) saturates on a CPU without VNNI, so its agreement holds only where it was measured.
+PORTABLE_INT8 = frozenset({"u8s8_portable", "u8s8_reduce_range", "u8u8"})
+
+
 def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
     """The CPU's model name and the x86 features that change ONNX Runtime's INT8 kernels (Linux only).
 

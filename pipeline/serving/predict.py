@@ -404,8 +404,8 @@ def served_model(
     model_dir: Path, precision: str, meta: dict[str, str], cpu: dict, gpu: bool = False
 ) -> tuple[str, str]:
     """Which file to run ("fp32", "int8" or "fp16") and why: what was asked for; else FP16 on a GPU provider
-    when the export has it; else what the export serves, unless its INT8 format was only checked with VNNI
-    and this x86 CPU has none (its kernels can saturate there)."""
+    when the export has it; else what the export serves, unless its INT8 format is not portable (its
+    agreement was measured with VNNI) and this x86 CPU has none (its kernels can saturate there)."""
     has_int8, has_fp16 = (model_dir / rt.INT8_FILE).is_file(), (model_dir / rt.FP16_FILE).is_file()
     if precision == "fp32":
         return "fp32", "asked for FP32"
@@ -427,9 +427,10 @@ def served_model(
         return "int8", "asked for INT8"
     if not has_int8 or meta.get("served") == "fp32":
         return "fp32", meta.get("served_reason", "this export has no INT8 model")
-    if meta.get("int8_format") == "u8s8" and cpu.get("vnni") is False:
+    fmt = meta.get("int8_format", "unknown")
+    if fmt not in rt.PORTABLE_INT8 and cpu.get("vnni") is False:
         return "fp32", (
-            f"the INT8 model (u8s8) was checked on {meta.get('int8_checked_on', 'another CPU')}; this CPU "
+            f"the INT8 model ({fmt}) was checked on {meta.get('int8_checked_on', 'another CPU')}; this CPU "
             "has no VNNI, where its kernels can saturate (use --precision int8 to run it anyway)"
         )
     return "int8", meta.get("served_reason", "the export serves INT8")

@@ -181,6 +181,7 @@ def serving(has_int8: bool, quantized: dict[str, Any]) -> dict[str, str]:
         "served_reason": decision.get("reason", "INT8 model present"),
         "int8_format": decision.get("format", "unknown"),
         "int8_checked_on": f"{cpu.get('model', 'unknown CPU')} (VNNI: {cpu.get('vnni')})",
+        "int8_checked_for": decision.get("checked_for", "the CPU it was measured on"),
     }
 
 

@@ -24,6 +24,7 @@ from pipeline.pages.model_card import model_card
 from pipeline.serving import onnx_runtime as rt
 from pipeline.serving.predict import Predictor, UsageError
 from pipeline.stages import export, quantize
+from pipeline.stages.quantize import int8
 
 TEMPERATURE = 1.7  # what conftest's exported_project writes to the calibration file
 
@@ -201,25 +202,25 @@ def _build_folders(*more: Path) -> set[str]:
 
 
 def test_no_file_made_from_the_onnx_export_names_a_folder_of_the_machine_that_built_it(tmp_path, monkeypatch):
-    formats = list(quantize.FORMATS)
+    formats = list(int8.FORMATS)
     params = model_project(tmp_path, quantize={**SHIP_ANY_INT8, "formats": formats}, export={"fp16": True})
-    candidates: list[Path] = []  # each INT8 candidate, copied before the stage deletes those not shipped
-    quantize_onnx = quantize.quantize_onnx
+    kept: dict[str, Path] = {}  # each INT8 candidate (and search trial), copied before the stage deletes it
+    quantize_onnx = quantize.quantize_onnx  # the name the stage calls
 
-    def keep_a_copy(prepared, int8, *args):
-        candidates.append(
-            Path(shutil.copy(quantize_onnx(prepared, int8, *args), tmp_path / f"kept_{int8.name}"))
+    def keep_a_copy(prepared, target, *args, **kwargs):
+        kept[target.name] = Path(
+            shutil.copy(quantize_onnx(prepared, target, *args, **kwargs), tmp_path / f"kept_{target.name}")
         )
-        return int8
+        return target
 
     monkeypatch.setattr(quantize, "quantize_onnx", keep_a_copy)
     quantize.run(params)
     metrics = export.run(params)
     folder = Path(params.paths.export_dir)
     assert (folder / rt.FP16_FILE).is_file() and (folder / rt.INT8_FILE).is_file()
-    assert sorted(c.name for c in candidates) == sorted(f"kept_{f}.onnx" for f in formats)
+    assert {f"{f}.onnx" for f in formats} <= set(kept)
     pages = [path for path in Path(params.paths.reports_dir).rglob("*") if path.is_file()]
-    files = [*folder.iterdir(), *Path(params.paths.onnx_dir).iterdir(), *candidates, *pages]
+    files = [*folder.iterdir(), *Path(params.paths.onnx_dir).iterdir(), *kept.values(), *pages]
     for file in files:
         data = file.read_bytes()
         assert not [path for path in _build_folders(tmp_path) if path.encode() in data], file.name

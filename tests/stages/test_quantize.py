@@ -22,6 +22,7 @@ from pipeline.models import build_model, resolve_data_config
 from pipeline.serving import onnx_runtime as rt
 from pipeline.serving.predict import Predictor
 from pipeline.stages import export, quantize
+from pipeline.stages.quantize import int8
 
 
 def test_metrics_are_the_headline_and_the_report_holds_every_candidate(exported_project):
@@ -29,17 +30,16 @@ def test_metrics_are_the_headline_and_the_report_holds_every_candidate(exported_
     metrics = read_json(params.paths.metrics("quantize"))
     report = read_json(Path(params.paths.onnx_dir) / rt.QUANTIZE_REPORT)
     assert report["compared"] == {"splits": ["val", "test"], "n": 12}  # 3 val + 9 test images
-    assert (
-        [c["format"] for c in report["candidates"]]
-        == params.quantize.formats
-        == ["u8s8", "u8s8_reduce_range"]
-    )
+    assert [c["format"] for c in report["candidates"]] == params.quantize.formats == ["u8s8_portable", "u8s8"]
     assert all(c["n"] == 12 and c["passed"] for c in report["candidates"])
+    assert [c["portable"] for c in report["candidates"]] == [True, False]
     assert metrics["int8_shipped"] is True and metrics["int8_format"] == report["decision"]["format"]
+    assert metrics["int8_format"] == "u8s8_portable" and metrics["int8_portable"] is True  # portable first
+    assert "the same integers on every x86 CPU" in report["decision"]["checked_for"]
     shipped = next(c for c in report["candidates"] if c["format"] == metrics["int8_format"])
-    assert (
-        metrics["top1_agreement"] == shipped["agreement"] == max(c["agreement"] for c in report["candidates"])
-    )
+    assert metrics["top1_agreement"] == shipped["agreement"]
+    # The search ran for the portable format (it could ship) and not for u8s8 once that one passed.
+    assert shipped["search"]["val_images"] == 3 and report["candidates"][1]["search"] == {}
     assert metrics["int8_accuracy"] == shipped["candidate_accuracy"]
     assert metrics["fp32_accuracy"] == shipped["reference_accuracy"]
     assert set(report["cpu"]) == {"model", "vnni", "avx512"}
@@ -141,18 +141,20 @@ def test_gate_rejects_much_disagreement_even_when_accuracy_is_equal():
     assert len(reasons) == 1 and "quantize.min_agreement" in reasons[0]
 
 
-def test_choose_prefers_agreement_then_speed_and_never_a_rejected_format():
+def test_choose_prefers_portable_then_agreement_then_speed_and_never_a_rejected_format():
     def candidate(fmt, worse, speedup, passed=True):
         reasons = [] if passed else ["rejected"]
         return quantize.Candidate(fmt, _comparison(worse, 0, 100), 1.0, speedup, reasons)
 
     a, b, c = (
-        candidate("u8s8", 3, 2.0),
-        candidate("u8s8_reduce_range", 2, 1.5),
+        candidate("u8s8", 1, 2.0),
+        candidate("u8s8_reduce_range", 3, 1.5),
         candidate("u8u8", 0, 9, False),
     )
-    assert quantize.choose([a, b, c]) is b
-    assert quantize.choose([a, candidate("s8s8", 3, 2.5)]).format == "s8s8"
+    assert quantize.choose([a, b, c]) is b  # portable, though u8s8 agrees more on this CPU
+    assert quantize.choose([b, candidate("u8s8_portable", 2, 1.4)]).format == "u8s8_portable"
+    assert quantize.choose([a, candidate("s8s8", 1, 2.5)]).format == "s8s8"
+    assert quantize.choose([a, candidate("u8s8_portable", 2, 2.0, False)]) is a
     assert quantize.choose([c]) is None and quantize.choose([]) is None
 
 
@@ -179,7 +181,11 @@ def test_a_losing_int8_model_is_not_shipped_and_fp32_is_exported_with_the_reason
     assert metrics["int8_shipped"] is False and metrics["int8_format"] == "none"
     assert not (Path(params.paths.onnx_dir) / rt.INT8_FILE).exists()
     reason = read_json(Path(params.paths.onnx_dir) / rt.QUANTIZE_REPORT)["decision"]["reason"]
-    assert reason.startswith("no INT8 format passed the gate") and "u8s8_reduce_range:" in reason
+    assert (
+        reason.startswith("no INT8 format passed the gate")
+        and "u8s8_portable:" in reason
+        and "u8s8:" in reason
+    )
     assert export.run(params)["served"] == "fp32"
     card = (Path(params.paths.export_dir) / "model_card.md").read_text()
     assert f"served by default (`predict`): **FP32**, because {reason}" in card
@@ -196,7 +202,7 @@ def test_on_reject_error_fails_the_stage_after_writing_its_figures(tmp_path):
 def test_unknown_excluded_node_is_named(exported_project, tmp_path):
     fp32 = Path(exported_project.paths.onnx_dir) / rt.FP32_FILE
     with pytest.raises(PipelineError, match=r"quantize.exclude_nodes: no node named \['no_such_node'\]"):
-        quantize.prepare(fp32, tmp_path / "prepared.onnx", ["no_such_node"])
+        int8.prepare(fp32, tmp_path / "prepared.onnx", ["no_such_node"])
 
 
 def _label_rows_with_fp32_predictions(params, model, names) -> None:

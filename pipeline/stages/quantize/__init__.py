@@ -13,31 +13,20 @@ fail it, while a real loss still does: INT8 is rejected when an exact one-sided 
 accurate (p < `alpha`), when even the upper confidence bound of its top-1 agreement with FP32 is below
 `min_agreement`, or when it is not `min_speedup` times faster than FP32 at batch 1 on this CPU.
 
-Formats: U8S8 (uint8 activations, int8 weights) is ORT's fast x86 path, but on CPUs without VNNI its kernels
-can saturate (pairs of u8 x s8 products summed in int16); `u8s8_reduce_range` quantizes weights to 7 bits so
-that the sum always fits, giving the same numbers on every x86 CPU. U8U8 and S8S8 are exact too but have no
-fast kernel here (measured about 0.1x and 0.7-1x the speed of FP32).
+Formats (`int8`): a portable one (the same integers on every x86 CPU) ships before the others when it passes.
+The sensitivity search (`search`) leaves the few nodes whose quantization costs most in FP32.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quantize_dynamic,
-    quantize_static,
-)
-from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from pipeline import stats, timing
 from pipeline.config import Params, PathsParams, QuantizeParams
@@ -48,6 +37,8 @@ from pipeline.io import atomic_dir, write_json
 from pipeline.models import load_trained
 from pipeline.serving import onnx_runtime as rt
 from pipeline.stages import Stage
+from pipeline.stages.quantize.int8 import prepare, quantize_onnx, weighted_nodes
+from pipeline.stages.quantize.search import search_fp32_nodes, search_probe
 
 STAGE = Stage(
     summary="ONNX export and INT8 candidates judged against FP32; the best passing one ships.",
@@ -59,19 +50,7 @@ STAGE = Stage(
 log = logging.getLogger(__name__)
 
 COMPARED_SPLITS = ("val", "test")
-# format -> (activation type, weight type, reduce_range)
-FORMATS = {
-    "u8s8": (QuantType.QUInt8, QuantType.QInt8, False),
-    "u8s8_reduce_range": (QuantType.QUInt8, QuantType.QInt8, True),
-    "u8u8": (QuantType.QUInt8, QuantType.QUInt8, False),
-    "s8s8": (QuantType.QInt8, QuantType.QInt8, False),
-}
-_METHODS = {
-    "minmax": CalibrationMethod.MinMax,
-    "entropy": CalibrationMethod.Entropy,
-    "percentile": CalibrationMethod.Percentile,
-}
-_CALIBRATION_BATCH = 16
+
 _CANDIDATES = "candidates"  # a scratch folder inside the stage's output while it runs
 
 
@@ -84,16 +63,23 @@ class Candidate:
     batch1_ms: float
     speedup: float
     rejected_because: list[str]
+    fp32_nodes: list[str] = field(default_factory=list)  # left in FP32 by the sensitivity search
+    search: dict = field(default_factory=dict)  # what the search measured, empty where it did not run
 
     @property
     def passed(self) -> bool:
         return not self.rejected_because
 
+    @property
+    def portable(self) -> bool:
+        """Its integers, and so its agreement with FP32, are the same on every x86 CPU."""
+        return self.format in rt.PORTABLE_INT8
+
 
 def run(params: Params) -> dict:
     q, paths = params.quantize, params.paths
     trained = load_trained(paths.model)
-    inputs, labels = _compared_images(paths, trained.class_names, trained.data_config)
+    inputs, labels, n_val = compared_images(paths, trained.class_names, trained.data_config)
     with atomic_dir(paths.onnx_dir) as out:
         fp32 = rt.export_onnx(
             trained.model, out / rt.FP32_FILE, trained.data_config["input_size"], params.export.opset
@@ -109,11 +95,12 @@ def run(params: Params) -> dict:
         candidates: list[Candidate] = []
         if q.enabled:
             calibration = (
-                _calibration_images(paths, trained.class_names, trained.data_config, q, params.base.seed)
+                calibration_images(paths, trained.class_names, trained.data_config, q, params.base.seed)
                 if q.method == "static"
                 else None
             )
-            candidates = _try_formats(out, calibration, (inputs, labels, fp32_pred), q)
+            probe = search_probe(inputs[:n_val], labels[:n_val], rt.session(fp32), q, params.base.seed)
+            candidates = _try_formats(out, calibration, (inputs, labels, fp32_pred), probe, q)
         chosen = choose(candidates)
         report["decision"] = _decision(chosen, candidates)
         report["candidates"] = [_candidate_row(c) for c in candidates]
@@ -131,29 +118,48 @@ def run(params: Params) -> dict:
             f"INT8 rejected: {report['decision']['reason']} "
             f"(see {Path(paths.onnx_dir) / rt.QUANTIZE_REPORT}). "
             "Set quantize.on_reject: fp32_only to export FP32 alone, or try other quantize.formats, "
-            "quantize.calibration_images, quantize.calibration_method or quantize.exclude_nodes"
+            "quantize.calibration_images, quantize.calibration_method, quantize.sensitivity_max_nodes or "
+            "quantize.exclude_nodes"
         )
     return metrics
 
 
 def _try_formats(
-    out: Path, calibration: np.ndarray | None, compared: tuple, q: QuantizeParams
+    out: Path, calibration: np.ndarray | None, compared: tuple, probe: tuple, q: QuantizeParams
 ) -> list[Candidate]:
-    """Quantize in each of `q.formats` into out/candidates/<format>.onnx and judge each against FP32 on the
-    `compared` (inputs, labels, FP32's predictions); speed is timed right after FP32's."""
+    """Quantize in each of `q.formats`, portable ones first, into out/candidates/<format>.onnx and judge each
+    against FP32 on the `compared` (inputs, labels, FP32's predictions); speed is timed right after FP32's.
+    The sensitivity search runs on the `probe` (val inputs, FP32's logits) for each format that could still
+    ship: every portable one, and the others while no portable one has passed."""
     inputs, labels, fp32_pred = compared
     fp32 = _ort_runner(rt.session(out / rt.FP32_FILE))
-    (out / _CANDIDATES).mkdir()
-    prepared = prepare(out / rt.FP32_FILE, out / _CANDIDATES / "prepared.onnx", q.exclude_nodes)
-    candidates = []
-    for name in q.formats:
+    scratch = out / _CANDIDATES
+    scratch.mkdir()
+    prepared = prepare(out / rt.FP32_FILE, scratch / "prepared.onnx", q.exclude_nodes)
+    cache = scratch / "calibration.json"  # activation ranges, calibrated once for every format and trial
+    candidates: list[Candidate] = []
+    for name in sorted(q.formats, key=lambda f: f not in rt.PORTABLE_INT8):
         how = f"{len(calibration)} calibration images, {q.calibration_method}" if q.method == "static" else ""
         log.info("quantizing as %s (%s)", name, how or "dynamic: weights only")
-        sess = rt.session(quantize_onnx(prepared, out / _CANDIDATES / f"{name}.onnx", calibration, name, q))
+
+        def quantized(nodes: Sequence[str], target: Path = scratch / "trial.onnx", fmt: str = name) -> Path:
+            return quantize_onnx(prepared, target, calibration, fmt, q, fp32_nodes=nodes, cache=cache)
+
+        quantized([])  # fills the calibration cache
+        could_ship = name in rt.PORTABLE_INT8 or not any(c.passed and c.portable for c in candidates)
+        nodes, search = (
+            search_fp32_nodes(
+                quantized, weighted_nodes(prepared, q.exclude_nodes), probe, q.sensitivity_max_nodes
+            )
+            if q.sensitivity_max_nodes and could_ship
+            else ([], {})
+        )
+        sess = rt.session(quantized(nodes, scratch / f"{name}.onnx"))
         comparison = stats.compare(fp32_pred, rt.logits(sess, inputs).argmax(1), labels, 1.0 - q.alpha)
         fp32_ms, batch1_ms = timing.adjacent_batch1_ms(fp32, _ort_runner(sess), inputs, q.benchmark_repeats)
         speedup = fp32_ms / batch1_ms
-        candidates.append(Candidate(name, comparison, batch1_ms, speedup, gate(comparison, speedup, q)))
+        reasons = gate(comparison, speedup, q)
+        candidates.append(Candidate(name, comparison, batch1_ms, speedup, reasons, nodes, search))
     return candidates
 
 
@@ -178,9 +184,10 @@ def gate(comparison: stats.PairedComparison, speedup: float, q: QuantizeParams) 
 
 
 def choose(candidates: list[Candidate]) -> Candidate | None:
-    """The passing candidate that agrees with FP32 most often (the faster on a tie); None if none passed."""
+    """The passing candidate to ship: a portable one if any passed (its agreement holds on every x86 CPU),
+    then the one that agrees with FP32 most often, then the faster; None if none passed."""
     passed = [c for c in candidates if c.passed]
-    return max(passed, key=lambda c: (c.comparison.agreement, c.speedup), default=None)
+    return max(passed, key=lambda c: (c.portable, c.comparison.agreement, c.speedup), default=None)
 
 
 def _most_agreeing(candidates: list[Candidate]) -> Candidate | None:
@@ -194,13 +201,23 @@ def _decision(chosen: Candidate | None, candidates: list[Candidate]) -> dict:
         why = "; ".join(f"{c.format}: {' and '.join(c.rejected_because)}" for c in candidates)
         return {"shipped": False, "format": "none", "reason": f"no INT8 format passed the gate ({why})"}
     c = chosen.comparison
+    kept = f", {len(chosen.fp32_nodes)} nodes left in FP32" if chosen.fp32_nodes else ""
     return {
         "shipped": True,
         "format": chosen.format,
-        "reason": f"{chosen.format} agrees with FP32 on {c.agreement:.1%} of {c.n} val+test images "
+        "reason": f"{chosen.format}{kept} agrees with FP32 on {c.agreement:.1%} of {c.n} val+test images "
         f"({c.candidate_accuracy:.1%} vs {c.reference_accuracy:.1%} accuracy) and runs {chosen.speedup:.2f}x "
         "as fast at batch 1 on this CPU",
+        "checked_for": checked_for(chosen.format, rt.cpu_info()),
     }
+
+
+def checked_for(fmt: str, cpu: dict) -> str:
+    """Which CPUs the shipped format's agreement holds on, in words for the report, the card and predict."""
+    here = f"{cpu.get('model', 'this CPU')} (VNNI: {cpu.get('vnni')})"
+    if fmt in rt.PORTABLE_INT8:
+        return f"measured on {here}; {fmt} computes the same integers on every x86 CPU, with or without VNNI"
+    return f"measured on {here} only; its kernels can saturate on x86 CPUs without VNNI (predict serves FP32)"
 
 
 def headline(report: dict, fp32_accuracy: float, int8: Candidate | None) -> dict:
@@ -209,6 +226,7 @@ def headline(report: dict, fp32_accuracy: float, int8: Candidate | None) -> dict
         "fp32_accuracy": fp32_accuracy,
         "int8_shipped": report["decision"]["shipped"],
         "int8_format": report["decision"]["format"],
+        "int8_portable": report["decision"]["format"] in rt.PORTABLE_INT8,
     }
     if int8 is not None:
         metrics.update(
@@ -226,54 +244,15 @@ def _runtime_figures(model: Path, inputs: np.ndarray, repeats: int) -> dict[str,
     return {**timing.speed(_ort_runner(sess), inputs, repeats), "mb": rt.file_mb(model)}
 
 
-def prepare(fp32: Path, prepared: Path, excluded: list[str]) -> Path:
-    """Shape inference + ORT graph optimisations first, as ORT's quantization guide recommends: the quantizer
-    then sees every tensor's shape and fewer, fused nodes."""
-    quant_pre_process(str(fp32), str(prepared))
-    _check_excluded(prepared, excluded)
-    return prepared
-
-
-def quantize_onnx(
-    prepared: Path, int8: Path, calibration: np.ndarray | None, fmt: str, q: QuantizeParams
-) -> Path:
-    """INT8 quantization of a prepared model: static QDQ with activation ranges calibrated on `calibration`,
-    or dynamic (`q.method`), where ORT picks the activation type (uint8) and `fmt` sets the weights'."""
-    activations, weights, reduce_range = FORMATS[fmt]
-    with rt.quiet_logs(""):  # the quantizer logs a line per rescaled weight channel on the root logger
-        if q.method == "dynamic":
-            quantize_dynamic(
-                str(prepared),
-                str(int8),
-                per_channel=q.per_channel,
-                reduce_range=reduce_range,
-                weight_type=weights,
-                nodes_to_exclude=list(q.exclude_nodes),
-            )
-            return int8
-        quantize_static(
-            str(prepared),
-            str(int8),
-            _Calibration(calibration),
-            quant_format=QuantFormat.QDQ,
-            per_channel=q.per_channel,
-            reduce_range=reduce_range,
-            activation_type=activations,
-            weight_type=weights,
-            calibrate_method=_METHODS[q.calibration_method],
-            nodes_to_exclude=list(q.exclude_nodes),
-        )
-    return int8
-
-
-def _compared_images(paths: PathsParams, names: list[str], cfg: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The val and test images, preprocessed as predict does, and their class indices."""
+def compared_images(paths: PathsParams, names: list[str], cfg: dict) -> tuple[np.ndarray, np.ndarray, int]:
+    """The val and test images (val first), preprocessed as predict does, their class indices, and how
+    many are val."""
     parts = [read_split(paths.splits, paths.data_root, split, names) for split in COMPARED_SPLITS]
     inputs = np.concatenate([rt.load_inputs(paths, cfg) for paths, _ in parts])
-    return inputs, np.concatenate([labels for _, labels in parts])
+    return inputs, np.concatenate([labels for _, labels in parts]), len(parts[0][1])
 
 
-def _calibration_images(
+def calibration_images(
     paths: PathsParams, names: list[str], cfg: dict, q: QuantizeParams, seed: int
 ) -> np.ndarray:
     """`q.calibration_images` train images, a stratified sample drawn with `seed`, preprocessed as predict
@@ -286,40 +265,15 @@ def _calibration_images(
 def _candidate_row(candidate: Candidate) -> dict:
     return {
         "format": candidate.format,
+        "portable": candidate.portable,
+        "fp32_nodes": candidate.fp32_nodes,
+        "search": candidate.search,
         **asdict(candidate.comparison),
         "batch1_ms": candidate.batch1_ms,
         "speedup_batch1": candidate.speedup,
         "passed": candidate.passed,
         "rejected_because": candidate.rejected_because,
     }
-
-
-class _Calibration(CalibrationDataReader):
-    """Feeds the calibration images to ORT's calibrator in small batches."""
-
-    def __init__(self, inputs: np.ndarray):
-        self._batches = iter(
-            [
-                {rt.INPUT_NAME: inputs[i : i + _CALIBRATION_BATCH]}
-                for i in range(0, len(inputs), _CALIBRATION_BATCH)
-            ]
-        )
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._batches, None)
-
-
-def _check_excluded(model_path: Path, excluded: list[str]) -> None:
-    if not excluded:
-        return
-    nodes = [node.name for node in onnx.load(str(model_path)).graph.node]
-    unknown = sorted(set(excluded) - set(nodes))
-    if unknown:
-        raise PipelineError(
-            f"quantize.exclude_nodes: no node named {unknown} in the model; node names are, in order: "
-            + ", ".join(nodes[:12])
-            + (f", ... ({len(nodes)} in all)" if len(nodes) > 12 else "")
-        )
 
 
 def _torch_runner(model: torch.nn.Module):
