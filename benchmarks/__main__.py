@@ -33,6 +33,7 @@ BENCHMARKS = (
     "audit_scale",
     "scale",
     "trust",
+    "int8_cpus",
 )
 
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", "-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="params override (value read as YAML), as `dvc exp run -S`")  # fmt: skip
     parser.add_argument("--project", type=Path,
-                        help="pipeline_overhead: measure a copy of this reproduced DVC project")  # fmt: skip
+                        help="pipeline_overhead, int8_cpus: measure this reproduced DVC project")  # fmt: skip
     parser.add_argument("--sizes", type=_sizes, help="scale only: image counts, e.g. 10000,100000")
     args = parser.parse_args(argv)
     if args.sizes and args.name != "scale":
