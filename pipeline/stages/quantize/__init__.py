@@ -201,7 +201,8 @@ def _decision(chosen: Candidate | None, candidates: list[Candidate]) -> dict:
         why = "; ".join(f"{c.format}: {' and '.join(c.rejected_because)}" for c in candidates)
         return {"shipped": False, "format": "none", "reason": f"no INT8 format passed the gate ({why})"}
     c = chosen.comparison
-    kept = f", {len(chosen.fp32_nodes)} nodes left in FP32" if chosen.fp32_nodes else ""
+    count = len(chosen.fp32_nodes)
+    kept = f", {count} node{'s' if count > 1 else ''} left in FP32" if count else ""
     return {
         "shipped": True,
         "format": chosen.format,
