@@ -33,6 +33,7 @@ from benchmarks._common import (
     target,
     workdir,
 )
+from benchmarks.inference import _ort_runner
 from pipeline import stats, timing
 from pipeline.config import Params, QuantizeParams
 from pipeline.models import load_trained
@@ -88,8 +89,12 @@ def run(opts: Options) -> dict[str, Any]:
             trained.model, models / "fp32.onnx", trained.data_config["input_size"], params.export.opset
         )
         fp32_logits = rt.logits(rt.session(fp32), inputs)
+        val = slice(0, n_val)
+        probe = search.search_probe(
+            inputs[val], labels[val], fp32_logits[val], params.quantize, params.base.seed
+        )
         built = {
-            option: _build(option, params, trained, (inputs, labels, n_val), fp32, models / f"{i}.onnx")
+            option: _build(option, params, trained, probe, fp32, models / f"{i}.onnx")
             for i, option in enumerate(OPTIONS)
         }
         haswell = _on_haswell({"fp32": fp32, **built}, inputs, settings, root)
@@ -128,27 +133,20 @@ def _project(opts: Options, root: Path, settings: dict[str, Any]):
     yield params
 
 
-def _build(option: str, params: Params, trained, compared: tuple, fp32: Path, target_path: Path) -> Path:
-    """The INT8 model of `option`, quantized as the stage does (and searched, where the option says)."""
+def _build(option: str, params: Params, trained, probe: tuple, fp32: Path, target_path: Path) -> Path:
+    """The INT8 model of `option`, quantized as the stage does (and searched on the `probe`, the val inputs
+    and FP32's logits, where the option says)."""
     fmt, changed, searched = OPTIONS[option]
     q = QuantizeParams(**{**params.quantize.model_dump(), **changed, "formats": [fmt]})
-    inputs, labels, n_val = compared
     calibration = quantize.calibration_images(
         params.paths, trained.class_names, trained.data_config, q, params.base.seed
     )
     with tempfile.TemporaryDirectory(prefix="int8-") as scratch:
         prepared = int8.prepare(fp32, Path(scratch) / "prepared.onnx", q.exclude_nodes)
         cache = Path(scratch) / "calibration.json"
-
-        def quantized(nodes, path: Path = Path(scratch) / "trial.onnx") -> Path:
-            return int8.quantize_onnx(prepared, path, calibration, fmt, q, fp32_nodes=nodes, cache=cache)
-
-        nodes: list[str] = []
-        if searched:
-            probe = search.search_probe(inputs[:n_val], labels[:n_val], rt.session(fp32), q, params.base.seed)
-            candidates = int8.weighted_nodes(prepared, q.exclude_nodes)
-            nodes, _ = search.search_fp32_nodes(quantized, candidates, probe, q.sensitivity_max_nodes)
-        quantized(nodes, target_path)
+        nodes, _ = search.quantize_searched(
+            prepared, target_path, calibration, fmt, q, probe, cache, searched
+        )
     (target_path.parent / f"{target_path.name}.nodes").write_text("\n".join(nodes))
     return target_path
 
@@ -159,7 +157,7 @@ def _figures(path: Path, fp32: Path, compared: tuple, haswell: np.ndarray | None
     here = rt.logits(rt.session(path), inputs)
     reference = fp32_logits.argmax(1)
     comparison = stats.compare(reference, here.argmax(1), labels)
-    fp32_run, int8_run = (_runner(rt.session(p)) for p in (fp32, path))
+    fp32_run, int8_run = (_ort_runner(rt.session(p)) for p in (fp32, path))
     speedups = []
     for _ in range(settings["repeats"]):
         fp32_ms, int8_ms = timing.adjacent_batch1_ms(fp32_run, int8_run, inputs, settings["inner_repeats"])
@@ -215,8 +213,3 @@ def _fp32_check(here: np.ndarray, haswell: np.ndarray | None) -> dict[str, Any]:
             same_top1=bool(np.array_equal(haswell.argmax(1), here[: len(haswell)].argmax(1))),
         )
     return check
-
-
-def _runner(sess):
-    name = sess.get_inputs()[0].name
-    return lambda batch: sess.run(None, {name: batch})

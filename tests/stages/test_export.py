@@ -24,7 +24,7 @@ from pipeline.pages.model_card import model_card
 from pipeline.serving import onnx_runtime as rt
 from pipeline.serving.predict import Predictor, UsageError
 from pipeline.stages import export, quantize
-from pipeline.stages.quantize import int8
+from pipeline.stages.quantize import int8, search
 
 TEMPERATURE = 1.7  # what conftest's exported_project writes to the calibration file
 
@@ -205,7 +205,7 @@ def test_no_file_made_from_the_onnx_export_names_a_folder_of_the_machine_that_bu
     formats = list(int8.FORMATS)
     params = model_project(tmp_path, quantize={**SHIP_ANY_INT8, "formats": formats}, export={"fp16": True})
     kept: dict[str, Path] = {}  # each INT8 candidate (and search trial), copied before the stage deletes it
-    quantize_onnx = quantize.quantize_onnx  # the name the stage calls
+    quantize_onnx = search.quantize_onnx  # the name the stage's quantizer calls
 
     def keep_a_copy(prepared, target, *args, **kwargs):
         kept[target.name] = Path(
@@ -213,7 +213,7 @@ def test_no_file_made_from_the_onnx_export_names_a_folder_of_the_machine_that_bu
         )
         return target
 
-    monkeypatch.setattr(quantize, "quantize_onnx", keep_a_copy)
+    monkeypatch.setattr(search, "quantize_onnx", keep_a_copy)
     quantize.run(params)
     metrics = export.run(params)
     folder = Path(params.paths.export_dir)

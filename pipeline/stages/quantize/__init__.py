@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,8 +36,8 @@ from pipeline.io import atomic_dir, write_json
 from pipeline.models import load_trained
 from pipeline.serving import onnx_runtime as rt
 from pipeline.stages import Stage
-from pipeline.stages.quantize.int8 import prepare, quantize_onnx, weighted_nodes
-from pipeline.stages.quantize.search import search_fp32_nodes, search_probe
+from pipeline.stages.quantize.int8 import prepare
+from pipeline.stages.quantize.search import quantize_searched, search_probe
 
 STAGE = Stage(
     summary="ONNX export and INT8 candidates judged against FP32; the best passing one ships.",
@@ -84,7 +83,8 @@ def run(params: Params) -> dict:
         fp32 = rt.export_onnx(
             trained.model, out / rt.FP32_FILE, trained.data_config["input_size"], params.export.opset
         )
-        fp32_pred = rt.logits(rt.session(fp32), inputs).argmax(1)
+        fp32_logits = rt.logits(rt.session(fp32), inputs)
+        fp32_pred = fp32_logits.argmax(1)
         report = {
             "cpu": rt.cpu_info(),
             "compared": {"splits": list(COMPARED_SPLITS), "n": len(labels)},
@@ -99,10 +99,11 @@ def run(params: Params) -> dict:
                 if q.method == "static"
                 else None
             )
-            probe = search_probe(inputs[:n_val], labels[:n_val], rt.session(fp32), q, params.base.seed)
+            val = slice(0, n_val)
+            probe = search_probe(inputs[val], labels[val], fp32_logits[val], q, params.base.seed)
             candidates = _try_formats(out, calibration, (inputs, labels, fp32_pred), probe, q)
         chosen = choose(candidates)
-        report["decision"] = _decision(chosen, candidates)
+        report["decision"] = _decision(chosen, candidates, report["cpu"])
         report["candidates"] = [_candidate_row(c) for c in candidates]
         if chosen is not None:
             shutil.move(out / _CANDIDATES / f"{chosen.format}.onnx", out / rt.INT8_FILE)
@@ -136,25 +137,15 @@ def _try_formats(
     scratch = out / _CANDIDATES
     scratch.mkdir()
     prepared = prepare(out / rt.FP32_FILE, scratch / "prepared.onnx", q.exclude_nodes)
-    cache = scratch / "calibration.json"  # activation ranges, calibrated once for every format and trial
+    cache = scratch / "calibration.json"  # activation ranges: the first quantization writes, the others read
     candidates: list[Candidate] = []
     for name in sorted(q.formats, key=lambda f: f not in rt.PORTABLE_INT8):
         how = f"{len(calibration)} calibration images, {q.calibration_method}" if q.method == "static" else ""
         log.info("quantizing as %s (%s)", name, how or "dynamic: weights only")
-
-        def quantized(nodes: Sequence[str], target: Path = scratch / "trial.onnx", fmt: str = name) -> Path:
-            return quantize_onnx(prepared, target, calibration, fmt, q, fp32_nodes=nodes, cache=cache)
-
-        quantized([])  # fills the calibration cache
         could_ship = name in rt.PORTABLE_INT8 or not any(c.passed and c.portable for c in candidates)
-        nodes, search = (
-            search_fp32_nodes(
-                quantized, weighted_nodes(prepared, q.exclude_nodes), probe, q.sensitivity_max_nodes
-            )
-            if q.sensitivity_max_nodes and could_ship
-            else ([], {})
-        )
-        sess = rt.session(quantized(nodes, scratch / f"{name}.onnx"))
+        target = scratch / f"{name}.onnx"
+        nodes, search = quantize_searched(prepared, target, calibration, name, q, probe, cache, could_ship)
+        sess = rt.session(target)
         comparison = stats.compare(fp32_pred, rt.logits(sess, inputs).argmax(1), labels, 1.0 - q.alpha)
         fp32_ms, batch1_ms = timing.adjacent_batch1_ms(fp32, _ort_runner(sess), inputs, q.benchmark_repeats)
         speedup = fp32_ms / batch1_ms
@@ -194,7 +185,7 @@ def _most_agreeing(candidates: list[Candidate]) -> Candidate | None:
     return max(candidates, key=lambda c: c.comparison.agreement, default=None)
 
 
-def _decision(chosen: Candidate | None, candidates: list[Candidate]) -> dict:
+def _decision(chosen: Candidate | None, candidates: list[Candidate], cpu: dict) -> dict:
     if not candidates:
         return {"shipped": False, "format": "none", "reason": "quantization is off (quantize.enabled: false)"}
     if chosen is None:
@@ -209,7 +200,7 @@ def _decision(chosen: Candidate | None, candidates: list[Candidate]) -> dict:
         "reason": f"{chosen.format}{kept} agrees with FP32 on {c.agreement:.1%} of {c.n} val+test images "
         f"({c.candidate_accuracy:.1%} vs {c.reference_accuracy:.1%} accuracy) and runs {chosen.speedup:.2f}x "
         "as fast at batch 1 on this CPU",
-        "checked_for": checked_for(chosen.format, rt.cpu_info()),
+        "checked_for": checked_for(chosen.format, cpu),
     }
 
 

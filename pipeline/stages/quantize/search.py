@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from scipy.special import log_softmax
 
 from pipeline.config import QuantizeParams
 from pipeline.data.sampling import stratified_sample
 from pipeline.serving import onnx_runtime as rt
-from pipeline.stages.quantize.int8 import WEIGHTED_OPS
+from pipeline.stages.quantize.int8 import WEIGHTED_OPS, quantize_onnx, weighted_nodes
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,35 @@ _MIN_GAIN = 0.1  # the search adds a node only if it lowers the divergence from 
 
 # ... and stops below this mean KL divergence (nats): softmaxes this close flip top-1 classes only at ties
 _NEGLIGIBLE = 1e-4
+
+
+def quantize_searched(
+    prepared: Path,
+    target: Path,
+    calibration: np.ndarray | None,
+    fmt: str,
+    q: QuantizeParams,
+    probe: tuple,
+    cache: Path,
+    search: bool = True,
+) -> tuple[list[str], dict]:
+    """Quantize `prepared` as `fmt` into `target`, with the nodes the search finds on the `probe` (val
+    inputs, FP32's logits) left in FP32 when `search` and `q.sensitivity_max_nodes` ask for one (its trials
+    go to trial.onnx beside `target`; `cache`: the activation ranges, see `quantize_onnx`). Returns the nodes
+    and what the search measured (empty without a search)."""
+
+    def quantized(nodes: Sequence[str], path: Path = target.parent / "trial.onnx") -> Path:
+        return quantize_onnx(prepared, path, calibration, fmt, q, fp32_nodes=nodes, cache=cache)
+
+    nodes, found = (
+        search_fp32_nodes(
+            quantized, weighted_nodes(prepared, q.exclude_nodes), probe, q.sensitivity_max_nodes
+        )
+        if search and q.sensitivity_max_nodes
+        else ([], {})
+    )
+    quantized(nodes, target)
+    return nodes, found
 
 
 def search_fp32_nodes(
@@ -97,20 +127,14 @@ def ort_runs_in_fp32(model: Path, name: str) -> bool:
 
 def _divergence(reference: np.ndarray, logits: np.ndarray) -> float:
     """Mean KL divergence of softmax(logits) from softmax(reference), per image, in nats."""
-    ref, other = _log_softmax(reference), _log_softmax(logits)
+    ref, other = (log_softmax(np.asarray(z, dtype=np.float64), axis=1) for z in (reference, logits))
     return float(np.mean(np.sum(np.exp(ref) * (ref - other), axis=1)))
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
 def search_probe(
-    inputs: np.ndarray, labels: np.ndarray, fp32: object, q: QuantizeParams, seed: int
+    inputs: np.ndarray, labels: np.ndarray, fp32_logits: np.ndarray, q: QuantizeParams, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The search's images: a stratified sample of at most `q.sensitivity_images` val inputs, and FP32's
-    logits on them."""
+    logits on them (taken from `fp32_logits`, FP32's on all of `inputs`)."""
     chosen = stratified_sample(labels, q.sensitivity_images, seed)
-    sample = inputs[chosen]
-    return sample, rt.logits(fp32, sample)
+    return inputs[chosen], fp32_logits[chosen]
