@@ -16,7 +16,7 @@ from pipeline.config import ModelParams, QuantizeParams, TrainParams
 from pipeline.models import build_model
 from pipeline.models.weights import BUNDLED_CHECKPOINTS
 from pipeline.serving import onnx_runtime as rt
-from pipeline.stages.quantize import prepare, quantize_onnx
+from pipeline.stages.quantize.int8 import prepare, quantize_onnx
 from pipeline.training.optim import build_optimizer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
