@@ -187,6 +187,7 @@ def test_ingest_photos_compares_both_decodes_and_catches_the_cut_photo(results: 
         assert figures[arm]["images_per_s"] == pytest.approx(12 / figures[arm]["seconds"]["median"])
         assert figures[arm]["cache_seconds"]["median"] > 0
     assert 0 < figures["reduced"]["ingest_worker_peak_rss_mib"] < 1024
+    assert figures["reduced"]["squares_cached_by_ingest"] == 12  # each whole photo decoded once, by ingest
     assert payload["targets"]["truncated_caught"]["met"] is True
 
 

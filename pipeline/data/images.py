@@ -312,11 +312,13 @@ def inspect(
     candidate: Candidate,
     read_whole_limit: int = READ_WHOLE_LIMIT,
     max_decode_bytes: int | None = None,
+    keep_side: int | None = None,
 ) -> dict[str, object]:
     """The manifest row of one candidate: sha256 and size of its bytes, then a decode that proves the file
     whole (`_decode`; `max_decode_bytes` None: no memory budget) and records its EXIF-rotated width/height.
     A file up to `read_whole_limit` bytes is read once and decoded from memory, a larger one hashed in chunks.
-    A decoded image's row also holds `notes` (the `NOTES` kinds that apply), which is no manifest column.
+    A decoded image's row also holds `notes` (the `NOTES` kinds that apply) and, with `keep_side`, `reduced`
+    (the image as `open_reduced(file, keep_side)` gives it), which are no manifest columns.
     """
     row: dict[str, object] = dict.fromkeys(MANIFEST_COLUMNS, "")
     row.update(path=candidate.path, label=candidate.label, split=candidate.split, status=candidate.status)
@@ -332,7 +334,7 @@ def inspect(
         row["status"] = "empty_file"
         return row
     source = file if contents is None else io.BytesIO(contents)
-    row.update(_decode(source, max_decode_pixels, max_decode_bytes))
+    row.update(_decode(source, max_decode_pixels, max_decode_bytes, keep_side))
     return row
 
 
@@ -493,14 +495,25 @@ def open_reduced(path: Path | str, side: int) -> Image.Image:
     The result is the full image scaled exactly, so the resize that follows samples the same places; no
     full-size copy is ever made."""
     with Image.open(path) as img:
-        keep = REDUCING_GAP * side
-        if isinstance(img, JpegImagePlugin.JpegImageFile):
-            scale = _whole_factor(img.size, keep, (8, 4, 2))
-            img.draft(None, (img.width // scale, img.height // scale))
+        _draft(img, side)
         ImageOps.exif_transpose(img, in_place=True)  # loads; copies only a rotated image
-        factor = _whole_factor(img.size, keep, range(min(img.size) // keep, 1, -1))
-        keyed = "transparency" in img.info  # a colour key matches exact values, which a box reduction blends
-        return img.reduce(factor) if factor > 1 and img.mode not in _NO_REDUCE and not keyed else img
+        return _box_reduced(img, side)
+
+
+def _draft(img: Image.Image, side: int) -> None:
+    """Ask a JPEG for the smallest DCT scale (1/8, 1/4 or 1/2) that keeps the shorter side at least
+    REDUCING_GAP x `side` (a no-op for other formats)."""
+    if isinstance(img, JpegImagePlugin.JpegImageFile):
+        scale = _whole_factor(img.size, REDUCING_GAP * side, (8, 4, 2))
+        img.draft(None, (img.width // scale, img.height // scale))
+
+
+def _box_reduced(img: Image.Image, side: int) -> Image.Image:
+    """`img` (loaded, upright) box-reduced by the largest whole factor that keeps REDUCING_GAP x `side`."""
+    keep = REDUCING_GAP * side
+    factor = _whole_factor(img.size, keep, range(min(img.size) // keep, 1, -1))
+    keyed = "transparency" in img.info  # a colour key matches exact values, which a box reduction blends
+    return img.reduce(factor) if factor > 1 and img.mode not in _NO_REDUCE and not keyed else img
 
 
 def _whole_factor(size: tuple[int, int], keep: int, factors: Iterable[int]) -> int:
@@ -524,14 +537,19 @@ def _decode_bytes(img: Image.Image, full_size: tuple[int, int]) -> int:
 
 
 def _decode(
-    file: Path | io.BytesIO, max_decode_pixels: int, max_decode_bytes: int | None
+    file: Path | io.BytesIO, max_decode_pixels: int, max_decode_bytes: int | None, keep_side: int | None
 ) -> dict[str, object]:
     """Format, mode, EXIF-rotated size, status and notes (`NOTES` kinds) of one image. It is decoded to the
     end, which proves it whole (a truncated file fails here), but in as little memory as the format allows: a
     JPEG at 1/8 scale (libjpeg still reads every coefficient), the rest in full, never copied; the conversion
     to RGB that the pipeline applies later is tried on a corner. An image whose decode needs more than
     `max_decode_bytes` is not decoded at all (over_memory_budget), so a worker never holds more than that in
-    pixels. A decoded image a person would not see as the pipeline does gets a status (`_unseen`)."""
+    pixels. A decoded image a person would not see as the pipeline does gets a status (`_unseen`).
+
+    With `keep_side`, a JPEG is decoded at the scale `open_reduced(file, keep_side)` takes instead, and a
+    usable image's row holds that function's result as `reduced` (no manifest column) when its decode took at
+    most a third of `max_decode_bytes`: the same decode proves the file whole and gives what the image cache
+    resizes."""
     info: dict[str, object] = {}
     try:
         with _own_limits(), Image.open(file) as img:
@@ -539,8 +557,12 @@ def _decode(
             if img.width * img.height > max_decode_pixels:
                 return {**info, "status": "too_large"}
             full_size = img.size
-            img.draft(None, (1, 1))  # JPEG: the smallest DCT scale; a no-op for other formats
-            if max_decode_bytes is not None and _decode_bytes(img, full_size) > max_decode_bytes:
+            if keep_side is None:
+                img.draft(None, (1, 1))  # JPEG: the smallest DCT scale; a no-op for other formats
+            else:
+                _draft(img, keep_side)
+            decoded = _decode_bytes(img, full_size)
+            if max_decode_bytes is not None and decoded > max_decode_bytes:
                 return {**info, "status": "over_memory_budget"}
             img.load()
             to_rgb(img.crop((0, 0, min(img.width, 8), min(img.height, 8))))
@@ -548,6 +570,10 @@ def _decode(
             rotated = img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
             width, height = reversed(full_size) if rotated else full_size
             status = _unseen(img) or "ok"
+            if keep_side is not None and status == "ok" and (max_decode_bytes or 3 * decoded) >= 3 * decoded:
+                # within the budget: an upright copy (its own pixels, kept once the file is closed) and the
+                # RGB conversion take at most twice the decode
+                info["reduced"] = _box_reduced(ImageOps.exif_transpose(img), keep_side)
             notes = _notes(img) if status == "ok" else ()  # last: counting frames moves off the first
             return {**info, "width": width, "height": height, "status": status, "notes": notes}
     except UnidentifiedImageError:

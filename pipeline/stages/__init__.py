@@ -37,6 +37,8 @@ class Stage:
         plots: dvclive plot folders it writes, by catalogue name, with their x axis.
         dvc_plots: top-level `plots` of dvc.yaml (files it writes and how `dvc plots show` draws them).
         note: a comment shown above the stage in dvc.yaml (why a path is or is not an output).
+        warms: params it reads only to fill a content-addressed cache ahead of a later stage (its outputs do
+            not depend on them, so they are not DVC params: a change of them does not re-run it).
     """
 
     summary: str
@@ -47,6 +49,7 @@ class Stage:
     plots: dict[str, str] = field(default_factory=dict)
     dvc_plots: dict[str, dict] = field(default_factory=dict)
     note: str = ""
+    warms: tuple[str, ...] = ()
 
     def products(self, name: str, paths: PathsParams, metrics: bool = True) -> list[Path]:
         """What a person looks for once stage `name` ran: its outputs, its metrics file, and its page in

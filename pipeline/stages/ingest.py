@@ -5,6 +5,11 @@ The manifest has one row per candidate (usable or not, with the reason), sorted 
 timestamps, so the same input gives a byte-identical file. Files are inspected in a process pool and rows
 are streamed to disk in path order, so memory stays flat however many images there are. Sources are only read.
 
+Each image is decoded once in the whole pipeline: the decode that proves a file whole is made at the scale the
+image cache needs (`model.backbone`, `model.image_size`, `model.crop_pct`), and the square the audit and train
+stages read is put into the cache from it (`cache.Prefill`). Those params only warm a content-addressed cache,
+so they are not the stage's DVC params: after a change of them, train decodes the images it lacks itself.
+
 Each task's rows are kept under `paths.cache_dir`/ingest-<source>/ (`_Chunks`), keyed by its files' paths,
 labels and stat (size, mtime, ctime, inode) and by the inspection code and settings: a killed ingest resumes
 from its finished tasks, and a re-run after new images arrived inspects only the tasks they fall in, since a
@@ -16,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import importlib.metadata
 import io
 import json
 import logging
@@ -30,8 +36,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import NO_CSV_MANIFEST, IngestParams, Params, PathsParams
-from pipeline.data import images
+import numpy as np
+
+from pipeline.config import NO_CSV_MANIFEST, IngestParams, ModelParams, Params, PathsParams
+from pipeline.data import cache, images
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, write_json, write_text
 from pipeline.progress import progress
@@ -42,6 +50,7 @@ STAGE = Stage(
     params=("ingest", "paths.data_root", "paths.csv_manifest"),
     deps=("data_root", "csv_manifest"),  # csv_manifest: pipeline/data/no_csv_manifest.csv (empty) for none
     outs=("manifest", "details:ingest"),
+    warms=("model",),
 )
 
 log = logging.getLogger(__name__)
@@ -82,7 +91,9 @@ _SOURCES: dict[str, Callable[[IngestParams, PathsParams], images.Scan]] = {
 
 def run(params: Params) -> dict:
     source = check_inputs(params.ingest, params.paths)
-    metrics, details = _scan_and_inspect(params.ingest, params.paths, source)
+    metrics, details = _scan_and_inspect(
+        params.ingest, params.paths, source, _cache_config(params.model, params.paths.cache_dir)
+    )
     details["source"] = source
     write_json(params.paths.details("ingest"), details)
     write_json(params.paths.metrics("ingest"), metrics)
@@ -114,8 +125,32 @@ def _warn_notes(notes: dict[str, list[str]], details: Path) -> None:
         log.warning("ingest: %d image(s) %s: %s (all in %s)", len(paths), images.NOTES[kind], shown, details)
 
 
-def _scan_and_inspect(ingest: IngestParams, paths: PathsParams, source: str) -> tuple[dict, dict]:
-    """Find the candidates, write the manifest; its headline figures (metrics) and the rest (details)."""
+def _cache_config(model: ModelParams, cache_dir: Path) -> dict[str, Any] | None:
+    """The preprocessing whose squares ingest puts into the image cache; None (and no squares) when
+    `model.backbone` gives none, which `python -m pipeline check` and the train stage report. Resolving it
+    imports timm and torch (2.5 s, a tenth of ingesting 2,000 camera photos, and 400 MB each worker would
+    inherit), so it is remembered under `cache_dir`, keyed by the model params and timm's version."""
+    settings = [model.backbone, model.image_size, model.crop_pct, importlib.metadata.version("timm")]
+    name = hashlib.blake2b(json.dumps(settings).encode(), digest_size=8).hexdigest()
+    memo = cache_dir / "data-configs" / f"{name}.json"
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(memo.read_text(encoding="utf-8"))
+    from pipeline.models import resolve_data_config
+
+    try:
+        config = resolve_data_config(model)
+    except PipelineError:
+        return None
+    with contextlib.suppress(OSError):  # not remembered: the next run resolves it again
+        write_json(memo, config)
+    return config
+
+
+def _scan_and_inspect(
+    ingest: IngestParams, paths: PathsParams, source: str, data_config: dict[str, Any] | None
+) -> tuple[dict, dict]:
+    """Find the candidates, write the manifest; its headline figures (metrics) and the rest (details).
+    With `data_config`, each usable image's cached square is made from the decode that proves it whole."""
     scan = _SOURCES[source](ingest, paths)
     if all(c.status == "empty_class_folder" for c in scan.candidates):
         raise PipelineError(
@@ -132,13 +167,16 @@ def _scan_and_inspect(ingest: IngestParams, paths: PathsParams, source: str) -> 
     ranges = task_ranges(scan.candidates, files_per_task(total, ingest.chunksize, ingest.num_workers))
     chunks = _Chunks.of(ingest, paths)
     used, reused = set(), 0
-    inspector = _inspector(ingest, paths.data_root, scan.candidates, chunks)
+    inspector = _inspector(ingest, paths.data_root, scan.candidates, chunks, data_config)
+    prefill = None if data_config is None else cache.Prefill(paths.cache_dir, data_config)
     with atomic_path(paths.manifest) as tmp:
         with tmp.open("w", newline="", encoding="utf-8") as fh, inspector as imap:
             csv.writer(fh, lineterminator="\n").writerow(images.MANIFEST_COLUMNS)
             with progress("ingest", total, "file") as bar:
-                for key, found, (text, counts, usable_labels, noted) in imap(_inspect_range, ranges):
+                for key, found, (text, counts, usable_labels, noted), squares in imap(_inspect_range, ranges):
                     fh.write(text)
+                    if prefill is not None and squares is not None:
+                        prefill.add(*squares)
                     statuses.update(counts)
                     labels |= usable_labels
                     for kind, noted_paths in noted.items():
@@ -146,6 +184,8 @@ def _scan_and_inspect(ingest: IngestParams, paths: PathsParams, source: str) -> 
                     bar.update(counts.total())
                     used.add(key)
                     reused += counts.total() if found else 0
+    if prefill is not None:
+        prefill.close()
     chunks.keep_only(used)
     seconds = time.perf_counter() - started
     if reused:
@@ -166,6 +206,9 @@ def _scan_and_inspect(ingest: IngestParams, paths: PathsParams, source: str) -> 
         "repeated_csv_rows": len(scan.repeated_rows),
         "classes": len(labels),
         "rows_reused": reused,  # from an earlier run's finished tasks (_Chunks)
+        "squares_cached": 0
+        if prefill is None
+        else prefill.added,  # into the image cache, for train and audit
         "notes": dict(sorted(notes.items())),  # images.NOTES kind -> the usable images it applies to
     }
     return metrics, details
@@ -350,6 +393,7 @@ def _start_inspector(
     max_decode_bytes: int,
     candidates: list[images.Candidate],
     chunks: _Chunks,
+    data_config: dict[str, Any] | None,
 ) -> None:
     _INSPECTOR.update(
         root=root,
@@ -357,17 +401,27 @@ def _start_inspector(
         max_decode_bytes=max_decode_bytes,
         candidates=candidates,
         chunks=chunks,
+        data_config=data_config,
+        keep_side=None if data_config is None else cache.cache_side(data_config),
     )
 
 
-def _inspect_range(bounds: tuple[int, int]) -> tuple[str, bool, _Result]:
-    """The key of candidates[start:stop] (`_Chunks.key`), whether an earlier run's result was found, and the
+_Squares = tuple[list[str], "np.ndarray"]  # the images' cache identities, their squares (n, 3, side, side)
+
+
+def _inspect_range(bounds: tuple[int, int]) -> tuple[str, bool, _Result, _Squares | None]:
+    """The key of candidates[start:stop] (`_Chunks.key`), whether an earlier run's result was found, the
     result: their manifest rows as CSV text, with their status counts, usable labels and the paths of each
-    kind of note (`images.NOTES`)."""
+    kind of note (`images.NOTES`); and the cached squares of the usable ones (None when the result was
+    found, or no data config was given). A task's squares take up to chunksize x 3 x side^2 bytes (1,024
+    images at 160 px: 100 MB)."""
     candidates, chunks = _INSPECTOR["candidates"][slice(*bounds)], _INSPECTOR["chunks"]
     key = chunks.key(_INSPECTOR["root"], candidates)
     if (found := chunks.load(key)) is not None:
-        return key, True, found
+        return key, True, found, None
+    data_config = _INSPECTOR["data_config"]
+    names: list[str] = []
+    squares: list[np.ndarray] = []
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     statuses: Counter[str] = Counter()
@@ -379,7 +433,11 @@ def _inspect_range(bounds: tuple[int, int]) -> tuple[str, bool, _Result]:
             _INSPECTOR["max_decode_pixels"],
             candidate,
             max_decode_bytes=_INSPECTOR["max_decode_bytes"],
+            keep_side=_INSPECTOR["keep_side"],
         )
+        if (reduced := row.pop("reduced", None)) is not None:
+            squares.append(cache.square_of(reduced, data_config))
+            names.append(cache.identity(candidate.path, str(row["sha256"])))
         writer.writerow([row[column] for column in images.MANIFEST_COLUMNS])
         statuses[row["status"]] += 1
         if row["status"] == "ok":
@@ -388,18 +446,22 @@ def _inspect_range(bounds: tuple[int, int]) -> tuple[str, bool, _Result]:
             noted.setdefault(kind, []).append(candidate.path)
     result = (buffer.getvalue(), statuses, labels, noted)
     chunks.save(key, result)
-    return key, False, result
+    return key, False, result, (names, np.stack(squares)) if squares else None
 
 
 @contextlib.contextmanager
 def _inspector(
-    ingest: IngestParams, root: Path, candidates: list[images.Candidate], chunks: _Chunks
+    ingest: IngestParams,
+    root: Path,
+    candidates: list[images.Candidate],
+    chunks: _Chunks,
+    data_config: dict[str, Any] | None,
 ) -> Iterator[Callable]:
     """An ordered lazy map for _inspect_range over the candidates under `root`: in this process for
     `ingest.num_workers: 0`, else over a process pool whose workers get the candidates once, when they
     start."""
     budget = ingest.max_decode_mib * images.MIB
-    settings = (str(root), ingest.max_decode_pixels, budget, candidates, chunks)
+    settings = (str(root), ingest.max_decode_pixels, budget, candidates, chunks, data_config)
     if ingest.num_workers == 0:
         _start_inspector(*settings)
         try:

@@ -153,3 +153,25 @@ def test_every_image_is_loaded_once_in_any_number_of_tasks(tmp_path, monkeypatch
     paths = [tmp_path / f"{i}.png" for i in range(cache._TASK_IMAGES * 2 + 3)]
     cache.build_cache(paths, [p.name for p in paths], CONFIG, tmp_path / "cache", workers=3)
     assert sorted(loaded) == sorted(paths)
+
+
+def test_prefilled_squares_are_found_by_the_build_and_written_once(tmp_path, monkeypatch):
+    """Squares put into the cache ahead of it (ingest's) are what `build_cache` reads, with no file to
+    decode; a shard each time the buffer fills, a square the cache holds (or repeated) written once."""
+    side = cache.cache_side(CONFIG)
+    squares = np.random.default_rng(0).integers(0, 256, (10, 3, side, side), dtype=np.uint8)
+    names = [f"img_{i}.png:sha{i}" for i in range(10)]
+    monkeypatch.setattr(cache, "_PREFILL_BYTES", 3 * squares[0].nbytes)  # a shard every third square
+    prefill = cache.Prefill(tmp_path, CONFIG)
+    for start in range(0, 8, 2):
+        prefill.add(names[start : start + 2], squares[start : start + 2])
+    prefill.add([names[8], names[8]], squares[[8, 8]])  # the same image twice in one task
+    prefill.close()
+    again = cache.Prefill(tmp_path, CONFIG)
+    again.add(names[:9], squares[:9])
+    again.close()
+
+    assert (prefill.added, again.added, len(again.store.names)) == (9, 0, 3)
+    missing = tmp_path / "nowhere"
+    built = cache.build_cache([missing / n for n in names[:9]], names[:9], CONFIG, tmp_path, workers=1)
+    assert np.array_equal(cache.open_cache(built)[:], squares[:9])

@@ -301,3 +301,44 @@ def test_ingest_and_validate_name_every_odd_image_with_its_reason(tmp_path, capl
         warning = next(r.getMessage() for r in caplog.records if images.NOTES[kind] in r.getMessage())
         assert warning.startswith(f"ingest: {len(named)} image(s) ")
         assert all(repr(path) in warning for path in named)
+
+
+def test_ingest_caches_each_usable_image_as_the_cache_build_decodes_it(tmp_path, monkeypatch):
+    """Ingest's one decode gives the image cache's squares: byte for byte what the cache build decodes from
+    the file, for every odd mode, a rotated JPEG and a large PNG; the build then decodes nothing."""
+    from PIL import ImageOps
+
+    from pipeline.data import cache
+    from pipeline.models import resolve_data_config
+
+    root = tmp_path / "data"
+    usable = [case for case in CASES if case.status == "ok"]
+    (root / "odd").mkdir(parents=True)
+    for case in usable:
+        case.write(root / "odd" / case.name)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated
+    photo = np.random.default_rng(0).integers(0, 256, (1200, 1600, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(root / "odd" / "rotated.jpg", quality=90, exif=exif)
+    Image.fromarray(photo).save(root / "odd" / "large.png")
+    params = data_stage_params(tmp_path, root, ingest={"num_workers": 0}, model={"image_size": 32})
+    ingest.run(params)
+
+    rows = pd.read_csv(params.paths.manifest, dtype=str, keep_default_na=False).query("status == 'ok'")
+    scanned = [case.name for case in usable if Path(case.name).suffix in params.ingest.extensions]
+    assert sorted(rows["path"]) == sorted(f"odd/{name}" for name in [*scanned, "rotated.jpg", "large.png"])
+    assert read_json(params.paths.details("ingest"))["squares_cached"] == len(rows)
+    files = [root / path for path in rows["path"]]
+    names = [cache.identity(path, sha) for path, sha in zip(rows["path"], rows["sha256"], strict=True)]
+    config = resolve_data_config(params.model)
+    decoded = cache.open_cache(cache.build_cache(files, names, config, tmp_path / "decoded", workers=1))[:]
+    monkeypatch.setattr(cache, "_load", lambda *_: pytest.fail("the cache build decoded an image"))
+    prefilled = cache.open_cache(cache.build_cache(files, names, config, params.paths.cache_dir, workers=1))[
+        :
+    ]
+
+    for name, ours, theirs in zip(rows["path"], prefilled, decoded, strict=True):
+        assert np.array_equal(ours, theirs), name
+    rotated = list(rows["path"]).index("odd/rotated.jpg")
+    upright = cache.cached_square(ImageOps.exif_transpose(Image.open(root / "odd/rotated.jpg")), config)
+    assert np.abs(prefilled[rotated].astype(int) - upright).mean() < 2  # shown rotated, not as stored

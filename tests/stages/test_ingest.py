@@ -683,3 +683,50 @@ def test_a_worker_stays_under_one_gib_on_a_150_megapixel_png(tmp_path):
     row = _manifest(params).set_index("path").loc["class_0/poster.png"]
     assert (row["status"], row["width"]) == ("ok", "12247")
     assert 572 * 1024 < peak_kib["children"] < 1024 * 1024, peak_kib
+
+
+def test_an_image_whose_decode_takes_over_a_third_of_the_budget_is_left_to_the_cache_build(
+    tmp_path, monkeypatch
+):
+    """The square's copies (upright, RGB) may take twice the decode, so ingest makes it only within the
+    budget; such an image is still usable, and the cache build decodes it, and only it, itself."""
+    import numpy as np
+
+    from pipeline.data import cache
+    from pipeline.models import resolve_data_config
+
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=3)
+    Image.new("RGB", (1000, 1000), (200, 30, 60)).save(root / "class_0" / "big.png")  # 4 MB: 3 x 4 > 10 MiB
+    params = data_stage_params(tmp_path, root, ingest={"num_workers": 0, "max_decode_mib": 10})
+    ingest.run(params)
+
+    rows = _manifest(params)
+    assert rows.set_index("path").at["class_0/big.png", "status"] == "ok"
+    assert read_json(params.paths.details("ingest"))["squares_cached"] == len(rows) - 1
+    decoded, load = [], cache._load
+    monkeypatch.setattr(cache, "_load", lambda path, config: decoded.append(path) or load(path, config))
+    names = [cache.identity(path, sha) for path, sha in zip(rows["path"], rows["sha256"], strict=True)]
+    files = [root / path for path in rows["path"]]
+    built = cache.build_cache(files, names, resolve_data_config(params.model), params.paths.cache_dir, 1)
+    assert decoded == [root / "class_0" / "big.png"]
+    assert np.all(cache.open_cache(built)[list(rows["path"]).index("class_0/big.png")][0] == 200)
+
+
+def test_the_backbone_preprocessing_is_resolved_once_then_read_without_torch(tmp_path):
+    """Resolving it imports timm and torch (2.5 s, and 400 MB every forked worker inherits); a later run
+    reads it back from the cache, and a change of model.image_size resolves it anew."""
+    code = (
+        "import json, sys; from pipeline.config import ModelParams; from pipeline.stages import ingest; "
+        "config = ingest._cache_config(ModelParams(image_size=int(sys.argv[2])), __import__('pathlib').Path("
+        "sys.argv[1])); print(json.dumps([config['input_size'], 'torch' in sys.modules]))"
+    )
+
+    def resolve(size: int) -> list:
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path), str(size)], capture_output=True, text=True, check=True
+        )
+        return json.loads(done.stdout)
+
+    assert resolve(64) == [[3, 64, 64], True]
+    assert resolve(64) == [[3, 64, 64], False]
+    assert resolve(96) == [[3, 96, 96], True]

@@ -89,7 +89,7 @@ def embed(
     what the other computed (both cache by content under `cache_dir`). `seed`: base.seed, as train seeds."""
     import torch
 
-    from pipeline.data.cache import build_cache
+    from pipeline.data.cache import build_cache, identity
     from pipeline.data.loader import CachedImages
     from pipeline.data.transforms import build_transforms
     from pipeline.models import build_model, resolve_data_config
@@ -100,7 +100,7 @@ def embed(
     seed_everything(seed)  # as train does: random-init weights (weights: none) match its own
     batch_size, precision, channels_last = feature_pass(features, Dist())
     data_config = resolve_data_config(model)
-    identities = [f"{p}:{sha}" for p, sha in zip(table["path"], table["sha256"], strict=True)]
+    identities = [identity(p, sha) for p, sha in zip(table["path"], table["sha256"], strict=True)]
     cache_file = build_cache(files, identities, data_config, cache_dir, workers=os.cpu_count() or 1)
     backbone = build_model(model, num_classes=None).backbone.to(precision.device)
     if channels_last:
