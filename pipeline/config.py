@@ -553,6 +553,13 @@ class TrainParams(_Section):
     """keep DataLoader workers alive between epochs (when workers > 0)"""
     overfit_gap_warning: Fraction = 0.15
     """warn when an epoch's train accuracy exceeds val accuracy by more than this"""
+    on_overfit: Literal["warn", "stop", "restore"] = "warn"
+    """what an epoch of the last phase does besides warning when its gap is over `overfit_gap_warning` and
+    the early-stopping metric did not improve: `warn` nothing more; `stop` end training (the best epoch is
+    kept); `restore` go back to the best epoch's weights and multiply the rest of the lr schedule by
+    `overfit_lr_factor` (Keras' ReduceLROnPlateau with the best weights restored)"""
+    overfit_lr_factor: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3
+    """`on_overfit: restore`: the lr schedule from there on is this times what it was"""
     checkpoint_every_s: Annotated[float, Field(ge=0.0)] = 60.0
     """write the resumable checkpoint after an epoch once this many seconds have passed since the last one,
     and always after the last epoch; `0` = every epoch. An interrupted run loses at most this long plus one

@@ -22,7 +22,7 @@ from pipeline.models import ImageClassifier
 from pipeline.models.freezing import EpochPlan, set_trainable, train_mode
 from pipeline.progress import progress
 from pipeline.training.distributed import Dist, all_sum, from_main, wrap
-from pipeline.training.optim import build_optimizer, build_scheduler, compressed, current_lrs
+from pipeline.training.optim import build_optimizer, build_scheduler, compressed, current_lrs, scaled
 from pipeline.training.precision import Precision
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class Trainer:
         epoch_phases = [plan.phase for plan in plans]
         self.scheduler = build_scheduler(self.optimizer, epoch_phases, steps_per_epoch, params)
         self.steps_per_epoch = steps_per_epoch
-        self.replans: list[tuple[int, int, int]] = []  # compressions of the schedule: see replan
+        self.replans: list[tuple] = []  # edits of the schedule (replan, restore), replayed on resume
         self.scaler = precision.grad_scaler()
         self.ema = ModelEmaV3(model, decay=params.ema_decay, use_warmup=True) if params.ema_decay else None
         self._wrapped: tuple[Any, nn.Module] | None = None
@@ -84,19 +84,34 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
-        for steps in state["replans"]:
-            self._compress(*steps)
+        for edit in state["replans"]:
+            self._edit(*edit)
 
     def replan(self, epochs_left: int, new_epochs_left: int) -> None:
         """End the run after `new_epochs_left` more epochs rather than `epochs_left`: the rest of the lr
         schedule is compressed into them (optim.compressed), so it still decays to its end."""
         start, steps = self.scheduler.last_epoch, self.steps_per_epoch  # LambdaLR counts optimizer steps
-        self._compress(start, start + epochs_left * steps, start + new_epochs_left * steps)
+        self._edit("compress", start, start + epochs_left * steps, start + new_epochs_left * steps)
 
-    def _compress(self, start: int, end: int, new_end: int) -> None:
-        factors = self.scheduler.lr_lambdas
-        self.scheduler.lr_lambdas = [compressed(factor, start, end, new_end) for factor in factors]
-        self.replans.append((start, end, new_end))  # replayed on resume: the lambdas are not saved
+    def restore(self, weights: dict[str, torch.Tensor], lr_factor: float) -> None:
+        """Go back to `weights` (the evaluated weights of an earlier epoch, the EMA's when enabled) and train
+        on at `lr_factor` times the lr schedule (`train.on_overfit: restore`)."""
+        self.model.load_state_dict(weights)
+        if self.ema is not None:
+            self.ema.module.load_state_dict(weights)
+        self._edit("scale", self.scheduler.last_epoch, lr_factor)
+
+    def _edit(self, kind: str, *args: float) -> None:
+        """Wrap the schedule's lambdas in one edit; recorded in order, since the lambdas are not saved."""
+        edit = {"compress": compressed, "scale": scaled}[kind]
+        self.scheduler.lr_lambdas = [edit(factor, *args) for factor in self.scheduler.lr_lambdas]
+        self.replans.append((kind, *args))
+        if kind == "scale":  # LambdaLR sets the lr at its next step: the rest of this one's too
+            lambdas, step = self.scheduler.lr_lambdas, self.scheduler.last_epoch
+            for group, base, factor in zip(
+                self.optimizer.param_groups, self.scheduler.base_lrs, lambdas, strict=True
+            ):
+                group["lr"] = base * factor(step)
 
     def lrs(self) -> dict[str, float]:
         """The lrs the optimizer holds now (pipeline.training.optim.current_lrs): what the logs show."""
@@ -223,6 +238,7 @@ class FitState:
     phase_best: float | None = None  # best within the current phase: drives early stopping
     bad_epochs: int = 0
     stopped_early: bool = False
+    restores: int = 0  # train.on_overfit: restore
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -259,9 +275,36 @@ def fit(
         if trainer.params.time_limit_min is not None:
             _keep_to_time_limit(trainer, plans, state)
         in_last_phase = plan.phase == plans[-1].phase and state.epoch < state.planned
-        state.stopped_early = bool(in_last_phase and patience and state.bad_epochs >= patience)
+        overfit_stop = in_last_phase and _act_on_overfit(trainer, state, record)
+        state.stopped_early = bool(
+            overfit_stop or (in_last_phase and patience and state.bad_epochs >= patience)
+        )
         on_epoch_end(state, record)
     return state
+
+
+def _act_on_overfit(trainer: Trainer, state: FitState, record: dict[str, float]) -> bool:
+    """`train.on_overfit` after an epoch of the last phase whose train accuracy exceeds val accuracy by more
+    than `train.overfit_gap_warning` while the early-stopping metric did not beat the phase's best (as early
+    stopping counts); whether to stop. `restore` goes back to the best epoch of the run."""
+    p = trainer.params
+    gap = record["train_acc"] - record["val_acc"]
+    if p.on_overfit == "warn" or gap <= p.overfit_gap_warning or state.bad_epochs == 0:
+        return False  # bad_epochs 0: it beat its phase's best (a new phase starts below the last one's)
+    what = f"epoch {record['epoch']}: train accuracy exceeds val accuracy by {gap:.3f}, and its "
+    what += f"{p.early_stopping_metric}"
+    if p.on_overfit == "stop":
+        log.warning(
+            f"train: {what} is no better than epoch {state.best_epoch}'s; stopping (train.on_overfit)"
+        )
+        return True
+    trainer.restore(state.best_state, p.overfit_lr_factor)
+    state.restores += 1
+    log.warning(
+        f"train: {what} is no better than epoch {state.best_epoch}'s; back to its weights, the lr from here "
+        f"x{p.overfit_lr_factor:g} (train.on_overfit: restore)"
+    )
+    return False
 
 
 def _keep_to_time_limit(trainer: Trainer, plans: list[EpochPlan], state: FitState) -> None:

@@ -141,6 +141,11 @@ def compressed(
     return lambda step: factor(step if step < start else start + (step - start) * scale)
 
 
+def scaled(factor: Callable[[float], float], start: int, by: float) -> Callable[[float], float]:
+    """`factor` times `by` from step `start` on (`train.on_overfit: restore`)."""
+    return lambda step: factor(step) * (by if step >= start else 1.0)
+
+
 def set_lr(optimizer: Optimizer, lr: float) -> None:
     """Every group at `lr` times its `lr_scale` (at the start, and along the lr finder's ramp; the scheduler
     scales them from there)."""

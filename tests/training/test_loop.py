@@ -276,3 +276,43 @@ def test_a_replanned_schedule_ends_sooner_and_a_resumed_run_replays_it(tmp_path)
     resumed = _trainer(steps_per_epoch=4, epochs=4)
     resumed.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True))
     assert _lrs_over(resumed, 4) == pytest.approx(after)
+
+
+def test_on_overfit_stop_ends_the_last_phase_at_a_gap_without_progress():
+    # Train accuracy is 0.5 every epoch. Epoch 2 is the best; epoch 3's gap is 0.3 (over 0.15) without
+    # progress: stop. A new phase's first epoch beats that phase's best (none yet) whatever the last phase's.
+    plans = [EpochPlan(0, 6, False)] * 6
+    accs = [0.30, 0.40, 0.20, 0.45, 0.5, 0.5]
+    trainer = _ScriptedTrainer(accs, patience=0, on_overfit="stop")
+    state = fit(trainer, plans, _NoData(), FitState(), 3, lambda *a: None)
+    assert len(state.history) == 3 and state.stopped_early and state.best_epoch == 2
+    head_first = [EpochPlan(0, 0, True)] + [EpochPlan(1, 6, False)] * 2
+    trainer = _ScriptedTrainer([0.3, 0.2, 0.45], patience=0, on_overfit="stop")
+    state = fit(trainer, head_first, _NoData(), FitState(), 3, lambda *a: None)
+    assert len(state.history) == 3 and not state.stopped_early  # epoch 2 is the phase's first: no stop
+    warned = _ScriptedTrainer(accs, patience=0, on_overfit="warn")
+    assert len(fit(warned, plans, _NoData(), FitState(), 3, lambda *a: None).history) == 6
+
+
+def test_on_overfit_restore_goes_back_to_the_best_weights_at_a_lower_lr_and_resumes_so():
+    """After an epoch past the gap without progress, the model is the best epoch's and the rest of the
+    schedule is scaled; a trainer restored from the checkpoint's state goes on with the same lr."""
+    trainer = _trainer(epochs=4, overfit_gap_warning=0.0, on_overfit="restore", overfit_lr_factor=0.25)
+    state = FitState(planned=4, best_value=2.0, best_epoch=1, bad_epochs=1)  # no epoch beats 2.0
+    state.best_state = _weights(trainer.eval_model)
+    before = trainer.lrs()["lr"]
+    record = loop._run_epoch(trainer, TRAIN_ALL, 1, 4, _SnapshotData(trainer), CLASSES)
+    assert not torch.equal(trainer.model.head.weight, state.best_state["head.weight"])
+
+    assert loop._act_on_overfit(trainer, state, {**record, "train_acc": 1.0, "val_acc": 0.0}) is False
+
+    assert state.restores == 1
+    for name, value in _weights(trainer.model).items():
+        assert torch.equal(value, state.best_state[name]), name
+    step, unscaled = trainer.scheduler.last_epoch, _trainer(epochs=4).scheduler.lr_lambdas[0]
+    assert trainer.lrs()["lr"] == pytest.approx(0.25 * 0.5 * unscaled(step)) and trainer.lrs()["lr"] < before
+    resumed = _trainer(epochs=4, on_overfit="restore", overfit_lr_factor=0.25)
+    resumed.load_state_dict(trainer.state_dict())
+    for later in (step, step + 3):
+        assert resumed.scheduler.lr_lambdas[0](later) == pytest.approx(0.25 * unscaled(later))
+    assert resumed.scheduler.lr_lambdas[0](step - 1) == pytest.approx(unscaled(step - 1))
