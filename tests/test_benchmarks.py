@@ -188,6 +188,7 @@ def test_ingest_photos_compares_both_decodes_and_catches_the_cut_photo(results: 
         assert figures[arm]["cache_seconds"]["median"] > 0
     assert 0 < figures["reduced"]["ingest_worker_peak_rss_mib"] < 1024
     assert figures["reduced"]["squares_cached_by_ingest"] == 12  # each whole photo decoded once, by ingest
+    assert figures["decode_floor"]["images_per_s"] > figures["reduced"]["images_per_s"]  # decoding alone
     assert payload["targets"]["truncated_caught"]["met"] is True
 
 
