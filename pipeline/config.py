@@ -483,9 +483,10 @@ class TrainParams(_Section):
     """linear warm-up at the start of each phase (progressive: the head-only epochs, then fine-tuning), then
     `train.schedule`
     """
-    schedule: Literal["cosine", "cosine_restarts", "step"] = "cosine"  # after each phase's warm-up
-    """after each phase's warm-up: `cosine` (to 0 at the phase's end), `cosine_restarts` (SGDR: cosine cycles
-    restarting at the peak lr) or `step` (times `step_gamma` at each milestone)
+    schedule: Literal["cosine", "linear", "cosine_restarts", "step"] = "cosine"  # after each phase's warm-up
+    """after each phase's warm-up: `cosine` (to 0 at the phase's end), `linear` (straight to 0 at the phase's
+    end: the best decay for a fixed budget of steps, Li et al. 2020 "Budgeted training"), `cosine_restarts`
+    (SGDR: cosine cycles restarting at the peak lr) or `step` (times `step_gamma` at each milestone)
     """
     restart_epochs: PositiveFloat = 2.0  # cosine_restarts: length of the first cycle (SGDR's T_0)
     """`cosine_restarts`: the first cycle's length in epochs, counted from the warm-up's end"""
@@ -495,6 +496,15 @@ class TrainParams(_Section):
     """`step`: epochs into each phase (warm-up included) where the lr drops"""
     step_gamma: PositiveFloat = 0.1  # step: the lr is multiplied by this at each milestone
     """`step`: the factor applied at each milestone"""
+    resize_start: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    """progressive resizing: the last phase's first epoch trains on crops of this share of `model.image_size`
+    (a quarter of the compute at 0.5), growing linearly to `resize_end` at the phase's last planned epoch
+    (sizes in steps of 8 px; `time_limit_min` plans by them); validation, evaluation and serving stay at
+    `model.image_size`. 1.0 = off"""
+    resize_end: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    """progressive resizing: the last epoch's share of `model.image_size`. Below 1 (e.g. 0.85), evaluation
+    at the full size sees objects as large as RandomResizedCrop's zoom showed them in training (FixRes,
+    Touvron et al. 2019)"""
     label_smoothing: Fraction = 0.1
     """cross-entropy label smoothing"""
     class_weighting: Literal["none", "inverse", "effective"] = "none"
@@ -567,6 +577,15 @@ class TrainParams(_Section):
     """
     augment: AugmentParams = AugmentParams()
     distill: DistillParams = DistillParams()
+
+    @model_validator(mode="after")
+    def _resizing_grows(self) -> TrainParams:
+        if self.resize_start > self.resize_end:
+            raise ValueError(
+                f"resize_start {self.resize_start:g} is above resize_end {self.resize_end:g}; progressive "
+                "resizing grows the training size: swap them"
+            )
+        return self
 
 
 class ConformalParams(_Section):

@@ -210,3 +210,9 @@ def test_cli_prints_params_error_and_exits_1(tmp_path):
     assert result.exit_code == 1
     assert "train.lr: expected a positive number, got 'abc'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_progressive_resizing_must_grow():
+    message = _error({"train.resize_start": 0.9, "train.resize_end": 0.6})
+    assert "train: resize_start 0.9 is above resize_end 0.6" in message and "swap them" in message
+    assert Params.from_dict({"train": {"resize_start": 0.5, "resize_end": 0.85}}).train.resize_end == 0.85

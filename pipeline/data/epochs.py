@@ -27,8 +27,9 @@ class EpochData:
         val_loader: DataLoader,
         features: Callable[[], tuple[np.ndarray, np.ndarray]],
         labels: tuple[torch.Tensor, torch.Tensor],
+        image_size: int,
     ):
-        self.train_loader, self.val_loader = train_loader, val_loader
+        self.train_loader, self.val_loader, self.image_size = train_loader, val_loader, image_size
         self._features_fn, self._features = features, None
         self.labels = labels  # (train, val) int64 label tensors, for the feature batches
 
@@ -39,10 +40,11 @@ class EpochData:
             self._features = self._features_fn()
         return self._features
 
-    def train(self, epoch: int, on_features: bool) -> tuple[Batches, int]:
-        """This epoch's training batches and their number."""
+    def train(self, epoch: int, on_features: bool, size: int | None = None) -> tuple[Batches, int]:
+        """This epoch's training batches and their number; `size`: their crop size, when not `image_size`
+        (progressive resizing)."""
         sampler: EpochSampler = self.train_loader.sampler
-        sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch, None if size == self.image_size else size)
         if not on_features:
             return self.train_loader, len(self.train_loader)
         features, batches = self.features()[0], list(sampler.index_batches(self.train_loader.batch_size))

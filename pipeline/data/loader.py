@@ -67,28 +67,37 @@ class CachedImages(Dataset):
     """
 
     def __init__(
-        self, cache_file: Path, labels: np.ndarray, transform: Callable, seed: int, *, random: bool = True
+        self,
+        cache_file: Path,
+        labels: np.ndarray,
+        transform: Callable,
+        seed: int,
+        *,
+        random: bool = True,
+        resized: Callable[[int], Callable] | None = None,
     ):
         self.cache_file, self.labels, self.transform, self.seed = Path(cache_file), labels, transform, seed
-        self.random = random
+        self.random, self.resized = random, resized  # resized(size): the transform at another crop size
         self._array: CachedSet | None = None  # opened lazily, in each worker: see __getstate__
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        epoch, index = key
+    def __getitem__(self, key: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+        """`key`: (epoch, index), or (epoch, index, size) in an epoch of progressive resizing."""
+        epoch, index, *size = key
         image = torch.from_numpy(np.array(self._cache()[index]))  # (3, side, side) uint8, out of its shard
+        transform = self.resized(size[0]) if size and self.resized is not None else self.transform
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only: torch.manual_seed would also queue GPU seeding, costing 1 ms an image.
             torch.default_generator.manual_seed(_item_seed(self.seed, epoch, index))
-            return self.transform(image), int(self.labels[index])
+            return transform(image), int(self.labels[index])
 
-    def __getitems__(self, keys: list[tuple[int, int]]) -> list[tuple[torch.Tensor, int]]:
+    def __getitems__(self, keys: list[tuple[int, ...]]) -> list[tuple[torch.Tensor, int]]:
         """The DataLoader's batch fetch (it calls this instead of indexing item by item when it exists)."""
         if self.random:
             return [self[key] for key in keys]
-        indices = [index for _, index in keys]
+        indices = [key[1] for key in keys]
         images = self.transform(torch.from_numpy(self._cache()[indices]))  # a copy of just these squares
         return list(zip(images.unbind(0), self.labels[indices].tolist(), strict=True))
 
@@ -121,9 +130,12 @@ class EpochSampler(Sampler[tuple[int, int]]):
     ):
         self.labels, self.seed, self.rank, self.world_size = labels, seed, rank, world_size
         self.shuffle, self.balanced, self.epoch = shuffle or balanced, balanced, 0
+        self.size: int | None = None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, size: int | None = None) -> None:
+        """The epoch to draw for and, under progressive resizing, its crop size, which the keys carry to the
+        dataset (in a DataLoader worker too: a persistent one never sees the sampler change)."""
+        self.epoch, self.size = epoch, size
 
     def _order(self) -> torch.Tensor:
         n = len(self.labels)
@@ -140,8 +152,9 @@ class EpochSampler(Sampler[tuple[int, int]]):
             order = torch.cat([order, order[: total - n]])
         return order[self.rank :: self.world_size]
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter([(self.epoch, int(i)) for i in self._order()])
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
+        sized = () if self.size is None else (self.size,)
+        return iter([(self.epoch, int(i), *sized) for i in self._order()])
 
     def __len__(self) -> int:
         n = len(self.labels)

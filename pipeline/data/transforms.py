@@ -45,6 +45,20 @@ def build_transforms(data_config: dict[str, Any], augment: AugmentParams, train:
     return v2.Compose(steps)
 
 
+class Resized:
+    """The train transform at other crop sizes (progressive resizing), each built on first use."""
+
+    def __init__(self, data_config: dict[str, Any], augment: AugmentParams):
+        self.data_config, self.augment = data_config, augment
+        self._built: dict[int, v2.Transform] = {}
+
+    def __call__(self, size: int) -> v2.Transform:
+        if size not in self._built:
+            config = {**self.data_config, "input_size": [3, size, size]}
+            self._built[size] = build_transforms(config, self.augment, train=True)
+        return self._built[size]
+
+
 def build_batch_mix(augment: AugmentParams, num_classes: int) -> v2.Transform | None:
     """MixUp and/or CutMix on a whole batch (one of them at random when both are on); None when both are off.
 

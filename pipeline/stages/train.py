@@ -36,7 +36,7 @@ from pipeline.data.loader import (
     read_splits,
     resolve_eval_batch_size,
 )
-from pipeline.data.transforms import build_batch_mix, build_transforms
+from pipeline.data.transforms import Resized, build_batch_mix, build_transforms
 from pipeline.io import write_json
 from pipeline.models import ImageClassifier, build_model, resolve_data_config, save_trained
 from pipeline.models.freezing import EpochPlan, Freezing, block_groups, plan_epochs
@@ -277,7 +277,8 @@ def _epoch_data(
     train_transform = build_transforms(data_config, tp.augment, train=True)
     eval_transform = build_transforms(data_config, tp.augment, train=False)
     shard = {"rank": env.rank, "world_size": env.world_size}
-    train_images = CachedImages(train_file, splits.train.labels, train_transform, seed)
+    resized = Resized(data_config, tp.augment)  # progressive resizing's smaller crops
+    train_images = CachedImages(train_file, splits.train.labels, train_transform, seed, resized=resized)
     train_sampler = EpochSampler(splits.train.labels, seed, **shard, balanced=tp.balanced_sampler)
     train_loader = build_loader(train_images, train_sampler, tp.batch_size, loading, precision.device)
     val_images = CachedImages(val_file, splits.val.labels, eval_transform, seed, random=False)
@@ -291,7 +292,7 @@ def _epoch_data(
         return tuple(backbone_features(model.backbone, (unaugmented_train, val_images), *settings))
 
     labels = (torch.from_numpy(splits.train.labels.copy()), torch.from_numpy(splits.val.labels.copy()))
-    return EpochData(train_loader, val_loader, features, labels)
+    return EpochData(train_loader, val_loader, features, labels, int(data_config["input_size"][-1]))
 
 
 def _image_caches(splits: Splits, data_config: dict, cache_dir: Path, env: Dist) -> list[Path]:
@@ -335,7 +336,8 @@ def _report_epoch(record: dict[str, float], epochs: int, gap_warning: float) -> 
     log.info(
         f"epoch {r['epoch']}/{epochs}  train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f} | "
         f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.4f} f1 {r['val_f1']:.4f} | "
-        f"lr {r['lr_trained']:.2e} {head} | {r['images_per_s']:.0f} img/s | {r['seconds']:.1f} s"
+        f"lr {r['lr_trained']:.2e} {head} | {r['size']} px, {r['images_per_s']:.0f} img/s | "
+        f"{r['seconds']:.1f} s"
     )
     gap = r["train_acc"] - r["val_acc"]
     if gap > gap_warning:

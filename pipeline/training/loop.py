@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -267,13 +266,14 @@ def fit(
         plan = plans[epoch]
         if epoch > 0 and plans[epoch - 1].phase != plan.phase:
             state.phase_best, state.bad_epochs = None, 0
-        record = _run_epoch(trainer, plan, epoch, state.planned, data, num_classes)
+        size = train_sizes(trainer.params, plans, state.planned, data.image_size)[epoch]
+        record = _run_epoch(trainer, plan, epoch, state.planned, data, num_classes, size)
         state.history.append(record)
         state.seconds += record["seconds"]
         _track_best(state, trainer, record[trainer.params.early_stopping_metric], epoch)
         state.epoch = epoch + 1
         if trainer.params.time_limit_min is not None:
-            _keep_to_time_limit(trainer, plans, state)
+            _keep_to_time_limit(trainer, plans, state, data.image_size)
         in_last_phase = plan.phase == plans[-1].phase and state.epoch < state.planned
         overfit_stop = in_last_phase and _act_on_overfit(trainer, state, record)
         state.stopped_early = bool(
@@ -307,16 +307,44 @@ def _act_on_overfit(trainer: Trainer, state: FitState, record: dict[str, float])
     return False
 
 
-def _keep_to_time_limit(trainer: Trainer, plans: list[EpochPlan], state: FitState) -> None:
+def train_sizes(params: TrainParams, plans: list[EpochPlan], planned: int, full: int) -> list[int]:
+    """The training crop size of each of the first `planned` epochs (progressive resizing): `full`
+    (model.image_size) before the last phase and in head-only epochs; in the last phase
+    `train.resize_start` x `full` at its first epoch, growing linearly to `train.resize_end` x `full` at epoch
+    `planned`, in steps of 8 px."""
+    first = next(i for i, plan in enumerate(plans) if plan.phase == plans[-1].phase)
+    span, sizes = max(1, planned - 1 - first), []
+    for epoch in range(planned):
+        share = params.resize_start + (params.resize_end - params.resize_start) * min(
+            1, (epoch - first) / span
+        )
+        size = min(full, max(_SIZE_STEP, _SIZE_STEP * round(full * share / _SIZE_STEP)))
+        sizes.append(full if epoch < first or plans[epoch].on_features else size)
+    return sizes
+
+
+_SIZE_STEP = 8
+
+
+def _keep_to_time_limit(trainer: Trainer, plans: list[EpochPlan], state: FitState, full: int) -> None:
     """`train.time_limit_min` (Ultralytics' `time`), after each epoch: once the last phase has run an epoch,
-    plan as many epochs as fit in the time left at that phase's mean epoch time (never more than the plans)
-    and compress the rest of the lr schedule into them; before that, only stop once the time is spent."""
+    plan as many epochs as fit in the time left (never more than the plans) and compress the rest of the lr
+    schedule into them; before that, only stop once the time is spent. An epoch's time is predicted from
+    the last phase's so far: its training loop in proportion to the pixels of its crop size (progressive
+    resizing), the rest (validation) as it was."""
     limit_min = trainer.params.time_limit_min
     left = limit_min * 60 - state.seconds
-    last_phase = [r["seconds"] for r in state.history if r["phase"] == plans[-1].phase]
-    pace = sum(last_phase) / len(last_phase) if last_phase else None
-    if pace is not None:
-        planned = min(len(plans), state.epoch + max(0, math.floor(left / pace)))
+    done = [r for r in state.history if r["phase"] == plans[-1].phase]
+    if done:
+        fixed = sum(r["seconds"] - r["loop_seconds"] for r in done) / len(done)
+        per_pixel = sum(r["loop_seconds"] for r in done) / sum((r["size"] / full) ** 2 for r in done)
+        pace = fixed + per_pixel  # a full-size epoch
+
+        def fits(n: int) -> bool:
+            sizes = train_sizes(trainer.params, plans, n, full)[state.epoch :]
+            return sum(fixed + per_pixel * (size / full) ** 2 for size in sizes) <= left
+
+        planned = next((n for n in range(len(plans), state.epoch, -1) if fits(n)), state.epoch)
     else:
         planned = state.planned if left > 0 else state.epoch
     planned = from_main(trainer.env, planned)  # the ranks' clocks differ: rank 0 decides for all
@@ -326,7 +354,7 @@ def _keep_to_time_limit(trainer: Trainer, plans: list[EpochPlan], state: FitStat
         trainer.replan(state.planned - state.epoch, planned - state.epoch)
         log.info(
             f"train: {planned} of {len(plans)} epochs fit in train.time_limit_min {limit_min:g} at "
-            f"{pace:.0f} s an epoch; the lr schedule now ends after epoch {planned}"
+            f"{pace:.0f} s a full-size epoch; the lr schedule now ends after epoch {planned}"
         )
     else:
         log.warning(
@@ -337,11 +365,17 @@ def _keep_to_time_limit(trainer: Trainer, plans: list[EpochPlan], state: FitStat
 
 
 def _run_epoch(
-    trainer: Trainer, plan: EpochPlan, epoch: int, planned: int, data: EpochData, num_classes: int
+    trainer: Trainer,
+    plan: EpochPlan,
+    epoch: int,
+    planned: int,
+    data: EpochData,
+    num_classes: int,
+    size: int,
 ) -> dict[str, float]:
-    """Train and evaluate one epoch; its record for the history, the logs and the curves."""
+    """Train (on crops of `size`) and evaluate one epoch; its record for the history, logs and curves."""
     start = time.perf_counter()
-    batches, num_batches = data.train(epoch, plan.on_features)
+    batches, num_batches = data.train(epoch, plan.on_features, size)
     desc = f"epoch {epoch + 1}/{planned}"
     train = trainer.train_epoch(plan, batches, num_batches, desc=desc)
     val = trainer.evaluate(*data.val(plan.on_features), plan.on_features, num_classes, desc=f"{desc} val")
@@ -355,6 +389,7 @@ def _run_epoch(
         "val_loss": val["loss"],
         "val_acc": val["acc"],
         "val_f1": val["f1"],
+        "size": size,
         "images": train["images"],
         "loop_seconds": train["seconds"],
         "images_per_s": train["images"] / max(train["seconds"], 1e-9),

@@ -73,6 +73,11 @@ def _cosine(local: float, length: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _linear(local: float, length: int, warmup: int) -> float:
+    """A straight line from 1 at the end of the warm-up to 0 at the end of the phase."""
+    return max(0.0, 1.0 - (local - warmup) / max(1, length))
+
+
 def _cosine_restarts(period: int, mult: float) -> Shape:
     """SGDR (Loshchilov & Hutter 2017): cosine cycles of `period` steps, each `mult` times the last."""
 
@@ -96,7 +101,7 @@ def schedule_shape(params: TrainParams, steps_per_epoch: int) -> Shape:
         return _cosine_restarts(round(params.restart_epochs * steps_per_epoch), params.restart_mult)
     if params.schedule == "step":
         return _step([round(m * steps_per_epoch) for m in params.step_milestones], params.step_gamma)
-    return _cosine
+    return _linear if params.schedule == "linear" else _cosine
 
 
 def lr_factor(step: float, phases: Sequence[int], warmup_steps: int, shape: Shape = _cosine) -> float:

@@ -30,7 +30,7 @@ def test_feature_batches_are_float32_rows_of_the_memmaps_in_the_samplers_order(t
         DataLoader(range(10), batch_size=4, sampler=sampler),
         DataLoader(range(3), 2, sampler=val_sampler),
     )
-    data = EpochData(*loaders, lambda: features, labels)
+    data = EpochData(*loaders, lambda: features, labels, 32)
 
     batches, count = data.train(epoch=1, on_features=True)
     batches = list(batches)
@@ -52,5 +52,5 @@ def test_feature_val_batches_are_twice_the_train_batch_or_the_val_loaders_if_lar
             DataLoader(range(20), train_batch, sampler=EpochSampler(labels[0].numpy(), seed=0)),
             DataLoader(range(20), val_batch, sampler=EpochSampler(labels[1].numpy(), seed=0, shuffle=False)),
         )
-        val, count = EpochData(*loaders, lambda: features, labels).val(on_features=True)
+        val, count = EpochData(*loaders, lambda: features, labels, 32).val(on_features=True)
         assert [len(y) for _, y in val] == expected and count == len(expected)

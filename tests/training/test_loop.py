@@ -55,7 +55,13 @@ class _ScriptedTrainer:
 
 
 class _NoData:
-    def train(self, epoch, on_features):
+    image_size = 64
+
+    def __init__(self):
+        self.sizes = []  # each epoch's training crop size
+
+    def train(self, epoch, on_features, size=None):
+        self.sizes.append(size)
         return [], 0
 
     def val(self, on_features):
@@ -201,7 +207,9 @@ class _SnapshotData:
             yield batch
             self.live.append(_weights(self.trainer.model))
 
-    def train(self, epoch, on_features):
+    image_size = 6
+
+    def train(self, epoch, on_features, size=None):
         return self._train(), len(self.train_batches)
 
     def val(self, on_features):
@@ -301,7 +309,7 @@ def test_on_overfit_restore_goes_back_to_the_best_weights_at_a_lower_lr_and_resu
     state = FitState(planned=4, best_value=2.0, best_epoch=1, bad_epochs=1)  # no epoch beats 2.0
     state.best_state = _weights(trainer.eval_model)
     before = trainer.lrs()["lr"]
-    record = loop._run_epoch(trainer, TRAIN_ALL, 1, 4, _SnapshotData(trainer), CLASSES)
+    record = loop._run_epoch(trainer, TRAIN_ALL, 1, 4, _SnapshotData(trainer), CLASSES, 6)
     assert not torch.equal(trainer.model.head.weight, state.best_state["head.weight"])
 
     assert loop._act_on_overfit(trainer, state, {**record, "train_acc": 1.0, "val_acc": 0.0}) is False
@@ -316,3 +324,46 @@ def test_on_overfit_restore_goes_back_to_the_best_weights_at_a_lower_lr_and_resu
     for later in (step, step + 3):
         assert resumed.scheduler.lr_lambdas[0](later) == pytest.approx(0.25 * unscaled(later))
     assert resumed.scheduler.lr_lambdas[0](step - 1) == pytest.approx(unscaled(step - 1))
+
+
+def test_progressive_resizing_grows_the_last_phases_crops_and_the_time_limit_plans_by_their_pixels(
+    monkeypatch,
+):
+    """Head-only epochs train at the full size; fine-tuning from 0.5 to 1.0 of 64 px over its epochs. Under a
+    time limit the predicted epochs cost their training loop in proportion to their pixels, so more of the
+    small early epochs fit than at the full size's pace."""
+    plans = [EpochPlan(0, 0, True)] + [EpochPlan(1, 6, False)] * 5
+    trainer = _ScriptedTrainer([0.5] * 6, patience=0, resize_start=0.5, resize_end=1.0)
+    data = _NoData()
+    fit(trainer, plans, data, FitState(), 3, lambda *a: None)
+    assert data.sizes == [64, 32, 40, 48, 56, 64]
+    assert loop.train_sizes(TrainParams(resize_start=0.5, resize_end=0.875), plans, 6, 64) == [
+        64,
+        32,
+        40,
+        48,
+        48,
+        56,
+    ]
+    assert loop.train_sizes(TrainParams(), plans, 6, 64) == [64] * 6
+
+    # 30 s: the head-only epoch takes 1 s; a fine-tuning epoch 1 s of validation plus 8 s of training loop
+    # at 64 px, in proportion to its pixels below. After epoch 2 (32 px: 3 s) the pace is 9 s a full-size
+    # epoch, but epochs 3-6 at 40, 48, 56 and 64 px take 25.75 s of the 26 left: all 6 fit, where 9 s
+    # epochs would have fit 4.
+    class _Sized(_ScriptedTrainer):
+        def train_epoch(self, plan, *args, **kwargs):
+            loop_seconds = 0.0 if plan.on_features else 8 * (data.sizes[-1] / 64) ** 2
+            self.clock.now += 1 + loop_seconds
+            return {"loss": 1.0, "acc": 0.5, "images": 1, "seconds": loop_seconds}
+
+    clock = _Clock([])
+    monkeypatch.setattr(loop, "time", clock)
+    data = _NoData()
+    limited = _Sized([0.5] * 6, patience=0, clock=clock, time_limit_min=0.5, resize_start=0.5)
+    state = fit(limited, plans, data, FitState(), 3, lambda *a: None)
+    assert len(state.history) == state.planned == 6 and state.seconds == pytest.approx(29.75)
+    assert data.sizes == [64, 32, 40, 48, 56, 64]
+    full_size = _Sized([0.5] * 6, patience=0, clock=clock, time_limit_min=0.5)
+    clock.now, data = 0.0, _NoData()
+    assert fit(full_size, plans, data, FitState(), 3, lambda *a: None).planned == 1 + 29 // 9

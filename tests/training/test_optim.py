@@ -123,8 +123,16 @@ def test_step_schedule_drops_by_gamma_at_each_milestone_and_keeps_the_warm_up(mo
     assert lrs[4:8] == pytest.approx([0.5] * 4) and lrs[8:12] == pytest.approx([0.25] * 4)
 
 
+def test_linear_schedule_falls_in_a_straight_line_to_zero_at_the_phases_end(model):
+    # 1 warm-up epoch (2 steps), then 6 steps from 1 down by 1/6 a step ("budgeted training").
+    lrs = _curve(model, 8, [0] * 4, schedule="linear")
+    assert lrs[:2] == pytest.approx([1 / 3, 2 / 3])
+    assert lrs[2:] == pytest.approx([1 - i / 6 for i in range(6)])
+    assert schedule_factor([0] * 4, 2, TrainParams(schedule="linear", warmup_epochs=1))(8) == 0.0
+
+
 def test_every_schedule_warms_up_again_in_each_phase(model):
-    for schedule in ("cosine", "cosine_restarts", "step"):
+    for schedule in ("cosine", "linear", "cosine_restarts", "step"):
         lrs = _curve(model, 8, [0, 0, 1, 1], schedule=schedule, step_milestones=[1.5])
         assert lrs[4:6] == pytest.approx([1 / 3, 2 / 3]), schedule
         assert max(lrs[:4]) == pytest.approx(1.0) and max(lrs[4:]) == pytest.approx(1.0), schedule
