@@ -103,7 +103,8 @@ def square_of(img: Image.Image, data_config: dict[str, Any]) -> np.ndarray:
 class Prefill:
     """Squares made elsewhere (ingest's workers make them from the decode that proves each image whole) put
     into the cache ahead of `build_cache`, which then finds them: a shard each time `_PREFILL_BYTES` of
-    squares the cache lacks have arrived, and the rest on `close`. Memory: that buffer, whatever the count."""
+    squares the cache lacks have arrived, and the rest on `close`. Memory: that buffer (512 MiB) at most,
+    whatever the image count."""
 
     def __init__(self, cache_dir: Path, data_config: dict[str, Any]):
         self.store, self._settings = ShardStore(_folder(cache_dir, data_config)), _settings(data_config)
@@ -133,8 +134,10 @@ class Prefill:
         self._keys, self._squares = [], []
 
 
-# Bytes of squares `Prefill` holds before it writes a shard: 1,300 squares at 160 px (182 px squares).
-_PREFILL_BYTES = _SHARD_BYTES // 4
+# Bytes of squares `Prefill` holds before it writes a shard: as many as the build's shards hold (5,300 at
+# 160 px), since a reader keeps a file open per shard: a million images at 224 px make 370 shards, which
+# quarter-size shards would have made 1,480, over the usual limit of 1,024 open files.
+_PREFILL_BYTES = _SHARD_BYTES
 
 
 def build_cache(

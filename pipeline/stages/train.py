@@ -125,6 +125,7 @@ def _params_file(params: Params) -> Iterator[Path]:
 
 def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
     tp, paths = params.train, params.paths
+    started = time.perf_counter()
     ready = prepare(params, env, device)
     class_names, trainer = ready.splits.class_names, ready.trainer
     fingerprint = checkpoint.fingerprint(params.base, params.model, tp, paths.splits, env.world_size)
@@ -140,6 +141,7 @@ def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
     after_epoch = _AfterEpoch(
         tp=tp, checkpoint_file=checkpoint_file, trainer=trainer, fingerprint=fingerprint, live=live
     )
+    state.setup_seconds += time.perf_counter() - started  # time_limit_min counts it
     state = fit(trainer, ready.plans, ready.data, state, len(class_names), after_epoch)
     if env.is_main:
         ready.model.load_state_dict(state.best_state)

@@ -367,3 +367,25 @@ def test_progressive_resizing_grows_the_last_phases_crops_and_the_time_limit_pla
     full_size = _Sized([0.5] * 6, patience=0, clock=clock, time_limit_min=0.5)
     clock.now, data = 0.0, _NoData()
     assert fit(full_size, plans, data, FitState(), 3, lambda *a: None).planned == 1 + 29 // 9
+
+
+def test_the_time_limit_counts_the_stages_set_up(monkeypatch):
+    # 60 s, of which set-up (caches, model) took 30: after a 10 s epoch, 2 more fit, not 5.
+    clock = _Clock([10.0] * 6)
+    monkeypatch.setattr(loop, "time", clock)
+    trainer = _ScriptedTrainer([0.5] * 6, patience=0, clock=clock, time_limit_min=1.0)
+    state = fit(
+        trainer, [EpochPlan(0, 6, False)] * 6, _NoData(), FitState(setup_seconds=30.0), 3, lambda *a: None
+    )
+    assert len(state.history) == state.planned == 3
+
+
+def test_an_epochs_seconds_are_predicted_from_its_pixels_and_a_fixed_part_once_two_sizes_ran():
+    def epoch(size, loop_seconds):
+        return {"size": size, "loop_seconds": loop_seconds, "seconds": loop_seconds + 2.0}
+
+    one_size = loop.epoch_seconds([epoch(32, 3.0)], 64)  # in proportion: 12 s of loop at 64 px
+    assert one_size(64) == pytest.approx(14.0) and one_size(32) == pytest.approx(5.0)
+    # loops of 4 + 8 x pixels (as on a CPU, where small crops keep per-layer costs): 6 s at 32, 12 s at 64
+    affine = loop.epoch_seconds([epoch(32, 6.0), epoch(48, 8.5)], 64)
+    assert affine(64) == pytest.approx(14.0) and affine(40) == pytest.approx(2 + 4 + 8 * (40 / 64) ** 2)
