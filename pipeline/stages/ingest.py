@@ -206,9 +206,7 @@ def _scan_and_inspect(
         "repeated_csv_rows": len(scan.repeated_rows),
         "classes": len(labels),
         "rows_reused": reused,  # from an earlier run's finished tasks (_Chunks)
-        "squares_cached": 0
-        if prefill is None
-        else prefill.added,  # into the image cache, for train and audit
+        "squares_cached": 0 if prefill is None else prefill.added,  # into the image cache: train, audit
         "notes": dict(sorted(notes.items())),  # images.NOTES kind -> the usable images it applies to
     }
     return metrics, details
@@ -402,11 +400,10 @@ def _start_inspector(
         candidates=candidates,
         chunks=chunks,
         data_config=data_config,
-        keep_side=None if data_config is None else cache.cache_side(data_config),
     )
 
 
-_Squares = tuple[list[str], "np.ndarray"]  # the images' cache identities, their squares (n, 3, side, side)
+_Squares = tuple[list[str], np.ndarray]  # the images' cache identities, their squares (n, 3, side, side)
 
 
 def _inspect_range(bounds: tuple[int, int]) -> tuple[str, bool, _Result, _Squares | None]:
@@ -420,6 +417,7 @@ def _inspect_range(bounds: tuple[int, int]) -> tuple[str, bool, _Result, _Square
     if (found := chunks.load(key)) is not None:
         return key, True, found, None
     data_config = _INSPECTOR["data_config"]
+    keep_side = None if data_config is None else cache.cache_side(data_config)
     names: list[str] = []
     squares: list[np.ndarray] = []
     buffer = io.StringIO()
@@ -433,7 +431,7 @@ def _inspect_range(bounds: tuple[int, int]) -> tuple[str, bool, _Result, _Square
             _INSPECTOR["max_decode_pixels"],
             candidate,
             max_decode_bytes=_INSPECTOR["max_decode_bytes"],
-            keep_side=_INSPECTOR["keep_side"],
+            keep_side=keep_side,
         )
         if (reduced := row.pop("reduced", None)) is not None:
             squares.append(cache.square_of(reduced, data_config))

@@ -11,7 +11,7 @@ Which formats are portable: `pipeline.serving.onnx_runtime.PORTABLE_INT8` (predi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -119,16 +119,21 @@ def _seven_bit_gemm_weights(prepared: Path, per_channel: bool) -> dict[str, list
     """ORT's per-tensor overrides giving 7-bit weights to every node its u8 x s8 GEMM kernels run: each
     Conv but the depthwise ones (one input channel per group, one group per channel: ORT's depthwise
     kernel adds in int32), each Gemm and MatMul; per channel along the output axis, as the rest."""
-    model = onnx.load(str(prepared), load_external_data=False)
-    shapes = {init.name: list(init.dims) for init in model.graph.initializer}
     overrides = {}
-    for node in model.graph.node:
-        weight = node.input[1] if node.op_type in WEIGHTED_OPS and len(node.input) > 1 else None
-        if weight not in shapes or _depthwise(node, shapes[weight]):
-            continue
-        axis = _output_axis(node)
-        overrides[weight] = [{"reduce_range": True, **({"axis": axis} if per_channel else {})}]
+    for node, weight in _weighted(onnx.load(str(prepared), load_external_data=False)):
+        if not _depthwise(node, list(weight.dims)):
+            axis = _output_axis(node)
+            overrides[weight.name] = [{"reduce_range": True, **({"axis": axis} if per_channel else {})}]
     return overrides
+
+
+def _weighted(model: onnx.ModelProto) -> Iterator[tuple[onnx.NodeProto, onnx.TensorProto]]:
+    """Each node whose weights the quantizer makes INT8 (a `WEIGHTED_OPS` node whose second input is an
+    initializer), with that initializer."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in WEIGHTED_OPS and len(node.input) > 1 and node.input[1] in initializers:
+            yield node, initializers[node.input[1]]
 
 
 def _depthwise(node: onnx.NodeProto, weight_shape: list[int]) -> bool:
@@ -148,15 +153,7 @@ def _output_axis(node: onnx.NodeProto) -> int:
 def weighted_nodes(prepared: Path, excluded: Sequence[str]) -> list[str]:
     """The search's candidates: the nodes with a weight initializer the quantizer makes INT8."""
     model = onnx.load(str(prepared), load_external_data=False)
-    weights = {init.name for init in model.graph.initializer}
-    return [
-        node.name
-        for node in model.graph.node
-        if node.op_type in WEIGHTED_OPS
-        and len(node.input) > 1
-        and node.input[1] in weights
-        and node.name not in excluded
-    ]
+    return [node.name for node, _ in _weighted(model) if node.name not in excluded]
 
 
 class _Calibration(CalibrationDataReader):
