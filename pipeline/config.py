@@ -74,6 +74,21 @@ class BaseParams(_Section):
     """seed for the split, sampling, augmentation and initialisation (same data + params = same metrics on
     CPU)
     """
+    task: Literal["single", "multilabel"] = "single"
+    """`single`: one class per image; `multilabel`: a set of labels per image (none, one or several): a CSV
+    manifest's `labels` column (`label_separator` between them), or the same file (same bytes) under
+    several class folders. Stages that cannot take label sets yet refuse it in one line"""
+    label_separator: str = Field(";", min_length=1)
+    """`task: multilabel`: the text between the labels of a CSV manifest's `labels` cell (`cat;dog`); the
+    manifest and splits tables write label sets the same way, so no label may contain it"""
+
+    @field_validator("label_separator")
+    @classmethod
+    def _separator_not_in_names(cls, separator: str) -> str:
+        """A separator that is blank, or holds a comma or a line break, would read differently in a CSV."""
+        if not separator.strip() or any(char in separator for char in ',\n\r"'):
+            raise ValueError("expected visible text without a comma, quote or line break, e.g. ';' or '|'")
+        return separator
 
 
 class PathsParams(_Section):

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
+from pipeline.data import labels
 from pipeline.errors import PipelineError
 from pipeline.preprocess import to_rgb, unconverted_profile
 
@@ -144,11 +145,18 @@ def has_presplit_layout(root: Path) -> bool:
 
 
 def scan_tree(
-    root: Path, extensions: list[str], *, follow_symlinks_inside_root: bool, label_depth: int, presplit: bool
+    root: Path,
+    extensions: list[str],
+    *,
+    follow_symlinks_inside_root: bool,
+    label_depth: int,
+    presplit: bool,
+    separator: str = "",
 ) -> Scan:
     """Candidates of a class-folder tree (`presplit`: below train/ val/ test/ folders), labels taken from the
     folder `label_depth` levels below the (split) root; class folders without any image file get a row too.
-    A class folder whose name breaks a rule of `label_problem` is refused, naming the folder."""
+    A class folder whose name breaks a rule of `label_problem` (with `separator`, a multilabel task's label
+    separator, among them) is refused, naming the folder."""
     tree = _walk(root, {ext.lower() for ext in extensions}, follow_symlinks_inside_root)
     depth = label_depth + (1 if presplit else 0)  # folder levels above the file that name split and class
     candidates = []
@@ -171,29 +179,34 @@ def scan_tree(
         ):
             split = SPLIT_ALIASES[parts[0]] if presplit else ""
             candidates.append(_candidate(folder + "/", parts[-1], split, "empty_class_folder"))
-    _check_class_folders(root, candidates, depth)
+    _check_class_folders(root, candidates, depth, separator)
     return Scan(sorted(candidates, key=lambda c: c.path), tree.hidden, tree.non_image)
 
 
-def label_problem(label: str) -> str:
+def label_problem(label: str, separator: str = "") -> str:
     """The rule a non-empty class name breaks, or "". Class names are written into labels.json, the reports
     and one-line messages, and name the model's outputs: `cat/dog` or `../x` read as paths, `cat ` beside
-    `cat` looks like one class but is two, and a control character breaks a line. Any other text (`café`,
-    `猫`) is fine."""
+    `cat` looks like one class but is two, and a control character breaks a line. In a multilabel task a
+    label holds no `separator` (`base.label_separator`): the tables join label sets with it. Any other text
+    (`café`, `猫`) is fine."""
     if any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in label):
         return "no control characters (tab, line break, ...)"
     if label != label.strip():
         return "no leading or trailing spaces"
     if "/" in label or "\\" in label or label in (".", ".."):
         return "no / or \\, and not . or .."
+    if separator and separator in label:
+        return f"no {separator!r}, base.label_separator: choose another separator or rename it"
     return ""
 
 
-def _check_class_folders(root: Path, candidates: list[Candidate], depth: int) -> None:
+def _check_class_folders(root: Path, candidates: list[Candidate], depth: int, separator: str) -> None:
     """Refuse class folders whose names cannot be class names (`label_problem`), naming the folders."""
     folders = {"/".join(c.path.split("/")[:depth]): c.label for c in candidates if c.label}
     bad = [
-        f"{folder!r} ({problem})" for folder, label in folders.items() if (problem := label_problem(label))
+        f"{folder!r} ({problem})"
+        for folder, label in folders.items()
+        if (problem := label_problem(label, separator))
     ]
     if bad:
         raise PipelineError(
@@ -223,19 +236,21 @@ def first_few(items: list[str], shown: int = 5) -> str:
     return ", ".join(items[:shown]) + more
 
 
-def read_listing(root: Path, listing: Path, follow_symlinks_inside_root: bool) -> Scan:
-    """Candidates of a CSV manifest with columns path,label[,split] (paths relative to `root`), one per file.
-    A row that repeats an earlier one (the same file, label and split) is ignored and its line returned in
-    `repeated_rows`; rows with no path, labels that cannot be class names (`label_problem`) and a file listed
-    under two labels or splits are refused in one line each, naming the CSV's lines."""
-    rows, repeated = _unique_rows(listing, _listing_rows(listing))
+def read_listing(root: Path, listing: Path, follow_symlinks_inside_root: bool, separator: str = "") -> Scan:
+    """Candidates of a CSV manifest with columns path,label[,split] (paths relative to `root`), one per file;
+    with `separator` (a multilabel task's) path,labels[,split], each `labels` cell a set of labels joined by
+    it (empty: no label, an image that shows none of the classes). A row that repeats an earlier one (the
+    same file, labels and split) is ignored and its line returned in `repeated_rows`; rows with no path,
+    labels that cannot be class names (`label_problem`) and a file listed under two labels (label sets) or
+    splits are refused in one line each, naming the CSV's lines."""
+    rows, repeated = _unique_rows(listing, _listing_rows(listing, separator), separator)
     real_root = str(root.resolve())
     real_folders: dict[str, str | None] = {}
     candidates = []
     for row in rows:
         split = SPLIT_ALIASES.get(row.split, "")
         status = _listed_file_status(root, real_root, row.path, follow_symlinks_inside_root, real_folders)
-        if not status and not row.label:
+        if not status and not row.label and not separator:
             status = "no_label"
         elif not status and row.split and not split:
             status = "unknown_split"
@@ -243,8 +258,10 @@ def read_listing(root: Path, listing: Path, follow_symlinks_inside_root: bool) -
     return Scan(sorted(candidates, key=lambda c: c.path), repeated_rows=repeated)
 
 
-def _listing_rows(listing: Path) -> list[_Row]:
-    """The CSV's rows with the line each starts on (the header is line 1); a blank label reads as none."""
+def _listing_rows(listing: Path, separator: str) -> list[_Row]:
+    """The CSV's rows with the line each starts on (the header is line 1); a blank label reads as none. With
+    `separator` (multilabel) the labels come from a `labels` column (or `label`), each cell as
+    `labels.joined` writes it."""
     try:
         with listing.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
@@ -257,15 +274,20 @@ def _listing_rows(listing: Path) -> list[_Row]:
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise PipelineError(f"paths.csv_manifest: cannot read {listing}: {exc}") from None
     columns = set(header)
-    if not rows or not {"path", "label"} <= columns:
+    column = "labels" if separator and "labels" in columns else "label"
+    if not rows or not {"path", column} <= columns:
+        expected = "path,labels[,split]" if separator else "path,label[,split]"
+        hint = "; a labels column is for label sets: set base.task: multilabel" if "labels" in columns else ""
         raise PipelineError(
-            f"{listing}: expected a header with columns path,label[,split] and at least one row; "
-            f"got columns {sorted(c for c in columns if c)}"
+            f"{listing}: expected a header with columns {expected} and at least one row; "
+            f"got columns {sorted(c for c in columns if c)}{hint}"
         )
     parsed = []
     for line, row in rows:
         raw = row.get("path", "").strip().replace("\\", "/")
-        label = row.get("label", "")
+        label = row.get(column, "")
+        if separator:
+            label = labels.joined(labels.parse(label, separator), separator)
         split = row.get("split", "").strip().lower()
         parsed.append(
             _Row(line, posixpath.normpath(raw) if raw else "", label if label.strip() else "", split)
@@ -273,8 +295,9 @@ def _listing_rows(listing: Path) -> list[_Row]:
     return parsed
 
 
-def _unique_rows(listing: Path, rows: list[_Row]) -> tuple[list[_Row], list[int]]:
-    """(the first row of each file, the lines of the rows that repeat one), once every row is fine."""
+def _unique_rows(listing: Path, rows: list[_Row], separator: str) -> tuple[list[_Row], list[int]]:
+    """(the first row of each file, the lines of the rows that repeat one), once every row is fine
+    (`separator`: a multilabel task's, each label of a set is checked)."""
     first: dict[str, _Row] = {}
     repeated, conflicts = [], []
     for row in rows:
@@ -288,11 +311,16 @@ def _unique_rows(listing: Path, rows: list[_Row]) -> tuple[list[_Row], list[int]
                 f"{row.path!r} on lines {earlier.line} ({_shown(earlier)}), {row.line} ({_shown(row)})"
             )
     blank = [str(row.line) for row in rows if not row.path]
-    labels = [f"line {r.line} {r.label!r} ({why})" for r in rows if (why := label_problem(r.label))]
+    named = [
+        f"line {r.line} {label!r} ({why})"
+        for r in rows
+        for label in (labels.parse(r.label, separator) if separator else [r.label])
+        if (why := label_problem(label))
+    ]
     problems = [
         (blank, f"no path on line(s) {first_few(blank)}; give each row its image's path (relative to "
                 "paths.data_root) or delete the row"),
-        (labels, f"{len(labels)} label(s) cannot be class names: {first_few(labels)}; correct these labels"),
+        (named, f"{len(named)} label(s) cannot be class names: {first_few(named)}; correct these labels"),
         (conflicts, f"{len(conflicts)} file(s) listed again with another label or split: "
                     f"{first_few(conflicts)}; decide each file's label (and split), delete its other row(s)"),
     ]  # fmt: skip

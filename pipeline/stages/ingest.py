@@ -40,6 +40,7 @@ import numpy as np
 
 from pipeline.config import NO_CSV_MANIFEST, IngestParams, ModelParams, Params, PathsParams
 from pipeline.data import cache, images
+from pipeline.data.labels import parse as labels_of
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, write_json, write_text
 from pipeline.progress import progress
@@ -47,29 +48,31 @@ from pipeline.stages import Stage
 
 STAGE = Stage(
     summary="Scan the data source, hash and decode every image (in bounded memory), write the manifest.",
-    params=("ingest", "paths.data_root", "paths.csv_manifest"),
+    params=("ingest", "base.task", "base.label_separator", "paths.data_root", "paths.csv_manifest"),
     deps=("data_root", "csv_manifest"),  # csv_manifest: pipeline/data/no_csv_manifest.csv (empty) for none
     outs=("manifest", "details:ingest"),
     warms=("model",),
+    tasks=("single", "multilabel"),
 )
 
 log = logging.getLogger(__name__)
 
 
-def _scan_tree(ingest: IngestParams, paths: PathsParams, presplit: bool) -> images.Scan:
+def _scan_tree(ingest: IngestParams, paths: PathsParams, separator: str, presplit: bool) -> images.Scan:
     return images.scan_tree(
         paths.data_root,
         ingest.extensions,
         follow_symlinks_inside_root=ingest.follow_symlinks_inside_root,
         label_depth=ingest.label_depth,
         presplit=presplit,
+        separator=separator,
     )
 
 
-def _read_listing(ingest: IngestParams, paths: PathsParams) -> images.Scan:
+def _read_listing(ingest: IngestParams, paths: PathsParams, separator: str) -> images.Scan:
     """The CSV manifest's candidates; the rows that repeat an earlier row are ignored with a warning."""
     listing = paths.csv_manifest
-    scan = images.read_listing(paths.data_root, listing, ingest.follow_symlinks_inside_root)
+    scan = images.read_listing(paths.data_root, listing, ingest.follow_symlinks_inside_root, separator)
     if scan.repeated_rows:
         lines = images.first_few([str(line) for line in scan.repeated_rows])
         log.warning(
@@ -82,18 +85,19 @@ def _read_listing(ingest: IngestParams, paths: PathsParams) -> images.Scan:
     return scan
 
 
-_SOURCES: dict[str, Callable[[IngestParams, PathsParams], images.Scan]] = {
-    "folder": lambda ingest, paths: _scan_tree(ingest, paths, presplit=False),
-    "presplit": lambda ingest, paths: _scan_tree(ingest, paths, presplit=True),
+# Each source's candidates from (ingest, paths, separator: the multilabel task's label separator, or "").
+_SOURCES: dict[str, Callable[[IngestParams, PathsParams, str], images.Scan]] = {
+    "folder": lambda ingest, paths, separator: _scan_tree(ingest, paths, separator, presplit=False),
+    "presplit": lambda ingest, paths, separator: _scan_tree(ingest, paths, separator, presplit=True),
     "csv": _read_listing,
 }
 
 
 def run(params: Params) -> dict:
     source = check_inputs(params.ingest, params.paths)
-    metrics, details = _scan_and_inspect(
-        params.ingest, params.paths, source, _cache_config(params.model, params.paths.cache_dir)
-    )
+    separator = params.base.label_separator if params.base.task == "multilabel" else ""
+    data_config = _cache_config(params.model, params.paths.cache_dir)
+    metrics, details = _scan_and_inspect(params.ingest, params.paths, source, separator, data_config)
     details["source"] = source
     write_json(params.paths.details("ingest"), details)
     write_json(params.paths.metrics("ingest"), metrics)
@@ -147,11 +151,12 @@ def _cache_config(model: ModelParams, cache_dir: Path) -> dict[str, Any] | None:
 
 
 def _scan_and_inspect(
-    ingest: IngestParams, paths: PathsParams, source: str, data_config: dict[str, Any] | None
+    ingest: IngestParams, paths: PathsParams, source: str, separator: str, data_config: dict[str, Any] | None
 ) -> tuple[dict, dict]:
     """Find the candidates, write the manifest; its headline figures (metrics) and the rest (details).
-    With `data_config`, each usable image's cached square is made from the decode that proves it whole."""
-    scan = _SOURCES[source](ingest, paths)
+    `separator`: a multilabel task's label separator, else "". With `data_config`, each usable image's
+    cached square is made from the decode that proves it whole."""
+    scan = _SOURCES[source](ingest, paths, separator)
     if all(c.status == "empty_class_folder" for c in scan.candidates):
         raise PipelineError(
             f"paths.data_root: no image files under {paths.data_root} (skipped {scan.skipped_hidden} "
@@ -204,7 +209,7 @@ def _scan_and_inspect(
         "skipped_hidden": scan.skipped_hidden,
         "skipped_non_image": scan.skipped_non_image,
         "repeated_csv_rows": len(scan.repeated_rows),
-        "classes": len(labels),
+        "classes": len({name for cell in labels for name in labels_of(cell, separator)}),
         "rows_reused": reused,  # from an earlier run's finished tasks (_Chunks)
         "squares_cached": 0 if prefill is None else prefill.added,  # into the image cache: train, audit
         "notes": dict(sorted(notes.items())),  # images.NOTES kind -> the usable images it applies to

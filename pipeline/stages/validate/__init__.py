@@ -18,20 +18,22 @@ import pandas as pd
 
 from pipeline.config import Params, PathsParams, ValidateParams
 from pipeline.data.images import MANIFEST_COLUMNS
+from pipeline.data.labels import SINGLE, LabelSets
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, atomic_path, write_json
 from pipeline.stages import Stage
-from pipeline.stages.validate import page, rules
+from pipeline.stages.validate import label_sets, page, rules
 from pipeline.stages.validate.gx import DOCS_DIR, GxChecker
 from pipeline.stages.validate.rules import RULES, Outcome
 
 STAGE = Stage(
     summary="Check the manifest (pandera schema + Great Expectations rules); quarantine unusable files.",
-    params=("validate",),
+    params=("validate", "base.task", "base.label_separator"),
     deps=("manifest",),
     outs=("validated", "quarantine", "reports:validate"),
     page="index.html",
     dvc_plots={"class_distribution.png": {}},
+    tasks=("single", "multilabel"),
 )
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,8 @@ class Checked:
     metrics: dict  # the headline figures `dvc exp show` compares
     details: dict  # images per class, rows by status, every rule's outcome
     messages: list[str]  # why the stage fails; empty when it passes
+    sets: LabelSets = SINGLE  # how the label cells read (a multilabel task's label sets)
+    merged: int = 0  # multilabel: copies of a file whose labels went to its kept copy
 
     @property
     def failed(self) -> list[Outcome]:
@@ -58,10 +62,11 @@ class Checked:
 def run(params: Params) -> dict:
     """Check the manifest, write the reports, the quarantine and the metrics; then fail on an error, or write
     the usable rows for `split`."""
-    manifest, manifest_lines = rules.read_manifest(params.paths.manifest)
+    sets = LabelSets.of(params.base.task, params.base.label_separator)
+    manifest, manifest_lines = rules.read_manifest(params.paths.manifest, sets.multilabel)
     with atomic_dir(params.paths.reports("validate")) as report_dir:
         checker = GxChecker(report_dir / DOCS_DIR)
-        checked = _check(manifest, checker, params.validate, params.paths.quarantine)
+        checked = _check(manifest, checker, params.validate, params.paths.quarantine, sets)
         checker.build_docs()
         _write_reports(report_dir, checked, manifest, params.validate, params.paths)
 
@@ -75,7 +80,7 @@ def run(params: Params) -> dict:
         params.paths.validated.unlink(missing_ok=True)  # never leave a stale input for `split`
         details = f"details: {params.paths.quarantine}, {params.paths.details('validate')}"
         raise PipelineError("\n".join([*checked.messages, details]))
-    _write_validated(checked.usable, manifest_lines, params.paths.validated)
+    _write_validated(checked.usable, None if checked.merged else manifest_lines, params.paths.validated)
     log.info(
         "validate: %d usable images in %d classes, %d quarantined",
         len(checked.usable),
@@ -90,7 +95,9 @@ def _write_reports(
 ) -> None:
     """The class-distribution plot, the validation page and details.json, beside GX's Data Docs."""
     classes = checked.frames["classes"]
-    png = page.plot_distribution(classes, manifest, checked.excluded, settings.min_images_per_class)
+    png = page.plot_distribution(
+        classes, manifest, checked.excluded, settings.min_images_per_class, checked.sets
+    )
     (report_dir / "class_distribution.png").write_bytes(png)
     html = page.render(checked, png, settings, paths.quarantine)
     (report_dir / STAGE.page).write_text(html, encoding="utf-8")
@@ -108,9 +115,16 @@ def _write_validated(usable: pd.DataFrame, manifest_lines: dict[str, str] | None
             tmp.write_text("\n".join([rules.MANIFEST_HEADER, *rows, ""]), encoding="utf-8")
 
 
-def _check(manifest: pd.DataFrame, checker: GxChecker, settings: ValidateParams, quarantine: Path) -> Checked:
+def _check(
+    manifest: pd.DataFrame, checker: GxChecker, settings: ValidateParams, quarantine: Path, sets: LabelSets
+) -> Checked:
     """Run the file rules, exclude their offenders, then the class and summary rules on the usable files
-    (`quarantine`: the CSV the failures' details point to)."""
+    (`quarantine`: the CSV the failures' details point to). In a multilabel task (`sets`) identical files are
+    one image with the union of their labels (`label_sets.merged`), not a label conflict, and the class
+    rules count each label's positives."""
+    if sets.multilabel:
+        severity = settings.severity.model_copy(update={"label_conflict": "off"})
+        settings = settings.model_copy(update={"severity": severity})
     files = manifest[manifest["status"] != "empty_class_folder"]
     ok = manifest[manifest["status"] == "ok"].copy()
     ok["min_side"] = ok[["width", "height"]].min(axis=1).astype("int64")
@@ -124,12 +138,16 @@ def _check(manifest: pd.DataFrame, checker: GxChecker, settings: ValidateParams,
         outcomes.update(checker.check(name, frames[name], settings))
     excluded = rules.exclusions(outcomes, ok)
     usable = ok[~ok["path"].isin(excluded)]
-    frames["classes"] = rules.classes(manifest, usable)
+    merged: dict[str, str] = {}
+    if sets.multilabel:
+        usable, merged = label_sets.merged(usable, sets)
+        excluded.update(merged)
+    frames["classes"] = rules.classes(manifest, usable, sets)
     frames["summary"] = rules.summary(files, frames["classes"])
     for name in ("classes", "summary"):
         outcomes.update(checker.check(name, frames[name], settings))
     quarantine = _quarantine(manifest, excluded)
-    checked = Checked(frames, outcomes, excluded, usable, quarantine, {}, {}, [])
+    checked = Checked(frames, outcomes, excluded, usable, quarantine, {}, {}, [], sets, len(merged))
     for outcome in checked.failed:
         outcome.detail = rules.describe(outcome, frames, ok, quarantine)
     errors = [o for o in checked.failed if o.severity == "error"]
@@ -143,6 +161,8 @@ def _check(manifest: pd.DataFrame, checker: GxChecker, settings: ValidateParams,
         "warnings": len(checked.failed) - len(errors),
     }
     checked.details = _details(manifest, classes, outcomes)
+    if sets.multilabel:
+        checked.details["multilabel"] = {"merged_copies": len(merged), **label_sets.figures(usable, sets)}
     checked.messages = _failures(errors, classes)
     return checked
 

@@ -10,8 +10,10 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import ValidateParams
+from pipeline.data.labels import SINGLE, LabelSets
 from pipeline.pages import page
 from pipeline.stages.validate.gx import DOCS_DIR
+from pipeline.stages.validate.label_sets import MERGED
 from pipeline.stages.validate.rules import RULES
 
 if TYPE_CHECKING:  # the package imports this module: the name only for annotations
@@ -34,15 +36,21 @@ _DOCS_NOTE = (
 
 
 def plot_distribution(
-    classes: pd.DataFrame, manifest: pd.DataFrame, excluded: dict[str, str], min_images_per_class: int
+    classes: pd.DataFrame,
+    manifest: pd.DataFrame,
+    excluded: dict[str, str],
+    min_images_per_class: int,
+    sets: LabelSets = SINGLE,
 ) -> bytes:
-    """Usable and quarantined images per class, stacked, with the `validate.min_images_per_class` line: a
-    named bar per class up to _NAMED_CLASSES classes, else one stepped outline over all of them at a fixed
-    width (a bar and a label per class made 1,000 classes a 50,200 px wide image that took 5.8 s)."""
+    """Usable and quarantined images per class (a multilabel task's: per label, `sets`), stacked, with the
+    `validate.min_images_per_class` line: a named bar per class up to _NAMED_CLASSES classes, else one
+    stepped outline over all of them at a fixed width (a bar and a label per class made 1,000 classes a
+    50,200 px wide image that took 5.8 s)."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
-    dropped = manifest[((manifest["status"] != "ok") | manifest["path"].isin(excluded))]
-    dropped = dropped[dropped["status"] != "empty_class_folder"]["label"].value_counts()
+    left_out = [path for path, why in excluded.items() if why != MERGED]  # a merged copy's labels are kept
+    dropped = manifest[((manifest["status"] != "ok") | manifest["path"].isin(left_out))]
+    dropped = sets.counts(dropped[dropped["status"] != "empty_class_folder"]["label"])
     dropped = dropped.reindex(classes["label"], fill_value=0).to_numpy()
     kept = classes["images"].to_numpy()
     named = len(classes) <= _NAMED_CLASSES
@@ -75,15 +83,60 @@ def render(checked: Checked, distribution_png: bytes, settings: ValidateParams, 
         ["class", "usable images"], checked.details["images_per_class"].items()
     )
     docs = f"<p>{page.link(f'{DOCS_DIR}/index.html', 'Data Docs')}</p>" + page.note(_DOCS_NOTE)
+    multilabel = checked.sets.multilabel
     sections = [
         ("headline", "Headline", _headline(checked)),
         ("rules", "Rules", _rules_table(checked, settings)),
-        ("classes", "Class distribution", classes),
+        ("classes", "Label distribution" if multilabel else "Class distribution", classes),
+        *([("label-sets", "Label sets", _label_sets(checked.details["multilabel"]))] if multilabel else []),
         ("quarantine", "Quarantine", _quarantine_list(checked.quarantine, quarantine)),
         ("data-docs", "Great Expectations Data Docs", docs),
         ("raw", "Raw figures", _raw(checked)),
     ]
     return page.document("Data validation", sections)
+
+
+def _label_sets(figures: dict) -> str:
+    """A multilabel task's label sets (`label_sets.figures`): how many labels an image has, each label's
+    positives and negatives, and which labels go together."""
+    cards = page.cards(
+        [
+            ("images", figures["images"], ""),
+            ("labels", figures["labels"], ""),
+            ("labels per image (cardinality)", f"{figures['cardinality']:.2f}", ""),
+            ("density (cardinality / labels)", f"{figures['density']:.3f}", ""),
+            ("images with no label", figures["no_label"], ""),
+            ("distinct label sets", figures["label_sets"], ""),
+            ("identical files merged", figures["merged_copies"], ""),
+        ]
+    )
+    counts = page.table(
+        ["label", "positives", "negatives"],
+        [(name, n, figures["negatives"][name]) for name, n in figures["positives"].items()],
+    )
+    if figures["cooccurrence"] is not None:
+        names = list(figures["cooccurrence"])
+        together = page.table(["", *names], [(r, *figures["cooccurrence"][r].values()) for r in names])
+        together = "<p>Images with both labels (the diagonal: each label's positives).</p>" + together
+    else:
+        together = "<p>The pairs of labels that share most images.</p>" + page.table(
+            ["label", "label", "images with both"], figures["most_together"]
+        )
+    never = figures["never_together"]
+    pairs = [
+        ("Always together: every image with one has the other", ["label", "label", "images"],
+         figures["always_together"]),
+        ("One implies the other: every image of the first also has the second",
+         ["label", "implies", "images"], figures["implies"]),
+        (f"Never together: {never['pairs']} pair(s) share no image; those that would share most by chance "
+         "(if they are exclusive by design, a single-label task may suit them better)",
+         ["label", "label", "images expected if independent"], never["most_expected"]),
+    ]  # fmt: skip
+    listed = "".join(
+        f"<h3>{page.esc(title)}</h3>" + (page.table(header, rows) if rows else "<p>None.</p>")
+        for title, header, rows in pairs
+    )
+    return cards + counts + "<h3>Co-occurrence</h3>" + together + listed
 
 
 def _raw(checked: Checked) -> str:

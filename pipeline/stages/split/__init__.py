@@ -35,16 +35,19 @@ from sklearn.model_selection import train_test_split
 from pipeline.config import Params, SplitParams
 from pipeline.data.audit import describe_group, with_audit_groups
 from pipeline.data.images import SPLITS
+from pipeline.data.labels import LabelSets
 from pipeline.data.splits import VALIDATED_COLUMNS, read_validated
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, write_json
 from pipeline.stages import Stage
+from pipeline.stages.split import label_sets
 
 STAGE = Stage(
     summary="Stratified train/val/test split that keeps exact and near-duplicates together.",
     params=("base", "split"),
     deps=("validated", "audit_table"),
     outs=("splits", "details:split"),
+    tasks=("single", "multilabel"),
 )
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ GROUP_COLUMN = "group"  # set on every row by pipeline.data.audit: rows with the
 
 
 def run(params: Params) -> dict:
+    sets = LabelSets.of(params.base.task, params.base.label_separator)
     table = with_audit_groups(read_validated(params.paths.validated, "split"), params.paths.audit_table)
     given = table["split"] != ""
     if params.split.keep_given_splits and given.any():
@@ -63,23 +67,23 @@ def run(params: Params) -> dict:
                 f"(e.g. {examples}) while others do; give every row a split, or set "
                 "split.keep_given_splits: false"
             )
-        table, strategy, by_rank = _keep_given(table, params.split, params.base.seed)
+        table, strategy, by_rank = _keep_given(table, params.split, params.base.seed, sets)
     else:
         fractions = {"train": params.split.train, "val": params.split.val, "test": params.split.test}
         consequence = "their images all go to train"
-        split_of, by_rank = _split_units(table, fractions, params.split, params.base.seed, consequence)
+        split_of, by_rank = _split_units(table, fractions, params.split, params.base.seed, sets, consequence)
         table, strategy = table.assign(split=_unit_keys(table).map(split_of)), params.split.method
 
     table = table.sort_values("path", kind="stable").reset_index(drop=True)
     with atomic_path(params.paths.splits) as tmp:
         # The columns it read, with `split` now set.
         table[list(VALIDATED_COLUMNS)].to_csv(tmp, index=False, lineterminator="\n")
-    labels = sorted(table["label"].unique())
-    counts = pd.crosstab(table["label"], table["split"]).reindex(index=labels, columns=SPLITS, fill_value=0)
+    counts = _per_label(table, sets)
+    labels = list(counts.index)
     per_class = {split: {label: int(n) for label, n in counts[split].items()} for split in SPLITS}
     metrics = {
         "strategy": strategy,
-        "images": {split: int(counts[split].sum()) for split in SPLITS},  # 3 columns, whatever the classes
+        "images": {split: int((table["split"] == split).sum()) for split in SPLITS},  # 3 columns always
     }
     details = {
         "classes": labels,
@@ -107,10 +111,24 @@ def stable_positions(shas: Sequence[str], seed: int) -> np.ndarray:
     return np.frombuffer(b"".join(digests), dtype=">u8").astype(np.float64) / 2.0**64
 
 
+def _per_label(table: pd.DataFrame, sets: LabelSets) -> pd.DataFrame:
+    """Images of each class (a multilabel task's label) in each split: (labels, SPLITS)."""
+    pairs = sets.exploded(table["label"])
+    split = table["split"].to_numpy()[pairs["row"].to_numpy()]
+    counts = pd.crosstab(pairs["label"].to_numpy(), split) if len(pairs) else pd.DataFrame()
+    return counts.reindex(index=sorted(pairs["label"].unique()), columns=SPLITS, fill_value=0)
+
+
 def _split_units(
-    table: pd.DataFrame, fractions: dict[str, float], settings: SplitParams, seed: int, consequence: str
+    table: pd.DataFrame,
+    fractions: dict[str, float],
+    settings: SplitParams,
+    seed: int,
+    sets: LabelSets,
+    consequence: str,
 ) -> tuple[dict[str, str], dict[str, int]]:
-    """(unit -> split, class -> units placed by rank) for the rows of `table`.
+    """(unit -> split, class -> units placed by rank) for the rows of `table`; a multilabel task's (`sets`)
+    by `label_sets.split_units`.
 
     `fractions` starts with the split that takes the rest (train, or the split that test is carved from);
     the others are filled first, in reverse order (test, then val), by `split.method` (`settings`), drawn
@@ -125,6 +143,13 @@ def _split_units(
     wanted = [split for split in fractions if fractions[split] > 0]
     keys = _unit_keys(table)
     units = _units(table, keys, seed)
+    if sets.multilabel:
+        method, small = settings.method, settings.small_class
+        split_of, by_rank, missing = label_sets.split_units(
+            table, keys, units["position"], order, method, seed, sets
+        )
+        label_sets.check_coverage(missing, wanted, rest, method, small)
+        return split_of, by_rank
     single = units["labels"].map(len) == 1
     own, shared = units[single].assign(label=units.loc[single, "labels"].str[0]), units[~single]
     owned = own["label"].value_counts().to_dict()
@@ -235,7 +260,7 @@ def _stratified(
 
 
 def _keep_given(
-    table: pd.DataFrame, settings: SplitParams, seed: int
+    table: pd.DataFrame, settings: SplitParams, seed: int, sets: LabelSets
 ) -> tuple[pd.DataFrame, str, dict[str, int]]:
     """The source's own splits; with `split.carve_test_from`, fraction `split.test` of each class of that
     split is carved out into test (by `split.method`, seeded by `seed`) when the source gave no test
@@ -252,15 +277,16 @@ def _keep_given(
         fractions = {source: 1.0 - settings.test, "test": settings.test}
         in_source = table["split"] == source
         consequence = f"they stay in {source}"
-        split_of, by_rank = _split_units(table[in_source], fractions, settings, seed, consequence)
+        split_of, by_rank = _split_units(table[in_source], fractions, settings, seed, sets, consequence)
         moved = in_source & _unit_keys(table).map(split_of).eq("test")
         table = table.assign(split=table["split"].where(~moved, "test"))
         strategy = f"given, test carved from {source} ({settings.method})"
     present = [split for split in SPLITS if (table["split"] == split).any()]
+    counts = _per_label(table, sets)[present]
     missing = [
-        f"{label!r} (not in {[s for s in present if s not in set(rows['split'])]})"
-        for label, rows in table.groupby("label", sort=True)
-        if not set(present) <= set(rows["split"])
+        f"{label!r} (not in {[s for s in present if row[s] == 0]})"
+        for label, row in counts.iterrows()
+        if (row == 0).any()
     ]
     need = f"appear in each given split {present}"
     _small_classes(missing, need, "the splits stay as given", settings.small_class)
