@@ -211,7 +211,7 @@ def test_scattered_rows_are_read_a_few_at_a_time_so_few_file_pages_are_ever_mapp
         release(*arrays)
 
     monkeypatch.setattr(checks, "release", measured)
-    read = checks._read(unit, rows)
+    read = checks.read_rows(unit, rows)
     assert len(mapped) == -(-20_000 // checks._GATHER_ROWS)
     assert max(mapped) < 16 * 2**20, max(mapped) / 2**20  # at once: most of the 100 MB file
     np.testing.assert_array_equal(read, np.asarray(unit[rows], dtype=np.float32))

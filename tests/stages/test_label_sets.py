@@ -220,7 +220,7 @@ def test_stages_that_do_not_take_label_sets_refuse_in_one_line(tmp_path):
     assert result.exit_code == 1
     assert re.fullmatch(
         r"train: base.task: multilabel is not supported by the train stage yet \(only by ingest, validate, "
-        r"split\); set base.task: single, or run the stages that take it one by one \(python -m pipeline "
-        r"<stage>\)\n",
+        r"audit, split\); set base.task: single, or run the stages that take it one by one \(python -m "
+        r"pipeline <stage>\)\n",
         result.output,
     )

@@ -30,16 +30,19 @@ from pipeline.config import (
     Params,
 )
 from pipeline.data.audit import AUDIT_COLUMNS
+from pipeline.data.labels import SINGLE, LabelSets, joined
 from pipeline.data.splits import read_splits_table, read_validated
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, atomic_path, write_json
 from pipeline.stages import Stage
-from pipeline.stages.audit import checks, page
+from pipeline.stages.audit import checks, label_sets, page
 
 STAGE = Stage(
     summary="Embed every image: near-duplicates, likely label errors (cleanlab), drift since the champion.",
     params=(
         "base.seed",
+        "base.task",
+        "base.label_separator",
         "audit",
         "model",
         "features",
@@ -47,6 +50,7 @@ STAGE = Stage(
     deps=("validated",),
     outs=("reports:audit",),
     page="index.html",
+    tasks=("single", "multilabel"),
 )
 
 log = logging.getLogger(__name__)
@@ -60,7 +64,10 @@ def run(params: Params) -> dict:
     table = read_validated(paths.validated, "audit")
     files = [paths.data_root / path for path in table["path"]]
     embeddings = embed(table, files, params.model, params.features, paths.cache_dir, seed)
-    found = audit(table, embeddings, files, params.audit, params.model.weights, paths.champion_splits, seed)
+    sets = LabelSets.of(params.base.task, params.base.label_separator)
+    found = audit(
+        table, embeddings, files, params.audit, params.model.weights, paths.champion_splits, seed, sets
+    )
     found.metrics["seconds"] = round(time.perf_counter() - started, 3)
     with atomic_dir(paths.reports("audit")) as report_dir:
         with atomic_path(report_dir / paths.audit_table.name) as tmp:
@@ -134,16 +141,20 @@ def audit(
     weights: str,
     champion_splits: Path,
     seed: int,
+    sets: LabelSets = SINGLE,
 ) -> Found:
     """Run the three checks on the embeddings of `table`'s images (`files`, same order). `weights`: the
-    backbone's (model.weights); `champion_splits`: the champion's training set, drift's baseline."""
+    backbone's (model.weights); `champion_splits`: the champion's training set, drift's baseline; `sets`: how
+    the label cells read (a multilabel task's: cleanlab's multi-label mode, label prevalences for drift)."""
     # An untrained backbone's features find every image alike: no near-duplicate search on them.
     search = settings.near_duplicates and weights != "none"
     pairs = checks.near_duplicate_pairs(embeddings, files, settings) if search else checks.Pairs.empty()
     table = table.assign(group=checks.group_ids(table["sha256"].tolist(), pairs))
     table["group_size"] = table.groupby("group")["path"].transform("size").astype(int)
-    table, suspects, label_note = _label_issues(table, embeddings, settings, seed)
-    found = Found(table, suspects, _groups(table), _drift(table, embeddings, settings, champion_splits, seed))
+    label_check = _label_set_issues if sets.multilabel else _label_issues
+    table, suspects, label_note = label_check(table, embeddings, settings, seed, sets)
+    drift = _drift(table, embeddings, settings, champion_splits, seed, sets)
+    found = Found(table, suspects, _groups(table), drift)
     _judge_groups(found, settings.severity)
     groups = found.groups
     found.metrics = {
@@ -170,7 +181,7 @@ def audit(
 
 
 def _label_issues(
-    table: pd.DataFrame, embeddings: np.ndarray, settings: AuditParams, seed: int
+    table: pd.DataFrame, embeddings: np.ndarray, settings: AuditParams, seed: int, sets: LabelSets
 ) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """The table with the label columns filled, the suspects (ranked) and a note on what ran."""
     mode = settings.label_issues
@@ -196,6 +207,41 @@ def _label_issues(
     )
     probe = "logistic regression" if len(y) <= checks.PROBE_ABOVE else "linear discriminant"
     return table, table.iloc[issues.ranked], f"{mode}: {folds}-fold {probe} + cleanlab"
+
+
+def _label_set_issues(
+    table: pd.DataFrame, embeddings: np.ndarray, settings: AuditParams, seed: int, sets: LabelSets
+) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """`_label_issues` for label sets (`label_sets`): the suggested label is the set the probe prefers."""
+    mode = settings.label_issues
+    pairs = sets.exploded(table["label"])
+    names, column = np.unique(pairs["label"].to_numpy(dtype=str), return_inverse=True)
+    targets = np.zeros((len(table), len(names)), dtype=np.float32)
+    targets[pairs["row"].to_numpy(), column] = 1.0
+    folds = label_sets.usable_folds(targets, settings.folds)
+    table = table.assign(label_issue=False, suggested_label="", label_quality=np.nan, quarantined=False)
+    if mode == "off":
+        return table, table.iloc[:0], "off (audit.label_issues: off)"
+    if folds < 2:
+        return table, table.iloc[:0], "skipped: needs a label with at least 2 images with it and 2 without"
+    label_lists = [np.flatnonzero(row) for row in targets]
+    assignment = label_sets.fold_of(label_lists, folds, seed)
+    probabilities = label_sets.out_of_fold_probabilities(embeddings, targets, assignment)
+    issues = label_sets.label_issues(label_lists, probabilities)
+    flagged = np.zeros(len(table), dtype=bool)
+    flagged[issues.ranked] = True
+    table = table.assign(
+        label_issue=flagged,
+        suggested_label=[joined(names[list(labels)], sets.separator) for labels in issues.suggested],
+        label_quality=issues.quality.round(6),
+        quarantined=flagged & (mode == "quarantine"),
+    )
+    probe = "logistic regression" if len(table) <= checks.PROBE_ABOVE else "ridge regression"
+    return (
+        table,
+        table.iloc[issues.ranked],
+        f"{mode}: {folds}-fold one-vs-rest {probe} + cleanlab (multi-label)",
+    )
 
 
 def _groups(table: pd.DataFrame) -> pd.DataFrame:
@@ -243,9 +289,15 @@ _CHAIN_MIN, _CHAIN_SHARE = 50, 0.01
 
 
 def _drift(
-    table: pd.DataFrame, embeddings: np.ndarray, settings: AuditParams, record: Path, seed: int
+    table: pd.DataFrame,
+    embeddings: np.ndarray,
+    settings: AuditParams,
+    record: Path,
+    seed: int,
+    sets: LabelSets,
 ) -> dict:
-    """The images added since the champion's training set (`record`) against the ones it was trained on."""
+    """The images added since the champion's training set (`record`) against the ones it was trained on; the
+    prior shift compares how often each class (a multilabel task's: each label, `sets`) occurs."""
     if not settings.drift:
         return {"status": "off (audit.drift: false)"}
     if not record.is_file():
@@ -261,8 +313,8 @@ def _drift(
             **counts,
         }
     auc = checks.two_sample_auc(embeddings, old, new, settings.folds, seed)
-    before = trained["label"].value_counts().to_dict()
-    after = table.loc[new, "label"].value_counts().to_dict()
+    before = {str(k): int(v) for k, v in sets.counts(trained["label"]).items()}
+    after = {str(k): int(v) for k, v in sets.counts(table.loc[new, "label"]).items()}
     shift = checks.prior_shift(before, after)
     drifted = auc > settings.drift_max_auc or shift > settings.drift_max_prior_shift
     figures = {"auc": round(auc, 4), "prior_shift": round(shift, 4), "drifted": drifted}

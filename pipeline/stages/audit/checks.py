@@ -134,10 +134,10 @@ def _tracked(n: int, size: int, desc: str) -> Iterator[tuple[int, int]]:
 
 def _rows(array: Any, start: int, stop: int) -> np.ndarray:
     """Rows start:stop of an array or memory-mapped file, as float32."""
-    return _read(array, slice(start, stop))
+    return read_rows(array, slice(start, stop))
 
 
-def _read(array: Any, index: Any, dtype: Any = np.float32) -> np.ndarray:
+def read_rows(array: Any, index: Any, dtype: Any = np.float32) -> np.ndarray:
     """array[index] as `dtype`, a copy in memory; a memory-mapped array's pages are then unmapped from this
     process (shards.release), so passes over a million rows leave no gigabytes of file pages in its RSS.
 
@@ -148,7 +148,7 @@ def _read(array: Any, index: Any, dtype: Any = np.float32) -> np.ndarray:
     if isinstance(index, np.ndarray) and index.ndim == 1 and len(index) > _GATHER_ROWS:
         rows = np.empty((len(index), *array.shape[1:]), dtype=dtype)
         for start, stop in spans(len(index), _GATHER_ROWS):
-            rows[start:stop] = _read(array, index[start:stop], dtype)
+            rows[start:stop] = read_rows(array, index[start:stop], dtype)
         return rows
     rows = np.array(array[index], dtype=dtype)
     release(array)
@@ -172,7 +172,7 @@ def unit_embeddings(embeddings: Any, folder: Path | None = None) -> np.ndarray:
     if folder is None:
         return _centred(np.asarray(embeddings))
     n, channels = embeddings.shape
-    total = sum(_read(embeddings, slice(a, b), np.float64).sum(axis=0) for a, b in spans(n, _BLOCK))
+    total = sum(read_rows(embeddings, slice(a, b), np.float64).sum(axis=0) for a, b in spans(n, _BLOCK))
     mean = (total / n).astype(np.float32)
     unit = np.lib.format.open_memmap(folder / "unit.npy", mode="w+", dtype=np.float16, shape=(n, channels))
     for start, stop in spans(n, _BLOCK):
@@ -301,7 +301,7 @@ def _reranked(
         _, found = index.search(np.ascontiguousarray(projected[a:b]), wanted, params=search)  # -1: none
         missing = (found < 0) | (found == ids[a:b, None])
         found = np.where(missing, ids[a:b, None], found)
-        gathered = _read(unit, found.ravel()).reshape(*found.shape, -1)
+        gathered = read_rows(unit, found.ravel()).reshape(*found.shape, -1)
         values = np.matmul(gathered, queries[a:b, :, None])[..., 0]
         values[missing] = -np.inf
         order = np.argsort(-values, axis=1, kind="stable")
@@ -319,7 +319,7 @@ def _principal_axes(unit: np.ndarray, dims: int) -> np.ndarray | None:
     if channels <= dims:
         return None
     rows = np.sort(np.random.default_rng(0).choice(n, min(n, _ANN_SAMPLE), replace=False))
-    sample = _read(unit, rows)
+    sample = read_rows(unit, rows)
     # only the largest: 0.6 s for 1,280 channels, where numpy's full float32 eigh took 13 s on 2 busy cores
     _, vectors = eigh(sample.T @ sample, subset_by_index=[channels - dims, channels - 1])  # ascending
     return np.ascontiguousarray(vectors[:, ::-1], dtype=np.float32)
@@ -498,7 +498,7 @@ def aligned_correlation(
 
     def gather(ids: np.ndarray) -> np.ndarray:
         if isinstance(thumbs, np.ndarray):  # memory-mapped above ANN_ABOVE images
-            grey = _read(thumbs, ids)
+            grey = read_rows(thumbs, ids)
         else:
             grey = _grey(np.stack([np.asarray(thumbs[k]) for k in ids.tolist()]))
         return grey.reshape(len(ids), size, 2, size, 2).mean(axis=(2, 4)) if halved else grey
@@ -660,7 +660,7 @@ def _cosines(unit: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndar
     """(P,) float32 cosines of the pairs' unit embeddings, a block of pairs at a time."""
     parts = [np.empty(0, dtype=np.float32)]
     for a, b in spans(len(first), _BLOCK):
-        left, right = (_read(unit, side[a:b]) for side in (first, second))
+        left, right = (read_rows(unit, side[a:b]) for side in (first, second))
         parts.append(np.einsum("ij,ij->i", left, right))
     return np.concatenate(parts)
 
@@ -683,7 +683,7 @@ def group_ids(keys: Sequence[str], pairs: Pairs) -> list[str]:
     return [smallest[c] for c in component.tolist()]
 
 
-def _probe(n: int):
+def probe(n: int):
     """Standardised embeddings -> logistic regression whose penalty per image is fixed: C = 15 / n. sklearn
     sums the loss over the n images, so a fixed C regularises small sets hard and large ones barely. 15 / n
     (C = 0.0025 at 6,000 images) gave the best F1 of the flagged images on 6,000 Fashion-MNIST images with 5%
@@ -720,7 +720,7 @@ def out_of_fold_probabilities(
 
     data = np.asarray(embeddings, dtype=np.float32)
     splitter = _folds(folds, seed)
-    return cross_val_predict(_probe(len(labels)), data, labels, cv=splitter, method="predict_proba")
+    return cross_val_predict(probe(len(labels)), data, labels, cv=splitter, method="predict_proba")
 
 
 def _folds(folds: int, seed: int) -> Any:
@@ -790,7 +790,7 @@ def discriminant_probabilities(
 
 def _logits(embeddings: Any, rows: np.ndarray, assignment: np.ndarray, models: list) -> np.ndarray:
     """(R, K) logits of `rows` (sorted), each from the model of the folds it is not in."""
-    data = _read(embeddings, rows, np.float64)
+    data = read_rows(embeddings, rows, np.float64)
     logits = np.empty((len(rows), models[0][1].shape[0]))
     for k, (weights, bias) in enumerate(models):
         mine = assignment[rows] == k
@@ -861,7 +861,7 @@ def label_issues(labels: np.ndarray, probabilities: Any) -> LabelIssues:
     n, classes = probabilities.shape
     quality, suggested = np.empty(n), np.empty(n, dtype=np.int64)
     for start, stop in spans(n, _PROBE_BLOCK):
-        block = _read(probabilities, slice(start, stop), np.float64)
+        block = read_rows(probabilities, slice(start, stop), np.float64)
         quality[start:stop] = block[np.arange(stop - start), labels[start:stop]]
         suggested[start:stop] = block.argmax(axis=1)
     present = np.bincount(labels, minlength=classes)
@@ -869,7 +869,7 @@ def label_issues(labels: np.ndarray, probabilities: Any) -> LabelIssues:
     thresholds = np.clip(thresholds, CONFIDENT_THRESHOLDS_LOWER_BOUND, None)
     count = 0
     for start, stop in spans(n, _PROBE_BLOCK):
-        block, given = _read(probabilities, slice(start, stop), np.float64), labels[start:stop]
+        block, given = read_rows(probabilities, slice(start, stop), np.float64), labels[start:stop]
         _, off = compute_confident_joint(given, block, thresholds=thresholds, calibrate=False,
                                          return_indices_of_off_diagonals=True)  # fmt: skip
         off = np.asarray(off, dtype=np.int64)
@@ -901,10 +901,10 @@ def two_sample_auc(embeddings: Any, old: np.ndarray, new: np.ndarray, folds: int
     rows = np.concatenate([rng.permutation(old_rows)[:n], rng.permutation(new_rows)[:n]])
     order = np.argsort(rows, kind="stable")  # read a memory-mapped array in file order
     data = np.empty((2 * n, embeddings.shape[1]), dtype=np.float32)
-    data[order] = _read(embeddings, rows[order])
+    data[order] = read_rows(embeddings, rows[order])
     target = np.repeat([0, 1], n)
     splitter = StratifiedKFold(n_splits=min(folds, n), shuffle=True, random_state=seed)
-    return float(np.mean(cross_val_score(_probe(len(target)), data, target, cv=splitter, scoring="roc_auc")))
+    return float(np.mean(cross_val_score(probe(len(target)), data, target, cv=splitter, scoring="roc_auc")))
 
 
 def prior_shift(old: dict[str, int], new: dict[str, int]) -> float:
