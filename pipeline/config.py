@@ -522,7 +522,10 @@ class TrainParams(_Section):
     at the full size sees objects as large as RandomResizedCrop's zoom showed them in training (FixRes,
     Touvron et al. 2019)"""
     label_smoothing: Fraction = 0.1
-    """cross-entropy label smoothing"""
+    """cross-entropy label smoothing (multilabel: each 0/1 target moves this share of the way to 0.5)"""
+    multilabel_loss: Literal["bce", "asl"] = "bce"
+    """base.task: multilabel: `bce` (binary cross-entropy per label) or `asl` (Asymmetric Loss, Ridnik et al.
+    2021: easy negatives down-weighted, timm's defaults)"""
     class_weighting: Literal["none", "inverse", "effective"] = "none"
     """none / inverse / effective (Cui et al. 2019); from the train split"""
     balanced_sampler: bool = False
@@ -531,8 +534,9 @@ class TrainParams(_Section):
     """micro-batches per optimizer step"""
     grad_clip_norm: Annotated[float, Field(ge=0.0)] = 1.0
     """0 = off"""
-    early_stopping_metric: Literal["val_acc", "val_loss", "val_f1"] = "val_acc"
-    """val_acc / val_loss / val_f1; also picks the epoch whose weights are saved"""
+    early_stopping_metric: Literal["auto", "val_acc", "val_loss", "val_f1", "val_map"] = "auto"
+    """val_acc / val_loss / val_f1 / val_map (multilabel: macro average precision); auto = val_acc, or
+    val_map for base.task: multilabel; also picks the epoch whose weights are saved"""
     early_stopping_patience: NonNegInt = 3
     """last phase's epochs without a new best (within that phase) before stopping; 0 = off"""
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
@@ -797,6 +801,26 @@ with warnings.catch_warnings():
         def to_dict(self) -> dict[str, Any]:
             """JSON-safe dict (paths as strings) that travels inside checkpoints and exports."""
             return self.model_dump(mode="json")
+
+        @model_validator(mode="after")
+        def _task_fits_train(self) -> Params:
+            """The train keys that mean something for one task only (base.task)."""
+            t, multilabel = self.train, self.base.task == "multilabel"
+            problems = [
+                (not multilabel and t.early_stopping_metric == "val_map",
+                 "train.early_stopping_metric: val_map is for base.task: multilabel; use val_acc (or auto)"),
+                (multilabel and t.balanced_sampler,
+                 "train.balanced_sampler: an image holds several labels, so no draw makes every label "
+                 "equally frequent; set it to false (train.class_weighting: inverse weighs rare labels up)"),
+                (multilabel and t.class_weighting == "effective",
+                 "train.class_weighting: effective is for single-label classes; use inverse or none"),
+                (multilabel and t.distill.teacher != "none",
+                 "train.distill.teacher: distillation takes single-label teachers only; set it to none"),
+            ]  # fmt: skip
+            found = [text for wrong, text in problems if wrong]
+            if found:
+                raise ValueError("; ".join(found))
+            return self
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:

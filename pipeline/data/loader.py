@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.data.cache import CachedSet, identity, open_cache
+from pipeline.data.labels import SINGLE, LabelSets
 from pipeline.data.splits import read_splits_table
 from pipeline.errors import PipelineError
 
@@ -29,7 +31,7 @@ class SplitRows:
 
     paths: list[str]
     identities: list[str]
-    labels: np.ndarray  # (N,) int64
+    labels: np.ndarray  # (N,) int64 class indices; a multilabel task's (N, K) float32 multi-hot rows
 
 
 @dataclass(frozen=True)
@@ -39,12 +41,19 @@ class Splits:
     val: SplitRows
 
 
-def read_splits(splits_csv: Path, data_root: Path) -> Splits:
+def read_splits(splits_csv: Path, data_root: Path, sets: LabelSets = SINGLE) -> Splits:
     """The train and val rows of the split stage's table; class order is the sorted unique labels over all
-    splits."""
+    splits. A multilabel task's (`sets`) labels are (N, K) float32 multi-hot rows."""
     table = read_splits_table(splits_csv)
-    class_names = sorted(table["label"].unique().tolist())
+    class_names = sets.names(table["label"])
     index, root = {name: i for i, name in enumerate(class_names)}, os.fspath(data_root)
+
+    def targets(cells: pd.Series) -> np.ndarray:
+        if not sets.multilabel:
+            return cells.map(index).to_numpy(dtype=np.int64)
+        pairs, rows = sets.exploded(cells), np.zeros((len(cells), len(class_names)), dtype=np.float32)
+        rows[pairs["row"].to_numpy(), pairs["label"].map(index).to_numpy(dtype=np.int64)] = 1.0
+        return rows
 
     def rows(name: str) -> SplitRows:
         part = table[table["split"] == name]
@@ -53,10 +62,15 @@ def read_splits(splits_csv: Path, data_root: Path) -> Splits:
         return SplitRows(
             paths=[os.path.join(root, p) for p in part["path"]],  # 0.3 s for a million; Path: 16 s
             identities=[identity(p, sha) for p, sha in zip(part["path"], part["sha256"], strict=True)],
-            labels=part["label"].map(index).to_numpy(dtype=np.int64),
+            labels=targets(part["label"]),
         )
 
     return Splits(class_names, rows("train"), rows("val"))
+
+
+def _target(labels: np.ndarray, index: int) -> int | torch.Tensor:
+    """An image's class index, or its (K,) multi-hot row (a multilabel task's)."""
+    return torch.from_numpy(labels[index]) if labels.ndim == 2 else int(labels[index])
 
 
 class CachedImages(Dataset):
@@ -91,7 +105,7 @@ class CachedImages(Dataset):
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only: torch.manual_seed would also queue GPU seeding, costing 1 ms an image.
             torch.default_generator.manual_seed(_item_seed(self.seed, epoch, index))
-            return transform(image), int(self.labels[index])
+            return transform(image), _target(self.labels, index)
 
     def __getitems__(self, keys: list[tuple[int, ...]]) -> list[tuple[torch.Tensor, int]]:
         """The DataLoader's batch fetch (it calls this instead of indexing item by item when it exists)."""
@@ -99,7 +113,9 @@ class CachedImages(Dataset):
             return [self[key] for key in keys]
         indices = [key[1] for key in keys]
         images = self.transform(torch.from_numpy(self._cache()[indices]))  # a copy of just these squares
-        return list(zip(images.unbind(0), self.labels[indices].tolist(), strict=True))
+        targets = self.labels[indices]
+        targets = torch.from_numpy(targets).unbind(0) if targets.ndim == 2 else targets.tolist()
+        return list(zip(images.unbind(0), targets, strict=True))
 
     def _cache(self) -> CachedSet:
         if self._array is None:

@@ -27,6 +27,7 @@ from dvclive import Live
 from pipeline.config import FeaturesParams, ModelParams, Params, TrainParams
 from pipeline.data.cache import build_cache, cache_path
 from pipeline.data.epochs import EpochData
+from pipeline.data.labels import LabelSets
 from pipeline.data.loader import (
     CachedImages,
     EpochSampler,
@@ -45,7 +46,13 @@ from pipeline.training import checkpoint, distributed
 from pipeline.training.distributed import Dist
 from pipeline.training.features import backbone_features, feature_pass
 from pipeline.training.loop import FitState, Trainer, fit
-from pipeline.training.loss import build_criterion, class_weights, with_teacher
+from pipeline.training.loss import (
+    MultiLabelLoss,
+    build_criterion,
+    class_weights,
+    positive_weights,
+    with_teacher,
+)
 from pipeline.training.memory import keep_freed_memory
 from pipeline.training.precision import (
     Precision,
@@ -62,6 +69,7 @@ STAGE = Stage(
     deps=("splits",),
     outs=("model",),
     plots={"curves_dir": "step"},
+    tasks=("single", "multilabel"),
     note=(
         "paths.checkpoint_dir (resume state) is no output on purpose: DVC never deletes it, so an "
         "interrupted run resumes, and an undeclared folder keeps the stage in DVC's run cache (a `persist` "
@@ -79,6 +87,7 @@ LIVE_METRICS = {
     "val/loss": "val_loss",
     "val/acc": "val_acc",
     "val/f1": "val_f1",
+    "val/map": "val_map",  # label sets only (base.task: multilabel)
     "lr": "lr",
     "lr_head": "lr_head",
     "images_per_s": "images_per_s",
@@ -148,7 +157,7 @@ def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
         save_trained(paths.model, ready.model, class_names, ready.data_config, params.to_dict())
         write_json(paths.metrics("train"), _metrics(state))
         live.end()
-        best = f"{tp.early_stopping_metric} {state.best_value:.4f} at epoch {state.best_epoch}"
+        best = f"{trainer.monitor} {state.best_value:.4f} at epoch {state.best_epoch}"
         log.info(f"train: best {best} -> {paths.model}")
     distributed.barrier(env)
     return {
@@ -179,7 +188,8 @@ def prepare(params: Params, env: Dist, device: torch.device) -> Prepared:
     """Seeded, the splits read, the model built on `device` and everything that trains it."""
     tp, paths, seed = params.train, params.paths, params.base.seed
     checkpoint.seed_everything(seed)
-    splits = read_splits(paths.splits, paths.data_root)
+    sets = LabelSets.of(params.base.task, params.base.label_separator)
+    splits = read_splits(paths.splits, paths.data_root, sets)
     num_classes = len(splits.class_names)
     data_config = resolve_data_config(params.model)
     precision = resolve_precision(tp.precision, device)
@@ -187,9 +197,13 @@ def prepare(params: Params, env: Dist, device: torch.device) -> Prepared:
     groups = block_groups(model.backbone)
     plans = plan_epochs(_freezing(tp), len(groups))
     data = _epoch_data(tp, params.features, seed, paths.cache_dir, splits, data_config, model, precision, env)
-    weights = class_weights(splits.train.labels, num_classes, tp.class_weighting)
     steps_per_epoch = math.ceil(len(data.train_loader) / tp.grad_accum_steps)
-    criterion = build_criterion(weights, tp.label_smoothing)
+    if sets.multilabel:
+        positive = positive_weights(splits.train.labels, tp.class_weighting)
+        criterion: torch.nn.Module = MultiLabelLoss(tp.multilabel_loss, positive, tp.label_smoothing)
+    else:
+        weights = class_weights(splits.train.labels, num_classes, tp.class_weighting)
+        criterion = build_criterion(weights, tp.label_smoothing)
     champion_model = paths.champion_dir / paths.model.name  # where promotion copies the model
     criterion, teacher = with_teacher(criterion, tp.distill, champion_model, splits.class_names, data_config)
     mix = build_batch_mix(tp.augment, num_classes)
@@ -204,6 +218,7 @@ def prepare(params: Params, env: Dist, device: torch.device) -> Prepared:
         criterion=criterion,
         batch_mix=mix,
         teacher=teacher,
+        multilabel=sets.multilabel,
     )
     return Prepared(splits, data_config, precision, model, plans, data, trainer)
 
@@ -327,7 +342,8 @@ def _live(live_dir: Path, history: list[dict[str, float]]) -> Live:
 
 def _log_epoch(live: Live, record: dict[str, float]) -> None:
     for name, key in LIVE_METRICS.items():
-        live.log_metric(name, float(record[key]))
+        if key in record:
+            live.log_metric(name, float(record[key]))
     live.next_step()
 
 
@@ -337,7 +353,8 @@ def _report_epoch(record: dict[str, float], epochs: int, gap_warning: float) -> 
     head = f"(head {r['lr_head']:.2e})" if r["trainable_groups"] else "(head only)"
     log.info(
         f"epoch {r['epoch']}/{epochs}  train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f} | "
-        f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.4f} f1 {r['val_f1']:.4f} | "
+        f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.4f} f1 {r['val_f1']:.4f}"
+        f"{' mAP {:.4f}'.format(r['val_map']) if 'val_map' in r else ''} | "
         f"lr {r['lr_trained']:.2e} {head} | {r['size']} px, {r['images_per_s']:.0f} img/s | "
         f"{r['seconds']:.1f} s"
     )
@@ -363,6 +380,7 @@ def _metrics(state: FitState) -> dict:
         "best_val_acc": best["val_acc"],
         "best_val_loss": best["val_loss"],
         "best_val_f1": best["val_f1"],
+        **({"best_val_map": best["val_map"]} if "val_map" in best else {}),
         "epochs_run": len(state.history),
         "final_train_loss": last["train_loss"],
         "train_seconds": state.seconds,

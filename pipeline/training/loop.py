@@ -21,6 +21,7 @@ from pipeline.data.epochs import Batches, EpochData
 from pipeline.models import ImageClassifier
 from pipeline.models.freezing import EpochPlan, set_trainable, train_mode
 from pipeline.progress import progress
+from pipeline.training import label_sets
 from pipeline.training.distributed import Dist, all_sum, from_main, wrap
 from pipeline.training.optim import build_optimizer, build_scheduler, compressed, current_lrs, scaled
 from pipeline.training.precision import Precision
@@ -46,8 +47,10 @@ class Trainer:
         criterion: nn.Module,
         batch_mix: Callable | None,
         teacher: nn.Module | None = None,
+        multilabel: bool = False,
     ):
         self.model, self.params, self.groups = model, params, block_groups
+        self.multilabel = multilabel  # label sets: (B, K) targets, per-label figures (training.label_sets)
         self.precision, self.env = precision, env
         self.criterion, self.batch_mix = criterion.to(precision.device), batch_mix
         # Distillation: the teacher sees each batch as the student does (augmented, mixed); head-only epochs
@@ -61,6 +64,12 @@ class Trainer:
         self.scaler = precision.grad_scaler()
         self.ema = ModelEmaV3(model, decay=params.ema_decay, use_warmup=True) if params.ema_decay else None
         self._wrapped: tuple[Any, nn.Module] | None = None
+
+    @property
+    def monitor(self) -> str:
+        """The early-stopping metric: `train.early_stopping_metric`, whose auto is val_map for label sets."""
+        chosen = self.params.early_stopping_metric
+        return chosen if chosen != "auto" else ("val_map" if self.multilabel else "val_acc")
 
     @property
     def eval_model(self) -> ImageClassifier:
@@ -133,7 +142,7 @@ class Trainer:
                 loss, logits = self._forward_backward(module, x, y, group_size)
             if last_in_group:
                 self._optimizer_step()
-            correct = (logits.argmax(1) == y).sum()
+            correct = label_sets.correct(logits, y) if self.multilabel else (logits.argmax(1) == y).sum()
             totals += torch.stack([loss.double() * len(y), correct.double(), totals.new_tensor(len(y))])
             bar.update(1)
         seconds = time.perf_counter() - start
@@ -158,7 +167,10 @@ class Trainer:
     def evaluate(
         self, batches: Batches, num_batches: int, on_features: bool, num_classes: int, desc: str = "val"
     ) -> dict[str, float]:
-        """Plain cross-entropy (no smoothing or class weights), accuracy and macro F1 over all ranks."""
+        """Plain cross-entropy (no smoothing or class weights), accuracy and macro F1 over all ranks; for
+        label sets, `label_sets.Figures` (binary cross-entropy, per-label accuracy, macro F1 and mAP)."""
+        if self.multilabel:
+            return self._evaluate_label_sets(batches, num_batches, on_features, num_classes, desc)
         model = self.eval_model
         was_training = model.training
         model.eval()
@@ -183,6 +195,24 @@ class Trainer:
             "acc": true_pos.sum().item() / images,
             "f1": f1.mean().item(),
         }
+
+    def _evaluate_label_sets(
+        self, batches: Batches, num_batches: int, on_features: bool, num_labels: int, desc: str
+    ) -> dict[str, float]:
+        model = self.eval_model
+        was_training = model.training
+        model.eval()
+        module = model.head if on_features else model
+        figures = label_sets.Figures(num_labels, self.precision.device)
+        with progress(desc, num_batches, "batch", enabled=self.env.is_main) as bar:
+            for x, y in batches:
+                x, y = self._to_device(x, y)
+                with self.precision.autocast():
+                    logits = module(x).float()
+                figures.add(logits, y)
+                bar.update(1)
+        model.train(was_training)
+        return figures.result(self.env)
 
     def _forward_backward(
         self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, group_size: int
@@ -272,7 +302,7 @@ def fit(
         record = _run_epoch(trainer, plan, epoch, state.planned, data, num_classes, size)
         state.history.append(record)
         state.seconds += record["seconds"]
-        _track_best(state, trainer, record[trainer.params.early_stopping_metric], epoch)
+        _track_best(state, trainer, record[trainer.monitor], epoch)
         state.epoch = epoch + 1
         if trainer.params.time_limit_min is not None:
             _keep_to_time_limit(trainer, plans, state, data.image_size)
@@ -294,7 +324,7 @@ def _act_on_overfit(trainer: Trainer, state: FitState, record: dict[str, float])
     if p.on_overfit == "warn" or gap <= p.overfit_gap_warning or state.bad_epochs == 0:
         return False  # bad_epochs 0: it beat its phase's best (a new phase starts below the last one's)
     what = f"epoch {record['epoch']}: train accuracy exceeds val accuracy by {gap:.3f}, and its "
-    what += f"{p.early_stopping_metric}"
+    what += f"{trainer.monitor}"
     if p.on_overfit == "stop":
         log.warning(
             f"train: {what} is no better than epoch {state.best_epoch}'s; stopping (train.on_overfit)"
@@ -405,6 +435,7 @@ def _run_epoch(
         "val_loss": val["loss"],
         "val_acc": val["acc"],
         "val_f1": val["f1"],
+        **({"val_map": val["map"]} if "map" in val else {}),
         "size": size,
         "images": train["images"],
         "loop_seconds": train["seconds"],
@@ -416,7 +447,7 @@ def _run_epoch(
 
 def _track_best(state: FitState, trainer: Trainer, value: float, epoch: int) -> None:
     """Keep the best epoch's weights over all epochs; count the epochs without progress in this phase."""
-    monitor = trainer.params.early_stopping_metric
+    monitor = trainer.monitor
     if _improved(value, state.best_value, monitor):
         state.best_value, state.best_epoch = value, epoch + 1
         state.best_state = {k: v.detach().cpu().clone() for k, v in trainer.eval_model.state_dict().items()}

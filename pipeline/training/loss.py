@@ -1,5 +1,6 @@
 """Training objective: cross-entropy with label smoothing and optional class weights from the train split;
-knowledge distillation from a trained teacher on top of it."""
+knowledge distillation from a trained teacher on top of it. Label sets (`base.task: multilabel`): binary
+cross-entropy or Asymmetric Loss per label (`MultiLabelLoss`)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,39 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tens
     if weights is None:
         return None
     return torch.as_tensor(weights * num_classes / weights.sum(), dtype=torch.float32)
+
+
+def positive_weights(targets: np.ndarray, mode: str) -> torch.Tensor | None:
+    """A multilabel task's weight on each label's positive term (BCE's `pos_weight`) from the (N, K) train
+    targets: `inverse` = its negatives / positives (a rare label's few positives weigh as much as its many
+    negatives); None for `none`. `effective` has no per-label meaning here and is refused by `prepare`."""
+    if mode == "none":
+        return None
+    positives = np.maximum(targets.sum(axis=0), 1.0)
+    return torch.as_tensor((len(targets) - positives).clip(min=1.0) / positives, dtype=torch.float32)
+
+
+class MultiLabelLoss(nn.Module):
+    """Binary cross-entropy per label (mean over images and labels), or Asymmetric Loss (Ridnik et al.,
+    ICCV 2021: easy negatives down-weighted by (p)^gamma_neg, timm's implementation with its defaults), on
+    multi-hot or soft (mixed) targets; label smoothing pulls each target towards 0.5 by `smoothing` / 2."""
+
+    def __init__(self, kind: str, pos_weight: torch.Tensor | None, smoothing: float):
+        super().__init__()
+        self.smoothing = smoothing
+        if kind == "asl":
+            from timm.loss import AsymmetricLossMultiLabel
+
+            self.loss = AsymmetricLossMultiLabel(smoothing=smoothing, pos_weight=pos_weight, reduction="mean")
+            self.smoothing = 0.0  # applied inside
+        else:
+            self.loss = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        targets = targets.float()
+        if self.smoothing:
+            targets = targets * (1.0 - self.smoothing) + 0.5 * self.smoothing
+        return self.loss(logits, targets)
 
 
 def build_criterion(weights: torch.Tensor | None, label_smoothing: float) -> nn.Module:

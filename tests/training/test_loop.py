@@ -47,6 +47,9 @@ class _ScriptedTrainer:
     def replan(self, epochs_left: int, new_epochs_left: int) -> None:
         self.replans.append((epochs_left, new_epochs_left))
 
+    monitor = Trainer.monitor  # the real Trainer's choice of metric (multilabel False: auto is val_acc)
+    multilabel = False
+
     def evaluate(self, *args, **kwargs) -> dict:
         return {"loss": 1.0, "acc": next(self._accs), "f1": 0.0}
 
