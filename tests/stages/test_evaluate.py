@@ -22,6 +22,7 @@ from pipeline.serving import conformal, unknown
 from pipeline.serving.conformal import Conformal
 from pipeline.serving.unknown import Detector
 from pipeline.stages import evaluate
+from pipeline.stages.evaluate import passes
 
 CLASSES = ["class_0", "class_1", "class_2"]
 PNGS = ("confusion_matrix.png", "mistakes.png", "reliability.png", "per_class_f1.png", "coverage.png")
@@ -306,7 +307,7 @@ def test_predictions_have_a_probability_per_class_or_above_a_hundred_the_five_mo
     test = pd.DataFrame(
         {"path": [f"{i}.png" for i in range(20)], "label": [names[i % classes] for i in range(20)]}
     )
-    outputs = evaluate._Outputs(np.log(probs)[None].astype(np.float32), np.ones((20, 4), np.float32))
+    outputs = passes.Outputs(np.log(probs)[None].astype(np.float32), np.ones((20, 4), np.float32))
     detector = unknown.unfitted("energy", np.zeros((0, 4)), 0.95, 1)
     trust = evaluate._Trust(conformal.calibrate(probs, np.zeros(20, int), "lac", 0.1), detector)
     scores = evaluate._score(outputs, np.zeros(20, int), 1.0, trust, classes)
@@ -339,7 +340,7 @@ def test_test_scores_are_computed_a_block_of_rows_at_a_time_from_memory_mapped_o
     labels = rng.integers(0, k, size=n)
     trust = evaluate._Trust(Conformal("aps", 0.1, 0.9, 100), Detector("energy", 0.0, 0.95))
     tracemalloc.start()
-    scores = evaluate._score(evaluate._Outputs(logits, features), labels, 1.5, trust, k)
+    scores = evaluate._score(passes.Outputs(logits, features), labels, 1.5, trust, k)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
 

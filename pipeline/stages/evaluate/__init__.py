@@ -16,35 +16,27 @@ classes).
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from numpy.lib.format import open_memmap
-from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
 from pipeline.calibration import Reliability, fit_temperature, log_loss_of, reliability_of, softmax
 from pipeline.config import EvaluateParams, Params, PathsParams
 from pipeline.data.sampling import stratified_sample
-from pipeline.data.shards import BLOCK_ROWS, release, spans
+from pipeline.data.shards import BLOCK_ROWS, spans
 from pipeline.data.splits import read_splits_table
-from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, scratch_dir, write_bytes, write_json, write_text
 from pipeline.models import TrainedModel, load_trained
 from pipeline.pages import report
-from pipeline.preprocess import open_rgb, preprocess_file
-from pipeline.progress import progress
 from pipeline.serving import conformal, unknown
 from pipeline.stages import Stage, contracts
+from pipeline.stages.evaluate.passes import Outputs, bank_of, npy, outputs, split_rows, thumbnail
 from pipeline.training.precision import configure_backends, evaluation_device, visible_gpus
 
 STAGE = Stage(
@@ -78,24 +70,7 @@ STAGE = Stage(
 
 log = logging.getLogger(__name__)
 
-_THUMBNAIL_SIDE = 160
 _TRUST_DETAILS = ("conformal", "unknown")  # details keys the report shows in its own section
-
-
-@dataclass(frozen=True)
-class _Outputs:
-    """The model's outputs on one split, memory-mapped in the stage's scratch folder: logits per view and the
-    first view's pooled backbone features, which the head maps to logits (the test split's are 2.7 GB at a
-    million images of 1,000 classes)."""
-
-    logits: np.ndarray  # (V, N, K) float32
-    features: np.ndarray  # (N, C) float32
-
-    def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """(V, b, K) logits and (b, C) features of rows start:stop, in memory; the mapped pages let go."""
-        logits, features = np.array(self.logits[:, start:stop]), np.array(self.features[start:stop])
-        release(self.logits, self.features)
-        return logits, features
 
 
 @dataclass(frozen=True)
@@ -141,7 +116,7 @@ def run(params: Params) -> dict:
     trained = load_trained(paths.model)
     class_names = list(trained.class_names)
     splits = _read_splits(paths.splits, class_names, paths.model)
-    val, test = (_rows(splits, split, paths.splits) for split in ("val", "test"))
+    val, test = (split_rows(splits, split, paths.splits) for split in ("val", "test"))
     index = {name: i for i, name in enumerate(class_names)}
     y_val = val["label"].map(index).to_numpy()
     y_test = test["label"].map(index).to_numpy()
@@ -150,13 +125,13 @@ def run(params: Params) -> dict:
     trained.model.float().to(device).eval()
 
     with scratch_dir(paths.cache_dir / "evaluate") as scratch:
-        val_out = _outputs(trained, paths.data_root, val["path"], cfg, False, scratch / "val", "evaluate val")
+        val_out = outputs(trained, paths.data_root, val["path"], cfg, False, scratch / "val", "evaluate val")
         fit = fit_temperature(val_out.logits[0], y_val)
         bank_files = _bank_files(splits, paths.splits, index, cfg, params.base.seed)
         trust = _fit_trust(
             trained, paths.data_root, cfg, val_out, y_val, bank_files, fit.temperature, scratch
         )
-        test_out = _outputs(
+        test_out = outputs(
             trained, paths.data_root, test["path"], cfg, cfg.tta, scratch / "test", "evaluate test"
         )
         scores = _score(test_out, y_test, fit.temperature, trust, len(class_names))
@@ -169,7 +144,7 @@ def run(params: Params) -> dict:
 
     _write_report_folder(paths, cfg, trained, splits, predictions, metrics, details, scores, y_test)
     write_text(paths.predictions, predictions.to_csv(index=False))
-    write_bytes(paths.feature_bank, _npy(_bank(trust.detector, width)))
+    write_bytes(paths.feature_bank, npy(bank_of(trust.detector, width)))
     write_json(
         paths.calibration,
         {
@@ -194,83 +169,8 @@ def run(params: Params) -> dict:
     }
 
 
-_WHY_NEEDED = {
-    "test": "there is nothing to evaluate; set split.test > 0 (or split.carve_test_from for pre-split data)",
-    "val": "the temperature cannot be fitted; set split.val > 0",
-}
-
-
-def _rows(splits: pd.DataFrame, split: str, source: Path) -> pd.DataFrame:
-    """One split's rows sorted by path; a clear error when it has none."""
-    rows = splits[splits["split"] == split].sort_values("path", kind="stable").reset_index(drop=True)
-    if rows.empty:
-        raise PipelineError(
-            f"{source}: the {split} split has no rows, so {_WHY_NEEDED[split]}, and re-run `dvc repro split`"
-        )
-    return rows
-
-
 def _read_splits(path: Path, class_names: list[str], model_path: Path) -> pd.DataFrame:
     return read_splits_table(path, class_names, model_path)
-
-
-def _outputs(
-    trained: TrainedModel,
-    data_root: Path,
-    files: pd.Series,
-    cfg: EvaluateParams,
-    tta: bool,
-    folder: Path,
-    desc: str,
-) -> _Outputs:
-    """fp32 logits (V, N, K) of the model (in eval mode, on its device), V = 2 with TTA (the image and its
-    horizontal flip), else 1; and the unflipped images' pooled features (N, C), which the head maps to logits
-    and the ONNX export outputs next to them. Written batch by batch to .npy files in `folder`, memory-mapped.
-    """
-    model = trained.model
-    device = next(model.parameters()).device
-    files = list(files)
-    folder.mkdir(parents=True, exist_ok=True)
-    logits = features = np.zeros((0, 0))  # allocated at the first batch, when their widths are known
-    with torch.inference_mode(), progress(desc, len(files), "img") as bar:
-        for start, images in _decoded(data_root, files, cfg.batch_size, trained.data_config):
-            rows = slice(start, start + len(images))
-            batch = torch.from_numpy(images).to(device)
-            pooled = model.forward_features(batch)
-            head = model.head(pooled)
-            if start == 0:
-                shape = (2 if tta else 1, len(files), head.shape[1])
-                logits = open_memmap(folder / "logits.npy", "w+", np.float32, shape)
-                features = open_memmap(
-                    folder / "features.npy", "w+", np.float32, (len(files), pooled.shape[1])
-                )
-            features[rows] = pooled.cpu().numpy()
-            logits[0, rows] = head.cpu().numpy()
-            if tta:
-                logits[1, rows] = model(torch.flip(batch, dims=[3])).cpu().numpy()  # (B, C, H, W): flip W
-            release(logits, features)
-            bar.update(len(images))
-    return _Outputs(logits, features)
-
-
-def _decoded(
-    data_root: Path, files: list[str], batch_size: int, data_config: dict
-) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, (B, 3, H, W) float32 batch) of `files` preprocessed as predict does, the next batch
-    decoded on a thread while the model runs on this one (Pillow and numpy let go of the GIL): the scale
-    benchmark's 32 px PNGs, one torch thread, 2-core Xeon: 530 -> 642 img/s."""
-
-    def load(start: int) -> np.ndarray:
-        return np.stack([_load(data_root, f, data_config) for f in files[start : start + batch_size]])
-
-    starts = range(0, len(files), batch_size)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load, starts[0]) if starts else None
-        for i, start in enumerate(starts):
-            images = pending.result()
-            if i + 1 < len(starts):
-                pending = pool.submit(load, starts[i + 1])
-            yield start, images
 
 
 def _bank_files(
@@ -280,7 +180,7 @@ def _bank_files(
     with `seed`; none for the other detectors, which need no bank."""
     if cfg.unknown.detector != "knn":
         return pd.Series([], dtype=str)
-    train = _rows(splits, "train", source)
+    train = split_rows(splits, "train", source)
     return train["path"].iloc[
         stratified_sample(train["label"].map(index).to_numpy(), cfg.unknown.bank_size, seed)
     ]
@@ -290,7 +190,7 @@ def _fit_trust(
     trained: TrainedModel,
     data_root: Path,
     cfg: EvaluateParams,
-    val: _Outputs,
+    val: Outputs,
     y_val: np.ndarray,
     bank_files: pd.Series,
     temperature: float,
@@ -301,7 +201,7 @@ def _fit_trust(
     c, u = cfg.conformal, cfg.unknown
     bank = np.zeros((0, val.features.shape[1]), dtype=np.float32)
     if len(bank_files):
-        bank_out = _outputs(
+        bank_out = outputs(
             trained, data_root, bank_files, cfg, False, scratch / "bank", "evaluate train bank"
         )
         bank = np.array(bank_out.features)
@@ -322,7 +222,7 @@ def _fit_trust(
     )
 
 
-def _score(test: _Outputs, y: np.ndarray, temperature: float, trust: _Trust, classes: int) -> _Scores:
+def _score(test: Outputs, y: np.ndarray, temperature: float, trust: _Trust, classes: int) -> _Scores:
     """Each test image's `_Scores`, a block of rows at a time; the conformal sets and unknown scores of the
     unflipped images, the ones predict sees."""
     parts: list[dict[str, np.ndarray]] = []
@@ -378,28 +278,6 @@ def _trust_figures(
         "unknown_rate_correct": float(flagged[correct].mean()) if correct.any() else None,
         "unknown_rate_mistakes": float(flagged[~correct].mean()) if (~correct).any() else None,
     }
-
-
-def _bank(detector: unknown.Detector, width: int) -> np.ndarray:
-    """The kNN bank to ship (float16, unit rows); an empty (0, C) one for the detectors that need none."""
-    return detector.bank if detector.bank is not None else np.zeros((0, width), dtype=np.float16)
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
-def _load(data_root: Path, relative: str, data_config: dict) -> np.ndarray:
-    path = Path(data_root) / relative
-    try:
-        return preprocess_file(path, data_config)
-    except OSError as exc:
-        raise PipelineError(
-            f"{path}: cannot read this image listed in the splits file ({exc}); "
-            "the data changed since ingest: re-run the pipeline from ingest (dvc repro)"
-        ) from None
 
 
 def _predictions_frame(test: pd.DataFrame, scores: _Scores, class_names: list[str]) -> pd.DataFrame:
@@ -538,7 +416,7 @@ def _plots(
     np.add.at(matrix, (y_test, scores.pred), 1)
     tiles = [
         report.Tile(
-            _thumbnail(data_root / row.path),
+            thumbnail(data_root / row.path),
             f"true: {row.label}\npred: {row.pred} ({row.confidence:.2f})",
         )
         for row in mistakes.itertuples(index=False)
@@ -553,12 +431,6 @@ def _plots(
         "mistakes": report.mistakes_png(tiles, "No mistakes on the test split"),
         "coverage": report.coverage_png(details["conformal"]),
     }
-
-
-def _thumbnail(path: Path) -> Image.Image:
-    image = open_rgb(path)
-    image.thumbnail((_THUMBNAIL_SIDE, _THUMBNAIL_SIDE))
-    return image
 
 
 def _run_summary(model_path: Path, cfg: EvaluateParams, trained: TrainedModel) -> list[tuple[str, Any]]:
