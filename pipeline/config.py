@@ -804,7 +804,7 @@ with warnings.catch_warnings():
 
         @model_validator(mode="after")
         def _task_fits_train(self) -> Params:
-            """The train keys that mean something for one task only (base.task)."""
+            """The train and evaluate keys that mean something for one task only (base.task)."""
             t, multilabel = self.train, self.base.task == "multilabel"
             problems = [
                 (not multilabel and t.early_stopping_metric == "val_map",
@@ -816,6 +816,8 @@ with warnings.catch_warnings():
                  "train.class_weighting: effective is for single-label classes; use inverse or none"),
                 (multilabel and t.distill.teacher != "none",
                  "train.distill.teacher: distillation takes single-label teachers only; set it to none"),
+                (multilabel and self.evaluate.unknown.detector != "knn",
+                 "evaluate.unknown.detector: label sets take knn (msp and energy read one softmax); set knn"),
             ]  # fmt: skip
             found = [text for wrong, text in problems if wrong]
             if found:

@@ -224,6 +224,23 @@ def train_params(root: Path, classes: int = 3, per_class: int = 10, **sections: 
     return Params.from_dict({"paths": paths, "model": model, "train": train, **sections})
 
 
+def multilabel_train_params(root: Path, **sections: dict) -> Params:
+    """`train_params` for label sets (`base.task: multilabel`): each image keeps its class folder's label
+    and every other one also has `even`, so its splits CSV holds sets such as `class_0;even`."""
+    import csv
+
+    params = train_params(root, base={"task": "multilabel"}, **sections)
+    with open(params.paths.splits, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for i, row in enumerate(rows):  # each class folder, and "even" on every other image
+        row["label"] = f"{row['label']};even" if i % 2 == 0 else row["label"]
+    with open(params.paths.splits, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return params
+
+
 # The child's helpers: cap the address space 1 GiB above what the process holds; its peak RSS in MiB.
 CHILD_HELPERS = """
 import json, resource, sys

@@ -215,12 +215,12 @@ def test_stages_that_do_not_take_label_sets_refuse_in_one_line(tmp_path):
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params.to_dict()))
 
-    result = CliRunner().invoke(app, ["evaluate", "--params", str(params_file)])
+    result = CliRunner().invoke(app, ["quantize", "--params", str(params_file)])
 
     assert result.exit_code == 1
     assert re.fullmatch(
-        r"evaluate: base.task: multilabel is not supported by the evaluate stage yet \(only by ingest, "
-        r"validate, audit, split, train\); set base.task: single, or run the stages that take it one by one "
-        r"\(python -m pipeline <stage>\)\n",
+        r"quantize: base.task: multilabel is not supported by the quantize stage yet \(only by ingest, "
+        r"validate, audit, split, train, evaluate\); set base.task: single, or run the stages that take it "
+        r"one by one \(python -m pipeline <stage>\)\n",
         result.output,
     )

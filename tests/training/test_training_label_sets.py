@@ -3,12 +3,10 @@ end to end on the tiny backbone (head-only epochs on features, MixUp, early stop
 
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 import pytest
 import torch
-from helpers import train_params
+from helpers import multilabel_train_params, train_params
 from sklearn.metrics import average_precision_score, f1_score
 
 from pipeline.errors import ParamsError
@@ -62,21 +60,8 @@ def test_losses_smooth_towards_one_half_and_weigh_rare_positives():
     )  # Asymmetric Loss all but ignores an easy negative
 
 
-def _multilabel_project(tmp_path, **sections):
-    params = train_params(tmp_path, base={"task": "multilabel"}, **sections)
-    with open(params.paths.splits, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    for i, row in enumerate(rows):  # each class folder, and "even" on every other image
-        row["label"] = f"{row['label']};even" if i % 2 == 0 else row["label"]
-    with open(params.paths.splits, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return params
-
-
 def test_the_train_stage_trains_label_sets_and_keeps_the_best_val_map_epoch(tmp_path):
-    params = _multilabel_project(
+    params = multilabel_train_params(
         tmp_path, train={"epochs": 3, "progressive_head_epochs": 2, "augment": {"mixup_alpha": 0.2}}
     )
 

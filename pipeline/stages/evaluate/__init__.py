@@ -36,12 +36,13 @@ from pipeline.models import TrainedModel, load_trained
 from pipeline.pages import report
 from pipeline.serving import conformal, unknown
 from pipeline.stages import Stage, contracts
+from pipeline.stages.evaluate import label_sets
 from pipeline.stages.evaluate.passes import Outputs, bank_of, npy, outputs, split_rows, thumbnail
 from pipeline.training.precision import configure_backends, evaluation_device, visible_gpus
 
 STAGE = Stage(
     summary="Test-split metrics, calibration, plots and the run's report page.",
-    params=("evaluate", "train.device", "base.seed"),
+    params=("evaluate", "train.device", "base.seed", "base.task", "base.label_separator"),
     deps=(
         "model",
         "splits",
@@ -53,6 +54,7 @@ STAGE = Stage(
     ),
     outs=("predictions", "calibration", "feature_bank", "reports:evaluate"),
     page="report.html",
+    tasks=("single", "multilabel"),
     dvc_plots={
         "confusion.csv": {
             "template": "confusion",
@@ -114,6 +116,8 @@ class _Scores:
 def run(params: Params) -> dict:
     paths, cfg = params.paths, params.evaluate
     trained = load_trained(paths.model)
+    if params.base.task == "multilabel":
+        return label_sets.run(params, trained, read_splits_table(paths.splits))
     class_names = list(trained.class_names)
     splits = _read_splits(paths.splits, class_names, paths.model)
     val, test = (split_rows(splits, split, paths.splits) for split in ("val", "test"))
