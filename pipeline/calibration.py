@@ -1,4 +1,5 @@
-"""Probability calibration: temperature scaling (Guo et al., 2017) and expected calibration error.
+"""Probability calibration: temperature scaling (Guo et al., 2017), expected calibration error, and the
+per-label decision thresholds of label sets (`tuned_thresholds`).
 
 Temperature scaling divides the logits by one scalar T > 0 fitted on the validation split. It leaves the
 argmax, and so accuracy, unchanged; it only makes the confidences honest. The export carries T with it.
@@ -124,3 +125,20 @@ def reliability_of(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
     return reliability(probs, labels, n_bins).ece
+
+
+def tuned_thresholds(probs: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(K,) per label, the probability threshold with the best F1 on these images (`probs` (N, K), `truth`
+    (N, K) bool): the scores sorted from the highest, each cut's F1 from running counts; the threshold lies
+    halfway between the last score kept and the next. 0.5 for a label with no positive."""
+    thresholds = np.full(probs.shape[1], 0.5)
+    for k in np.flatnonzero(truth.any(axis=0)).tolist():
+        order = np.argsort(-probs[:, k], kind="stable")
+        scores, positive = probs[order, k], truth[order, k]
+        tp = np.cumsum(positive)
+        f1 = 2 * tp / (np.arange(1, len(scores) + 1) + positive.sum())
+        distinct = np.r_[scores[1:] < scores[:-1], True]  # a cut between equal scores is no threshold
+        best = int(np.argmax(np.where(distinct, f1, -1.0)))
+        below = scores[best + 1] if best + 1 < len(scores) else 0.0
+        thresholds[k] = (scores[best] + below) / 2
+    return thresholds

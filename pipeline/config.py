@@ -77,7 +77,7 @@ class BaseParams(_Section):
     task: Literal["single", "multilabel"] = "single"
     """`single`: one class per image; `multilabel`: a set of labels per image (none, one or several): a CSV
     manifest's `labels` column (`label_separator` between them), or the same file (same bytes) under
-    several class folders. Stages that cannot take label sets yet refuse it in one line"""
+    several class folders (docs/own-data.md: what each stage does with label sets)"""
     label_separator: str = Field(";", min_length=1)
     """`task: multilabel`: the text between the labels of a CSV manifest's `labels` cell (`cat;dog`); the
     manifest and splits tables write label sets the same way, so no label may contain it"""

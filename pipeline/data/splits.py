@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.data.labels import SINGLE, LabelSets
 from pipeline.errors import PipelineError
 
 SPLITS_COLUMNS = ("path", "label", "split", "sha256")
@@ -64,20 +65,26 @@ def read_splits_table(
 
 
 def read_split(
-    splits_csv: Path | str, data_root: Path, split: str, class_names: Sequence[str]
+    splits_csv: Path | str, data_root: Path, split: str, class_names: Sequence[str], sets: LabelSets = SINGLE
 ) -> tuple[list[Path], np.ndarray]:
-    """Image paths (sorted) and class indices of one split, for a model trained on `class_names`."""
+    """Image paths (sorted) and class indices of one split, for a model trained on `class_names`; a
+    multilabel task's (`sets`): (N, K) bool rows, which of the model's labels each image has."""
     table = read_splits_table(splits_csv)
-    part = table[table["split"] == split]
+    part = table[table["split"] == split].sort_values("path", kind="stable").reset_index(drop=True)
     if part.empty:
         raise PipelineError(
             f"{splits_csv}: no '{split}' rows; check split.{split} in params.yaml, re-run split"
         )
-    _check_labels(splits_csv, part["label"], class_names)
-    rows = sorted(zip(part["path"], part["label"], strict=True))
+    pairs = sets.exploded(part["label"])
+    _check_labels(splits_csv, pairs["label"], class_names)
     index = {name: i for i, name in enumerate(class_names)}
-    labels = np.array([index[label] for _, label in rows], dtype=np.int64)
-    return [Path(data_root) / path for path, _ in rows], labels
+    columns = pairs["label"].map(index).to_numpy(dtype=np.int64)
+    if sets.multilabel:
+        labels = np.zeros((len(part), len(class_names)), dtype=bool)
+        labels[pairs["row"].to_numpy(), columns] = True
+    else:
+        labels = columns
+    return [Path(data_root) / path for path in part["path"]], labels
 
 
 def _check_labels(

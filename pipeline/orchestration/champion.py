@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import OrchestrateParams, PathsParams
+from pipeline.data.labels import joined, parse
 from pipeline.data.splits import read_splits_table
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, read_json, read_optional_json, write_json, write_text
@@ -98,7 +99,9 @@ def promote(paths: PathsParams, gate: OrchestrateParams, root: Path | str = ".")
     model_sha256 = _sha256(root / paths.model)
     test = _test_images(root / paths.splits)
     files = [root / paths.data_root / path for path in test["path"]]
-    new_classes = _score(test, "new", root / paths.export_dir, files, "run the pipeline (dvc repro) first")
+    new_classes, separator = _score(
+        test, "new", root / paths.export_dir, files, "run the pipeline (dvc repro) first"
+    )
     current = _read_champion(root / paths.champion_dir / CHAMPION_METRICS)
     held_classes = None
     for column in _TRUST_COLUMNS:
@@ -110,8 +113,9 @@ def promote(paths: PathsParams, gate: OrchestrateParams, root: Path | str = ".")
             test[f"champion{column}"] = test[f"new{column}"]
     elif current:
         lost = f"restore it, or delete {paths.champion_dir} to promote the next model unconditionally"
-        held_classes = _score(test, "champion", held_dir, files, lost)
-    decision = replace(_gate(test, new_classes, held_classes, gate), drift=_drift(root, paths, test, current))
+        held_classes, _ = _score(test, "champion", held_dir, files, lost)
+    gated = _gate(test, new_classes, held_classes, gate, separator)
+    decision = replace(gated, drift=_drift(root, paths, test, current))
     write_text(root / paths.reports("promote") / GATE_PREDICTIONS, test.to_csv(index=False))
     if current.get("model_sha256") == model_sha256:
         return asdict(replace(decision, promoted=False, reason="already champion"))
@@ -134,12 +138,18 @@ def promote(paths: PathsParams, gate: OrchestrateParams, root: Path | str = ".")
 
 
 def _gate(
-    test: pd.DataFrame, new_classes: list[str], held_classes: list[str] | None, gate: OrchestrateParams
+    test: pd.DataFrame,
+    new_classes: list[str],
+    held_classes: list[str] | None,
+    gate: OrchestrateParams,
+    separator: str = "",
 ) -> Decision:
-    """The decision from both models' top-1 (columns `new`, `champion`) on the test rows."""
+    """The decision from both models' top-1 (columns `new`, `champion`) on the test rows whose classes the
+    champion knows; label sets (`separator` not "") are right only when the whole set is."""
     held = new_classes if held_classes is None else held_classes
     added, removed = sorted(set(new_classes) - set(held)), sorted(set(held) - set(new_classes))
-    shared = test[test["label"].isin(held)]
+    known = set(held)
+    shared = test[[set(parse(cell, separator)) <= known for cell in test["label"]]]
     comparison = None
     if held_classes is not None:
         comparison = compare(*(shared[column].to_numpy() for column in ("champion", "new", "label")))
@@ -244,10 +254,13 @@ def _test_images(splits_csv: Path) -> pd.DataFrame:
 _TRUST_COLUMNS = ("", "_covered", "_unknown")  # per model: top-1, true class in its set, marked unknown
 
 
-def _score(test: pd.DataFrame, model: str, export_dir: Path, files: list[Path], fix: str) -> list[str]:
-    """Fill `test`'s columns <model> (top-1 class), <model>_covered (true class in its conformal set) and
-    <model>_unknown (None where the export has no threshold) from the FP32 model of an export folder; return
-    its class names. `fix` says what to do when the folder has no model."""
+def _score(
+    test: pd.DataFrame, model: str, export_dir: Path, files: list[Path], fix: str
+) -> tuple[list[str], str]:
+    """Fill `test`'s columns <model> (top-1 class; a multilabel export's label set, written as the tables
+    write one), <model>_covered (true class in its conformal set) and <model>_unknown (None where the export
+    has no threshold) from the FP32 model of an export folder; return its class names and label separator
+    ("" for one class per image). `fix` says what to do when the folder has no model."""
     if not (export_dir / rt.FP32_FILE).is_file():
         raise PipelineError(f"{export_dir}: no exported model to score; {fix}")
     predictor = Predictor(export_dir, precision="fp32")
@@ -256,13 +269,17 @@ def _score(test: pd.DataFrame, model: str, export_dir: Path, files: list[Path], 
     unreadable = [p.source for p in predictions if not p.ok]
     if unreadable:
         raise PipelineError(f"{unreadable[0]}: a test image is unreadable; re-run the pipeline (dvc repro)")
-    test[model] = [p.labels[0][0] for p in predictions]
+    multilabel = predictor.thresholds is not None
+    test[model] = [
+        joined((label for label, _ in p.labels), predictor.separator) if multilabel else p.labels[0][0]
+        for p in predictions
+    ]
     test[f"{model}_covered"] = [
         label in p.prediction_set if sets else None
         for p, label in zip(predictions, test["label"], strict=True)
     ]
     test[f"{model}_unknown"] = [p.unknown for p in predictions]
-    return predictor.class_names
+    return predictor.class_names, predictor.separator if multilabel else ""
 
 
 def _scored_files(export_dir: Path) -> list[str] | None:

@@ -76,7 +76,9 @@ class Prediction:
 class Predictor:
     """An export folder loaded once; `predict` takes PIL images and/or image paths.
 
-    Probabilities are softmax(logits / temperature), the calibration temperature from the model's metadata.
+    Probabilities are softmax(logits / temperature), the calibration temperature from the model's metadata;
+    a multilabel export's are each label's sigmoid, and its answer is the set of labels at or above their
+    thresholds (`top_k` does not apply).
     `provider` is an ONNX Runtime execution provider (`onnx_runtime.PROVIDERS`); on a GPU one, `auto`
     precision serves the FP16 model when the export has one.
     """
@@ -106,6 +108,8 @@ class Predictor:
         _check_models(model_dir, opened, self.class_names, self.data_config)
         meta = rt.metadata(self._session)
         self.temperature = _temperature(served, meta)
+        self.thresholds = _thresholds(served, meta, len(self.class_names))  # label sets; None: one class
+        self.separator = meta.get("label_separator", ";")  # how a label set is written as one cell
         self.conformal: Conformal | None = _conformal(served, meta)
         self.detector: Detector | None = _detector(served, meta, self._session)
         self.batch_size = batch_size
@@ -157,6 +161,8 @@ class Predictor:
         return probs, in_set, scores
 
     def _calibrated(self, logits: np.ndarray) -> np.ndarray:
+        if self.thresholds is not None:  # label sets: each label's own probability
+            return 1.0 / (1.0 + np.exp(-np.clip(logits.astype(np.float64), -60, 60)))
         scaled = logits.astype(np.float64) / self.temperature
         scaled -= scaled.max(axis=1, keepdims=True)
         exp = np.exp(scaled)
@@ -168,7 +174,7 @@ class Predictor:
         flagged = None if scores is None or self.detector is None else self.detector.unknown(scores)
         answers = []
         for row, p in enumerate(probs):
-            answer = Prediction("", self._top(p, top_k))
+            answer = Prediction("", self._top(p, top_k) if self.thresholds is None else self._set(p))
             if sets and in_set is not None:
                 members = np.flatnonzero(in_set[row])
                 answer.prediction_set = [
@@ -182,6 +188,14 @@ class Predictor:
     def _prepare(self, item: Image.Image | Path | str) -> np.ndarray:
         image = item if isinstance(item, Image.Image) else open_rgb(item)
         return preprocess(image, self.data_config)
+
+    def _set(self, probs: np.ndarray) -> list[tuple[str, float]]:
+        """A multilabel export's answer: every label whose probability reaches its threshold, most probable
+        first (none at all is an answer too)."""
+        chosen = np.flatnonzero(probs >= self.thresholds)
+        return [
+            (self.class_names[i], float(probs[i])) for i in chosen[np.argsort(-probs[chosen], kind="stable")]
+        ]
 
     def _top(self, probs: np.ndarray, top_k: int) -> list[tuple[str, float]]:
         order = np.argsort(-probs, kind="stable")[:top_k]
@@ -340,6 +354,16 @@ def _temperature(model: Path, meta: dict[str, str]) -> float:
     return temperature
 
 
+def _thresholds(model: Path, meta: dict[str, str], classes: int) -> np.ndarray | None:
+    """A multilabel export's per-label probability thresholds (None for one class per image)."""
+    if meta.get("task") != "multilabel":
+        return None
+    values = _metadata_value(model, meta, "thresholds") if "thresholds" in meta else None
+    if not _numbers(values, classes):
+        raise UsageError(f"{model}: its metadata key 'thresholds' is not {classes} numbers; {_REEXPORT}")
+    return np.asarray(values, dtype=np.float64)
+
+
 def _conformal(model: Path, meta: dict[str, str]) -> Conformal | None:
     """The conformal threshold evaluate calibrated on val, from the model's metadata (None: an export from
     before prediction sets)."""
@@ -473,7 +497,7 @@ def _table(results: Sequence[Prediction]) -> str:
     rows = [f"{'path':<{width}}  prediction (probability)"]
     for r in results:
         shown = (
-            "   ".join(f"{label} ({prob:.3f})" for label, prob in r.labels) + _trust_note(r)
+            ("   ".join(f"{label} ({prob:.3f})" for label, prob in r.labels) or "(no label)") + _trust_note(r)
             if r.ok
             else f"ERROR {r.error}"
         )

@@ -39,7 +39,6 @@ class Stage:
         note: a comment shown above the stage in dvc.yaml (why a path is or is not an output).
         warms: params it reads only to fill a content-addressed cache ahead of a later stage (its outputs do
             not depend on them, so they are not DVC params: a change of them does not re-run it).
-        tasks: the label tasks (`base.task`) it takes; the stage command refuses the others in one line.
     """
 
     summary: str
@@ -51,7 +50,6 @@ class Stage:
     dvc_plots: dict[str, dict] = field(default_factory=dict)
     note: str = ""
     warms: tuple[str, ...] = ()
-    tasks: tuple[str, ...] = ("single",)
 
     def products(self, name: str, paths: PathsParams, metrics: bool = True) -> list[Path]:
         """What a person looks for once stage `name` ran: its outputs, its metrics file, and its page in
@@ -115,22 +113,6 @@ def contracts() -> dict[str, Stage]:
     """Every stage's contract, in DAG order."""
     found = {name: _contract(path) for name, path in _sources().items()}
     return _in_flow_order({name: stage for name, stage in found.items() if stage is not None})
-
-
-def check_task(name: str, task: str) -> None:
-    """Refuse to run stage `name` on a label task (`base.task`) its contract does not list.
-
-    Raises:
-        PipelineError: naming the task, the stage and the stages that take it.
-    """
-    from pipeline.errors import PipelineError
-
-    if task not in contracts()[name].tasks:
-        takers = [other for other, stage in contracts().items() if task in stage.tasks]
-        raise PipelineError(
-            f"base.task: {task} is not supported by the {name} stage yet (only by {', '.join(takers)}); "
-            "set base.task: single, or run the stages that take it one by one (python -m pipeline <stage>)"
-        )
 
 
 def source(name: str) -> Path:

@@ -15,6 +15,7 @@ import onnx
 import torch
 
 from pipeline.config import Params
+from pipeline.data.labels import LabelSets
 from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, read_optional_json, write_json, write_text
@@ -26,7 +27,7 @@ from pipeline.stages import Stage
 
 STAGE = Stage(
     summary="Assemble the self-contained export folder and check ONNX/PyTorch parity.",
-    params=("export",),
+    params=("export", "base.task", "base.label_separator"),
     deps=(
         "model",
         "onnx_dir",
@@ -56,7 +57,8 @@ def run(params: Params) -> dict:
         raise PipelineError(f"{fp32}: not found; run the quantize stage first (dvc repro quantize)")
     int8 = Path(paths.onnx_dir) / rt.INT8_FILE
     has_int8 = int8.is_file()
-    test_paths, _ = read_split(paths.splits, paths.data_root, "test", trained.class_names)
+    sets = LabelSets.of(params.base.task, params.base.label_separator)
+    test_paths, _ = read_split(paths.splits, paths.data_root, "test", trained.class_names, sets)
     inputs = rt.load_inputs(test_paths, trained.data_config)
     opset = _opset(fp32)
     quantized = read_optional_json(Path(paths.onnx_dir) / rt.QUANTIZE_REPORT) or {}
@@ -65,6 +67,7 @@ def run(params: Params) -> dict:
         trained, float(calibration.get("temperature", 1.0)), opset, serving(has_int8, quantized)
     )
     meta.update(trust_metadata(calibration))
+    meta.update(label_set_metadata(trained.class_names, calibration, sets))
 
     with atomic_dir(paths.export_dir) as out:
         write_metadata(fp32, out / rt.FP32_FILE, meta)
@@ -157,6 +160,28 @@ def trust_metadata(calibration: dict[str, Any]) -> dict[str, str]:
     """The conformal threshold and the unknown-input detector's settings that evaluate calibrated on val, as
     JSON metadata (none when evaluate wrote none: predict then offers neither)."""
     return {key: json.dumps(calibration[key]) for key in ("conformal", "unknown") if key in calibration}
+
+
+def label_set_metadata(names: list[str], calibration: dict[str, Any], sets: LabelSets) -> dict[str, str]:
+    """A multilabel task's decision rule for predict: `task` and each label's probability threshold (in the
+    order of the class names), tuned by evaluate; nothing for one label per image.
+
+    Raises:
+        PipelineError: label sets without evaluate's thresholds for every label.
+    """
+    if not sets.multilabel:
+        return {}
+    thresholds = calibration.get("thresholds", {})
+    if sorted(thresholds) != sorted(names):
+        raise PipelineError(
+            "paths.calibration: no per-label thresholds for this model's labels; re-run evaluate "
+            "(dvc repro evaluate)"
+        )
+    return {
+        "task": "multilabel",
+        "thresholds": json.dumps([thresholds[name] for name in names]),
+        "label_separator": sets.separator,  # how a set is written in one cell (the champion gate reads it)
+    }
 
 
 def _copy_bank(calibration: dict[str, Any], bank: Path, target: Path) -> dict[str, Any]:

@@ -52,7 +52,6 @@ STAGE = Stage(
     deps=("data_root", "csv_manifest"),  # csv_manifest: pipeline/data/no_csv_manifest.csv (empty) for none
     outs=("manifest", "details:ingest"),
     warms=("model",),
-    tasks=("single", "multilabel"),
 )
 
 log = logging.getLogger(__name__)

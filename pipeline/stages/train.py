@@ -69,7 +69,6 @@ STAGE = Stage(
     deps=("splits",),
     outs=("model",),
     plots={"curves_dir": "step"},
-    tasks=("single", "multilabel"),
     note=(
         "paths.checkpoint_dir (resume state) is no output on purpose: DVC never deletes it, so an "
         "interrupted run resumes, and an undeclared folder keeps the stage in DVC's run cache (a `persist` "

@@ -8,6 +8,7 @@ import pytest
 from helpers import multilabel_train_params
 from sklearn.metrics import average_precision_score, f1_score, hamming_loss
 
+from pipeline.calibration import tuned_thresholds
 from pipeline.data.labels import LabelSets
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
@@ -20,12 +21,12 @@ def test_each_threshold_is_the_best_f1_cut_of_its_label():
     truth = rng.random((200, 3)) < [0.5, 0.2, 0.05]
     probs = np.clip(truth * 0.35 + rng.random((200, 3)) * 0.65, 0, 1).astype(np.float32)
 
-    thresholds = label_sets.tuned_thresholds(probs, truth)
+    thresholds = tuned_thresholds(probs, truth)
 
     for k in range(3):
         best = max(f1_score(truth[:, k], probs[:, k] >= t) for t in np.unique(probs[:, k]))
         assert f1_score(truth[:, k], probs[:, k] >= thresholds[k]) == pytest.approx(best)
-    assert label_sets.tuned_thresholds(probs, np.zeros_like(truth)).tolist() == [0.5] * 3
+    assert tuned_thresholds(probs, np.zeros_like(truth)).tolist() == [0.5] * 3
 
 
 def test_figures_are_the_textbook_ones():

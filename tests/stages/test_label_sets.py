@@ -1,20 +1,16 @@
 """Multilabel data (`base.task: multilabel`) through ingest, validate and split: CSV label sets, identical
 files under several class folders merged, the label-set figures and page, stratified and stable splits of
-label sets, and the stages that do not take label sets yet refusing in one line."""
+label sets."""
 
 from __future__ import annotations
 
 import hashlib
-import re
 
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from helpers import data_stage_params, make_image
-from typer.testing import CliRunner
 
-from pipeline.__main__ import app
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
 from pipeline.stages import ingest, split, validate
@@ -208,19 +204,3 @@ def test_identical_files_stay_together_and_rare_labels_are_named(tmp_path):
     split.run(params)
     table = pd.read_csv(params.paths.splits, dtype=str, keep_default_na=False)
     assert table.loc[table["label"] == "car;fox", "split"].tolist() == ["train", "train"]
-
-
-def test_stages_that_do_not_take_label_sets_refuse_in_one_line(tmp_path):
-    params = _csv_project(tmp_path, ["car"] * 3)
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(params.to_dict()))
-
-    result = CliRunner().invoke(app, ["quantize", "--params", str(params_file)])
-
-    assert result.exit_code == 1
-    assert re.fullmatch(
-        r"quantize: base.task: multilabel is not supported by the quantize stage yet \(only by ingest, "
-        r"validate, audit, split, train, evaluate\); set base.task: single, or run the stages that take it "
-        r"one by one \(python -m pipeline <stage>\)\n",
-        result.output,
-    )

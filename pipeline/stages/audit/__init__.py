@@ -50,7 +50,6 @@ STAGE = Stage(
     deps=("validated",),
     outs=("reports:audit",),
     page="index.html",
-    tasks=("single", "multilabel"),
 )
 
 log = logging.getLogger(__name__)

@@ -54,7 +54,6 @@ STAGE = Stage(
     ),
     outs=("predictions", "calibration", "feature_bank", "reports:evaluate"),
     page="report.html",
-    tasks=("single", "multilabel"),
     dvc_plots={
         "confusion.csv": {
             "template": "confusion",

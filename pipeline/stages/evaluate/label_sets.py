@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
-from pipeline.calibration import reliability_of
+from pipeline.calibration import reliability_of, tuned_thresholds
 from pipeline.config import Params
 from pipeline.data.labels import LabelSets, joined
 from pipeline.errors import PipelineError
@@ -114,23 +114,6 @@ def _bank_features(trained: TrainedModel, params: Params, splits: pd.DataFrame, 
         trained, params.paths.data_root, files, cfg, False, scratch / "bank", "evaluate train bank"
     )
     return np.array(bank.features)
-
-
-def tuned_thresholds(probs: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """(K,) per label, the probability threshold with the best F1 on these images (`probs` (N, K), `truth`
-    (N, K) bool): the scores sorted from the highest, each cut's F1 from running counts; the threshold lies
-    halfway between the last score kept and the next. 0.5 for a label with no positive."""
-    thresholds = np.full(probs.shape[1], 0.5)
-    for k in np.flatnonzero(truth.any(axis=0)).tolist():
-        order = np.argsort(-probs[:, k], kind="stable")
-        scores, positive = probs[order, k], truth[order, k]
-        tp = np.cumsum(positive)
-        f1 = 2 * tp / (np.arange(1, len(scores) + 1) + positive.sum())
-        distinct = np.r_[scores[1:] < scores[:-1], True]  # a cut between equal scores is no threshold
-        best = int(np.argmax(np.where(distinct, f1, -1.0)))
-        below = scores[best + 1] if best + 1 < len(scores) else 0.0
-        thresholds[k] = (scores[best] + below) / 2
-    return thresholds
 
 
 def figures(

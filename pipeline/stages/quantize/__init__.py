@@ -29,10 +29,11 @@ import torch
 
 from pipeline import stats, timing
 from pipeline.config import Params, PathsParams, QuantizeParams
+from pipeline.data.labels import SINGLE, LabelSets
 from pipeline.data.sampling import stratified_sample
 from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_dir, write_json
+from pipeline.io import atomic_dir, read_json, write_json
 from pipeline.models import load_trained
 from pipeline.serving import onnx_runtime as rt
 from pipeline.stages import Stage
@@ -41,8 +42,8 @@ from pipeline.stages.quantize.search import quantize_searched, search_probe
 
 STAGE = Stage(
     summary="ONNX export and INT8 candidates judged against FP32; the best passing one ships.",
-    params=("base.seed", "quantize", "export.opset"),
-    deps=("model", "splits"),
+    params=("base.seed", "base.task", "base.label_separator", "quantize", "export.opset"),
+    deps=("model", "splits", "calibration"),  # calibration: a multilabel task's per-label thresholds
     outs=("onnx_dir",),
 )
 
@@ -78,13 +79,16 @@ class Candidate:
 def run(params: Params) -> dict:
     q, paths = params.quantize, params.paths
     trained = load_trained(paths.model)
-    inputs, labels, n_val = compared_images(paths, trained.class_names, trained.data_config)
+    sets = LabelSets.of(params.base.task, params.base.label_separator)
+    decide = Decisions.of(sets, paths.calibration, trained.class_names)
+    inputs, truth, n_val = compared_images(paths, trained.class_names, trained.data_config, sets)
+    labels = decide.of_truth(truth)
     with atomic_dir(paths.onnx_dir) as out:
         fp32 = rt.export_onnx(
             trained.model, out / rt.FP32_FILE, trained.data_config["input_size"], params.export.opset
         )
         fp32_logits = rt.logits(rt.session(fp32), inputs)
-        fp32_pred = fp32_logits.argmax(1)
+        fp32_pred = decide(fp32_logits)
         report = {
             "cpu": rt.cpu_info(),
             "compared": {"splits": list(COMPARED_SPLITS), "n": len(labels)},
@@ -95,13 +99,15 @@ def run(params: Params) -> dict:
         candidates: list[Candidate] = []
         if q.enabled:
             calibration = (
-                calibration_images(paths, trained.class_names, trained.data_config, q, params.base.seed)
+                calibration_images(
+                    paths, trained.class_names, trained.data_config, q, params.base.seed, decide
+                )
                 if q.method == "static"
                 else None
             )
             val = slice(0, n_val)
             probe = search_probe(inputs[val], labels[val], fp32_logits[val], q, params.base.seed)
-            candidates = _try_formats(out, calibration, (inputs, labels, fp32_pred), probe, q)
+            candidates = _try_formats(out, calibration, (inputs, labels, fp32_pred), probe, q, decide)
         chosen = choose(candidates)
         report["decision"] = _decision(chosen, candidates, report["cpu"])
         report["candidates"] = [_candidate_row(c) for c in candidates]
@@ -125,11 +131,59 @@ def run(params: Params) -> dict:
     return metrics
 
 
+class Decisions:
+    """How logits read as the predictions the gate compares: the top class, or (label sets) the set of labels
+    whose probability reaches its threshold (evaluate's, in `paths.calibration`). A set is coded as an
+    integer, the same for equal sets, so agreement, accuracy (the whole set right) and McNemar's test count
+    whole sets as they count classes."""
+
+    def __init__(self, sets: LabelSets, logit_thresholds: np.ndarray | None = None):
+        self.sets, self.logit_thresholds = sets, logit_thresholds
+        self._codes: dict[bytes, int] = {}
+
+    @classmethod
+    def of(cls, sets: LabelSets, calibration: Path, names: list[str]) -> Decisions:
+        """For the task of `sets`; label sets read each label's threshold from `calibration`.
+
+        Raises:
+            PipelineError: label sets without evaluate's thresholds for every label of the model.
+        """
+        if not sets.multilabel:
+            return cls(sets)
+        found = read_json(calibration).get("thresholds", {}) if Path(calibration).is_file() else {}
+        missing = [name for name in names if name not in found]
+        if missing:
+            raise PipelineError(
+                f"{calibration}: no per-label thresholds for {missing[:10]}; run the evaluate stage first "
+                "(dvc repro evaluate)"
+            )
+        probability = np.clip(np.array([found[name] for name in names], dtype=np.float64), 1e-7, 1 - 1e-7)
+        return cls(sets, np.log(probability / (1 - probability)))  # p >= t exactly when logit >= logit(t)
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        if self.logit_thresholds is None:
+            return logits.argmax(1)
+        return self.of_truth(logits >= self.logit_thresholds)
+
+    def of_truth(self, truth: np.ndarray) -> np.ndarray:
+        """(N,) codes of (N, K) bool rows; class indices pass through."""
+        if truth.ndim == 1:
+            return truth
+        packed = np.packbits(truth.astype(bool), axis=1)
+        return np.array([self._codes.setdefault(row.tobytes(), len(self._codes)) for row in packed])
+
+
 def _try_formats(
-    out: Path, calibration: np.ndarray | None, compared: tuple, probe: tuple, q: QuantizeParams
+    out: Path,
+    calibration: np.ndarray | None,
+    compared: tuple,
+    probe: tuple,
+    q: QuantizeParams,
+    decide: Decisions,
 ) -> list[Candidate]:
     """Quantize in each of `q.formats`, portable ones first, into out/candidates/<format>.onnx and judge each
-    against FP32 on the `compared` (inputs, labels, FP32's predictions); speed is timed right after FP32's.
+    against FP32 on the `compared` (inputs, labels, FP32's predictions; `decide` reads logits as
+    predictions); speed is timed right after FP32's.
     The sensitivity search runs on the `probe` (val inputs, FP32's logits) for each format that could still
     ship: every portable one, and the others while no portable one has passed."""
     inputs, labels, fp32_pred = compared
@@ -146,7 +200,7 @@ def _try_formats(
         target = scratch / f"{name}.onnx"
         nodes, search = quantize_searched(prepared, target, calibration, name, q, probe, cache, could_ship)
         sess = rt.session(target)
-        comparison = stats.compare(fp32_pred, rt.logits(sess, inputs).argmax(1), labels, 1.0 - q.alpha)
+        comparison = stats.compare(fp32_pred, decide(rt.logits(sess, inputs)), labels, 1.0 - q.alpha)
         fp32_ms, batch1_ms = timing.adjacent_batch1_ms(fp32, _ort_runner(sess), inputs, q.benchmark_repeats)
         speedup = fp32_ms / batch1_ms
         reasons = gate(comparison, speedup, q)
@@ -236,21 +290,23 @@ def _runtime_figures(model: Path, inputs: np.ndarray, repeats: int) -> dict[str,
     return {**timing.speed(_ort_runner(sess), inputs, repeats), "mb": rt.file_mb(model)}
 
 
-def compared_images(paths: PathsParams, names: list[str], cfg: dict) -> tuple[np.ndarray, np.ndarray, int]:
-    """The val and test images (val first), preprocessed as predict does, their class indices, and how
-    many are val."""
-    parts = [read_split(paths.splits, paths.data_root, split, names) for split in COMPARED_SPLITS]
+def compared_images(
+    paths: PathsParams, names: list[str], cfg: dict, sets: LabelSets = SINGLE
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The val and test images (val first), preprocessed as predict does, their class indices (a multilabel
+    task's: (N, K) bool rows), and how many are val."""
+    parts = [read_split(paths.splits, paths.data_root, split, names, sets) for split in COMPARED_SPLITS]
     inputs = np.concatenate([rt.load_inputs(paths, cfg) for paths, _ in parts])
     return inputs, np.concatenate([labels for _, labels in parts]), len(parts[0][1])
 
 
 def calibration_images(
-    paths: PathsParams, names: list[str], cfg: dict, q: QuantizeParams, seed: int
+    paths: PathsParams, names: list[str], cfg: dict, q: QuantizeParams, seed: int, decide: Decisions
 ) -> np.ndarray:
-    """`q.calibration_images` train images, a stratified sample drawn with `seed`, preprocessed as predict
-    does."""
-    train_paths, train_labels = read_split(paths.splits, paths.data_root, "train", names)
-    chosen = stratified_sample(train_labels, q.calibration_images, seed)
+    """`q.calibration_images` train images, a sample stratified by class (label set) drawn with `seed`,
+    preprocessed as predict does."""
+    train_paths, truth = read_split(paths.splits, paths.data_root, "train", names, decide.sets)
+    chosen = stratified_sample(decide.of_truth(truth), q.calibration_images, seed)
     return rt.load_inputs([train_paths[i] for i in chosen], cfg)
 
 

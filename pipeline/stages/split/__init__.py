@@ -47,7 +47,6 @@ STAGE = Stage(
     params=("base", "split"),
     deps=("validated", "audit_table"),
     outs=("splits", "details:split"),
-    tasks=("single", "multilabel"),
 )
 
 log = logging.getLogger(__name__)

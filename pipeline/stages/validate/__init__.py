@@ -33,7 +33,6 @@ STAGE = Stage(
     outs=("validated", "quarantine", "reports:validate"),
     page="index.html",
     dvc_plots={"class_distribution.png": {}},
-    tasks=("single", "multilabel"),
 )
 
 log = logging.getLogger(__name__)
