@@ -301,10 +301,16 @@ def compared_images(
 
 
 def calibration_images(
-    paths: PathsParams, names: list[str], cfg: dict, q: QuantizeParams, seed: int, decide: Decisions
+    paths: PathsParams,
+    names: list[str],
+    cfg: dict,
+    q: QuantizeParams,
+    seed: int,
+    decide: Decisions | None = None,
 ) -> np.ndarray:
-    """`q.calibration_images` train images, a sample stratified by class (label set) drawn with `seed`,
-    preprocessed as predict does."""
+    """`q.calibration_images` train images, a sample stratified by class (by label set, with a multilabel
+    task's `decide`) drawn with `seed`, preprocessed as predict does."""
+    decide = decide or Decisions(SINGLE)
     train_paths, truth = read_split(paths.splits, paths.data_root, "train", names, decide.sets)
     chosen = stratified_sample(decide.of_truth(truth), q.calibration_images, seed)
     return rt.load_inputs([train_paths[i] for i in chosen], cfg)
