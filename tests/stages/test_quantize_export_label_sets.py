@@ -27,6 +27,7 @@ def test_sets_are_coded_alike_and_a_threshold_is_met_at_its_logit():
     codes = decide(logits)
 
     assert codes[0] == codes[3] and codes[1] != codes[0] and codes[2] not in (codes[0], codes[1])
+    assert decide.label_agreement(codes, codes[[0, 1, 1, 3]]) == pytest.approx(1 - 2 / 8)  # {b} vs {a}
     truth = np.array([[True, True], [True, False]])
     assert decide.of_truth(truth).tolist() == [codes[0], codes[1]]
     assert Decisions(LabelSets())(logits).tolist() == [1, 0, 1, 1]  # one class per image: the top one
@@ -80,6 +81,9 @@ def test_the_int8_gate_compares_whole_label_sets(exported):
         np.mean([a == b for a, b in zip(sets["fp32"], sets["int8"], strict=True)])
     )
     assert read_json(exported.paths.metrics("quantize"))["fp32_accuracy"] == shipped["reference_accuracy"]
+    names = json.loads(rt.metadata(rt.session(exported.paths.export_dir / rt.FP32_FILE))["class_names"])
+    answers = {p: np.array([[name in s.split(";") for name in names] for s in sets[p]]) for p in sets}
+    assert shipped["label_agreement"] == pytest.approx((answers["fp32"] == answers["int8"]).mean())
 
 
 def test_predict_answers_with_the_label_sets_evaluate_predicted(exported):

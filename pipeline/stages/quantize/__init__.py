@@ -65,6 +65,7 @@ class Candidate:
     rejected_because: list[str]
     fp32_nodes: list[str] = field(default_factory=list)  # left in FP32 by the sensitivity search
     search: dict = field(default_factory=dict)  # what the search measured, empty where it did not run
+    label_agreement: float | None = None  # label sets: share of (image, label) answers equal to FP32's
 
     @property
     def passed(self) -> bool:
@@ -172,6 +173,18 @@ class Decisions:
         packed = np.packbits(truth.astype(bool), axis=1)
         return np.array([self._codes.setdefault(row.tobytes(), len(self._codes)) for row in packed])
 
+    def label_agreement(self, first: np.ndarray, second: np.ndarray) -> float | None:
+        """The share of (image, label) answers two models' coded sets agree on; None for one class per
+        image (its agreement is the images')."""
+        if self.logit_thresholds is None:
+            return None
+        rows = {code: np.frombuffer(key, dtype=np.uint8) for key, code in self._codes.items()}
+        differ = [
+            np.unpackbits(rows[a] ^ rows[b])[: len(self.logit_thresholds)].sum()
+            for a, b in zip(first, second, strict=True)
+        ]
+        return 1.0 - float(np.sum(differ)) / max(len(first) * len(self.logit_thresholds), 1)
+
 
 def _try_formats(
     out: Path,
@@ -200,11 +213,13 @@ def _try_formats(
         target = scratch / f"{name}.onnx"
         nodes, search = quantize_searched(prepared, target, calibration, name, q, probe, cache, could_ship)
         sess = rt.session(target)
-        comparison = stats.compare(fp32_pred, decide(rt.logits(sess, inputs)), labels, 1.0 - q.alpha)
+        int8_pred = decide(rt.logits(sess, inputs))
+        comparison = stats.compare(fp32_pred, int8_pred, labels, 1.0 - q.alpha)
         fp32_ms, batch1_ms = timing.adjacent_batch1_ms(fp32, _ort_runner(sess), inputs, q.benchmark_repeats)
         speedup = fp32_ms / batch1_ms
         reasons = gate(comparison, speedup, q)
-        candidates.append(Candidate(name, comparison, batch1_ms, speedup, reasons, nodes, search))
+        per_label = decide.label_agreement(fp32_pred, int8_pred)
+        candidates.append(Candidate(name, comparison, batch1_ms, speedup, reasons, nodes, search, per_label))
     return candidates
 
 
@@ -322,6 +337,7 @@ def _candidate_row(candidate: Candidate) -> dict:
         "portable": candidate.portable,
         "fp32_nodes": candidate.fp32_nodes,
         "search": candidate.search,
+        **({} if candidate.label_agreement is None else {"label_agreement": candidate.label_agreement}),
         **asdict(candidate.comparison),
         "batch1_ms": candidate.batch1_ms,
         "speedup_batch1": candidate.speedup,
