@@ -7,11 +7,12 @@ per label serves both tasks. Numpy and pandas only: the torch-free predictor may
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # ingest's workers parse label sets without pandas (0.3 s of imports each)
+    import numpy as np
     import pandas as pd
 
 
@@ -26,6 +27,17 @@ def parse(cell: str, separator: str) -> tuple[str, ...]:
 def joined(labels: Iterable[str], separator: str) -> str:
     """The cell of a label set: its distinct labels sorted and joined."""
     return separator.join(sorted(set(labels)))
+
+
+def multi_hot(pairs: pd.DataFrame, rows: int, names: Sequence[str], dtype: Any = bool) -> np.ndarray:
+    """(rows, len(names)) array, 1 where an image has a label: `pairs` as `LabelSets.exploded` gives them,
+    every label one of `names` (in that column order)."""
+    import numpy as np
+
+    index = {name: k for k, name in enumerate(names)}
+    out = np.zeros((rows, len(names)), dtype=dtype)
+    out[pairs["row"].to_numpy(), pairs["label"].map(index).to_numpy(dtype=np.int64)] = 1
+    return out
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.data.cache import CachedSet, identity, open_cache
-from pipeline.data.labels import SINGLE, LabelSets
+from pipeline.data.labels import SINGLE, LabelSets, multi_hot
 from pipeline.data.splits import read_splits_table
 from pipeline.errors import PipelineError
 
@@ -51,9 +51,7 @@ def read_splits(splits_csv: Path, data_root: Path, sets: LabelSets = SINGLE) -> 
     def targets(cells: pd.Series) -> np.ndarray:
         if not sets.multilabel:
             return cells.map(index).to_numpy(dtype=np.int64)
-        pairs, rows = sets.exploded(cells), np.zeros((len(cells), len(class_names)), dtype=np.float32)
-        rows[pairs["row"].to_numpy(), pairs["label"].map(index).to_numpy(dtype=np.int64)] = 1.0
-        return rows
+        return multi_hot(sets.exploded(cells), len(cells), class_names, np.float32)
 
     def rows(name: str) -> SplitRows:
         part = table[table["split"] == name]

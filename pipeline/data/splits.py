@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.data.labels import SINGLE, LabelSets
+from pipeline.data.labels import SINGLE, LabelSets, multi_hot
 from pipeline.errors import PipelineError
 
 SPLITS_COLUMNS = ("path", "label", "split", "sha256")
@@ -77,13 +77,11 @@ def read_split(
         )
     pairs = sets.exploded(part["label"])
     _check_labels(splits_csv, pairs["label"], class_names)
-    index = {name: i for i, name in enumerate(class_names)}
-    columns = pairs["label"].map(index).to_numpy(dtype=np.int64)
     if sets.multilabel:
-        labels = np.zeros((len(part), len(class_names)), dtype=bool)
-        labels[pairs["row"].to_numpy(), columns] = True
+        labels = multi_hot(pairs, len(part), class_names)
     else:
-        labels = columns
+        index = {name: i for i, name in enumerate(class_names)}
+        labels = pairs["label"].map(index).to_numpy(dtype=np.int64)
     return [Path(data_root) / path for path in part["path"]], labels
 
 

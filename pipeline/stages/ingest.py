@@ -40,6 +40,7 @@ import numpy as np
 
 from pipeline.config import NO_CSV_MANIFEST, IngestParams, ModelParams, Params, PathsParams
 from pipeline.data import cache, images
+from pipeline.data.labels import LabelSets
 from pipeline.data.labels import parse as labels_of
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, write_json, write_text
@@ -94,7 +95,7 @@ _SOURCES: dict[str, Callable[[IngestParams, PathsParams, str], images.Scan]] = {
 
 def run(params: Params) -> dict:
     source = check_inputs(params.ingest, params.paths)
-    separator = params.base.label_separator if params.base.task == "multilabel" else ""
+    separator = LabelSets.of(params.base.task, params.base.label_separator).separator
     data_config = _cache_config(params.model, params.paths.cache_dir)
     metrics, details = _scan_and_inspect(params.ingest, params.paths, source, separator, data_config)
     details["source"] = source

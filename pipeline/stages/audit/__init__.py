@@ -30,7 +30,7 @@ from pipeline.config import (
     Params,
 )
 from pipeline.data.audit import AUDIT_COLUMNS
-from pipeline.data.labels import SINGLE, LabelSets, joined
+from pipeline.data.labels import SINGLE, LabelSets, joined, multi_hot
 from pipeline.data.splits import read_splits_table, read_validated
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, atomic_path, write_json
@@ -214,9 +214,8 @@ def _label_set_issues(
     """`_label_issues` for label sets (`label_sets`): the suggested label is the set the probe prefers."""
     mode = settings.label_issues
     pairs = sets.exploded(table["label"])
-    names, column = np.unique(pairs["label"].to_numpy(dtype=str), return_inverse=True)
-    targets = np.zeros((len(table), len(names)), dtype=np.float32)
-    targets[pairs["row"].to_numpy(), column] = 1.0
+    names = np.array(sorted(pairs["label"].unique()), dtype=object)
+    targets = multi_hot(pairs, len(table), names, np.float32)
     folds = label_sets.usable_folds(targets, settings.folds)
     table = table.assign(label_issue=False, suggested_label="", label_quality=np.nan, quarantined=False)
     if mode == "off":

@@ -27,7 +27,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from pipeline.calibration import reliability_of, tuned_thresholds
 from pipeline.config import Params
-from pipeline.data.labels import LabelSets, joined
+from pipeline.data.labels import LabelSets, joined, multi_hot
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, scratch_dir, write_bytes, write_json, write_text
 from pipeline.models import TrainedModel
@@ -55,7 +55,7 @@ def run(params: Params, trained: TrainedModel, splits: pd.DataFrame) -> dict:
             f"{unknown_labels[:10]}); re-run the train stage (dvc repro train)"
         )
     val, test = (split_rows(splits, split, paths.splits) for split in ("val", "test"))
-    y_val, y_test = (targets(rows["label"], names, sets) for rows in (val, test))
+    y_val, y_test = (multi_hot(sets.exploded(rows["label"]), len(rows), names) for rows in (val, test))
     with scratch_dir(paths.cache_dir / "evaluate") as scratch:
         val_out = outputs(trained, paths.data_root, val["path"], cfg, False, scratch / "val", "evaluate val")
         p_val = _sigmoid(np.array(val_out.logits[0]))
@@ -89,14 +89,6 @@ def run(params: Params, trained: TrainedModel, splits: pd.DataFrame) -> dict:
         len(test),
     )
     return {key: metrics[key] for key in ("map_macro", "f1_macro", "subset_accuracy", "n_test")}
-
-
-def targets(cells: pd.Series, names: list[str], sets: LabelSets) -> np.ndarray:
-    """(N, K) bool: which of `names` each cell's label set holds."""
-    pairs, index = sets.exploded(cells), {name: k for k, name in enumerate(names)}
-    out = np.zeros((len(cells), len(names)), dtype=bool)
-    out[pairs["row"].to_numpy(), pairs["label"].map(index).to_numpy(dtype=np.int64)] = True
-    return out
 
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
