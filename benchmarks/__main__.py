@@ -34,6 +34,7 @@ BENCHMARKS = (
     "scale",
     "trust",
     "int8_cpus",
+    "multilabel",
 )
 
 
