@@ -2,7 +2,7 @@
 the real stages (ingest -> validate -> split -> train -> evaluate).
 
 Each mosaic is 56 px: four 28 px tiles, each holding a Fashion-MNIST item with probability `present` (else
-black, the items' own background); its labels are the classes of the items in it (none, one or up to four;
+black, the items' own background), with faint noise (0-3 grey levels) so that no two share their bytes; its labels are the classes of the items in it (none, one or up to four;
 two items of one class give that label once). Train and val mosaics are cut from the official train split,
 test mosaics from the official test split; the CSV manifest (`path,labels,split`) gives the splits.
 
@@ -176,6 +176,9 @@ def make_mosaics(
                 tiles.append(item)
                 labels.add(label)
             mosaic = np.block([[tiles[0], tiles[1]], [tiles[2], tiles[3]]])
+            # faint sensor noise: no two mosaics share their bytes (validate would merge blank ones)
+            noise = rng.integers(0, 4, mosaic.shape, dtype=np.uint8)
+            mosaic = np.minimum(mosaic.astype(np.uint16) + noise, 255).astype(np.uint8)
             name = f"{split}/{i:06d}.png"
             Image.fromarray(mosaic, mode="L").save(out / name)
             rows.append((name, ";".join(sorted(labels)), split))
