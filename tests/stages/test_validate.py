@@ -153,6 +153,20 @@ def test_split_leakage_is_an_error_by_default(leaky_presplit, tmp_path):
     assert "validate.severity.split_leakage: warning" in message
 
 
+def test_a_large_group_of_copies_is_named_by_its_first_files_and_its_size(leaky_presplit, tmp_path):
+    for i in range(4):  # six copies of one file in all: a blank image in a big data set has hundreds
+        (leaky_presplit / "val" / "c0" / f"copy{i}.png").write_bytes(
+            (leaky_presplit / "train" / "c0" / "0.png").read_bytes()
+        )
+    params = _ingested(tmp_path, leaky_presplit, validate={"min_images_per_class": 2})
+    with pytest.raises(PipelineError) as caught:
+        validate.run(params)
+    message = str(caught.value)
+    assert "1 group(s) of identical files in two splits" in message
+    named = "'test/c0/copy.png' (test) = 'train/c0/0.png' (train) = 'val/c0/copy0.png' (val) = ... (6 files)"
+    assert named in message and "copy1" not in message
+
+
 def test_split_leakage_as_warning_quarantines_the_copy_outside_train(leaky_presplit, tmp_path, caplog):
     params = _ingested(
         tmp_path,

@@ -19,6 +19,7 @@ from pipeline.errors import PipelineError
 
 _SPLIT_ORDER = {name: rank for rank, name in enumerate(SPLITS)}
 _SHOWN = 8  # offenders named in one message
+_COPIES_SHOWN = 3  # files named of one group of identical files
 MANIFEST_HEADER = ",".join(MANIFEST_COLUMNS)
 
 
@@ -209,10 +210,11 @@ def describe(outcome: Outcome, frames: dict[str, pd.DataFrame], ok: pd.DataFrame
             ("label", "under different labels") if rule == "label_conflict" else ("split", "in two splits")
         )
         groups = ok[ok["sha256"].isin(outcome.offenders)].groupby("sha256", sort=True)
-        named = [
-            " = ".join(f"{path!r} ({value})" for path, value in zip(g["path"], g[key], strict=True))
-            for _, g in groups
-        ]
+        named = []
+        for _, g in groups:  # a group's first files only: a blank image can have hundreds of copies
+            copies = [f"{path!r} ({value})" for path, value in zip(g["path"], g[key], strict=True)]
+            more = f" = ... ({len(copies)} files)" if len(copies) > _COPIES_SHOWN else ""
+            named.append(" = ".join(copies[:_COPIES_SHOWN]) + more)
         return f"{len(named)} group(s) of identical files {where}: {_listing(named)}"
     classes = frames["classes"].set_index("label")["images"]
     if rule == "min_images_per_class":
