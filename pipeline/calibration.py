@@ -14,6 +14,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
 from pipeline.data.shards import BLOCK_ROWS, release, spans
+from pipeline.errors import PipelineError
 
 # Search range for log T: T in [0.01, 100] covers every useful temperature by a wide margin.
 _LOG_T_BOUNDS = (float(np.log(1e-2)), float(np.log(1e2)))
@@ -125,6 +126,24 @@ def reliability_of(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
     return reliability(probs, labels, n_bins).ece
+
+
+def label_thresholds(calibration: dict, names: list[str], where: object) -> np.ndarray:
+    """(K,) each of `names`' probability threshold from evaluate's record (`paths.calibration`, read into
+    `calibration`), as evaluate decided with it: quantize's gate and the export both read them here.
+
+    Raises:
+        PipelineError: a label without a threshold (the record is from another model, or missing); `where`
+        names the record in the message.
+    """
+    found = calibration.get("thresholds", {})
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise PipelineError(
+            f"{where}: no per-label thresholds for {missing[:10]}; run the evaluate stage first "
+            "(dvc repro evaluate)"
+        )
+    return np.array([found[name] for name in names], dtype=np.float64)
 
 
 def tuned_thresholds(probs: np.ndarray, truth: np.ndarray) -> np.ndarray:

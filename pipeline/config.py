@@ -743,6 +743,11 @@ class OrchestrateParams(_Section):
     """and only when the exact one-sided McNemar test (discordant images) gives p >= alpha for "the new model
     is less accurate"
     """
+    promote_metric: Literal["auto", "accuracy", "map"] = "auto"  # what the gate compares
+    """`accuracy` (top-1; label sets: the whole set right) with McNemar's test, or `map` (mean average
+    precision over the labels, macro) with a paired bootstrap of the same test images (p >= promote_alpha
+    for "the new model's mAP is lower"); `auto`: `map` for base.task: multilabel, else `accuracy`
+    """
     push: bool = False  # dvc pull before the run, dvc push (outputs, run cache) after; needs a default remote
     """`true`: the flow runs `dvc pull` (data, outputs, run cache) from the default DVC remote before the
     stages, restores stages another machine ran from the run cache, and pushes outputs and run cache after

@@ -27,10 +27,11 @@ from pipeline.orchestration.champion import (
     drift_table,
     promote,
 )
-from pipeline.stats import compare, mcnemar_p
+from pipeline.stats import PairedMap, compare, mcnemar_p
 
 PERFECT = (0, 1, 2)  # class k scored by the mean of input channel k: right on every `make_image` image
 BLIND_TO_2 = (0, 1, None)  # class_2 never wins: wrong on every class_2 image
+CONFUSES_2 = (0, 1, 0)  # class_2 scored as class_0: its images ranked last for class_2 (a low AP)
 
 
 def _comparison(worse: int, better: int, same: int):
@@ -51,6 +52,9 @@ def _comparison(worse: int, better: int, same: int):
         (_comparison(3, 1, 196), False, "< champion"),  # 1 point worse: beyond the margin
         (_comparison(60, 20, 9920), False, "McNemar: the new model is less accurate"),  # within, but sure
         (_comparison(0, 5, 10), True, "McNemar p 1 >= 0.05"),  # better
+        (PairedMap(90, 4, 0.80, 0.79, 0.20, -0.02, 0.0, 2000), False, "new mAP 0.7900 < champion 0.8000"),
+        (PairedMap(90, 4, 0.80, 0.797, 0.01, -0.005, -0.001, 2000), False, "paired bootstrap: the new"),
+        (PairedMap(90, 4, 0.80, 0.797, 0.30, -0.01, 0.004, 2000), True, "and paired bootstrap p 0.3 >="),
     ],
 )
 def test_decide(comparison, promoted, reason):
@@ -99,9 +103,9 @@ def _onnx_classifier(
     return folder
 
 
-def _project(root: Path) -> Params:
+def _project(root: Path, **orchestrate) -> Params:
     paths = {"data_root": "images", "splits": "splits.csv", "model": "model.pt", "export_dir": "export"}
-    return Params.from_dict({"paths": paths})
+    return Params.from_dict({"paths": paths, "orchestrate": orchestrate})
 
 
 def _write_splits(root: Path, params: Params, per_class: dict[str, int], test_every: int = 4) -> None:
@@ -243,6 +247,25 @@ def test_a_better_model_is_promoted_and_its_record_holds_the_gate(tmp_path):
     record = _record(tmp_path, params)
     assert record["gate"] == decision and record["model_sha256"] == hashlib.sha256(b"strong").hexdigest()
     assert promote(params.paths, params.orchestrate, tmp_path)["reason"] == "already champion"
+
+
+def test_by_map_a_loss_inside_the_margin_is_stopped_by_the_paired_bootstrap(tmp_path):
+    params = _project(tmp_path, promote_metric="map", promote_margin=0.5)  # a margin the loss stays inside
+    _write_splits(tmp_path, params, {"class_0": 24, "class_1": 24, "class_2": 24})
+    _candidate(tmp_path, params, 3, PERFECT, b"strong")
+    first = promote(params.paths, params.orchestrate, tmp_path)
+    _candidate(tmp_path, params, 3, CONFUSES_2, b"weak")
+
+    lost = promote(params.paths, params.orchestrate, tmp_path)
+
+    assert first["metric"] == "mAP" and first["new"] == 1.0 and first["champion"] is None
+    assert lost["metric"] == "mAP" and lost["champion"] == 1.0 and 0.5 < lost["new"] < 0.95
+    assert not lost["promoted"] and lost["p_value"] < 0.05
+    assert lost["reason"].startswith("paired bootstrap: the new model's mAP is lower"), lost["reason"]
+    assert lost["worse"] > 0 and lost["better"] == 0  # the top-1 counts, reported beside it
+    _candidate(tmp_path, params, 3, PERFECT, b"strong again")  # the champion's very export, retrained
+    again = promote(params.paths, params.orchestrate, tmp_path)
+    assert again["promoted"] and again["p_value"] == 1.0 and again["new"] == again["champion"] == 1.0
 
 
 def test_an_added_class_is_compared_on_the_shared_classes_and_reported(tmp_path):

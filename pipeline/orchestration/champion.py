@@ -3,6 +3,11 @@ split (ONNX Runtime, FP32, no torch), and the new model replaces the champion on
 is not less accurate by more than `orchestrate.promote_margin` and an exact McNemar test on the images where
 exactly one of them is right does not show it less accurate (p >= `orchestrate.promote_alpha`).
 
+Label sets (`orchestrate.promote_metric: map`, the default for them): the figure is mean average precision
+(macro over the labels both models know that have a test positive) and the test a paired bootstrap of the
+same images (`stats.compare_map`): the new mAP must be at least the champion's minus the margin, and the
+resamples must not show it lower (p >= alpha). `accuracy` counts an image right when its whole set is.
+
 Class changes: the comparison uses the test images of the classes both models know. Test images of added
 classes cannot be scored for the champion: the new model's accuracy on them is reported, not gated.
 
@@ -26,13 +31,13 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import OrchestrateParams, PathsParams
-from pipeline.data.labels import joined, parse
+from pipeline.data.labels import LabelSets, joined, multi_hot, parse
 from pipeline.data.splits import read_splits_table
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, read_json, read_optional_json, write_json, write_text
 from pipeline.serving import onnx_runtime as rt
 from pipeline.serving.predict import Predictor
-from pipeline.stats import PairedComparison, compare
+from pipeline.stats import PairedComparison, PairedMap, average_precisions, compare, compare_map
 
 CHAMPION_METRICS = "metrics.json"
 GATE_PREDICTIONS = "predictions.csv"  # in reports_dir/promote: every test image and both models' top-1
@@ -46,13 +51,13 @@ class Decision:
 
     promoted: bool
     reason: str
-    metric: str  # top-1 accuracy, the one figure McNemar's test speaks about
-    new: float | None  # the new model's accuracy on the compared images (None: there are none)
+    metric: str  # accuracy (top-1 or the whole label set; McNemar's test) or mAP (a paired bootstrap)
+    new: float | None  # the new model's figure on the compared images (None: there are none)
     champion: float | None  # the champion's on the same images; None when there is no champion to score
     images: int  # compared: the current test images of the classes both models know
-    worse: int  # compared images only the champion gets right
+    worse: int  # compared images only the champion gets right (top-1, or the whole set)
     better: int  # compared images only the new model gets right
-    p_value: float | None  # exact one-sided McNemar p-value for "the new model is less accurate"
+    p_value: float | None  # one-sided p-value of `metric`'s test for "the new model is worse"
     margin: float
     alpha: float
     test_sha256: str  # fingerprint of the compared images: sha256 of their sorted content hashes
@@ -67,19 +72,29 @@ class Decision:
     drift: dict[str, Any] | None = None  # drift_and_unknown(): the audit's drift next to the unknown shares
 
 
-def decide(comparison: PairedComparison | None, margin: float, alpha: float) -> tuple[bool, str]:
-    """(promoted, reason) from the paired comparison of the champion (reference) and the new model."""
+def decide(comparison: PairedComparison | PairedMap | None, margin: float, alpha: float) -> tuple[bool, str]:
+    """(promoted, reason) from the paired comparison of the champion (reference) and the new model: of
+    accuracies (McNemar) or of mAPs (paired bootstrap)."""
     if comparison is None:
         return True, "no champion yet"
     if comparison.n == 0:
         return True, "the champion knows none of the test split's classes, so it cannot be scored"
-    new, held, n = comparison.candidate_accuracy, comparison.reference_accuracy, comparison.n
-    p, counts = comparison.p_worse, f"{comparison.worse} images lost, {comparison.better} won"
+    n, p = comparison.n, comparison.p_worse
+    if isinstance(comparison, PairedMap):
+        figure, test = "mAP", "paired bootstrap"
+        new, held = comparison.candidate_map, comparison.reference_map
+        counts = f"difference {comparison.delta_low:+.4f} to {comparison.delta_high:+.4f} over the resamples"
+        worse = "the new model's mAP is lower"
+    else:
+        figure, test = "accuracy", "McNemar"
+        new, held = comparison.candidate_accuracy, comparison.reference_accuracy
+        counts = f"{comparison.worse} images lost, {comparison.better} won"
+        worse = "the new model is less accurate"
     if new < held - margin - 1e-12:  # float slack: a loss of exactly the margin passes
-        return False, f"new accuracy {new:.4f} < champion {held:.4f} - margin {margin} on the same {n} images"
+        return False, f"new {figure} {new:.4f} < champion {held:.4f} - margin {margin} on the same {n} images"
     if p < alpha:
-        return False, f"McNemar: the new model is less accurate (p {p:.3g} < {alpha}; {counts} of {n})"
-    return True, f"new accuracy {new:.4f} >= {held - margin:.4f} and McNemar p {p:.3g} >= {alpha} ({counts})"
+        return False, f"{test}: {worse} (p {p:.3g} < {alpha}; {counts}, {n} images)"
+    return True, f"new {figure} {new:.4f} >= {held - margin:.4f} and {test} p {p:.3g} >= {alpha} ({counts})"
 
 
 def promote(paths: PathsParams, gate: OrchestrateParams, root: Path | str = ".") -> dict[str, Any]:
@@ -99,22 +114,20 @@ def promote(paths: PathsParams, gate: OrchestrateParams, root: Path | str = ".")
     model_sha256 = _sha256(root / paths.model)
     test = _test_images(root / paths.splits)
     files = [root / paths.data_root / path for path in test["path"]]
-    new_classes, separator = _score(
-        test, "new", root / paths.export_dir, files, "run the pipeline (dvc repro) first"
-    )
+    new = _score(test, "new", root / paths.export_dir, files, "run the pipeline (dvc repro) first")
     current = _read_champion(root / paths.champion_dir / CHAMPION_METRICS)
-    held_classes = None
+    held = None
     for column in _TRUST_COLUMNS:
         test[f"champion{column}"] = None
     held_dir = root / paths.champion_dir / paths.export_dir.name
     if current and _scored_files(held_dir) == _scored_files(root / paths.export_dir):
-        held_classes = new_classes  # the same model: scoring it again is waste
+        held = new  # the same model: scoring it again is waste
         for column in _TRUST_COLUMNS:
             test[f"champion{column}"] = test[f"new{column}"]
     elif current:
         lost = f"restore it, or delete {paths.champion_dir} to promote the next model unconditionally"
-        held_classes, _ = _score(test, "champion", held_dir, files, lost)
-    gated = _gate(test, new_classes, held_classes, gate, separator)
+        held = _score(test, "champion", held_dir, files, lost)
+    gated = _gate(test, new, held, gate)
     decision = replace(gated, drift=_drift(root, paths, test, current))
     write_text(root / paths.reports("promote") / GATE_PREDICTIONS, test.to_csv(index=False))
     if current.get("model_sha256") == model_sha256:
@@ -137,36 +150,45 @@ def promote(paths: PathsParams, gate: OrchestrateParams, root: Path | str = ".")
     return asdict(decision)
 
 
-def _gate(
-    test: pd.DataFrame,
-    new_classes: list[str],
-    held_classes: list[str] | None,
-    gate: OrchestrateParams,
-    separator: str = "",
-) -> Decision:
-    """The decision from both models' top-1 (columns `new`, `champion`) on the test rows whose classes the
-    champion knows; label sets (`separator` not "") are right only when the whole set is."""
-    held = new_classes if held_classes is None else held_classes
-    added, removed = sorted(set(new_classes) - set(held)), sorted(set(held) - set(new_classes))
-    known = set(held)
-    shared = test[[set(parse(cell, separator)) <= known for cell in test["label"]]]
-    comparison = None
-    if held_classes is not None:
-        comparison = compare(*(shared[column].to_numpy() for column in ("champion", "new", "label")))
+def _gate(test: pd.DataFrame, new: _Scored, held: _Scored | None, gate: OrchestrateParams) -> Decision:
+    """The decision on the test rows whose classes the champion knows, from both models' answers (columns
+    `new`, `champion`: right only when the whole label set is) or their per-label scores (`map`)."""
+    known = set((held or new).names)
+    added, removed = sorted(set(new.names) - known), sorted(known - set(new.names))
+    rows = np.array([set(parse(cell, new.separator)) <= known for cell in test["label"]], dtype=bool)
+    shared = test[rows]
+    by_map = gate.promote_metric == "map" or (gate.promote_metric == "auto" and bool(new.separator))
+    answers = None
+    if held is not None:
+        answers = compare(*(shared[column].to_numpy() for column in ("champion", "new", "label")))
+    scored = answers if answers is not None and answers.n else None
+    if by_map:
+        names = [name for name in new.names if name in known]
+        truth = _truth(shared["label"], new.separator, names)
+        maps = _map(truth, new, names, rows), None
+        comparison: PairedComparison | PairedMap | None = None
+        if held is not None:
+            comparison = compare_map(
+                _columns(held, names, rows), _columns(new, names, rows), truth, gate.promote_alpha
+            )
+            maps = comparison.candidate_map, comparison.reference_map if scored else None
+        figures = maps
+    else:
+        comparison = answers
+        figures = _accuracy(shared, "new"), _accuracy(shared, "champion") if scored else None
     promoted, reason = decide(comparison, gate.promote_margin, gate.promote_alpha)
     if added or removed:
         reason += f"; classes added {added}, removed {removed}"
-    scored = comparison if comparison is not None and comparison.n else None
     return Decision(
         promoted=promoted,
         reason=reason,
-        metric="accuracy",
-        new=_accuracy(shared, "new"),
-        champion=_accuracy(shared, "champion") if scored else None,
+        metric="mAP" if by_map else "accuracy",
+        new=figures[0],
+        champion=figures[1],
         images=len(shared),
         worse=scored.worse if scored else 0,
         better=scored.better if scored else 0,
-        p_value=scored.p_worse if scored else None,
+        p_value=comparison.p_worse if scored and comparison is not None else None,
         margin=gate.promote_margin,
         alpha=gate.promote_alpha,
         test_sha256=hashlib.sha256("\n".join(sorted(shared["sha256"])).encode()).hexdigest(),
@@ -178,6 +200,24 @@ def _gate(
         new_unknown_rate=_share(shared, "new_unknown"),
         champion_unknown_rate=_share(shared, "champion_unknown") if scored else None,
     )
+
+
+def _truth(labels: pd.Series, separator: str, names: list[str]) -> np.ndarray:
+    """(N, len(names)) bool: which of `names` each label cell holds (other labels are left out)."""
+    pairs = LabelSets(separator).exploded(labels.reset_index(drop=True))
+    return multi_hot(pairs[pairs["label"].isin(names)], len(labels), names, bool)
+
+
+def _columns(model: _Scored, names: list[str], rows: np.ndarray) -> np.ndarray:
+    """The model's probabilities of `names` (in that order) on the chosen test rows."""
+    return model.probabilities[rows][:, [model.names.index(name) for name in names]]
+
+
+def _map(truth: np.ndarray, model: _Scored, names: list[str], rows: np.ndarray) -> float | None:
+    """Macro mAP of one model over the labels with a positive; None without one."""
+    if not truth.any():
+        return None
+    return float(np.nanmean(average_precisions(truth, _columns(model, names, rows))))
 
 
 def _accuracy(rows: pd.DataFrame, column: str) -> float | None:
@@ -254,18 +294,26 @@ def _test_images(splits_csv: Path) -> pd.DataFrame:
 _TRUST_COLUMNS = ("", "_covered", "_unknown")  # per model: top-1, true class in its set, marked unknown
 
 
-def _score(
-    test: pd.DataFrame, model: str, export_dir: Path, files: list[Path], fix: str
-) -> tuple[list[str], str]:
+@dataclass(frozen=True)
+class _Scored:
+    """One model's view of the test images: its class names, how it writes a label set ("" for one class per
+    image) and every image's probability of each class, (N, K) in the names' order."""
+
+    names: list[str]
+    separator: str
+    probabilities: np.ndarray
+
+
+def _score(test: pd.DataFrame, model: str, export_dir: Path, files: list[Path], fix: str) -> _Scored:
     """Fill `test`'s columns <model> (top-1 class; a multilabel export's label set, written as the tables
     write one), <model>_covered (true class in its conformal set) and <model>_unknown (None where the export
-    has no threshold) from the FP32 model of an export folder; return its class names and label separator
-    ("" for one class per image). `fix` says what to do when the folder has no model."""
+    has no threshold) from the FP32 model of an export folder. `fix` says what to do when the folder has no
+    model."""
     if not (export_dir / rt.FP32_FILE).is_file():
         raise PipelineError(f"{export_dir}: no exported model to score; {fix}")
     predictor = Predictor(export_dir, precision="fp32")
     sets = predictor.conformal is not None
-    predictions = predictor.predict(files, sets=sets)
+    predictions = predictor.predict(files, sets=sets, scores=True)
     unreadable = [p.source for p in predictions if not p.ok]
     if unreadable:
         raise PipelineError(f"{unreadable[0]}: a test image is unreadable; re-run the pipeline (dvc repro)")
@@ -279,7 +327,8 @@ def _score(
         for p, label in zip(predictions, test["label"], strict=True)
     ]
     test[f"{model}_unknown"] = [p.unknown for p in predictions]
-    return predictor.class_names, predictor.separator if multilabel else ""
+    probabilities = np.stack([p.scores for p in predictions]).astype(np.float32)
+    return _Scored(predictor.class_names, predictor.separator if multilabel else "", probabilities)
 
 
 def _scored_files(export_dir: Path) -> list[str] | None:

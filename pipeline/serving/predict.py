@@ -67,6 +67,7 @@ class Prediction:
     prediction_set: list[str] | None = None
     unknown: bool | None = None
     unknown_score: float | None = None
+    scores: np.ndarray | None = None  # every class's probability, in class order (`predict(scores=True)`)
 
     @property
     def ok(self) -> bool:
@@ -115,10 +116,15 @@ class Predictor:
         self.batch_size = batch_size
 
     def predict(
-        self, items: Sequence[Image.Image | Path | str], top_k: int = 1, sets: bool = False
+        self,
+        items: Sequence[Image.Image | Path | str],
+        top_k: int = 1,
+        sets: bool = False,
+        scores: bool = False,
     ) -> list[Prediction]:
-        """Top-k predictions per item, in order, with the unknown flag where the export has a detector and the
-        conformal set when `sets`; an unreadable file gets an error and the run goes on."""
+        """Top-k predictions per item, in order, with the unknown flag where the export has a detector, the
+        conformal set when `sets` and every class's probability when `scores`; an unreadable file gets an
+        error and the run goes on."""
         if sets and self.conformal is None:
             raise UsageError(
                 f"this export has no conformal threshold in its metadata, so no prediction sets; {_REEXPORT}"
@@ -140,7 +146,7 @@ class Predictor:
                         results[position] = Prediction(_name(items[position], position), error=_describe(exc))
                 if arrays:
                     for position, result in zip(
-                        positions, self._answers(np.stack(arrays), top_k, sets), strict=True
+                        positions, self._answers(np.stack(arrays), top_k, sets, scores), strict=True
                     ):
                         result.source = _name(items[position], position)
                         results[position] = result
@@ -168,13 +174,15 @@ class Predictor:
         exp = np.exp(scaled)
         return exp / exp.sum(axis=1, keepdims=True)
 
-    def _answers(self, inputs: np.ndarray, top_k: int, sets: bool) -> list[Prediction]:
-        """One Prediction per input row (its source filled in by the caller)."""
+    def _answers(self, inputs: np.ndarray, top_k: int, sets: bool, every: bool) -> list[Prediction]:
+        """One Prediction per input row (its source filled in by the caller); `every`: with every class's
+        probability."""
         probs, in_set, scores = self.trust(inputs)
         flagged = None if scores is None or self.detector is None else self.detector.unknown(scores)
         answers = []
         for row, p in enumerate(probs):
             answer = Prediction("", self._top(p, top_k) if self.thresholds is None else self._set(p))
+            answer.scores = p if every else None
             if sets and in_set is not None:
                 members = np.flatnonzero(in_set[row])
                 answer.prediction_set = [

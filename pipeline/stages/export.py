@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import torch
 
+from pipeline.calibration import label_thresholds
 from pipeline.config import Params
 from pipeline.data.labels import LabelSets
 from pipeline.data.splits import read_split
@@ -67,7 +68,7 @@ def run(params: Params) -> dict:
         trained, float(calibration.get("temperature", 1.0)), opset, serving(has_int8, quantized)
     )
     meta.update(trust_metadata(calibration))
-    meta.update(label_set_metadata(trained.class_names, calibration, sets))
+    meta.update(label_set_metadata(trained.class_names, calibration, sets, paths.calibration))
 
     with atomic_dir(paths.export_dir) as out:
         write_metadata(fp32, out / rt.FP32_FILE, meta)
@@ -162,24 +163,21 @@ def trust_metadata(calibration: dict[str, Any]) -> dict[str, str]:
     return {key: json.dumps(calibration[key]) for key in ("conformal", "unknown") if key in calibration}
 
 
-def label_set_metadata(names: list[str], calibration: dict[str, Any], sets: LabelSets) -> dict[str, str]:
+def label_set_metadata(
+    names: list[str], calibration: dict[str, Any], sets: LabelSets, where: Path
+) -> dict[str, str]:
     """A multilabel task's decision rule for predict: `task` and each label's probability threshold (in the
-    order of the class names), tuned by evaluate; nothing for one label per image.
+    order of the class names), tuned by evaluate (`calibration`, read from `where`); nothing for one label
+    per image.
 
     Raises:
         PipelineError: label sets without evaluate's thresholds for every label.
     """
     if not sets.multilabel:
         return {}
-    thresholds = calibration.get("thresholds", {})
-    if sorted(thresholds) != sorted(names):
-        raise PipelineError(
-            "paths.calibration: no per-label thresholds for this model's labels; re-run evaluate "
-            "(dvc repro evaluate)"
-        )
     return {
         "task": "multilabel",
-        "thresholds": json.dumps([thresholds[name] for name in names]),
+        "thresholds": json.dumps(label_thresholds(calibration, names, where).tolist()),
         "label_separator": sets.separator,  # how a set is written in one cell (the champion gate reads it)
     }
 

@@ -12,7 +12,8 @@ from helpers import SHIP_ANY_INT8, multilabel_train_params
 
 from pipeline.config import OrchestrateParams
 from pipeline.data.labels import LabelSets
-from pipeline.io import read_json
+from pipeline.errors import PipelineError
+from pipeline.io import read_json, write_json
 from pipeline.orchestration.champion import GATE_PREDICTIONS, promote
 from pipeline.serving import onnx_runtime as rt
 from pipeline.serving.predict import Predictor, format_predictions
@@ -111,9 +112,9 @@ def test_predict_answers_with_the_label_sets_evaluate_predicted(exported):
         assert "(no label)" in format_predictions(empty, "table")
 
 
-def test_the_champion_gate_counts_an_image_right_when_its_whole_set_is(exported):
+def test_the_champion_gate_compares_map_and_counts_an_image_right_when_its_whole_set_is(exported):
     first = promote(exported.paths, OrchestrateParams())
-    again = promote(exported.paths, OrchestrateParams())
+    again = promote(exported.paths, OrchestrateParams(promote_metric="accuracy"))
 
     scored = pd.read_csv(
         exported.paths.reports("promote") / GATE_PREDICTIONS, dtype=str, keep_default_na=False
@@ -123,5 +124,23 @@ def test_the_champion_gate_counts_an_image_right_when_its_whole_set_is(exported)
         scored["new"].tolist() == predictions["pred"].tolist()
     )  # the sets, written as the tables write them
     assert first["promoted"] and first["reason"] == "no champion yet"
+    # auto: mAP for label sets, from the exported FP32 model's scores: evaluate's figure on the same images
+    test_map = read_json(exported.paths.metrics("evaluate"))["map_macro"]
+    assert first["metric"] == "mAP" and first["new"] == pytest.approx(test_map, abs=1e-3)
     assert again["reason"] == "already champion" and again["images"] == 6
+    assert again["metric"] == "accuracy"
     assert again["new"] == pytest.approx((predictions["pred"] == predictions["label"]).mean())
+
+
+def test_quantize_and_export_read_evaluates_thresholds_alike_and_name_a_missing_label(exported, tmp_path):
+    record = read_json(exported.paths.calibration)
+    report = read_json(exported.paths.reports("evaluate") / "details.json")
+    assert report["thresholds"] == record["thresholds"]  # the ones evaluate decided with, not rounded
+    names = sorted(record["thresholds"])
+    del record["thresholds"][names[0]]
+    broken = write_json(tmp_path / "calibration.json", record)
+    missing = rf"calibration.json: no per-label thresholds for \['{names[0]}'\]; run the evaluate stage"
+    with pytest.raises(PipelineError, match=missing):
+        export.label_set_metadata(names, record, LabelSets(";"), broken)
+    with pytest.raises(PipelineError, match=missing):
+        Decisions.of(LabelSets(";"), broken, names)

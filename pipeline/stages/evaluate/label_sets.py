@@ -71,7 +71,7 @@ def run(params: Params, trained: TrainedModel, splits: pd.DataFrame) -> dict:
     thresholds = tuned_thresholds(p_val, y_val)
     metrics, details = figures(y_test, p_test, thresholds, names, cfg.calibration_bins)
     metrics["unknown_rate"] = float(flagged.mean())
-    details["thresholds"] = dict(zip(names, thresholds.round(6).tolist(), strict=True))
+    details["thresholds"] = dict(zip(names, thresholds.tolist(), strict=True))  # as decided: not rounded
     details["unknown"] = {**detector.settings(), "test_unknown_rate": float(flagged.mean())}
     predictions = predictions_frame(test, p_test, thresholds, names, sets)
     _write_report(paths.reports("evaluate"), paths, predictions, metrics, details, p_test, y_test, names)

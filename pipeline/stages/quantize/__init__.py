@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from pipeline import stats, timing
+from pipeline.calibration import label_thresholds
 from pipeline.config import Params, PathsParams, QuantizeParams
 from pipeline.data.labels import SINGLE, LabelSets
 from pipeline.data.sampling import stratified_sample
@@ -151,14 +152,8 @@ class Decisions:
         """
         if not sets.multilabel:
             return cls(sets)
-        found = read_json(calibration).get("thresholds", {}) if Path(calibration).is_file() else {}
-        missing = [name for name in names if name not in found]
-        if missing:
-            raise PipelineError(
-                f"{calibration}: no per-label thresholds for {missing[:10]}; run the evaluate stage first "
-                "(dvc repro evaluate)"
-            )
-        probability = np.clip(np.array([found[name] for name in names], dtype=np.float64), 1e-7, 1 - 1e-7)
+        record = read_json(calibration) if Path(calibration).is_file() else {}
+        probability = np.clip(label_thresholds(record, names, calibration), 1e-7, 1 - 1e-7)
         return cls(sets, np.log(probability / (1 - probability)))  # p >= t exactly when logit >= logit(t)
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
