@@ -2,9 +2,10 @@
 the real stages (ingest -> validate -> split -> train -> evaluate).
 
 Each mosaic is 56 px: four 28 px tiles, each holding a Fashion-MNIST item with probability `present` (else
-black, the items' own background), with faint noise (0-3 grey levels) so that no two share their bytes; its labels are the classes of the items in it (none, one or up to four;
-two items of one class give that label once). Train and val mosaics are cut from the official train split,
-test mosaics from the official test split; the CSV manifest (`path,labels,split`) gives the splits.
+black, the items' own background), under faint noise (0-3 grey levels) so that no two share their bytes. Its
+labels are the classes of the items in it (none, one or up to four; two items of one class give that label
+once). Train and val mosaics are cut from the official train split, test mosaics from the official test
+split; the CSV manifest (`path,labels,split`) gives the splits.
 
 Two arms, each trained `repeats` times with a different `base.seed` on the same images (the run-to-run noise):
 - `fine_tune`: the default recipe (progressive: head on cached features, then the top blocks fine-tune);

@@ -3,6 +3,7 @@ given (never to benchmarks/results/)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import make_image
+from PIL import Image
 
 from benchmarks.__main__ import BENCHMARKS, main, run
 from benchmarks._common import RESULTS_DIR, Options
@@ -385,3 +387,43 @@ def test_scale_fits_the_exponent_and_reuses_the_images_it_made(tmp_path: Path) -
     assert scale.make_images(tmp_path, 40, workers=1) == spec
     assert lost.read_bytes() == scale.png_bytes(scale.render(11, 40))
     assert files[0].stat().st_mtime_ns == before
+
+
+def test_multilabel_trains_both_arms_with_the_same_seeds_and_judges_gaps_by_their_spread(
+    results: _Results,
+) -> None:
+    payload = json.loads(results["multilabel"].read_text())
+    runs, ratios = payload["results"]["runs"], payload["ratios"]
+    assert [r["seed"] for r in runs["fine_tune"]] == [r["seed"] for r in runs["linear_probe"]] == [42, 7]
+    assert all(
+        0 <= r["map_macro"] <= 1 and 0 <= r["f1_macro_at_0_5"] <= 1 for rows in runs.values() for r in rows
+    )
+    fine, probe = ([r["map_macro"] for r in runs[arm]] for arm in ("fine_tune", "linear_probe"))
+    assert ratios["fine_tune_minus_probe_map"] == pytest.approx(np.median(fine) - np.median(probe))
+    spread = max(max(fine) - min(fine), max(probe) - min(probe))
+    assert payload["results"]["noise"]["map_macro_spread"] == pytest.approx(spread)
+    judged = payload["targets"]["fine_tune_beats_probe_map_beyond_noise"]
+    assert judged["value"] == pytest.approx(ratios["fine_tune_minus_probe_map"] / max(spread, 1e-9))
+
+
+def test_multilabel_mosaics_carry_the_classes_of_their_tiles(tmp_path: Path, fashion_data: Path) -> None:
+    from benchmarks import multilabel
+
+    figures = multilabel.make_mosaics(fashion_data, tmp_path, {"train": 12, "test": 6}, 0.5, seed=3)
+
+    rows = list(csv.DictReader((tmp_path / "labels.csv").open()))
+    assert [(r["split"], len(r["path"]) > 0) for r in rows].count(("train", True)) == 12
+    contents = set()
+    for row in rows:
+        pixels = np.asarray(Image.open(tmp_path / row["path"]))
+        tiles = [pixels[y : y + 28, x : x + 28] for y in (0, 28) for x in (0, 28)]
+        holding = sum(tile.max() > 3 for tile in tiles)  # blank tiles hold noise of 0-3 grey levels only
+        assert all(tile.max() > 0 for tile in tiles)  # the noise: no blank mosaic is all zeros
+        labels = [label for label in row["labels"].split(";") if label]
+        assert len(labels) <= holding and (holding == 0) == (not labels)
+        contents.add(pixels.tobytes())
+    assert len(contents) == len(rows)  # no two mosaics share their bytes, blank ones included
+    for split in ("train", "test"):  # every class in every split, however few mosaics
+        seen = {lb for r in rows if r["split"] == split for lb in r["labels"].split(";") if lb}
+        assert seen == {f"class_{k}" for k in range(CLASSES)}
+    assert figures["train"]["images"] == 12
