@@ -101,7 +101,7 @@ def average_precisions(
     """
     ranking = _Ranking(truth, scores)
     if weights is None:
-        return ranking(np.ones((1, len(ranking.truth)), dtype=np.float32))[0]
+        return ranking(np.ones((1, ranking.shape[0]), dtype=np.float32))[0]
     return ranking(np.asarray(weights, dtype=np.float32))
 
 
@@ -111,13 +111,13 @@ class _Ranking:
     costs O(N x K) for the running count of images and O(positives) for the rest."""
 
     def __init__(self, truth: np.ndarray, scores: np.ndarray):
-        self.truth = np.asarray(truth, dtype=bool)
-        scores = np.asarray(scores, dtype=np.float64)
+        self.shape = truth.shape  # (N, K); truth 0/1 or bool, both read a column at a time (no copies)
         self.labels = []  # (label, order, positives' places, their runs' ends, positives up to each end)
-        for k in np.flatnonzero(self.truth.any(axis=0)).tolist():
-            order = np.argsort(-scores[:, k], kind="stable")
-            ranked = scores[order, k]
-            places = np.flatnonzero(self.truth[order, k])
+        for k in np.flatnonzero(np.asarray(truth).any(axis=0)).tolist():
+            column = np.asarray(scores[:, k], dtype=np.float64)
+            order = np.argsort(-column, kind="stable")
+            ranked = column[order]
+            places = np.flatnonzero(np.asarray(truth[:, k])[order])
             ends = np.flatnonzero(np.r_[ranked[1:] != ranked[:-1], True])  # last place of each tied run
             run_end = ends[np.searchsorted(ends, places)]
             self.labels.append(
@@ -126,7 +126,7 @@ class _Ranking:
 
     def __call__(self, weights: np.ndarray) -> np.ndarray:
         """(B, N) float32 image counts -> (B, K) AP, NaN where a resample holds no positive of a label."""
-        ap = np.full((len(weights), self.truth.shape[1]), np.nan)
+        ap = np.full((len(weights), self.shape[1]), np.nan)
         for k, order, places, run_end, hits_at in self.labels:
             ranked = weights[:, order]
             seen = np.cumsum(ranked, axis=1)[:, run_end]  # images counted up to each positive's run end

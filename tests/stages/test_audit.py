@@ -244,6 +244,11 @@ def test_a_wrong_label_is_flagged_with_the_right_class_suggested_and_can_be_quar
         flagged.at[planted, "suggested_label"] == "astronaut" and flagged.at[planted, "quarantined"] == "True"
     )
     assert metrics["label_issues"] == metrics["quarantined"] == len(flagged)
+    # the probe's out-of-fold accuracy: how often its preferred class is the given one
+    probe = metrics["label_probe_accuracy"]
+    assert probe == pytest.approx((table["suggested_label"] == table["label"]).mean()) and probe < 1
+    page_text = (params.paths.reports("audit") / audit.STAGE.page).read_text()
+    assert f"{probe:.3f} accuracy" in page_text
     split.run(params)
     assert "coffee/really_astronaut.png" not in set(pd.read_csv(params.paths.splits)["path"])
     assert "really_astronaut.png" in (params.paths.reports("audit") / audit.STAGE.page).read_text()
@@ -254,6 +259,7 @@ def test_label_issues_off_flags_nothing(tmp_path):
     picture(data / "coffee" / "really_astronaut.png", "astronaut", PER_CLASS)
     metrics, table = _audit(_params(tmp_path, data, label_issues="off"))
     assert metrics["label_issues"] == 0 and (table["label_issue"] == "False").all()
+    assert metrics["label_probe_accuracy"] is None
 
 
 def _champion_of(params) -> None:

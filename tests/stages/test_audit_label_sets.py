@@ -94,7 +94,13 @@ def test_the_stage_fills_every_label_column_from_label_sets_and_split_leaves_the
     assert metrics["label_issues"] == metrics["quarantined"] == flagged.sum() > 0
     assert quality[flagged].max() <= quality[~flagged].min()  # cleanlab's worst scores are the flagged ones
     note = read_json(params.paths.details("audit"))["label_issues"]
-    assert note == "quarantine: 3-fold one-vs-rest logistic regression + cleanlab (multi-label)"
+    probe = metrics["label_probe_map"]
+    assert note == (
+        "quarantine: 3-fold one-vs-rest logistic regression + cleanlab (multi-label); "
+        f"the probe's out-of-fold mAP {probe:.3f}"
+    )
+    assert 0.5 < probe <= 1  # both photos are easy to tell apart in the backbone's features
+    assert f"{probe:.3f} mAP" in (params.paths.reports("audit") / audit.STAGE.page).read_text()
     split.run(params)
     kept = set(pd.read_csv(params.paths.splits)["path"])
     assert kept == set(table.loc[~flagged, "path"])

@@ -81,12 +81,22 @@ def _headline(found: Found) -> str:
         ("groups across splits", m["cross_split_groups"], "bad" if m["cross_split_groups"] else ""),
         ("groups across labels", m["cross_label_groups"], "warn" if m["cross_label_groups"] else ""),
         ("likely label errors", m["label_issues"], "warn" if m["label_issues"] else ""),
+        ("their probe, out of fold", _probe(found), ""),
         ("quarantined", m["quarantined"], ""),
         ("drift", found.drift["status"] if "auc" in found.drift else "not measured", drift_tone),
         ("verdict", verdict, tone),
     ]
     lines = "".join(f"<li>{page.esc(line)}</li>" for line in [*found.errors, *found.warnings])
     return page.cards(cards) + (f"<ul>{lines}</ul>" if lines else "")
+
+
+def _probe(found: Found) -> str:
+    """How well the probe behind the label-error ranking predicts the given labels on images it did not
+    fit: accuracy, or mAP for label sets."""
+    for key, figure in found.metrics.items():
+        if key.startswith("label_probe_") and figure is not None:
+            return f"{figure:.3f} {'mAP' if key.endswith('_map') else 'accuracy'}"
+    return "not run"
 
 
 def _suspects(suspects: pd.DataFrame, where: dict[str, Path], settings: AuditParams) -> str:
