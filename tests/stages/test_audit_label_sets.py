@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from test_audit import _params, tiles
 
 from pipeline.io import read_json
@@ -72,6 +72,13 @@ def test_the_stage_fills_every_label_column_from_label_sets_and_split_leaves_the
             name = f"{left}_{right}_{i}.png"
             _mosaic(data / name, left, right, i)
             rows.append(f"{name},{left};{right or left}")
+    # mirrored copies: one under another set (a conflict), one under the same set written in another order
+    for name, labels in [
+        ("astronaut_coffee_0.png", "astronaut"),
+        ("astronaut_coffee_1.png", "coffee;astronaut"),
+    ]:
+        ImageOps.mirror(Image.open(data / name)).save(data / f"mirrored_{name}")
+        rows.append(f"mirrored_{name},{labels}")
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     params = _params(tmp_path, data, label_issues="quarantine")
     params = params.model_copy(
@@ -87,6 +94,10 @@ def test_the_stage_fills_every_label_column_from_label_sets_and_split_leaves_the
 
     table = pd.read_csv(params.paths.audit_table, dtype=str, keep_default_na=False)
     assert set(table["label"]) == {"astronaut", "coffee", "astronaut;coffee"}
+    groups = table[table["group_size"] == "2"].groupby("group")["path"].apply(sorted).tolist()
+    assert ["astronaut_coffee_0.png", "mirrored_astronaut_coffee_0.png"] in groups
+    assert ["astronaut_coffee_1.png", "mirrored_astronaut_coffee_1.png"] in groups
+    assert metrics["cross_label_groups"] == 1  # only the copy whose set differs
     assert set(table["suggested_label"]) <= {"", "astronaut", "coffee", "astronaut;coffee"}
     quality = table["label_quality"].astype(float)
     assert quality.between(0, 1).all() and quality.nunique() > 10
