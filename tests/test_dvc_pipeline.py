@@ -19,17 +19,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from helpers import (
     PROJECT_ROOT,
     assert_headline_metrics,
+    commit,
     copy_project,
     make_image,
     make_image_folder,
     metric_columns,
     run_tool,
     skip_local_state,
+    tiny_dvc_project,
 )
 
 from pipeline.stages import STAGES as CODE_STAGES
@@ -327,3 +330,44 @@ def _baseline(project: Path) -> dict:
     """The params and metrics of the committed baseline (the revision the experiments started from)."""
     shown = json.loads(run_tool(project, "dvc", "exp", "show", "--json"))
     return next(commit["data"] for commit in shown if commit["rev"] != "workspace")
+
+
+def test_a_folder_set_of_label_sets_runs_dvc_repro_through_export_and_predict_answers_with_sets(tmp_path):
+    # The same file under two class folders is one image with both labels (base.task: multilabel).
+    project = tiny_dvc_project(tmp_path / "project", base={"task": "multilabel"})
+    sample = _sample(project)
+    merged = sorted((sample / "class_0").iterdir())[:8]
+    for file in merged:
+        shutil.copy2(file, sample / "class_1" / f"also_{file.name}")
+    commit(project, "half of class_0 also shows class_1")
+
+    ran = _ran(run_tool(project, "dvc", "repro"))
+
+    assert ran == STAGES
+    splits = pd.read_csv(project / "data/processed/splits.csv", dtype=str, keep_default_na=False)
+    both = splits[splits["label"] == "class_0;class_1"]
+    assert sorted(both["path"]) == sorted(f"class_0/{file.name}" for file in merged)
+    quarantine = pd.read_csv(project / "data/interim/quarantine.csv", dtype=str, keep_default_na=False)
+    assert (quarantine["reason"] == "merged_copy").sum() == len(merged)
+    metrics = json.loads((project / "metrics/evaluate.json").read_text())
+    assert 0 <= metrics["map_macro"] <= 1 and "f1_macro_at_0_5" in metrics
+    files = [str(sample / path) for path in both["path"][:3]]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "predict",
+        *files,
+        "--model",
+        "models/export",
+        "--format",
+        "json",
+    ]
+    proc = subprocess.run(command, cwd=project, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    answers = json.loads(proc.stdout)
+    thresholds = json.loads((project / "models/calibration.json").read_text())["thresholds"]
+    assert len(answers) == 3
+    for answer in answers:  # a set: every label at or above its own threshold, none below
+        said = {p["label"]: p["probability"] for p in answer["predictions"]}
+        assert set(said) <= set(CLASSES) and all(p >= thresholds[label] for label, p in said.items())
