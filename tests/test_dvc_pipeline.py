@@ -332,6 +332,7 @@ def _baseline(project: Path) -> dict:
     return next(commit["data"] for commit in shown if commit["rev"] != "workspace")
 
 
+@pytest.mark.slow  # a whole `dvc repro` of a fresh project: about 30 s
 def test_a_folder_set_of_label_sets_runs_dvc_repro_through_export_and_predict_answers_with_sets(tmp_path):
     # The same file under two class folders is one image with both labels (base.task: multilabel).
     project = tiny_dvc_project(tmp_path / "project", base={"task": "multilabel"})
