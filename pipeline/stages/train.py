@@ -97,7 +97,8 @@ LIVE_METRICS = {
 def run(params: Params) -> dict[str, Any]:
     tp = params.train
     nproc = distributed.resolve_nproc(tp.nproc_per_node, visible_gpus(), tp.device)
-    if nproc > 1 and not distributed.under_launcher(os.environ):
+    several = nproc > 1 or distributed.several_nodes(os.environ)  # torchrun's rendezvous joins the machines
+    if several and not distributed.under_launcher(os.environ):
         return _launch(params, nproc)
     keep_freed_memory()
     flush_denormals()
@@ -145,13 +146,13 @@ def _train(params: Params, env: Dist, device: torch.device) -> dict[str, Any]:
         f"{len(ready.splits.train.labels)} train / {len(ready.splits.val.labels)} val images, "
         f"{len(class_names)} classes, {len(ready.plans)} epochs"
     )
-    live = _live(paths.live_dir, state.history) if env.is_main else None
+    live = _live(paths.live_dir, state.history) if env.is_local_main else None  # one writer per machine
     after_epoch = _AfterEpoch(
         tp=tp, checkpoint_file=checkpoint_file, trainer=trainer, fingerprint=fingerprint, live=live
     )
     state.setup_seconds += time.perf_counter() - started  # time_limit_min counts it
     state = fit(trainer, ready.plans, ready.data, state, len(class_names), after_epoch)
-    if env.is_main:
+    if env.is_local_main:
         ready.model.load_state_dict(state.best_state)
         save_trained(paths.model, ready.model, class_names, ready.data_config, params.to_dict())
         write_json(paths.metrics("train"), _metrics(state))
@@ -223,8 +224,9 @@ def prepare(params: Params, env: Dist, device: torch.device) -> Prepared:
 
 
 class _AfterEpoch:
-    """Rank 0's work after each epoch (`live` is None on the other ranks, which do nothing): a checkpoint
-    every `train.checkpoint_every_s` and after the last epoch, the dvclive step and the epoch's log line."""
+    """Each machine's main process's work after each epoch (`live` is None on the other processes, which do
+    nothing): a checkpoint every `train.checkpoint_every_s` and after the last epoch, the dvclive step and the
+    epoch's log line."""
 
     def __init__(
         self, *, tp: TrainParams, checkpoint_file: Path, trainer: Trainer, fingerprint: str, live: Live | None

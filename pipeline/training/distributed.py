@@ -1,5 +1,6 @@
 """DistributedDataParallel under `torchrun`: read the launcher's environment, join the process group (nccl
-on GPUs, gloo on CPU), sum metrics across ranks, let only rank 0 write. Without torchrun it is all a no-op.
+on GPUs, gloo on CPU), sum metrics across ranks, let one process per machine write (the same outputs on every
+machine's disk; rank 0's checkpoint is the one every rank resumes from). Without torchrun it is all a no-op.
 
 The train stage starts torchrun itself when `train.nproc_per_node` asks for more than one process
 (`launch_command`); a stage started by torchrun (by hand or by itself) never starts it again.
@@ -52,7 +53,10 @@ class Dist:
 
     @property
     def is_local_main(self) -> bool:
-        """The process that builds on-disk caches on its machine (the others wait, then read them)."""
+        """The process that builds on-disk caches on its machine (the others wait, then read them), and
+        writes the stage's outputs and checkpoints there: DDP keeps every process's weights equal to the bit,
+        so each machine gets the same model on its own disk, and `dvc repro` may run on any of them, whichever
+        rank the rendezvous gave it (c10d assigns ranks by host name, not by PET_NODE_RANK)."""
         return self.local_rank == 0
 
 
@@ -121,6 +125,12 @@ def resolve_nproc(spec: int | str, gpu_count: int, device_spec: str) -> int:
     return max(gpu_count, 1) if device_spec in ("auto", "cuda") else 1
 
 
+def several_nodes(environ: Mapping[str, str]) -> bool:
+    """True when torchrun's environment describes more than one machine (PET_NNODES: `2`, or `1:4` for an
+    elastic range), so the stage must start torchrun even for one process on this machine."""
+    return environ.get("PET_NNODES", "1").split(":")[-1] not in ("", "1")
+
+
 def under_launcher(environ: Mapping[str, str]) -> bool:
     """True in a process that torchrun started (it sets LOCAL_RANK)."""
     return "LOCAL_RANK" in environ
@@ -135,8 +145,7 @@ def launcher_args(nproc: int, params_file: Path, environ: Mapping[str, str]) -> 
     """
     if nproc < 1:
         raise PipelineError(f"train.nproc_per_node: expected auto or a positive integer, got {nproc}")
-    nodes = environ.get("PET_NNODES", "1")
-    rendezvous = ["--standalone"] if nodes in ("1", "1:1") else []
+    rendezvous = [] if several_nodes(environ) else ["--standalone"]
     return [*rendezvous, f"--nproc_per_node={nproc}", "-m", "pipeline", "train", "--params", str(params_file)]
 
 

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ import torch
 import yaml
 from helpers import (
     PROJECT_ROOT,
+    copy_project,
     run_tool,
     tiny_dvc_project,
     train_params,
@@ -276,3 +278,71 @@ def test_a_failure_in_the_launched_processes_is_one_line_without_a_traceback(tmp
     assert lines.count(each) == 2, done.stderr  # one from each process
     assert "Traceback" not in done.stdout + done.stderr
     assert not list(tmp_path.glob(".train-params-*"))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start(project: Path, command: list[str], environ: dict[str, str], log: Path) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        **environ,
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+    }
+    with log.open("w") as out:
+        return subprocess.Popen(command, cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def test_two_nodes_each_with_its_own_disk_train_as_one_run_equal_to_a_single_process(tmp_path):
+    # Two machines on 127.0.0.1, one process each, meeting by torchrun's c10d rendezvous (gloo); each has its
+    # own copy of the project (its own disk). Node 0 runs `dvc repro train`, node 1 only the stage command.
+    # No dropout, and val loss picks the saved epoch (the fine-tuned last one: random weights learn little).
+    project = tiny_dvc_project(
+        tmp_path / "node0",
+        model={"drop_rate": 0.0},
+        split={"method": "stratified", "train": 0.75, "val": 0.125, "test": 0.125},  # 36 train: even
+        train={
+            "epochs": 2,
+            "progressive_head_epochs": 1,
+            "batch_size": 4,
+            "early_stopping_metric": "val_loss",
+        },
+    )
+    run_tool(project, "dvc", "repro", "split")
+    other = copy_project(project, tmp_path / "node1")  # what `dvc pull` would give the second machine
+    single = copy_project(project, tmp_path / "single")
+    params = yaml.safe_load((single / "params.yaml").read_text())
+    params["train"]["batch_size"] = 8  # the same effective batch as 2 processes of 4
+    (single / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    rendezvous = {
+        "PET_NNODES": "2",
+        "PET_RDZV_BACKEND": "c10d",
+        "PET_RDZV_ENDPOINT": f"127.0.0.1:{_free_port()}",
+        "PET_RDZV_ID": "two-nodes",
+    }
+    dvc = [sys.executable, "-m", "dvc", "repro", "train"]
+    stage = [sys.executable, "-m", "pipeline", "train"]
+    nodes = [
+        _start(project, dvc, {**rendezvous, "PET_NODE_RANK": "0"}, tmp_path / "node0.log"),
+        _start(other, stage, {**rendezvous, "PET_NODE_RANK": "1"}, tmp_path / "node1.log"),
+    ]
+    run_tool(single, "dvc", "repro", "train")
+    for node, log in zip(nodes, ("node0.log", "node1.log"), strict=True):
+        assert node.wait(timeout=300) == 0, (tmp_path / log).read_text()[-3000:]
+
+    logs = [(tmp_path / f"node{i}.log").read_text() for i in (0, 1)]
+    assert all([s["world_size"] for s in _summaries(log) if "world_size" in s] == [2] for log in logs), logs
+    models = [
+        torch.load(p / "models/model.pt", weights_only=True)["state_dict"] for p in (project, other, single)
+    ]
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])  # DDP: the same bits everywhere
+    assert max((models[0][k].float() - models[2][k].float()).abs().max().item() for k in models[0]) < 1e-4
+    for folder in (project, other):  # each machine built its own caches and features
+        assert any((folder / "data/cache").glob("features-*")), folder
+    figures = [json.loads((p / "metrics/train.json").read_text()) for p in (project, single)]
+    assert figures[0]["best_epoch"] == figures[1]["best_epoch"] == 2  # saved after the fine-tuning epoch
+    assert figures[0]["final_train_loss"] == pytest.approx(figures[1]["final_train_loss"], abs=1e-5)
+    assert json.loads(run_tool(project, "dvc", "status", "train", "--json")) == {}  # DVC saw the run

@@ -63,6 +63,14 @@ def test_only_a_process_that_torchrun_did_not_start_launches_it():
     assert distributed.under_launcher(TORCHRUN) and not distributed.under_launcher({"PATH": "/bin"})
 
 
+@pytest.mark.parametrize(
+    ("nodes", "several"), [(None, False), ("1", False), ("1:1", False), ("2", True), ("1:4", True)]
+)
+def test_torchruns_node_count_says_when_one_process_per_machine_still_needs_the_launcher(nodes, several):
+    # one process on each of two machines: the stage must start torchrun to meet the other machine
+    assert distributed.several_nodes({} if nodes is None else {"PET_NNODES": nodes}) is several
+
+
 def test_one_machine_launches_standalone_several_read_the_rendezvous_from_the_environment():
     one = distributed.launcher_args(2, Path("p.yaml"), {})
     assert one == ["--standalone", "--nproc_per_node=2", "-m", "pipeline", "train", "--params", "p.yaml"]
@@ -70,6 +78,7 @@ def test_one_machine_launches_standalone_several_read_the_rendezvous_from_the_en
     command = distributed.launcher_args(4, Path("p.yaml"), several)
     assert "--standalone" not in command and "--nproc_per_node=4" in command
     assert distributed.launcher_args(2, Path("p"), {"PET_NNODES": "1"})[0] == "--standalone"
+    assert distributed.launcher_args(1, Path("p"), {"PET_NNODES": "1:2"})[0] == "--nproc_per_node=1"
     with pytest.raises(PipelineError, match="train.nproc_per_node"):
         distributed.launcher_args(0, Path("p.yaml"), {})
 
