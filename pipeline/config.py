@@ -111,7 +111,7 @@ class PathsParams(_Section):
     """split: `path,label,split,sha256,width,height`"""
     cache_dir: Path = Path("data/cache")
     """ingest's finished rows, the uint8 image cache and the backbone-feature cache (reused across runs by
-    content; safe to delete)"""
+    content; safe to delete); may be outside the project, e.g. one folder that queued experiments share"""
     checkpoint_dir: Path = Path("models/checkpoints")
     """the resumable checkpoint (`train.checkpoint_every_s`; kept across `dvc repro` to resume)"""
     model: Path = Path("models/model.pt")
@@ -849,8 +849,11 @@ def _read_mapping(path: Path) -> dict[str, Any]:
     return raw
 
 
-# Inputs may live anywhere; every other path is written (some folders are replaced whole by a stage).
+# Inputs may live anywhere; every other path is written (some folders are replaced whole by a stage), but
+# the cache may live anywhere too: it is no DVC output, never replaced whole, and its entries are named by
+# their content and written atomically, so experiments run at once (`dvc queue start -j 2`) can share one.
 _INPUT_PATHS = {"data_root", "csv_manifest"}
+_ANYWHERE = {*_INPUT_PATHS, "cache_dir"}
 
 
 def _check_outputs_inside(paths: PathsParams, project: Path, source: str) -> None:
@@ -860,7 +863,7 @@ def _check_outputs_inside(paths: PathsParams, project: Path, source: str) -> Non
     root = os.path.abspath(project)
     problems = []
     for key, value in paths:
-        if key in _INPUT_PATHS:
+        if key in _ANYWHERE:
             continue
         target = os.path.normpath(os.path.join(root, value))  # an absolute `value` stays as it is
         if os.path.commonpath([root, target]) != root or target == root:

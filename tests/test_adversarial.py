@@ -119,14 +119,16 @@ def test_output_paths_outside_the_project_are_refused_naming_the_key(tmp_path, v
     assert "relative to it and without `..`" in line
 
 
-def test_output_paths_inside_the_project_and_inputs_anywhere_are_accepted(tmp_path):
+def test_output_paths_inside_the_project_and_inputs_and_the_cache_anywhere_are_accepted(tmp_path):
     paths = {
         "model": str(tmp_path / "models" / "m.pt"),
         "export_dir": "models/./export",
         "data_root": "/data",
+        "cache_dir": "/var/cache/shared",  # not an output: experiments run at once may share it
     }
     params = Params.load(_params_file(tmp_path, yaml.safe_dump({"paths": paths})))
     assert params.paths.model == tmp_path / "models" / "m.pt"
+    assert params.paths.cache_dir == Path("/var/cache/shared")
     assert Params.load(PROJECT_ROOT / "params.yaml").paths.export_dir == Path("models/export")
 
 

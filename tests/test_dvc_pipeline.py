@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -372,3 +373,56 @@ def test_a_folder_set_of_label_sets_runs_dvc_repro_through_export_and_predict_an
     for answer in answers:  # a set: every label at or above its own threshold, none below
         said = {p["label"]: p["probability"] for p in answer["predictions"]}
         assert set(said) <= set(CLASSES) and all(p >= thresholds[label] for label, p in said.items())
+
+
+QUEUED = {"queued-a": {"train.lr": 0.003}, "queued-b": {"train.lr": 0.0003}}
+
+
+def _queue_done(project: Path, names: list[str], timeout: float = 300) -> str:
+    """`dvc queue status` once every named experiment has ended (or the time is up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = run_tool(project, "dvc", "queue", "status")
+        ended = [line for line in status.splitlines() if any(f" {name} " in f" {line} " for name in names)]
+        if all(("Success" in line or "Failed" in line) for line in ended) and len(ended) == len(names):
+            return status
+        if time.monotonic() > deadline:
+            return status
+        time.sleep(2)
+
+
+@pytest.mark.slow
+def test_queued_experiments_run_two_at_once_share_the_cache_and_land_in_exp_show(built_project, tmp_path):
+    project = copy_project(built_project, tmp_path / "project")
+    checkpoint = project / "models/checkpoints"
+    before = {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()}
+    # The queue runs each experiment in its own workspace (.dvc/tmp/exps): an absolute cache folder is the
+    # one they share; here the one the built run filled.
+    _set_params(project, paths={"cache_dir": str(project / "data/cache")})
+    commit(project, "one cache for every experiment")
+    for name, overrides in QUEUED.items():
+        sets = [arg for key, value in overrides.items() for arg in ("-S", f"{key}={value}")]
+        run_tool(project, "dvc", "exp", "run", "--queue", "--name", name, *sets)
+    dvc = [sys.executable, "-m", "dvc", "queue", "start", "-j", "2"]
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    subprocess.run(
+        dvc, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True
+    )
+    try:
+        status = _queue_done(project, list(QUEUED))
+    finally:
+        subprocess.run([*dvc[:3], "queue", "stop", "--kill"], cwd=project, env=env, capture_output=True)
+
+    assert status.count("Success") == len(QUEUED), status
+    found = _experiments(project)
+    for name, overrides in QUEUED.items():
+        train = found[name]["params"]["params.yaml"]["data"]["train"]
+        assert {key: train[key.removeprefix("train.")] for key in overrides} == overrides
+        assert "data" in found[name]["metrics"]["metrics/evaluate.json"]
+        log = run_tool(project, "dvc", "queue", "logs", name)
+        assert _ran(log) == ["train", "evaluate", "quantize", "export"], log
+        shared = project / "data/cache"
+        assert f"image cache: reusing {shared}/images-" in log, log  # what the built run decoded
+        assert f"images from {shared}/features-" in log, log  # and its backbone features
+    # each ran in its own workspace: the main one's checkpoint folder is as it was
+    assert {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()} == before
