@@ -165,14 +165,14 @@ def _gate(test: pd.DataFrame, new: _Scored, held: _Scored | None, gate: Orchestr
     if by_map:
         names = [name for name in new.names if name in known]
         truth = _truth(shared["label"], new.separator, names)
-        maps = _map(truth, new, names, rows), None
         comparison: PairedComparison | PairedMap | None = None
-        if held is not None:
+        if held is None:
+            figures = _map(truth, new, names, rows), None
+        else:
             comparison = compare_map(
                 _columns(held, names, rows), _columns(new, names, rows), truth, gate.promote_alpha
             )
-            maps = comparison.candidate_map, comparison.reference_map if scored else None
-        figures = maps
+            figures = comparison.candidate_map, comparison.reference_map if scored else None
     else:
         comparison = answers
         figures = _accuracy(shared, "new"), _accuracy(shared, "champion") if scored else None
