@@ -105,6 +105,12 @@ def average_precisions(
     return ranking(np.asarray(weights, dtype=np.float32))
 
 
+def mean_average_precision(truth: np.ndarray, scores: np.ndarray) -> float | None:
+    """Macro mAP: the mean of `average_precisions` over the labels with a positive; None without one."""
+    ap = average_precisions(truth, scores)
+    return None if np.isnan(ap).all() else float(np.nanmean(ap))
+
+
 class _Ranking:
     """Each label's images sorted by score once, so that a resample only reweights running counts: AP is
     the mean, over the positives, of the precision at the end of each one's run of equal scores. A resample
@@ -160,12 +166,11 @@ def compare_map(
     """
     truth = np.asarray(truth, dtype=bool)
     n, present = len(truth), truth.any(axis=0)
-    reference_map, candidate_map = (
-        float(np.nanmean(average_precisions(truth, scores))) if present.any() else 0.0
-        for scores in (reference, candidate)
-    )
     if not present.any():
-        return PairedMap(n, 0, reference_map, candidate_map, 1.0, 0.0, 0.0, 0)
+        return PairedMap(n, 0, 0.0, 0.0, 1.0, 0.0, 0.0, 0)
+    reference_map, candidate_map = (
+        mean_average_precision(truth, scores) for scores in (reference, candidate)
+    )
     rng = np.random.default_rng(seed)
     rankings = _Ranking(truth, reference), _Ranking(truth, candidate)
     block = max(1, min(resamples, _BLOCK_WEIGHTS // max(n, 1)))

@@ -56,6 +56,8 @@ def test_average_precision_is_scikit_learns_with_ties_and_with_resample_weights(
             expected = average_precision_score(truth[:, k], scores[:, k], sample_weight=weights[b])
             assert resampled[b, k] == pytest.approx(expected)
     assert np.isnan(ap[3]) and np.isnan(resampled[:, 3]).all()
+    assert stats.mean_average_precision(truth, scores) == pytest.approx(np.mean(ap[:3]))  # labels with one
+    assert stats.mean_average_precision(truth[:, 3:], scores[:, 3:]) is None
 
 
 def test_the_paired_bootstrap_tells_a_worse_model_from_an_equal_one():

@@ -37,7 +37,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, read_json, read_optional_json, write_json, write_text
 from pipeline.serving import onnx_runtime as rt
 from pipeline.serving.predict import Predictor
-from pipeline.stats import PairedComparison, PairedMap, average_precisions, compare, compare_map
+from pipeline.stats import PairedComparison, PairedMap, compare, compare_map, mean_average_precision
 
 CHAMPION_METRICS = "metrics.json"
 GATE_PREDICTIONS = "predictions.csv"  # in reports_dir/promote: every test image and both models' top-1
@@ -167,7 +167,7 @@ def _gate(test: pd.DataFrame, new: _Scored, held: _Scored | None, gate: Orchestr
         truth = _truth(shared["label"], new.separator, names)
         comparison: PairedComparison | PairedMap | None = None
         if held is None:
-            figures = _map(truth, new, names, rows), None
+            figures = mean_average_precision(truth, _columns(new, names, rows)), None
         else:
             comparison = compare_map(
                 _columns(held, names, rows), _columns(new, names, rows), truth, gate.promote_alpha
@@ -211,13 +211,6 @@ def _truth(labels: pd.Series, separator: str, names: list[str]) -> np.ndarray:
 def _columns(model: _Scored, names: list[str], rows: np.ndarray) -> np.ndarray:
     """The model's probabilities of `names` (in that order) on the chosen test rows."""
     return model.probabilities[rows][:, [model.names.index(name) for name in names]]
-
-
-def _map(truth: np.ndarray, model: _Scored, names: list[str], rows: np.ndarray) -> float | None:
-    """Macro mAP of one model over the labels with a positive; None without one."""
-    if not truth.any():
-        return None
-    return float(np.nanmean(average_precisions(truth, _columns(model, names, rows))))
 
 
 def _accuracy(rows: pd.DataFrame, column: str) -> float | None:

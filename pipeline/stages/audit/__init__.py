@@ -15,7 +15,6 @@ import logging
 import os
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, atomic_path, write_json
 from pipeline.stages import Stage
 from pipeline.stages.audit import checks, label_sets, page
-from pipeline.stats import average_precisions
+from pipeline.stats import mean_average_precision
 
 STAGE = Stage(
     summary="Embed every image: near-duplicates, likely label errors (cleanlab), drift since the champion.",
@@ -247,10 +246,7 @@ def _label_set_issues(
         quarantined=flagged & (mode == "quarantine"),
     )
     probe = "logistic regression" if len(table) <= checks.PROBE_ABOVE else "ridge regression"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # every label without a positive: NaN, no mean
-        found = np.nanmean(average_precisions(targets, probabilities))
-    figure = None if np.isnan(found) else float(found)
+    figure = mean_average_precision(targets, probabilities)
     note = f"{mode}: {folds}-fold one-vs-rest {probe} + cleanlab (multi-label)"
     if figure is not None:
         note += f"; the probe's out-of-fold mAP {figure:.3f}"
