@@ -93,9 +93,16 @@ TINY_PARAMS = {
 }
 
 
+def tool_environ(**extra: str) -> dict[str, str]:
+    """This process's environment, this environment's python (and dvc, prefect) first on PATH, plus `extra`:
+    what a command started the way a user starts it (a DVC stage's `python -m ...`) needs to find them."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+    return {**os.environ, **extra, "PATH": path}
+
+
 def run_tool(project: Path, *args: str) -> str:
     """Run `dvc ...` or `git ...` in `project`, this environment's python first on PATH; return the output."""
-    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    env = tool_environ()
     tool = [sys.executable, "-m", "dvc"] if args[0] == "dvc" else [args[0]]
     proc = subprocess.run([*tool, *args[1:]], cwd=project, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"

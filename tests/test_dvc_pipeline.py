@@ -34,6 +34,7 @@ from helpers import (
     run_tool,
     skip_local_state,
     tiny_dvc_project,
+    tool_environ,
 )
 
 from pipeline.stages import STAGES as CODE_STAGES
@@ -176,7 +177,7 @@ def _run_sh_pipeline(project: Path, *targets: str, timeout: float = 600) -> subp
     raised."""
     branch = re.search(r"\n\s*pipeline\)\n(.*?);;", (PROJECT_ROOT / "run.sh").read_text(), re.S)
     assert branch and "dvc repro" in branch.group(1)
-    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    env = tool_environ()
     command = ["bash", "-euo", "pipefail", "-c", branch.group(1), "run.sh", "pipeline", *targets]
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     with subprocess.Popen(command, cwd=project, env=env, start_new_session=True, **pipes) as proc:
@@ -404,7 +405,7 @@ def test_queued_experiments_run_two_at_once_share_the_cache_and_land_in_exp_show
         sets = [arg for key, value in overrides.items() for arg in ("-S", f"{key}={value}")]
         run_tool(project, "dvc", "exp", "run", "--queue", "--name", name, *sets)
     dvc = [sys.executable, "-m", "dvc", "queue", "start", "-j", "2"]
-    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    env = tool_environ()
     subprocess.run(
         dvc, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True
     )

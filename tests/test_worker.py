@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import commit, copy_project, run_tool
+from helpers import commit, copy_project, run_tool, tool_environ
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
@@ -69,10 +68,9 @@ def test_a_worker_in_an_empty_folder_runs_a_deployment_from_git(prefect_api, bui
     flow_run = run_deployment(f"retrain/{name}", timeout=0)
     empty = tmp_path / "worker"
     empty.mkdir()
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
     worker = subprocess.run(
         [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--run-once"],
-        cwd=empty, env={**os.environ, "PREFECT_API_URL": prefect_api, "PATH": path},
+        cwd=empty, env=tool_environ(PREFECT_API_URL=prefect_api),
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     logs = worker.stdout[-3000:] + worker.stderr[-3000:]

@@ -22,6 +22,7 @@ from helpers import (
     copy_project,
     run_tool,
     tiny_dvc_project,
+    tool_environ,
     train_params,
 )
 
@@ -287,13 +288,10 @@ def _free_port() -> int:
 
 
 def _start(project: Path, command: list[str], environ: dict[str, str], log: Path) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        **environ,
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-    }
     with log.open("w") as out:
-        return subprocess.Popen(command, cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            command, cwd=project, env=tool_environ(**environ), stdout=out, stderr=subprocess.STDOUT
+        )
 
 
 def test_two_nodes_each_with_its_own_disk_train_as_one_run_equal_to_a_single_process(tmp_path):
