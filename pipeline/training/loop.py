@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import TrainParams
 from pipeline.data.epochs import Batches, EpochData
+from pipeline.errors import PipelineError
 from pipeline.models import ImageClassifier
 from pipeline.models.freezing import EpochPlan, set_trainable, train_mode
 from pipeline.progress import progress
@@ -147,8 +148,22 @@ class Trainer:
             bar.update(1)
         seconds = time.perf_counter() - start
         bar.close()
+        self._require_finite(desc)
         loss_sum, correct, images = all_sum(self.env, totals).cpu().tolist()
         return {"loss": loss_sum / images, "acc": correct / images, "images": images, "seconds": seconds}
+
+    def _require_finite(self, desc: str) -> None:
+        """Raise a PipelineError when the weights hold NaN or infinity after an epoch: training diverged
+        (most often an lr far too high), and every later epoch, the model and its metrics would be garbage.
+        fp16's loss scaler skips the steps whose gradients overflow, so its weights stay finite; every rank
+        holds the same weights and stops alike."""
+        if all(torch.isfinite(value).all() for value in self.model.parameters()):
+            return
+        raise PipelineError(
+            f"train: the weights became NaN or infinite in {desc} (train.lr {self.params.lr:g}, "
+            f"{self.precision.name}): training diverged; lower train.lr (python -m pipeline lr-find suggests "
+            "one) or keep train.grad_clip_norm above 0"
+        )
 
     def start_epoch(self, plan: EpochPlan) -> nn.Module:
         """Freeze and unfreeze for `plan`, set train mode; the module that trains (head or whole model)."""

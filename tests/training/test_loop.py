@@ -9,6 +9,7 @@ from torch import nn
 
 from pipeline.config import AugmentParams, TrainParams
 from pipeline.data.transforms import build_batch_mix
+from pipeline.errors import PipelineError
 from pipeline.models import ImageClassifier
 from pipeline.models.freezing import EpochPlan, block_groups
 from pipeline.training import loop
@@ -392,3 +393,15 @@ def test_an_epochs_seconds_are_predicted_from_its_pixels_and_a_fixed_part_once_t
     # loops of 4 + 8 x pixels (as on a CPU, where small crops keep per-layer costs): 6 s at 32, 12 s at 64
     affine = loop.epoch_seconds([epoch(32, 6.0), epoch(48, 8.5)], 64)
     assert affine(64) == pytest.approx(14.0) and affine(40) == pytest.approx(2 + 4 + 8 * (40 / 64) ** 2)
+
+
+def test_training_that_diverges_stops_with_a_line_naming_the_lr():
+    trainer = _trainer(lr=1e30)  # the first step takes the weights past float32's range
+    data = _SnapshotData(trainer)
+
+    with pytest.raises(PipelineError, match=r"NaN or infinite in epoch 1/1 \(train.lr 1e\+30, fp32\).*lower"):
+        fit(trainer, [TRAIN_ALL], data, FitState(), CLASSES, lambda *a: None)
+
+    calm = _trainer(lr=0.5)
+    state = fit(calm, [TRAIN_ALL], _SnapshotData(calm), FitState(), CLASSES, lambda *a: None)
+    assert len(state.history) == 1  # a run that does not diverge is not stopped
