@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    S3_BUCKET,
     SHIP_ANY_INT8,
     commit,
+    free_port,
     make_image_folder,
     model_project,
     run_tool,
@@ -70,3 +72,22 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A real S3-compatible server (moto) on 127.0.0.1 with an empty bucket; fake credentials in the env."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                            "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+            env.setenv(name, value)
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=S3_BUCKET)
+        yield endpoint
+    server.stop()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -79,6 +81,8 @@ def data_stage_params(tmp_path: Path, data_root: Path, **sections: dict) -> Para
     return Params.from_dict({"paths": paths, **sections})
 
 
+S3_BUCKET = "team-bucket"  # the bucket the `s3_endpoint` fixture's moto server starts with
+
 # A gate that passes any INT8 model: the tiny random models of the tests are not what the gate is about.
 SHIP_ANY_INT8 = {"min_agreement": 0.0, "alpha": 1e-12, "min_speedup": 0.0}
 
@@ -91,6 +95,34 @@ TINY_PARAMS = {
     "quantize": {"benchmark_repeats": 2, "calibration_images": 8},
     "orchestrate": {"retry_delay_seconds": 1.0},
 }
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on: one the OS just handed out, closed again."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_tool(folder: Path, command: list[str], log: Path, **environ: str) -> subprocess.Popen:
+    """`command` started in `folder` in its own process group (stop it with `stop_tool`), `tool_environ` plus
+    `environ`, its output to `log`."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            command, cwd=folder, env=tool_environ(**environ), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+
+def stop_tool(process: subprocess.Popen) -> None:
+    """Stop a `start_tool` process and the processes it started."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def tool_environ(**extra: str) -> dict[str, str]:

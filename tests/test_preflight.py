@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import PROJECT_ROOT, make_image_folder
+from helpers import PROJECT_ROOT, free_port, make_image_folder
 
 from pipeline.config import NO_CSV_MANIFEST
 from pipeline.errors import PipelineError
@@ -111,18 +110,11 @@ def test_check_wants_the_no_csv_placeholder_that_dvc_depends_on(tmp_path):
     )
 
 
-def _closed_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on: one the OS just handed out, closed again."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.parametrize("command", [["flow"], ["deploy", "--cron", "0 3 * * *"]], ids=["flow", "deploy"])
 def test_a_prefect_command_against_a_server_that_is_down_fails_in_one_line(tmp_path, command):
     project = _project(tmp_path)
     shutil.copy2(PROJECT_ROOT / "dvc.yaml", project / "dvc.yaml")  # deploy wants one
-    url = f"http://127.0.0.1:{_closed_port()}/api"
+    url = f"http://127.0.0.1:{free_port()}/api"
     # Capped in case Prefect ever retries a refused connection (3.8 fails the first at once).
     env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_CLIENT_MAX_RETRIES": "0"}
     result = _cli(project, *command, env={**env, "PREFECT_API_REQUEST_TIMEOUT": "5"})

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 from pathlib import Path
 
 import pytest
-from helpers import commit, copy_project, run_tool
+from helpers import S3_BUCKET, commit, copy_project, run_tool
 from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
@@ -21,7 +20,6 @@ from pipeline.orchestration.flow import retrain
 from pipeline.stages import STAGES
 
 pytestmark = pytest.mark.slow
-_BUCKET = "team-bucket"
 
 
 @pytest.fixture(scope="module")
@@ -30,34 +28,13 @@ def prefect_api():
         yield
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A real S3-compatible server (moto) on 127.0.0.1 with an empty bucket; fake credentials in the env."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                            "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
-            env.setenv(name, value)
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=_BUCKET)
-        yield endpoint
-    server.stop()
-
-
 @pytest.fixture(params=["local", "s3"])
 def remote(request, tmp_path) -> dict[str, str]:
     """`dvc remote` settings: a folder, or a prefix in the moto bucket (a fresh one per test)."""
     if request.param == "local":
         return {"url": str(tmp_path / "remote")}
     endpoint = request.getfixturevalue("s3_endpoint")
-    return {"url": f"s3://{_BUCKET}/{request.node.name}", "endpointurl": endpoint}
+    return {"url": f"s3://{S3_BUCKET}/{request.node.name}", "endpointurl": endpoint}
 
 
 def _team_project(built_project: Path, target: Path, remote: dict[str, str]) -> Path:

@@ -8,7 +8,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,9 +19,10 @@ import yaml
 from helpers import (
     PROJECT_ROOT,
     copy_project,
+    free_port,
     run_tool,
+    start_tool,
     tiny_dvc_project,
-    tool_environ,
     train_params,
 )
 
@@ -281,19 +281,6 @@ def test_a_failure_in_the_launched_processes_is_one_line_without_a_traceback(tmp
     assert not list(tmp_path.glob(".train-params-*"))
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _start(project: Path, command: list[str], environ: dict[str, str], log: Path) -> subprocess.Popen:
-    with log.open("w") as out:
-        return subprocess.Popen(
-            command, cwd=project, env=tool_environ(**environ), stdout=out, stderr=subprocess.STDOUT
-        )
-
-
 def test_two_nodes_each_with_its_own_disk_train_as_one_run_equal_to_a_single_process(tmp_path):
     # Two machines on 127.0.0.1, one process each, meeting by torchrun's c10d rendezvous (gloo); each has its
     # own copy of the project (its own disk). Node 0 runs `dvc repro train`, node 1 only the stage command.
@@ -318,14 +305,14 @@ def test_two_nodes_each_with_its_own_disk_train_as_one_run_equal_to_a_single_pro
     rendezvous = {
         "PET_NNODES": "2",
         "PET_RDZV_BACKEND": "c10d",
-        "PET_RDZV_ENDPOINT": f"127.0.0.1:{_free_port()}",
+        "PET_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
         "PET_RDZV_ID": "two-nodes",
     }
     dvc = [sys.executable, "-m", "dvc", "repro", "train"]
     stage = [sys.executable, "-m", "pipeline", "train"]
     nodes = [
-        _start(project, dvc, {**rendezvous, "PET_NODE_RANK": "0"}, tmp_path / "node0.log"),
-        _start(other, stage, {**rendezvous, "PET_NODE_RANK": "1"}, tmp_path / "node1.log"),
+        start_tool(project, dvc, tmp_path / "node0.log", **rendezvous, PET_NODE_RANK="0"),
+        start_tool(other, stage, tmp_path / "node1.log", **rendezvous, PET_NODE_RANK="1"),
     ]
     run_tool(single, "dvc", "repro", "train")
     for node, log in zip(nodes, ("node0.log", "node1.log"), strict=True):
