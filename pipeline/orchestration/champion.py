@@ -40,6 +40,7 @@ from pipeline.serving.predict import Predictor
 from pipeline.stats import PairedComparison, PairedMap, compare, compare_map, mean_average_precision
 
 CHAMPION_METRICS = "metrics.json"
+GATE = "promote"  # the gate's name in the paths catalogue: metrics/promote.json, reports/promote/
 GATE_PREDICTIONS = "predictions.csv"  # in reports_dir/promote: every test image and both models' top-1
 # The metrics that travel with a champion: the test figures and what quantization/export measured.
 _CARRIED_STAGES = ("evaluate", "quantize", "export")
@@ -97,9 +98,12 @@ def decide(comparison: PairedComparison | PairedMap | None, margin: float, alpha
     return True, f"new {figure} {new:.4f} >= {held - margin:.4f} and {test} p {p:.3g} >= {alpha} ({counts})"
 
 
-def promote(paths: PathsParams, gate: OrchestrateParams, root: Path | str = ".") -> dict[str, Any]:
+def promote(
+    paths: PathsParams, gate: OrchestrateParams, root: Path | str = ".", replace_champion: bool = True
+) -> dict[str, Any]:
     """Score the new export and the champion's on the current test split; on success (by `gate`'s
-    `promote_margin` and `promote_alpha`) copy the new model to `paths.champion_dir`.
+    `promote_margin` and `promote_alpha`) copy the new model to `paths.champion_dir`, unless not
+    `replace_champion` (a sweep's points: each is judged, the sweep promotes at most one).
 
     `paths` are relative to `root` (the project folder). Both models' top-1 per test image go to
     `reports_dir/promote/predictions.csv`. The champion folder receives the export folder, the trained model
@@ -107,7 +111,7 @@ def promote(paths: PathsParams, gate: OrchestrateParams, root: Path | str = ".")
     never sees half a champion.
 
     Returns:
-        The Decision as a dict.
+        The Decision as a dict, also written to `paths.metrics("promote")`.
     """
     root = Path(root)
     metrics = {stage: _read_metrics(root / paths.metrics(stage)) for stage in _CARRIED_STAGES}
@@ -129,10 +133,11 @@ def promote(paths: PathsParams, gate: OrchestrateParams, root: Path | str = ".")
         held = _score(test, "champion", held_dir, files, lost)
     gated = _gate(test, new, held, gate)
     decision = replace(gated, drift=_drift(root, paths, test, current))
-    write_text(root / paths.reports("promote") / GATE_PREDICTIONS, test.to_csv(index=False))
+    write_text(root / paths.reports(GATE) / GATE_PREDICTIONS, test.to_csv(index=False))
     if current.get("model_sha256") == model_sha256:
-        return asdict(replace(decision, promoted=False, reason="already champion"))
-    if decision.promoted:
+        decision = replace(decision, promoted=False, reason="already champion")
+    write_json(root / paths.metrics(GATE), asdict(decision))  # a saved experiment carries it
+    if decision.promoted and replace_champion:
         with atomic_dir(root / paths.champion_dir) as staging:
             shutil.copytree(root / paths.export_dir, staging / paths.export_dir.name)
             shutil.copy2(root / paths.model, staging / paths.model.name)

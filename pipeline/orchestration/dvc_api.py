@@ -114,13 +114,22 @@ def push(repo: Any) -> int:
     pushed = repo.push(run_cache=True)
     entries = []
     for stage in repo.index.stages:
-        if stage.cmd and _can_hash(stage):
+        if stage.cmd and _hashable(stage, _can_hash):
             key = _get_stage_hash(stage)
             folder = Path(repo.stage_cache._get_cache_dir(key))
             entries += [(key, value.name) for value in folder.iterdir()] if folder.is_dir() else []
     for objects in repo.stage_cache.get_used_objs(entries).values():
         pushed += len(repo.cloud.push(objects).transferred)
     return pushed
+
+
+def _hashable(stage: Any, can_hash: Callable[[Any], bool]) -> bool:
+    """DVC's `_can_hash`, False where a dependency is missing (a run of the first stages only: the later
+    ones never ran here and have no run-cache entry to push)."""
+    try:
+        return can_hash(stage)
+    except FileNotFoundError:
+        return False
 
 
 class _DvcLog(logging.Handler):
@@ -143,19 +152,25 @@ class _DvcLog(logging.Handler):
             logger.removeHandler(self)
 
 
+# DVC's loggers: `import dvc` gives each handlers bound to the sys.stdout and sys.stderr of that moment.
+_DVC_LOGGERS = ("dvc", "dvc_data", "dvc_objects")
+
+
 @contextmanager
 def _captured(sink: IO[bytes]) -> Iterator[None]:
     """File descriptors 1 and 2, which the commands DVC starts inherit, and DVC's log all go to `sink`.
-    DVC's own handlers write to the streams they found at import, so they are swapped out meanwhile."""
-    logger = logging.getLogger("dvc")
+    DVC's own handlers write to the streams they found at import (closed by now, when a caller had swapped
+    sys.stdout then, and DVC raises on a failed log line), so they are swapped out meanwhile."""
+    loggers = [logging.getLogger(name) for name in _DVC_LOGGERS]
     stream = open(os.dup(sink.fileno()), "w", encoding="utf-8", errors="replace")  # noqa: SIM115
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    handlers, level = logger.handlers[:], logger.level
+    saved_handlers = [(logger.handlers[:], logger.level) for logger in loggers]
     for stream_ in (sys.stdout, sys.stderr):
         stream_.flush()
     saved = [os.dup(1), os.dup(2)]
-    logger.handlers, logger.level = [handler], logging.INFO
+    for logger in loggers:
+        logger.handlers, logger.level = [handler], logging.INFO
     try:
         os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
@@ -166,7 +181,8 @@ def _captured(sink: IO[bytes]) -> Iterator[None]:
         for fd, original in zip((1, 2), saved, strict=True):
             os.dup2(original, fd)
             os.close(original)
-        logger.handlers, logger.level = handlers, level
+        for logger, (handlers, level) in zip(loggers, saved_handlers, strict=True):
+            logger.handlers, logger.level = handlers, level
         handler.close()
 
 

@@ -75,10 +75,13 @@ def set_params(project_dir: str, overrides: dict[str, Any]) -> None:
 
 
 @task(cache_policy=NO_CACHE)
-def promotion_gate(paths: PathsParams, gate: OrchestrateParams, project_dir: str) -> dict[str, Any]:
-    """The champion gate; the audit's drift next to the share of the new test images each model marks
-    unknown, as a Prefect artifact."""
-    decision = champion.promote(paths, gate, project_dir)
+def promotion_gate(
+    paths: PathsParams, gate: OrchestrateParams, project_dir: str, replace_champion: bool
+) -> dict[str, Any]:
+    """The champion gate (its decision lands in `metrics/promote.json`: a saved experiment carries it); the
+    audit's drift next to the share of the new test images each model marks unknown, as a Prefect
+    artifact."""
+    decision = champion.promote(paths, gate, project_dir, replace_champion)
     get_run_logger().info("champion gate: %s", decision)
     create_markdown_artifact(
         key="drift-and-unknown",
@@ -156,25 +159,36 @@ def pull(project_dir: str) -> dict[str, Any]:
 
 
 @task(cache_policy=NO_CACHE)
-def push(paths: PathsParams, project_dir: str, decision: dict, commit: bool) -> dict[str, Any]:
-    """Push outputs and run cache to the default remote. With `commit` and a promoted model, the champion
-    folder is tracked by DVC too, and dvc.lock, params, metrics and the champion's pointer are committed and
-    pushed to the branch's upstream, so any clone of the branch can `dvc pull` the champion."""
+def push(
+    paths: PathsParams, project_dir: str, decision: dict | None, commit: bool, experiment: str | None
+) -> dict[str, Any]:
+    """Push outputs and run cache to the default remote, and a saved `experiment` to the git remote of the
+    branch (`dvc exp push`), so `dvc exp pull` brings it to any clone. With `commit` and a promoted model,
+    the champion folder is tracked by DVC too, and dvc.lock, params, metrics and the champion's pointer are
+    committed and pushed to the branch's upstream, so any clone of the branch can `dvc pull` the champion."""
     project, champion_dir = Path(project_dir), paths.champion_dir
-    record = commit and decision["promoted"]
+    record = bool(commit and decision and decision["promoted"])
+    remote = git.upstream_remote(project) if experiment else None
 
     def share(repo) -> int:
         if record:
             repo.add(str(project / champion_dir))
-        return dvc_api.push(repo)
+        files = dvc_api.push(repo)
+        if remote:
+            repo.experiments.push(remote, [experiment], push_cache=False)  # its outputs were pushed above
+        return files
 
     files, output = dvc_api.call(project, "push", share)
     get_run_logger().info("push: %d files\n%s", files, output)
-    pointers = [DEFAULT_PARAMS_FILE, "dvc.lock", paths.metrics_dir, paths.live_dir,
-                Path(f"{champion_dir}.dvc")]  # fmt: skip
-    message = f"retrain: promote the new model ({decision['reason']})"
-    revision = git.commit_and_push(project, pointers, message, get_run_logger()) if record else None
-    return {"files": files, "commit": revision}
+    if experiment and not remote:
+        get_run_logger().warning("%s: no upstream branch; experiment %s stays here", project, experiment)
+    revision = None
+    if record:
+        pointers = [DEFAULT_PARAMS_FILE, "dvc.lock", paths.metrics_dir, paths.live_dir,
+                    Path(f"{champion_dir}.dvc")]  # fmt: skip
+        message = f"retrain: promote the new model ({decision['reason']})"
+        revision = git.commit_and_push(project, pointers, message, get_run_logger())
+    return {"files": files, "commit": revision, "experiment_remote": remote}
 
 
 @flow(name=FLOW_NAME)
@@ -183,6 +197,8 @@ def retrain(
     overrides: dict[str, Any] | None = None,
     experiment: str | None = None,
     commit: bool = False,
+    until: str | None = None,
+    replace_champion: bool = True,
 ) -> dict[str, Any]:
     """Run the stages in DAG order (on drift, `orchestrate.on_drift: stop` stops before training), gate
     promotion of the new model and publish artifacts.
@@ -190,9 +206,13 @@ def retrain(
     Args:
         project_dir: the project folder (dvc.yaml, params.yaml).
         overrides: dotted params such as {"train.lr": 0.001}, written into params.yaml before the run.
-        experiment: when given, the result is saved as a DVC experiment of that name.
+        experiment: when given, the result is saved as a DVC experiment of that name (and, with
+            orchestrate.push, pushed to the branch's git remote).
         commit: when the model is promoted, commit its pointers and push the branch (needs orchestrate.push);
             what a deployment from git does, so that the next run and every clone find the champion.
+        until: run the stages up to this one only, without the gate (a sweep's shared stages, run once
+            and pushed so that every point restores them from the run cache).
+        replace_champion: False: the gate judges the new model but leaves the champion (a sweep's points).
     """
     project = str(Path(project_dir).resolve())
     if experiment or commit:
@@ -206,16 +226,28 @@ def retrain(
     if overrides:
         set_params(project, overrides)
     stages = []
-    for stage, contract in contracts().items():
+    for stage, contract in _stages(until).items():
         if "model" in contract.outs:  # before training: the drift the audit found, shown and acted on
             drift_gate(params.paths, params.orchestrate.on_drift, project)
         stages.append(_stage_task(stage, params.orchestrate)(stage, project, sharing))
-    decision = promotion_gate(params.paths, params.orchestrate, project)
+    decision = None if until else promotion_gate(params.paths, params.orchestrate, project, replace_champion)
     if experiment:
         save_experiment(params.paths, project, experiment)
-    pushed = push(params.paths, project, decision, commit) if sharing else None
-    publish(params.paths, project, stages, decision)
+    pushed = push(params.paths, project, decision, commit, experiment) if sharing else None
+    if decision:
+        publish(params.paths, project, stages, decision)
     return {"stages": stages, "champion": decision, "experiment": experiment, "pushed": pushed}
+
+
+def _stages(until: str | None) -> dict[str, Any]:
+    """The stage contracts in DAG order, up to `until` (all when None)."""
+    stages = contracts()
+    if until is None:
+        return stages
+    if until not in stages:
+        raise PipelineError(f"until: no stage {until!r}; the stages are {', '.join(stages)}")
+    names = list(stages)
+    return {name: stages[name] for name in names[: names.index(until) + 1]}
 
 
 def _sharing(settings: OrchestrateParams, project: str, commit: bool) -> bool:

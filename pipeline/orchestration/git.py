@@ -41,11 +41,17 @@ def commit_and_push(project: Path, paths: list[Path | str], message: str, log: l
     run(project, "add", "--", *present)
     run(project, "commit", "-q", "-m", message)
     revision = run(project, "rev-parse", "HEAD")
-    if run(project, "rev-parse", "--abbrev-ref", "--symbolic-full-name", "@{upstream}", check=False):
+    if upstream_remote(project):
         run(project, "push", "-q")
     else:
         log.warning("%s: the branch has no upstream; committed %s without pushing", project, revision)
     return revision
+
+
+def upstream_remote(project: Path) -> str | None:
+    """The git remote the current branch tracks (`origin` in a clone); None without an upstream."""
+    branch = run(project, "rev-parse", "--abbrev-ref", "HEAD", check=False)
+    return run(project, "config", "--get", f"branch.{branch}.remote", check=False) or None
 
 
 def run(project: Path, *args: str, check: bool = True) -> str:
