@@ -29,10 +29,12 @@ ensure_env() {
 }
 
 ensure_test_tools() {  # Debian's chromium opens the HTML reports (tests/test_pages.py, never a downloaded one);
-    # qemu-user runs INT8 models as on an AVX2-only CPU (tests/stages/test_quantize_cpus.py)
+    # qemu-user runs INT8 models as on an AVX2-only CPU (tests/stages/test_quantize_cpus.py); postgresql backs
+    # the team's Prefect server (tests/test_sweep.py starts its own, nothing runs as a service)
     local missing=()
     [[ -x /usr/bin/chromium ]] || missing+=(chromium)
     command -v qemu-x86_64 >/dev/null || missing+=(qemu-user)
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
     if [[ ${#missing[@]} -eq 0 || $EUID -ne 0 ]] || ! command -v apt-get >/dev/null; then return; fi
     echo ">> installing Debian ${missing[*]} for the tests (apt-get install ${missing[*]})"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -17,6 +17,7 @@ import gc
 import importlib
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Literal, NoReturn
@@ -218,6 +219,9 @@ ProjectOption = Annotated[Path, typer.Option("--project", help="Project folder (
 DEFAULT_INSTALL = "python -m pip install --quiet -e ."
 
 
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # PyYAML (YAML 1.1) reads 1e-4 as a string
+
+
 def _overrides(pairs: list[str]) -> dict[str, object]:
     """['train.lr=0.001'] -> {'train.lr': 0.001}; values are YAML, as with `dvc exp run -S`."""
     import yaml
@@ -229,6 +233,8 @@ def _overrides(pairs: list[str]) -> dict[str, object]:
             raise PipelineError(f"--set {pair!r}: expected key=value, e.g. --set train.lr=0.001")
         try:
             parsed[key.strip()] = yaml.safe_load(value)
+            if isinstance(parsed[key.strip()], str) and _EXPONENT.fullmatch(value.strip()):
+                parsed[key.strip()] = float(value)  # YAML 1.2, as `dvc exp run -S` reads it: 1e-4 is a number
         except yaml.YAMLError as exc:
             reason = getattr(exc, "problem", None) or type(exc).__name__
             raise PipelineError(
@@ -309,6 +315,115 @@ def deploy(
     typer.echo(f"deployment {deployment} scheduled {cron!r} in work pool {pool!r}")
     typer.echo(f"  run it now:      prefect deployment run {deployment}")
     typer.echo(f"  start a worker:  prefect worker start --pool {pool}")
+
+
+@app.command()
+def sweep(
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", "-S", help="Swept param key=value[,value...] (values YAML); several: their product."
+        ),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Sweep name; its experiments are NAME-1, NAME-2, ...")
+    ] = None,
+    collect: Annotated[
+        str | None, typer.Option(help="Only pull sweep NAME's experiments into this clone and list them.")
+    ] = None,
+    pool: Annotated[
+        str, typer.Option(help="Process work pool the runs go to; created when missing.")
+    ] = "sweep",
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Set the pool's concurrency limit (runs at once, all workers).")
+    ] = None,
+    repository: Annotated[
+        str | None, typer.Option(help="Git URL the runs clone (default: this branch's upstream remote).")
+    ] = None,
+    ref: Annotated[str | None, typer.Option(help="Branch the runs clone (default: this one).")] = None,
+    install: Annotated[
+        str, typer.Option(help="Command(s) each run executes in its clone with the worker's python.")
+    ] = DEFAULT_INSTALL,
+    promote: Annotated[
+        bool, typer.Option(help="Promote the best point the champion gate passes (at most one).")
+    ] = True,
+    project: ProjectOption = Path("."),
+) -> None:
+    """Run a parameter grid across Prefect workers, one flow run per point, each saved as a DVC experiment
+    and pushed; pull them into this clone (dvc exp show lists them) and promote the best that passes the
+    champion gate. The runs go to deployment retrain/sweep, which clones the project from git."""
+    from pipeline.orchestration import git
+    from pipeline.orchestration import sweep as sweeps
+    from pipeline.orchestration.deploy import deploy_from_git, require_prefect_api
+
+    try:
+        if collect:
+            remote = repository or git.upstream_remote(project)
+            if not remote:
+                raise PipelineError("sweep: this branch has no upstream remote; give --repository URL")
+            names = sweeps.sweep_experiments(project, remote, collect)
+            if not names:
+                raise PipelineError(f"no experiments of sweep {collect} on {remote}")
+            gates = sweeps.pull_experiments(project, remote, names)
+            for experiment in names:
+                typer.echo(f"{experiment}: {sweeps.gate_line(gates.get(experiment, {}))}")
+            typer.echo(f"sweep: pulled {len(names)} experiments; dvc exp show -A lists them")
+            return
+        points = sweeps.grid(overrides or [], _overrides)
+        sweeps.check_points(project, points)
+        repository, ref = sweeps.git_source(project, repository, ref)
+        _require_team_server()
+        require_prefect_api()
+        deploy_from_git(None, sweeps.DEPLOYMENT, pool, repository, ref, install, False, limit)
+        run = sweeps.Sweep(project, name or sweeps.default_name(), points, typer.echo)
+        run.run()
+        run.collect(repository)
+        ok = sweeps.report(run, promote, ref, typer.echo)
+    except PipelineError as exc:
+        _fail("sweep", str(exc))
+    if not ok:
+        raise typer.Exit(1)
+
+
+@app.command("work-pool")
+def work_pool(
+    name: Annotated[str, typer.Argument(help="Work pool name (deploy --pool NAME).")],
+    gpus: Annotated[int, typer.Option(min=0, help="GPUs each job requests (nvidia.com/gpu).")] = 1,
+    image: Annotated[
+        str | None, typer.Option(help="Default container image: Python and git, or the whole environment.")
+    ] = None,
+    show: Annotated[
+        bool, typer.Option("--print", help="Print the base job template; create nothing.")
+    ] = False,
+) -> None:
+    """Create a Kubernetes work pool whose jobs request GPUs: prefect-kubernetes' base job template with a
+    `gpus` variable. Deployments from git (deploy --repository ... --pool NAME) then run as Kubernetes Jobs,
+    taken by `prefect worker start --pool NAME --type kubernetes` in the cluster."""
+    from pipeline.orchestration import work_pools
+    from pipeline.orchestration.deploy import require_prefect_api
+
+    try:
+        if show:
+            typer.echo(json.dumps(work_pools.kubernetes_template(gpus, image), indent=2))
+            return
+        require_prefect_api()
+        work_pools.create_kubernetes_pool(name, gpus, image)
+    except PipelineError as exc:
+        _fail("work-pool", str(exc))
+    typer.echo(f"work pool {name!r} (kubernetes): each job requests {gpus} GPU(s)")
+    typer.echo(f"  deploy to it:  python -m pipeline deploy --cron ... --repository URL --pool {name}")
+    typer.echo(f"  its worker:    prefect worker start --pool {name} --type kubernetes  (in the cluster)")
+
+
+def _require_team_server() -> None:
+    """A sweep's runs go to workers that poll one Prefect server: a temporary local one has none."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise PipelineError(
+            "sweep: PREFECT_API_URL is not set; point it at the Prefect server your workers poll "
+            "(prefect config set PREFECT_API_URL=http://<server>:4200/api)"
+        )
 
 
 def main() -> None:

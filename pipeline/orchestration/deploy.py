@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.runner.storage import GitRepository
 from prefect.settings import PREFECT_API_URL
@@ -64,17 +64,28 @@ def deploy(cron: str, name: str, work_pool: str, project_dir: str = ".", serve: 
     return f"{FLOW_NAME}/{name}"
 
 
-def deploy_from_git(cron: str, name: str, work_pool: str, repository: str, ref: str, install: str) -> str:
-    """Create a scheduled deployment whose runs fetch the project themselves, for a worker on any machine.
+def deploy_from_git(
+    cron: str | None,
+    name: str,
+    work_pool: str,
+    repository: str,
+    ref: str,
+    install: str,
+    commit: bool = True,
+    concurrency_limit: int | None = None,
+) -> str:
+    """Create a deployment whose runs fetch the project themselves, for a worker on any machine; scheduled
+    by `cron`, or run only when asked (None: a sweep's).
 
     Each run's pull steps clone `repository` at branch `ref`, run `install` in the clone (one command per
     line; empty: none) and enter the clone; the flow then pulls from the DVC remote of the committed
-    `.dvc/config` (orchestrate.push must be true there), runs, pushes, and commits and pushes a promoted
-    model's pointers to `ref`. Returns the deployment's name.
+    `.dvc/config` (orchestrate.push must be true there), runs, pushes, and with `commit` commits and pushes
+    a promoted model's pointers to `ref`. `concurrency_limit` sets the work pool's (Prefect's) limit of runs
+    at once. Returns the deployment's name.
     """
-    _ensure_process_pool(work_pool)
+    _ensure_process_pool(work_pool, concurrency_limit)
     deployment = retrain.to_deployment(
-        name=name, cron=cron, parameters={"project_dir": ".", "commit": True}, work_pool_name=work_pool
+        name=name, cron=cron, parameters={"project_dir": ".", "commit": commit}, work_pool_name=work_pool
     )
     deployment.entrypoint = ENTRYPOINT  # relative to the clone, whatever this process's folder is
     deployment.storage = _GitProject(repository, ref, install)
@@ -100,9 +111,11 @@ class _GitProject(GitRepository):
         return [*steps, {"prefect.deployments.steps.set_working_directory": {"directory": folder}}]
 
 
-def _ensure_process_pool(name: str) -> None:
+def _ensure_process_pool(name: str, concurrency_limit: int | None = None) -> None:
     with get_client(sync_client=True) as client:
         try:
             client.create_work_pool(WorkPoolCreate(name=name, type="process"))
         except ObjectAlreadyExists:
             pass
+        if concurrency_limit is not None:
+            client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=concurrency_limit))

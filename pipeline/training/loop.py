@@ -160,7 +160,7 @@ class Trainer:
         if all(torch.isfinite(value).all() for value in self.model.parameters()):
             return
         raise PipelineError(
-            f"train: the weights became NaN or infinite in {desc} (train.lr {self.params.lr:g}, "
+            f"the weights became NaN or infinite in {desc} (train.lr {self.params.lr:g}, "
             f"{self.precision.name}): training diverged; lower train.lr (python -m pipeline lr-find suggests "
             "one) or keep train.grad_clip_norm above 0"
         )
