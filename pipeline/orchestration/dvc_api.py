@@ -109,12 +109,12 @@ def push(repo: Any) -> int:
 
     `dvc push --run-cache` uploads the run-cache entries but not the `cache: false` outputs they name
     (metrics, plots); without those another machine cannot restore a stage from the run cache."""
-    from dvc.stage.cache import _can_hash, _get_stage_hash
+    from dvc.stage.cache import _get_stage_hash
 
     pushed = repo.push(run_cache=True)
     entries = []
     for stage in repo.index.stages:
-        if stage.cmd and _hashable(stage, _can_hash):
+        if stage.cmd and _hashable(stage):
             key = _get_stage_hash(stage)
             folder = Path(repo.stage_cache._get_cache_dir(key))
             entries += [(key, value.name) for value in folder.iterdir()] if folder.is_dir() else []
@@ -123,11 +123,13 @@ def push(repo: Any) -> int:
     return pushed
 
 
-def _hashable(stage: Any, can_hash: Callable[[Any], bool]) -> bool:
+def _hashable(stage: Any) -> bool:
     """DVC's `_can_hash`, False where a dependency is missing (a run of the first stages only: the later
     ones never ran here and have no run-cache entry to push)."""
+    from dvc.stage.cache import _can_hash
+
     try:
-        return can_hash(stage)
+        return _can_hash(stage)
     except FileNotFoundError:
         return False
 

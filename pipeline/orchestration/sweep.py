@@ -37,7 +37,6 @@ from pipeline.stages import contracts
 
 DEPLOYMENT = "sweep"  # retrain/sweep: the deployment from git that every sweep's runs go to
 SHARE = {"orchestrate.push": True}  # every run pulls, and pushes its outputs, run cache and experiment
-_FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 @dataclass
@@ -179,7 +178,7 @@ class Sweep:
                         continue
                     flow_run = client.read_flow_run(run_id)
                     state = flow_run.state
-                    if state is not None and state.type.value in _FINAL:
+                    if state is not None and state.is_final():
                         ended[run_id] = (state.type.value, _first_error(state.message or ""))
                         self.log(f"sweep {self.name}: {flow_run.name} {state.type.value.lower()}")
                 if len(ended) < len(run_ids):
