@@ -691,6 +691,16 @@ class QuantizeParams(_Section):
     """
     sensitivity_images: PositiveInt = 256
     """sensitivity search: val images it scores each node on (a stratified sample)"""
+    qat_epochs: NonNegInt = 2
+    """quantization-aware fine-tune (static only): epochs a copy of the model trains on `qat_images` train
+    images with its weights rounded as the format stores them, towards FP32's own logits; that copy is then
+    calibrated and quantized. 0 = plain post-training quantization. Only formats that could still ship are
+    tuned (each portable one; the others while no portable one passed)
+    """
+    qat_images: PositiveInt = 512
+    """quantization-aware fine-tune: train images (a stratified sample), held in memory preprocessed"""
+    qat_lr: PositiveFloat = 2e-5
+    """quantization-aware fine-tune: Adam's learning rate, decayed linearly to zero"""
     formats: Annotated[
         list[Literal["u8s8_portable", "u8s8", "u8s8_reduce_range", "u8u8", "s8s8"]], Field(min_length=1)
     ] = Field(default_factory=lambda: ["u8s8_portable", "u8s8"])

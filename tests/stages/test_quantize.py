@@ -40,6 +40,9 @@ def test_metrics_are_the_headline_and_the_report_holds_every_candidate(exported_
     assert metrics["top1_agreement"] == shipped["agreement"]
     # The search ran for the portable format (it could ship) and not for u8s8 once that one passed.
     assert shipped["search"]["val_images"] == 3 and report["candidates"][1]["search"] == {}
+    # So did the quantization-aware fine-tune, on the train images the project has (fewer than qat_images).
+    assert shipped["qat"]["epochs"] == params.quantize.qat_epochs > 0 and report["candidates"][1]["qat"] == {}
+    assert 0 < shipped["qat"]["images"] <= params.quantize.qat_images
     assert metrics["int8_accuracy"] == shipped["candidate_accuracy"]
     assert metrics["fp32_accuracy"] == shipped["reference_accuracy"]
     assert set(report["cpu"]) == {"model", "vnni", "avx512"}

@@ -14,7 +14,8 @@ accurate (p < `alpha`), when even the upper confidence bound of its top-1 agreem
 `min_agreement`, or when it is not `min_speedup` times faster than FP32 at batch 1 on this CPU.
 
 Formats (`int8`): a portable one (the same integers on every x86 CPU) ships before the others when it passes.
-The sensitivity search (`search`) leaves the few nodes whose quantization costs most in FP32.
+The quantization-aware fine-tune (`qat`) first trains a copy of the model for each format's weight grid; the
+sensitivity search (`search`) leaves the few nodes whose quantization costs most in FP32.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ from pipeline.data.sampling import stratified_sample
 from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, read_json, write_json
-from pipeline.models import load_trained
+from pipeline.models import TrainedModel, load_trained
 from pipeline.serving import onnx_runtime as rt
 from pipeline.stages import Stage
 from pipeline.stages.quantize.int8 import prepare
+from pipeline.stages.quantize.qat import Tuner
 from pipeline.stages.quantize.search import quantize_searched, search_probe
 
 STAGE = Stage(
@@ -66,6 +68,7 @@ class Candidate:
     rejected_because: list[str]
     fp32_nodes: list[str] = field(default_factory=list)  # left in FP32 by the sensitivity search
     search: dict = field(default_factory=dict)  # what the search measured, empty where it did not run
+    qat: dict = field(default_factory=dict)  # what the quantization-aware fine-tune measured (empty: none)
     label_agreement: float | None = None  # label sets: share of (image, label) answers equal to FP32's
 
     @property
@@ -109,7 +112,8 @@ def run(params: Params) -> dict:
             )
             val = slice(0, n_val)
             probe = search_probe(inputs[val], labels[val], fp32_logits[val], q, params.base.seed)
-            candidates = _try_formats(out, calibration, (inputs, labels, fp32_pred), probe, q, decide)
+            tuner = _tuner(params, trained, decide)
+            candidates = _try_formats(out, calibration, (inputs, labels, fp32_pred), probe, q, decide, tuner)
         chosen = choose(candidates)
         report["decision"] = _decision(chosen, candidates, report["cpu"])
         report["candidates"] = [_candidate_row(c) for c in candidates]
@@ -188,12 +192,15 @@ def _try_formats(
     probe: tuple,
     q: QuantizeParams,
     decide: Decisions,
+    tuner: Tuner | None = None,
 ) -> list[Candidate]:
     """Quantize in each of `q.formats`, portable ones first, into out/candidates/<format>.onnx and judge each
     against FP32 on the `compared` (inputs, labels, FP32's predictions; `decide` reads logits as
     predictions); speed is timed right after FP32's.
-    The sensitivity search runs on the `probe` (val inputs, FP32's logits) for each format that could still
-    ship: every portable one, and the others while no portable one has passed."""
+    For each format that could still ship (every portable one, and the others while no portable one has
+    passed), the `tuner` (if any) first fine-tunes a copy of the model for that format (quantization-aware;
+    that copy is quantized, with its own activation ranges), and the sensitivity search runs on the `probe`
+    (val inputs, FP32's logits)."""
     inputs, labels, fp32_pred = compared
     fp32 = _ort_runner(rt.session(out / rt.FP32_FILE))
     scratch = out / _CANDIDATES
@@ -205,8 +212,11 @@ def _try_formats(
         how = f"{len(calibration)} calibration images, {q.calibration_method}" if q.method == "static" else ""
         log.info("quantizing as %s (%s)", name, how or "dynamic: weights only")
         could_ship = name in rt.PORTABLE_INT8 or not any(c.passed and c.portable for c in candidates)
+        source, ranges, qat = prepared, cache, {}
+        if tuner is not None and could_ship:  # a tuned copy has activation ranges of its own
+            (source, qat), ranges = tuner.prepared(name, scratch), scratch / f"{name}.calibration.json"
         target = scratch / f"{name}.onnx"
-        nodes, search = quantize_searched(prepared, target, calibration, name, q, probe, cache, could_ship)
+        nodes, search = quantize_searched(source, target, calibration, name, q, probe, ranges, could_ship)
         sess = rt.session(target)
         int8_pred = decide(rt.logits(sess, inputs))
         comparison = stats.compare(fp32_pred, int8_pred, labels, 1.0 - q.alpha)
@@ -214,7 +224,9 @@ def _try_formats(
         speedup = fp32_ms / batch1_ms
         reasons = gate(comparison, speedup, q)
         per_label = decide.label_agreement(fp32_pred, int8_pred)
-        candidates.append(Candidate(name, comparison, batch1_ms, speedup, reasons, nodes, search, per_label))
+        candidates.append(
+            Candidate(name, comparison, batch1_ms, speedup, reasons, nodes, search, qat, per_label)
+        )
     return candidates
 
 
@@ -318,11 +330,29 @@ def calibration_images(
     seed: int,
     decide: Decisions | None = None,
 ) -> np.ndarray:
-    """`q.calibration_images` train images, a sample stratified by class (by label set, with a multilabel
-    task's `decide`) drawn with `seed`, preprocessed as predict does."""
+    """`q.calibration_images` train images, as `train_images` draws them."""
+    return train_images(paths, names, cfg, q.calibration_images, seed, decide)
+
+
+def _tuner(params: Params, trained: TrainedModel, decide: Decisions) -> Tuner | None:
+    """The quantization-aware fine-tune's tuner, on `quantize.qat_images` train images, where
+    `quantize.qat_epochs` asks for one (static quantization only: dynamic calibrates nothing to tune for)."""
+    q = params.quantize
+    if not q.qat_epochs or q.method != "static":
+        return None
+    cfg, seed = trained.data_config, params.base.seed
+    images = train_images(params.paths, trained.class_names, cfg, q.qat_images, seed, decide)
+    return Tuner(trained, images, decide.sets.multilabel, q, seed, params.export.opset)
+
+
+def train_images(
+    paths: PathsParams, names: list[str], cfg: dict, count: int, seed: int, decide: Decisions | None = None
+) -> np.ndarray:
+    """`count` train images, a sample stratified by class (by label set, with a multilabel task's
+    `decide`) drawn with `seed`, preprocessed as predict does."""
     decide = decide or Decisions(SINGLE)
     train_paths, truth = read_split(paths.splits, paths.data_root, "train", names, decide.sets)
-    chosen = stratified_sample(decide.of_truth(truth), q.calibration_images, seed)
+    chosen = stratified_sample(decide.of_truth(truth), count, seed)
     return rt.load_inputs([train_paths[i] for i in chosen], cfg)
 
 
@@ -332,6 +362,7 @@ def _candidate_row(candidate: Candidate) -> dict:
         "portable": candidate.portable,
         "fp32_nodes": candidate.fp32_nodes,
         "search": candidate.search,
+        "qat": candidate.qat,
         **({} if candidate.label_agreement is None else {"label_agreement": candidate.label_agreement}),
         **asdict(candidate.comparison),
         "batch1_ms": candidate.batch1_ms,

@@ -72,14 +72,14 @@ def search_fp32_nodes(
     inputs, reference = probe
 
     def divergence(fp32_nodes: Sequence[str]) -> float:
-        return _divergence(reference, rt.logits(rt.session(quantized(fp32_nodes)), inputs))
+        return kl_divergence(reference, rt.logits(rt.session(quantized(fp32_nodes)), inputs))
 
     def alone_in_fp32(node: str) -> float | None:
         """The divergence with `node` alone in FP32; None where ONNX Runtime would not run it in FP32."""
         trial = quantized([node])
         if not ort_runs_in_fp32(trial, node):
             return None
-        return _divergence(reference, rt.logits(rt.session(trial), inputs))
+        return kl_divergence(reference, rt.logits(rt.session(trial), inputs))
 
     everything = divergence([])
     scored = {node: alone_in_fp32(node) for node in nodes} if everything >= _NEGLIGIBLE else {}
@@ -125,7 +125,7 @@ def ort_runs_in_fp32(model: Path, name: str) -> bool:
     return any(node.name == name and node.op_type in WEIGHTED_OPS for node in graph.node)
 
 
-def _divergence(reference: np.ndarray, logits: np.ndarray) -> float:
+def kl_divergence(reference: np.ndarray, logits: np.ndarray) -> float:
     """Mean KL divergence of softmax(logits) from softmax(reference), per image, in nats."""
     ref, other = (log_softmax(np.asarray(z, dtype=np.float64), axis=1) for z in (reference, logits))
     return float(np.mean(np.sum(np.exp(ref) * (ref - other), axis=1)))
