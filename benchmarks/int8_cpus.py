@@ -4,8 +4,9 @@ batch 1 on this CPU.
 
 Full mode measures a reproduced project (`--project DIR`: its params.yaml, trained model and splits, e.g. a
 fresh clone after `./run.sh pipeline`); smoke mode trains a tiny one. The options: each format with the
-stage's defaults (64 calibration images, minmax), `u8s8_portable` with 4x the calibration images, with entropy
-and percentile calibration, and with the sensitivity search (the stage's default). Under qemu the INT8 models
+stage's defaults (64 calibration images, minmax) but no quantization-aware fine-tune (QAT) and no search,
+`u8s8_portable` with 4x the calibration images, with entropy and percentile calibration, with the sensitivity
+search, with QAT, and with both (the stage's default). Under qemu the INT8 models
 run on every val+test image; FP32 runs there on a few only (about 9 s an image emulated), to show that FP32's
 answers do not depend on the CPU, so the agreement under qemu is counted against FP32's answers here.
 """
@@ -40,19 +41,27 @@ from pipeline.models import load_trained
 from pipeline.serving import onnx_runtime as rt
 from pipeline.stages import quantize, train
 from pipeline.stages.quantize import int8, search
+from pipeline.stages.quantize.qat import Tuner
 
 NAME = "int8_cpus"
-# option -> (format, quantize params changed, sensitivity search)
+# option -> (format, quantize params changed, sensitivity search); QAT where qat_epochs is not 0
+_PTQ = {"qat_epochs": 0}
 OPTIONS = {
-    "u8s8": ("u8s8", {}, False),
-    "u8s8_reduce_range": ("u8s8_reduce_range", {}, False),
-    "u8s8_portable": ("u8s8_portable", {}, False),
-    "u8s8_portable, 256 calibration images": ("u8s8_portable", {"calibration_images": 256}, False),
-    "u8s8_portable, entropy calibration": ("u8s8_portable", {"calibration_method": "entropy"}, False),
-    "u8s8_portable, percentile calibration": ("u8s8_portable", {"calibration_method": "percentile"}, False),
-    "u8s8_portable + sensitivity search (default)": ("u8s8_portable", {}, True),
+    "u8s8": ("u8s8", _PTQ, False),
+    "u8s8_reduce_range": ("u8s8_reduce_range", _PTQ, False),
+    "u8s8_portable": ("u8s8_portable", _PTQ, False),
+    "u8s8_portable, 256 calibration images": ("u8s8_portable", {**_PTQ, "calibration_images": 256}, False),
+    "u8s8_portable, entropy calibration": ("u8s8_portable", {**_PTQ, "calibration_method": "entropy"}, False),
+    "u8s8_portable, percentile calibration": (
+        "u8s8_portable",
+        {**_PTQ, "calibration_method": "percentile"},
+        False,
+    ),
+    "u8s8_portable + sensitivity search": ("u8s8_portable", _PTQ, True),
+    "u8s8_portable + QAT": ("u8s8_portable", {}, False),
+    "u8s8_portable + QAT + sensitivity search (default)": ("u8s8_portable", {}, True),
 }
-SHIPPED = "u8s8_portable + sensitivity search (default)"
+SHIPPED = "u8s8_portable + QAT + sensitivity search (default)"
 SETTINGS = {
     "full": {"repeats": 9, "inner_repeats": 50, "fp32_on_haswell": 8, "haswell_images": None, "params": {}},
     "smoke": {
@@ -134,15 +143,23 @@ def _project(opts: Options, root: Path, settings: dict[str, Any]):
 
 
 def _build(option: str, params: Params, trained, probe: tuple, fp32: Path, target_path: Path) -> Path:
-    """The INT8 model of `option`, quantized as the stage does (and searched on the `probe`, the val inputs
-    and FP32's logits, where the option says)."""
+    """The INT8 model of `option`, quantized as the stage does: from a copy fine-tuned for the format
+    first where `qat_epochs` says, and searched on the `probe` (val inputs, FP32's logits) where the option
+    says."""
     fmt, changed, searched = OPTIONS[option]
     q = QuantizeParams(**{**params.quantize.model_dump(), **changed, "formats": [fmt]})
     calibration = quantize.calibration_images(
         params.paths, trained.class_names, trained.data_config, q, params.base.seed
     )
     with tempfile.TemporaryDirectory(prefix="int8-") as scratch:
-        prepared = int8.prepare(fp32, Path(scratch) / "prepared.onnx", q.exclude_nodes)
+        if q.qat_epochs:
+            images = quantize.train_images(
+                params.paths, trained.class_names, trained.data_config, q.qat_images, params.base.seed
+            )
+            tuner = Tuner(trained, images, False, q, params.base.seed, params.export.opset)
+            prepared, _ = tuner.prepared(fmt, Path(scratch))
+        else:
+            prepared = int8.prepare(fp32, Path(scratch) / "prepared.onnx", q.exclude_nodes)
         cache = Path(scratch) / "calibration.json"
         nodes, _ = search.quantize_searched(
             prepared, target_path, calibration, fmt, q, probe, cache, searched
@@ -152,7 +169,8 @@ def _build(option: str, params: Params, trained, probe: tuple, fp32: Path, targe
 
 
 def _figures(path: Path, fp32: Path, compared: tuple, haswell: np.ndarray | None, settings: dict) -> dict:
-    """Agreement and accuracy here and under qemu, and the median batch-1 speed-up of `repeats` rounds."""
+    """Agreement, accuracy and the mean KL divergence from FP32 here, agreement and accuracy under qemu, and
+    the median batch-1 speed-up of `repeats` rounds."""
     inputs, labels, fp32_logits = compared
     here = rt.logits(rt.session(path), inputs)
     reference = fp32_logits.argmax(1)
@@ -166,6 +184,9 @@ def _figures(path: Path, fp32: Path, compared: tuple, haswell: np.ndarray | None
     figures = {
         "fp32_nodes": nodes,
         "agreement_here": comparison.agreement,
+        "divergence_here": search.kl_divergence(
+            fp32_logits, here
+        ),  # finer than agreement: every image counts
         "accuracy_here": comparison.candidate_accuracy,
         "fp32_accuracy": comparison.reference_accuracy,
         "speedup_batch1": median(speedups),
