@@ -14,6 +14,7 @@ answers do not depend on the CPU, so the agreement under qemu is counted against
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import subprocess
 import sys
@@ -37,11 +38,11 @@ from benchmarks._common import (
 from benchmarks.inference import _ort_runner
 from pipeline import stats, timing
 from pipeline.config import Params, QuantizeParams
+from pipeline.data.labels import SINGLE
 from pipeline.models import load_trained
 from pipeline.serving import onnx_runtime as rt
 from pipeline.stages import quantize, train
 from pipeline.stages.quantize import int8, search
-from pipeline.stages.quantize.qat import Tuner
 
 NAME = "int8_cpus"
 # option -> (format, quantize params changed, sensitivity search); QAT where qat_epochs is not 0
@@ -102,8 +103,10 @@ def run(opts: Options) -> dict[str, Any]:
         probe = search.search_probe(
             inputs[val], labels[val], fp32_logits[val], params.quantize, params.base.seed
         )
+        tuner = quantize.qat_tuner(params, trained, quantize.Decisions(SINGLE))
+        tuned = functools.cache(lambda fmt: tuner.prepared(fmt, models)[0])  # one fine-tune per format
         built = {
-            option: _build(option, params, trained, probe, fp32, models / f"{i}.onnx")
+            option: _build(option, params, trained, probe, (fp32, tuned), models / f"{i}.onnx")
             for i, option in enumerate(OPTIONS)
         }
         haswell = _on_haswell({"fp32": fp32, **built}, inputs, settings, root)
@@ -142,10 +145,11 @@ def _project(opts: Options, root: Path, settings: dict[str, Any]):
     yield params
 
 
-def _build(option: str, params: Params, trained, probe: tuple, fp32: Path, target_path: Path) -> Path:
-    """The INT8 model of `option`, quantized as the stage does: from a copy fine-tuned for the format
-    first where `qat_epochs` says, and searched on the `probe` (val inputs, FP32's logits) where the option
-    says."""
+def _build(option: str, params: Params, trained, probe: tuple, sources: tuple, target_path: Path) -> Path:
+    """The INT8 model of `option`, quantized as the stage does from one of the `sources`: the FP32 export,
+    or where `qat_epochs` says, the prepared copy fine-tuned for the format (a function of the format); and
+    searched on the `probe` (val inputs, FP32's logits) where the option says."""
+    fp32, tuned = sources
     fmt, changed, searched = OPTIONS[option]
     q = QuantizeParams(**{**params.quantize.model_dump(), **changed, "formats": [fmt]})
     calibration = quantize.calibration_images(
@@ -153,11 +157,7 @@ def _build(option: str, params: Params, trained, probe: tuple, fp32: Path, targe
     )
     with tempfile.TemporaryDirectory(prefix="int8-") as scratch:
         if q.qat_epochs:
-            images = quantize.train_images(
-                params.paths, trained.class_names, trained.data_config, q.qat_images, params.base.seed
-            )
-            tuner = Tuner(trained, images, False, q, params.base.seed, params.export.opset)
-            prepared, _ = tuner.prepared(fmt, Path(scratch))
+            prepared = tuned(fmt)
         else:
             prepared = int8.prepare(fp32, Path(scratch) / "prepared.onnx", q.exclude_nodes)
         cache = Path(scratch) / "calibration.json"

@@ -135,4 +135,5 @@ def test_the_distance_of_fp32_from_itself_is_zero(multilabel):
     tuner = Tuner(trained, _images(16), multilabel, QuantizeParams(), seed=0, opset=18)
     assert tuner.distance(net) == pytest.approx(0.0, abs=1e-6)
     assert tuner.distance(with_weight_grid(copy.deepcopy(net), "u8s8_reduce_range", tuner.images[:1])) > 0
-    assert without_weight_grid(with_weight_grid(copy.deepcopy(net), "u8s8", tuner.images[:1])) is not None
+    restored = without_weight_grid(with_weight_grid(copy.deepcopy(net), "u8s8", tuner.images[:1]))
+    assert torch.equal(restored.conv.weight, net.conv.weight)  # off the grid again: the weights themselves

@@ -112,7 +112,7 @@ def run(params: Params) -> dict:
             )
             val = slice(0, n_val)
             probe = search_probe(inputs[val], labels[val], fp32_logits[val], q, params.base.seed)
-            tuner = _tuner(params, trained, decide)
+            tuner = qat_tuner(params, trained, decide)
             candidates = _try_formats(out, calibration, (inputs, labels, fp32_pred), probe, q, decide, tuner)
         chosen = choose(candidates)
         report["decision"] = _decision(chosen, candidates, report["cpu"])
@@ -334,7 +334,7 @@ def calibration_images(
     return train_images(paths, names, cfg, q.calibration_images, seed, decide)
 
 
-def _tuner(params: Params, trained: TrainedModel, decide: Decisions) -> Tuner | None:
+def qat_tuner(params: Params, trained: TrainedModel, decide: Decisions) -> Tuner | None:
     """The quantization-aware fine-tune's tuner, on `quantize.qat_images` train images, where
     `quantize.qat_epochs` asks for one (static quantization only: dynamic calibrates nothing to tune for)."""
     q = params.quantize

@@ -70,14 +70,14 @@ class Tuner:
         """A copy of the model tuned for `fmt`'s weight grid (plain weights again: the grid is the
         quantizer's to apply), and its distance from FP32 on the images before and after."""
         started = time.perf_counter()
-        torch.manual_seed(self.seed)
+        order = torch.Generator().manual_seed(self.seed)  # the batches' order; nothing else here is random
         student = with_weight_grid(copy.deepcopy(self.model), fmt, self.images[:1])
         optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=self.q.qat_lr)
         steps = self.q.qat_epochs * -(-len(self.images) // _BATCH)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
         before = self.distance(student)
         for _ in range(self.q.qat_epochs):
-            for batch in torch.randperm(len(self.images)).split(_BATCH):
+            for batch in torch.randperm(len(self.images), generator=order).split(_BATCH):
                 loss = self._loss(student(self.images[batch]), self.teacher[batch])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
