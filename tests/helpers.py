@@ -87,12 +87,15 @@ S3_BUCKET = "team-bucket"  # the bucket the `s3_endpoint` fixture's moto server 
 SHIP_ANY_INT8 = {"min_agreement": 0.0, "alpha": 1e-12, "min_speedup": 0.0}
 
 
-# The whole DAG in seconds: a few dozen 32 px images, timm's tiny random-weight backbone, one epoch.
+# The whole DAG in seconds: a few dozen 32 px images, timm's tiny random-weight backbone, one epoch. No
+# quantization-aware fine-tune: its second ONNX export was half of every tiny quantize run (about 10 s, and
+# the suite runs the DAG dozens of times); tests/stages/test_quantize*.py test it, test_end_to_end.py with
+# the real backbone through `dvc repro`.
 TINY_PARAMS = {
     "ingest": {"num_workers": 0},
     "model": {"backbone": "test_efficientnet", "weights": "none", "image_size": 32},
     "train": {"epochs": 1, "batch_size": 8},
-    "quantize": {"benchmark_repeats": 2, "calibration_images": 8},
+    "quantize": {"benchmark_repeats": 2, "calibration_images": 8, "qat_epochs": 0},
     "orchestrate": {"retry_delay_seconds": 1.0},
 }
 

@@ -71,6 +71,9 @@ def test_a_fresh_clone_pulls_everything_and_has_nothing_to_recompute(built_proje
     assert len(list((machine_b / "data" / "sample").rglob("*.png"))) == 48
 
 
+# S3 only: the run cache travels to and from a remote as any file does, and the test above pulls it from both
+# kinds; the flow's part (restoring instead of running) does not depend on the remote's kind.
+@pytest.mark.parametrize("remote", ["s3"], indirect=True)
 def test_the_flow_restores_from_the_run_cache_what_another_machine_ran(
     prefect_api, built_project, tmp_path, remote
 ):
