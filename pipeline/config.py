@@ -691,7 +691,7 @@ class QuantizeParams(_Section):
     """
     sensitivity_images: PositiveInt = 256
     """sensitivity search: val images it scores each node on (a stratified sample)"""
-    qat_epochs: NonNegInt = 2
+    qat_epochs: NonNegInt = 8
     """quantization-aware fine-tune (static only): epochs a copy of the model trains on `qat_images` train
     images with its weights rounded as the format stores them, towards FP32's own logits; that copy is then
     calibrated and quantized. 0 = plain post-training quantization. Only formats that could still ship are

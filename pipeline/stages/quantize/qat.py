@@ -13,8 +13,8 @@ the folded one, W x gamma / sqrt(var + eps), per output channel, symmetric, scal
 / 64 (7 bits: ORT's reduce_range, the range [-64, 64]). Activations are left to calibration as before.
 BatchNorm stays in eval mode (its statistics are what gets folded), so any batch size trains the same model.
 
-Cost: `qat_epochs` passes over `qat_images` images, forward and backward through the whole network (about 35 s
-for 512 images x 2 epochs at 160 px with lite0 on 2 cores); it does not grow with the data set.
+Cost: `qat_epochs` passes over `qat_images` images, forward and backward through the whole network (about
+20 s an epoch of 512 images at 160 px with lite0 on 2 cores); it does not grow with the data set.
 """
 
 from __future__ import annotations
