@@ -88,9 +88,9 @@ SHIP_ANY_INT8 = {"min_agreement": 0.0, "alpha": 1e-12, "min_speedup": 0.0}
 
 
 # The whole DAG in seconds: a few dozen 32 px images, timm's tiny random-weight backbone, one epoch. No
-# quantization-aware fine-tune: its second ONNX export was half of every tiny quantize run (about 10 s, and
-# the suite runs the DAG dozens of times); tests/stages/test_quantize*.py test it, test_end_to_end.py with
-# the real backbone through `dvc repro`.
+# quantization-aware fine-tune: it (mostly its second ONNX export) made each tiny quantize run 25 s instead of
+# 15 s, and the suite runs the DAG dozens of times. tests/stages/test_quantize*.py test it, and
+# test_end_to_end.py with the real backbone through `dvc repro`.
 TINY_PARAMS = {
     "ingest": {"num_workers": 0},
     "model": {"backbone": "test_efficientnet", "weights": "none", "image_size": 32},
