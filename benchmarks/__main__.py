@@ -35,6 +35,7 @@ BENCHMARKS = (
     "trust",
     "int8_cpus",
     "multilabel",
+    "colour_recipe",
 )
 
 

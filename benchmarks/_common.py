@@ -302,15 +302,23 @@ def ensure_fashion_mnist(root: Path) -> Path:
     root = Path(root)
     if (root / "train").is_dir() and (root / "test").is_dir():
         return root
-    if not FASHION_MNIST_SOURCE.is_dir():
-        command = "apt-get update && apt-get install -y dataset-fashion-mnist"
-        if os.geteuid() != 0:
-            raise SystemExit(f"{FASHION_MNIST_SOURCE}: not found; install it with `sudo sh -c '{command}'`")
-        print(f"installing the Fashion-MNIST Debian package: {command}", file=sys.stderr)
-        subprocess.run(["apt-get", "update"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "dataset-fashion-mnist"], check=True)
+    ensure_debian_package(FASHION_MNIST_SOURCE, "dataset-fashion-mnist")
     subprocess.run([sys.executable, str(FASHION_MNIST_SCRIPT), "full", "--out", str(root)], check=True)
     return root
+
+
+def ensure_debian_package(path: Path, package: str) -> Path:
+    """`path`, which the Debian package `package` ships: installed when missing and this runs as root;
+    otherwise the command to install it is printed and the benchmark stops."""
+    if Path(path).exists():
+        return Path(path)
+    command = f"apt-get update && apt-get install -y {package}"
+    if os.geteuid() != 0:
+        raise SystemExit(f"{path}: not found; install it with `sudo sh -c '{command}'`")
+    print(f"installing the Debian package {package}: {command}", file=sys.stderr)
+    subprocess.run(["apt-get", "update"], check=True)
+    subprocess.run(["apt-get", "install", "-y", package], check=True)
+    return Path(path)
 
 
 def class_files(root: Path) -> dict[str, list[str]]:
