@@ -18,7 +18,7 @@ from benchmarks.__main__ import BENCHMARKS, main, run
 from benchmarks._common import RESULTS_DIR, Options
 from pipeline.config import Params
 
-pytestmark = pytest.mark.slow  # a few minutes for all twelve on 2 cores
+pytestmark = pytest.mark.slow  # a few minutes for all of them on 2 cores
 
 CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 3, 10, 4
 
@@ -427,3 +427,46 @@ def test_multilabel_mosaics_carry_the_classes_of_their_tiles(tmp_path: Path, fas
         seen = {lb for r in rows if r["split"] == split for lb in r["labels"].split(";") if lb}
         assert seen == {f"class_{k}" for k in range(CLASSES)}
     assert figures["train"]["images"] == 12
+
+
+def test_colour_recipe_pairs_each_arm_with_the_default_by_seed(results: _Results) -> None:
+    from benchmarks.colour_recipe import ARMS, FIGURES
+
+    payload = json.loads(results["colour_recipe"].read_text())
+    judged = payload["results"]["smoke"]
+    runs = judged["runs"]
+    assert set(runs) == set(ARMS) and [r["seed"] for r in runs["default"]] == [42, 7]
+    assert judged["split"]["classes"] == CLASSES and judged["split"]["train"] > 0
+    for arm, rows in runs.items():
+        assert [r["seed"] for r in rows] == [42, 7], arm
+        assert all(1 <= r["best_epoch"] <= r["epochs_run"] <= 3 for r in rows)
+        assert all(r["largest_gap"] >= r["gap_at_best"] for r in rows)
+        if arm == "default":
+            continue
+        for key in FIGURES:
+            paired = [r[key] - d[key] for r, d in zip(rows, runs["default"], strict=True)]
+            gain = judged["gains"][arm][key]
+            assert gain["runs"] == pytest.approx(paired)
+            assert gain["median"] == pytest.approx(np.median(paired))
+            assert gain["beyond_noise"] == (gain["median"] > judged["noise"][key] and min(paired) > 0)
+            assert payload["ratios"][f"smoke: {arm} minus default, {key}"] == pytest.approx(gain["median"])
+
+
+def test_emoji_groups_keep_fully_qualified_emoji_without_skin_tones(tmp_path: Path) -> None:
+    from benchmarks.colour_recipe import emoji_groups
+
+    test_file = tmp_path / "emoji-test.txt"
+    test_file.write_text(
+        "# group: Smileys & Emotion\n"
+        "1F600 ; fully-qualified # grinning face\n"
+        "263A ; unqualified # smiling face\n"
+        "# group: People & Body\n"
+        "1F44B ; fully-qualified # waving hand\n"
+        "1F44B 1F3FD ; fully-qualified # waving hand: medium skin tone\n"
+        "1F468 200D 1F373 ; fully-qualified # man cook\n",
+        encoding="utf-8",
+    )
+    assert emoji_groups(test_file) == {
+        "Smileys & Emotion": ["\U0001f600"],
+        "People & Body": ["\U0001f44b", "\U0001f468\u200d\U0001f373"],
+    }
