@@ -1,5 +1,5 @@
 """`python -m benchmarks <name> [--smoke] [--out DIR] [--data DIR] [--repeats N] [--set key=value ...]
-[--sizes N,N,...]`.
+[--sizes N,N,...] [--arms NAME,...]`.
 
 Each benchmark module has `SETTINGS` ({"full": ..., "smoke": ...}) and `run(opts) -> result payload`; this
 file only parses the options, runs it and writes `<out>/<name>.json`. See benchmarks/README.md.
@@ -57,6 +57,17 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
+def _arms(text: str) -> list[str]:
+    """'trivial augment,crop_pct: 1.0' -> colour_recipe's arms of those names."""
+    from benchmarks.colour_recipe import ARMS
+
+    arms = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [arm for arm in arms if arm not in ARMS]
+    if unknown or not arms:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected arms among {', '.join(ARMS)}")
+    return arms
+
+
 def _overrides(pairs: list[str]) -> dict[str, Any]:
     parsed = {}
     for pair in pairs:
@@ -86,14 +97,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--project", type=Path,
                         help="pipeline_overhead, int8_cpus: measure this reproduced DVC project")  # fmt: skip
     parser.add_argument("--sizes", type=_sizes, help="scale only: image counts, e.g. 10000,100000")
+    parser.add_argument("--arms", type=_arms, help="colour_recipe only: the arms to run besides `default`, "
+                        "comma-separated (default: all)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.sizes and args.name != "scale":
         parser.error("--sizes is an option of the scale benchmark only")
+    if args.arms and args.name != "colour_recipe":
+        parser.error("--arms is an option of the colour_recipe benchmark only")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     opts = Options(
         args.smoke, args.out, args.data, args.repeats, args.workdir, _overrides(args.overrides), args.project
     )
-    extra = {"sizes": args.sizes} if args.sizes else {}
+    extra = {"sizes": args.sizes} if args.sizes else {"arms": args.arms} if args.arms else {}
     print(f"{args.name}: {run(args.name, opts, **extra)}")
 
 

@@ -51,8 +51,14 @@ EMOJI_STRIKE = 109  # px: the font's only bitmap size (CBDT), drawn 136 x 128
 _SKIN_TONES = range(0x1F3FB, 0x1F400)
 ARMS = {
     "default": {},
+    # acting on the train/val gap
     "on_overfit: stop": {"train.on_overfit": "stop"},
     "on_overfit: restore": {"train.on_overfit": "restore"},
+    # augmentation, regularisation, resolution (framing), unfreezing
+    "trivial augment": {"train.augment.auto_augment": "trivial"},
+    "mixup 0.2 / cutmix 1.0": {"train.augment.mixup_alpha": 0.2, "train.augment.cutmix_alpha": 1.0},
+    "crop_pct: 1.0": {"model.crop_pct": 1.0},  # the whole frame at evaluation: icons are framed tight
+    "all blocks train": {"train.trainable_blocks": None},
 }
 SEEDS = (42, 7, 123)
 FIGURES = ("accuracy", "f1_macro")
@@ -66,8 +72,10 @@ SETTINGS = {
 }
 
 
-def run(opts: Options) -> dict[str, Any]:
+def run(opts: Options, arms: list[str] | None = None) -> dict[str, Any]:
+    """`arms`: the arms to run (`--arms`; `default` always runs, as every other arm is compared with it)."""
     started, settings = machine(), opts.settings(SETTINGS)
+    chosen = {arm: ARMS[arm] for arm in ARMS if arm == "default" or arms is None or arm in arms}
     seeds = [SEEDS[k % len(SEEDS)] for k in range(settings["repeats"])]
     sets: dict[str, Any] = {}
     with workdir(opts, NAME) as root:
@@ -75,19 +83,19 @@ def run(opts: Options) -> dict[str, Any]:
             images = _dataset(name, opts, root / "data" / name)
             base = project_params(root / name, {"paths.data_root": str(images), **settings["params"]})
             seconds, summary_ = timed(lambda base=base: prepare_splits(base))
-            runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
+            runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in chosen}
             for seed in seeds:
-                for arm, overrides in ARMS.items():  # arms alternate, so a slow spell hits all of them
+                for arm, overrides in chosen.items():  # arms alternate, so a slow spell hits all of them
                     runs[arm].append(_train_and_evaluate(root / name, base, arm, overrides, seed))
             sets[name] = _judge(runs) | {"split": _split_counts(base), "prepare_seconds": seconds}
     ratios = {
         f"{name}: {arm} minus default, {figure}": judged["gains"][arm][figure]["median"]
         for name, judged in sets.items()
-        for arm in ARMS
+        for arm in chosen
         if arm != "default"
         for figure in FIGURES
     }
-    recipe = {"overrides": settings["params"], "seeds": seeds, "arms": ARMS}
+    recipe = {"overrides": settings["params"], "seeds": seeds, "arms": chosen}
     return result(NAME, opts, started, settings, sets, ratios, {}, recipe=recipe)
 
 

@@ -470,3 +470,13 @@ def test_emoji_groups_keep_fully_qualified_emoji_without_skin_tones(tmp_path: Pa
         "Smileys & Emotion": ["\U0001f600"],
         "People & Body": ["\U0001f44b", "\U0001f468\u200d\U0001f373"],
     }
+
+
+def test_colour_recipe_runs_the_chosen_arms_beside_the_default(tmp_path: Path, fashion_data: Path) -> None:
+    main(["colour_recipe", "--smoke", "--repeats", "1", "--arms", "crop_pct: 1.0", "--out", str(tmp_path),
+          "--data", str(fashion_data)])  # fmt: skip
+    payload = json.loads((tmp_path / "colour_recipe.json").read_text())
+    assert set(payload["results"]["smoke"]["runs"]) == {"default", "crop_pct: 1.0"}
+    assert payload["recipe"]["arms"] == {"default": {}, "crop_pct: 1.0": {"model.crop_pct": 1.0}}
+    with pytest.raises(SystemExit):
+        main(["colour_recipe", "--smoke", "--arms", "no such arm", "--out", str(tmp_path)])
