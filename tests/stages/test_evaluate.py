@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -158,10 +159,20 @@ def test_conformal_sets_and_unknown_detector_are_calibrated_on_val_and_measured_
     with torch.inference_mode():
         features = trained.model.forward_features(torch.from_numpy(batch))
         logits = trained.model.head(features).numpy()
-    sets = conformal.prediction_sets(softmax(logits, calibration["temperature"]), fitted)
+    probs = softmax(logits, calibration["temperature"])
     labels = np.array([CLASSES.index(label) for label in test["label"]])
-    assert details["conformal"]["coverage"] == pytest.approx(sets[np.arange(9), labels].mean())
-    assert details["conformal"]["set_size_mean"] == pytest.approx(sets.sum(axis=1).mean())
+    # The random tiny model gives every image nearly the same probabilities, so one class of each sits within
+    # float noise of the threshold, and this batch of 9 may round unlike the stage's batches of 4 (on one
+    # thread it did): the stage's figures lie between those of the sets just inside and just outside it.
+    inner, outer = (
+        conformal.prediction_sets(probs, replace(fitted, threshold=fitted.threshold + shift))
+        for shift in (-1e-5, 1e-5)
+    )
+    for key, figure in (
+        ("coverage", lambda s: s[np.arange(9), labels].mean()),
+        ("set_size_mean", lambda s: s.sum(axis=1).mean()),
+    ):
+        assert figure(inner) - 1e-9 <= details["conformal"][key] <= figure(outer) + 1e-9, key
     assert details["conformal"]["worst_class"] in CLASSES
 
     bank = np.load(params.paths.feature_bank)
