@@ -56,7 +56,8 @@ case "${1:-pipeline}" in
     test)
         shift
         ensure_test_tools
-        python -m pytest "$@"
+        # One test file per worker process, a worker per core (pytest-xdist); `-n 0` runs them in this process
+        python -m pytest -n auto --dist loadfile "$@"
         ;;
     *)
         exec "$@"

@@ -29,6 +29,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="pipeline-tests-prefect-"))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # A worker per core runs the files (./run.sh test): one thread each, inherited by the tools they start, so
+    # the workers' OpenMP threads never outnumber the cores (spin-waiting made that 10x slower; single_thread)
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 for _var, _value in {"GIT_AUTHOR_NAME": "tests", "GIT_AUTHOR_EMAIL": "tests@example.invalid"}.items():
     os.environ.setdefault(_var, _value)  # experiments commit in temp repos; CI may have no git identity
     os.environ.setdefault(_var.replace("AUTHOR", "COMMITTER"), _value)
