@@ -4,8 +4,8 @@ unlike ImageNet's photos: two sets assembled from images that ship in Debian pac
 
 The sets (full mode):
 - `oxygen_icons`: the 128 px PNG icons of `oxygen-icon-theme`, labelled by their context folder (actions,
-  apps, categories, devices, mimetypes, places, status); links are copied as
-  files, and validate drops the copies.
+  apps, categories, devices, mimetypes, places, status); links are copied as files, and validate drops the
+  copies.
 - `noto_emoji`: every fully-qualified emoji of Unicode's `emoji-test.txt` (`unicode-data`) without skin-tone
   variants, drawn from `fonts-noto-color-emoji` (its 136 x 128 colour bitmaps, RGBA), labelled by its Unicode
   group; the Flags group is left out (a rectangle per flag: no test of the recipe) and Component has none.
@@ -13,7 +13,8 @@ Smoke mode uses the given Fashion-MNIST stand-in's train folder as one set.
 
 Each arm is params.yaml plus its overrides; every arm trains with the same seeds (`base.seed`) on the same
 split, so the arm's gain over `default` is paired per seed. An arm's gain counts only when it is larger than
-the noise: the largest spread (max - min over the seeds) of the default's figure on that set.
+the noise: the largest spread (max - min over the seeds) of the default's figure on that set. `--arms` runs
+some of the arms (the default always runs).
 """
 
 from __future__ import annotations
