@@ -292,6 +292,20 @@ def prepare_splits(params: Params) -> dict[str, Any]:
     return split.run(params)
 
 
+def seeded_run(
+    root: Path, base: Params, name: str, overrides: dict[str, Any], seed: int
+) -> tuple[Params, float, float]:
+    """One run of the train and evaluate stages with `overrides` and `base.seed` = `seed`, in its own
+    checkpoint folder (`name` and the seed) so no run resumes another: (its params, train s, evaluate s)."""
+    from pipeline.stages import evaluate, train
+
+    folder = root / f"checkpoints-{name}-{seed}"
+    params = with_overrides(base, {**overrides, "base.seed": seed, "paths.checkpoint_dir": str(folder)})
+    train_seconds, _ = timed(lambda: train.run(params))
+    evaluate_seconds, _ = timed(lambda: evaluate.run(params))
+    return params, train_seconds, evaluate_seconds
+
+
 # ---------------------------------------------------------------------------------------------- data
 
 

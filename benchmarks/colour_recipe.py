@@ -34,14 +34,13 @@ from benchmarks._common import (
     prepare_splits,
     project_params,
     result,
+    seeded_run,
     summary,
     timed,
-    with_overrides,
     workdir,
 )
 from pipeline.config import Params
 from pipeline.io import read_json
-from pipeline.stages import evaluate, train
 
 NAME = "colour_recipe"
 OXYGEN = Path("/usr/share/icons/oxygen/base/128x128")
@@ -158,14 +157,9 @@ def noto_emoji(target: Path, exclude: tuple[str, ...] = ("Flags", "Component")) 
 def _train_and_evaluate(
     root: Path, base: Params, arm: str, overrides: dict[str, Any], seed: int
 ) -> dict[str, Any]:
-    """One run of the train and evaluate stages; its own checkpoint folder, so no run resumes another."""
+    """One seeded run of the train and evaluate stages (`seeded_run`) and its figures."""
     slug = re.sub(r"[^a-z0-9]+", "_", arm.lower()).strip("_")
-    params = with_overrides(
-        base,
-        {**overrides, "base.seed": seed, "paths.checkpoint_dir": str(root / f"checkpoints-{slug}-{seed}")},
-    )
-    train_seconds, _ = timed(lambda: train.run(params))
-    evaluate_seconds, _ = timed(lambda: evaluate.run(params))
+    params, train_seconds, evaluate_seconds = seeded_run(root, base, slug, overrides, seed)
     metrics = read_json(params.paths.metrics("evaluate"))
     trained = read_json(params.paths.metrics("train"))
     curves = _curves(params.paths.live_dir)

@@ -37,15 +37,14 @@ from benchmarks._common import (
     prepare_splits,
     project_params,
     result,
+    seeded_run,
     summary,
     target,
     timed,
-    with_overrides,
     workdir,
 )
 from pipeline.config import Params
 from pipeline.io import read_json
-from pipeline.stages import evaluate, train
 
 NAME = "multilabel"
 TILE = 28  # px, a Fashion-MNIST item
@@ -123,13 +122,8 @@ def run(opts: Options) -> dict[str, Any]:
 def _train_and_evaluate(
     root: Path, base: Params, arm: str, overrides: dict[str, Any], seed: int
 ) -> dict[str, Any]:
-    """One run of the train and evaluate stages; its own checkpoint folder, so no run resumes another."""
-    params = with_overrides(
-        base,
-        {**overrides, "base.seed": seed, "paths.checkpoint_dir": str(root / f"checkpoints-{arm}-{seed}")},
-    )
-    train_seconds, _ = timed(lambda: train.run(params))
-    evaluate_seconds, _ = timed(lambda: evaluate.run(params))
+    """One seeded run of the train and evaluate stages (`seeded_run`) and its figures."""
+    params, train_seconds, evaluate_seconds = seeded_run(root, base, arm, overrides, seed)
     metrics = read_json(params.paths.metrics("evaluate"))
     trained = read_json(params.paths.metrics("train"))
     return {
