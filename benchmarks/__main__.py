@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     opts = Options(
         args.smoke, args.out, args.data, args.repeats, args.workdir, _overrides(args.overrides), args.project
     )
-    extra = {"sizes": args.sizes} if args.sizes else {"arms": args.arms} if args.arms else {}
+    extra = {key: value for key, value in (("sizes", args.sizes), ("arms", args.arms)) if value}
     print(f"{args.name}: {run(args.name, opts, **extra)}")
 
 

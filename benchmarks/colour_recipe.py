@@ -82,12 +82,14 @@ def run(opts: Options, arms: list[str] | None = None) -> dict[str, Any]:
         for name in settings["datasets"]:
             images = _dataset(name, opts, root / "data" / name)
             base = project_params(root / name, {"paths.data_root": str(images), **settings["params"]})
-            seconds, summary_ = timed(lambda base=base: prepare_splits(base))
+            seconds, split = timed(lambda base=base: prepare_splits(base))
             runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in chosen}
             for seed in seeds:
                 for arm, overrides in chosen.items():  # arms alternate, so a slow spell hits all of them
                     runs[arm].append(_train_and_evaluate(root / name, base, arm, overrides, seed))
-            sets[name] = _judge(runs) | {"split": _split_counts(base), "prepare_seconds": seconds}
+            counts = {key: split[key] for key in ("train", "val", "test")}
+            counts["classes"] = len(read_json(base.paths.details("split"))["classes"])
+            sets[name] = _judge(runs) | {"split": counts, "prepare_seconds": seconds}
     ratios = {
         f"{name}: {arm} minus default, {figure}": judged["gains"][arm][figure]["median"]
         for name, judged in sets.items()
@@ -145,7 +147,7 @@ def noto_emoji(target: Path, exclude: tuple[str, ...] = ("Flags", "Component")) 
     for group, emoji in emoji_groups().items():
         if group in exclude:
             continue
-        folder = target / re.sub(r"[^a-z]+", "_", group.lower()).strip("_")
+        folder = target / _slug(group)
         folder.mkdir(parents=True, exist_ok=True)
         for text in emoji:
             canvas = Image.new("RGBA", (136, 128), (0, 0, 0, 0))
@@ -158,8 +160,7 @@ def _train_and_evaluate(
     root: Path, base: Params, arm: str, overrides: dict[str, Any], seed: int
 ) -> dict[str, Any]:
     """One seeded run of the train and evaluate stages (`seeded_run`) and its figures."""
-    slug = re.sub(r"[^a-z0-9]+", "_", arm.lower()).strip("_")
-    params, train_seconds, evaluate_seconds = seeded_run(root, base, slug, overrides, seed)
+    params, train_seconds, evaluate_seconds = seeded_run(root, base, _slug(arm), overrides, seed)
     metrics = read_json(params.paths.metrics("evaluate"))
     trained = read_json(params.paths.metrics("train"))
     curves = _curves(params.paths.live_dir)
@@ -176,6 +177,11 @@ def _train_and_evaluate(
         "train_seconds": train_seconds,
         "evaluate_seconds": evaluate_seconds,
     }
+
+
+def _slug(name: str) -> str:
+    """'Smileys & Emotion' -> 'smileys_emotion'; 'crop_pct: 1.0' -> 'crop_pct_1_0'."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def _curves(live_dir: Path) -> dict[str, list[float]]:
@@ -211,10 +217,3 @@ def _judge(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "noise": noise,
         "gains": gains,
     }
-
-
-def _split_counts(params: Params) -> dict[str, int]:
-    with params.paths.splits.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    counts = {split: sum(row["split"] == split for row in rows) for split in ("train", "val", "test")}
-    return counts | {"classes": len({row["label"] for row in rows})}
