@@ -36,6 +36,7 @@ BENCHMARKS = (
     "int8_cpus",
     "multilabel",
     "colour_recipe",
+    "budget_recipe",
 )
 
 

@@ -13,6 +13,7 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -304,6 +305,73 @@ def seeded_run(
     train_seconds, _ = timed(lambda: train.run(params))
     evaluate_seconds, _ = timed(lambda: evaluate.run(params))
     return params, train_seconds, evaluate_seconds
+
+
+ARM_FIGURES = ("accuracy", "f1_macro")  # test figures an arm is judged by
+
+
+def arm_run(root: Path, base: Params, arm: str, overrides: dict[str, Any], seed: int) -> dict[str, Any]:
+    """One seeded run of an arm (`seeded_run`) and its figures: test accuracy and macro F1, the best epoch,
+    the train/val accuracy gap at it and at its largest, and the seconds."""
+    params, train_seconds, evaluate_seconds = seeded_run(root, base, slug(arm), overrides, seed)
+    metrics = read_json(params.paths.metrics("evaluate"))
+    trained = read_json(params.paths.metrics("train"))
+    curves = _accuracy_curves(params.paths.live_dir)
+    best = trained["best_epoch"] - 1
+    return {
+        "arm": arm,
+        "seed": seed,
+        **{key: metrics[key] for key in ARM_FIGURES},
+        "best_val_acc": trained["best_val_acc"],
+        "best_epoch": trained["best_epoch"],
+        "epochs_run": trained["epochs_run"],
+        "gap_at_best": curves["train_acc"][best] - curves["val_acc"][best],
+        "largest_gap": max(t - v for t, v in zip(curves["train_acc"], curves["val_acc"], strict=True)),
+        "val_acc_by_epoch": [round(acc, 4) for acc in curves["val_acc"]],
+        "train_seconds": train_seconds,
+        "evaluate_seconds": evaluate_seconds,
+    }
+
+
+def slug(name: str) -> str:
+    """'Smileys & Emotion' -> 'smileys_emotion'; 'crop_pct: 1.0' -> 'crop_pct_1_0'."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def _accuracy_curves(live_dir: Path) -> dict[str, list[float]]:
+    """Train and val accuracy per epoch, from dvclive's plots."""
+    curves = {}
+    for split in ("train", "val"):
+        with (live_dir / "plots" / "metrics" / split / "acc.tsv").open(newline="") as handle:
+            curves[f"{split}_acc"] = [float(row["acc"]) for row in csv.DictReader(handle, delimiter="\t")]
+    return curves
+
+
+def judge_arms(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per arm: every figure's summary; per arm but `default`: its paired gains over the default (same seed)
+    and whether their median is larger than the noise (the default's largest spread between seeds) with every
+    paired gain above zero."""
+    default = runs["default"]
+    noise = {key: max(r[key] for r in default) - min(r[key] for r in default) for key in ARM_FIGURES}
+    gains: dict[str, Any] = {}
+    for arm, rows in runs.items():
+        if arm == "default":
+            continue
+        gains[arm] = {}
+        for key in ARM_FIGURES:
+            paired = [r[key] - d[key] for r, d in zip(rows, default, strict=True)]
+            gains[arm][key] = {
+                "median": median(paired),
+                "runs": paired,
+                "beyond_noise": bool(median(paired) > noise[key] and min(paired) > 0),
+            }
+    keys = (*ARM_FIGURES, "gap_at_best", "largest_gap", "epochs_run", "train_seconds")
+    return {
+        "runs": runs,
+        "summary": {arm: {k: summary([r[k] for r in rows]) for k in keys} for arm, rows in runs.items()},
+        "noise": noise,
+        "gains": gains,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- data

@@ -19,27 +19,25 @@ some of the arms (the default always runs).
 
 from __future__ import annotations
 
-import csv
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from benchmarks._common import (
+    ARM_FIGURES,
     SMOKE_PARAMS,
     Options,
+    arm_run,
     ensure_debian_package,
+    judge_arms,
     machine,
-    median,
     prepare_splits,
     project_params,
     result,
-    seeded_run,
-    summary,
+    slug,
     timed,
     workdir,
 )
-from pipeline.config import Params
 from pipeline.io import read_json
 
 NAME = "colour_recipe"
@@ -61,7 +59,6 @@ ARMS = {
     "all blocks train": {"train.trainable_blocks": None},
 }
 SEEDS = (42, 7, 123)
-FIGURES = ("accuracy", "f1_macro")
 SETTINGS = {
     "full": {"datasets": ["oxygen_icons", "noto_emoji"], "repeats": 2, "params": {}},
     "smoke": {
@@ -86,16 +83,16 @@ def run(opts: Options, arms: list[str] | None = None) -> dict[str, Any]:
             runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in chosen}
             for seed in seeds:
                 for arm, overrides in chosen.items():  # arms alternate, so a slow spell hits all of them
-                    runs[arm].append(_train_and_evaluate(root / name, base, arm, overrides, seed))
+                    runs[arm].append(arm_run(root / name, base, arm, overrides, seed))
             counts = {key: split[key] for key in ("train", "val", "test")}
             counts["classes"] = len(read_json(base.paths.details("split"))["classes"])
-            sets[name] = _judge(runs) | {"split": counts, "prepare_seconds": seconds}
+            sets[name] = judge_arms(runs) | {"split": counts, "prepare_seconds": seconds}
     ratios = {
         f"{name}: {arm} minus default, {figure}": judged["gains"][arm][figure]["median"]
         for name, judged in sets.items()
         for arm in chosen
         if arm != "default"
-        for figure in FIGURES
+        for figure in ARM_FIGURES
     }
     recipe = {"overrides": settings["params"], "seeds": seeds, "arms": chosen}
     return result(NAME, opts, started, settings, sets, ratios, {}, recipe=recipe)
@@ -147,73 +144,10 @@ def noto_emoji(target: Path, exclude: tuple[str, ...] = ("Flags", "Component")) 
     for group, emoji in emoji_groups().items():
         if group in exclude:
             continue
-        folder = target / _slug(group)
+        folder = target / slug(group)
         folder.mkdir(parents=True, exist_ok=True)
         for text in emoji:
             canvas = Image.new("RGBA", (136, 128), (0, 0, 0, 0))
             ImageDraw.Draw(canvas).text((0, 0), text, font=font, embedded_color=True)
             canvas.save(folder / ("-".join(f"{ord(c):x}" for c in text) + ".png"))
     return target
-
-
-def _train_and_evaluate(
-    root: Path, base: Params, arm: str, overrides: dict[str, Any], seed: int
-) -> dict[str, Any]:
-    """One seeded run of the train and evaluate stages (`seeded_run`) and its figures."""
-    params, train_seconds, evaluate_seconds = seeded_run(root, base, _slug(arm), overrides, seed)
-    metrics = read_json(params.paths.metrics("evaluate"))
-    trained = read_json(params.paths.metrics("train"))
-    curves = _curves(params.paths.live_dir)
-    best = trained["best_epoch"] - 1
-    return {
-        "arm": arm,
-        "seed": seed,
-        **{key: metrics[key] for key in FIGURES},
-        "best_val_acc": trained["best_val_acc"],
-        "best_epoch": trained["best_epoch"],
-        "epochs_run": trained["epochs_run"],
-        "gap_at_best": curves["train_acc"][best] - curves["val_acc"][best],
-        "largest_gap": max(t - v for t, v in zip(curves["train_acc"], curves["val_acc"], strict=True)),
-        "train_seconds": train_seconds,
-        "evaluate_seconds": evaluate_seconds,
-    }
-
-
-def _slug(name: str) -> str:
-    """'Smileys & Emotion' -> 'smileys_emotion'; 'crop_pct: 1.0' -> 'crop_pct_1_0'."""
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-
-
-def _curves(live_dir: Path) -> dict[str, list[float]]:
-    """Train and val accuracy per epoch, from dvclive's plots."""
-    curves = {}
-    for split in ("train", "val"):
-        with (live_dir / "plots" / "metrics" / split / "acc.tsv").open(newline="") as handle:
-            curves[f"{split}_acc"] = [float(row["acc"]) for row in csv.DictReader(handle, delimiter="\t")]
-    return curves
-
-
-def _judge(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Per arm: every figure's summary; per arm but the default: its paired gains over the default (same seed)
-    and whether their median is larger than the noise (the default's largest spread between seeds)."""
-    default = runs["default"]
-    noise = {key: max(r[key] for r in default) - min(r[key] for r in default) for key in FIGURES}
-    gains: dict[str, Any] = {}
-    for arm, rows in runs.items():
-        if arm == "default":
-            continue
-        gains[arm] = {}
-        for key in FIGURES:
-            paired = [r[key] - d[key] for r, d in zip(rows, default, strict=True)]
-            gains[arm][key] = {
-                "median": median(paired),
-                "runs": paired,
-                "beyond_noise": bool(median(paired) > noise[key] and min(paired) > 0),
-            }
-    keys = (*FIGURES, "gap_at_best", "largest_gap", "epochs_run", "train_seconds")
-    return {
-        "runs": runs,
-        "summary": {arm: {k: summary([r[k] for r in rows]) for k in keys} for arm, rows in runs.items()},
-        "noise": noise,
-        "gains": gains,
-    }

@@ -430,7 +430,8 @@ def test_multilabel_mosaics_carry_the_classes_of_their_tiles(tmp_path: Path, fas
 
 
 def test_colour_recipe_pairs_each_arm_with_the_default_by_seed(results: _Results) -> None:
-    from benchmarks.colour_recipe import ARMS, FIGURES
+    from benchmarks._common import ARM_FIGURES as FIGURES
+    from benchmarks.colour_recipe import ARMS
 
     payload = json.loads(results["colour_recipe"].read_text())
     judged = payload["results"]["smoke"]
@@ -450,6 +451,26 @@ def test_colour_recipe_pairs_each_arm_with_the_default_by_seed(results: _Results
             assert gain["median"] == pytest.approx(np.median(paired))
             assert gain["beyond_noise"] == (gain["median"] > judged["noise"][key] and min(paired) > 0)
             assert payload["ratios"][f"smoke: {arm} minus default, {key}"] == pytest.approx(gain["median"])
+
+
+def test_budget_recipe_gives_every_arm_the_same_time_limit_and_pairs_it_by_seed(results: _Results) -> None:
+    from benchmarks._common import ARM_FIGURES
+    from benchmarks.budget_recipe import ARMS
+
+    payload = json.loads(results["budget_recipe"].read_text())
+    judged = payload["results"]
+    runs = judged["runs"]
+    assert set(runs) == set(ARMS) and judged["split"]["train"] > 0
+    assert payload["settings"]["params"]["train.time_limit_min"] == judged["time_limit_min"]
+    for arm, rows in runs.items():
+        assert [r["seed"] for r in rows] == [42, 7], arm
+        assert all(len(r["val_acc_by_epoch"]) == r["epochs_run"] == 4 for r in rows)  # every epoch fit
+        if arm == "default":
+            continue
+        for key in ARM_FIGURES:
+            paired = [r[key] - d[key] for r, d in zip(rows, runs["default"], strict=True)]
+            assert judged["gains"][arm][key]["runs"] == pytest.approx(paired)
+    assert payload["recipe"]["arms"]["linear + resizing 0.5-0.875"]["train.resize_end"] == 0.875
 
 
 def test_emoji_groups_keep_fully_qualified_emoji_without_skin_tones(tmp_path: Path) -> None:

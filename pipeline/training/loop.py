@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -97,11 +98,13 @@ class Trainer:
         for edit in state["replans"]:
             self._edit(*edit)
 
-    def replan(self, epochs_left: int, new_epochs_left: int) -> None:
+    def replan(self, epochs_left: int, new_epochs_left: int, steps_done: int = 0) -> None:
         """End the run after `new_epochs_left` more epochs rather than `epochs_left`: the rest of the lr
-        schedule is compressed into them (optim.compressed), so it still decays to its end."""
+        schedule is compressed into them (optim.compressed), so it still decays to its end. A plan made
+        during an epoch counts the epochs from its start, of which `steps_done` optimizer steps have run."""
         start, steps = self.scheduler.last_epoch, self.steps_per_epoch  # LambdaLR counts optimizer steps
-        self._edit("compress", start, start + epochs_left * steps, start + new_epochs_left * steps)
+        base = start - steps_done
+        self._edit("compress", start, base + epochs_left * steps, base + new_epochs_left * steps)
 
     def restore(self, weights: dict[str, torch.Tensor], lr_factor: float) -> None:
         """Go back to `weights` (the evaluated weights of an earlier epoch, the EMA's when enabled) and train
@@ -127,8 +130,16 @@ class Trainer:
         """The lrs the optimizer holds now (pipeline.training.optim.current_lrs): what the logs show."""
         return current_lrs(self.optimizer, self.params.head_lr_mult)
 
-    def train_epoch(self, plan: EpochPlan, batches: Batches, num_batches: int, desc: str) -> dict[str, float]:
-        """One pass over `batches`; an optimizer step every `grad_accum_steps` batches (and at the end)."""
+    def train_epoch(
+        self,
+        plan: EpochPlan,
+        batches: Batches,
+        num_batches: int,
+        desc: str,
+        on_batch: Callable[[int, int, float], None] | None = None,
+    ) -> dict[str, float]:
+        """One pass over `batches`; an optimizer step every `grad_accum_steps` batches (and at the end).
+        `on_batch(batches done, num_batches, seconds so far)` after each batch."""
         module, accum = self.start_epoch(plan), self.params.grad_accum_steps
         totals = torch.zeros(3, dtype=torch.float64, device=self.precision.device)  # loss sum, correct, count
         bar = progress(f"{desc} train", num_batches, "batch", enabled=self.env.is_main)
@@ -146,6 +157,8 @@ class Trainer:
             correct = label_sets.correct(logits, y) if self.multilabel else (logits.argmax(1) == y).sum()
             totals += torch.stack([loss.double() * len(y), correct.double(), totals.new_tensor(len(y))])
             bar.update(1)
+            if on_batch is not None:
+                on_batch(index + 1, num_batches, time.perf_counter() - start)
         seconds = time.perf_counter() - start
         bar.close()
         self._require_finite(desc)
@@ -314,7 +327,13 @@ def fit(
         if epoch > 0 and plans[epoch - 1].phase != plan.phase:
             state.phase_best, state.bad_epochs = None, 0
         size = train_sizes(trainer.params, plans, state.planned, data.image_size)[epoch]
-        record = _run_epoch(trainer, plan, epoch, state.planned, data, num_classes, size)
+        first_of_last_phase = plan.phase == plans[-1].phase and all(
+            r["phase"] != plan.phase for r in state.history
+        )
+        probe = None
+        if trainer.params.time_limit_min is not None and first_of_last_phase:
+            probe = _plan_from_first_batches(trainer, plans, state, data, size)
+        record = _run_epoch(trainer, plan, epoch, state.planned, data, num_classes, size, probe)
         state.history.append(record)
         state.seconds += record["seconds"]
         _track_best(state, trainer, record[trainer.monitor], epoch)
@@ -389,14 +408,24 @@ def epoch_seconds(done: list[dict[str, float]], full: int) -> Callable[[int], fl
     return lambda size: fixed + base + per_pixel * (size / full) ** 2
 
 
-def _keep_to_time_limit(trainer: Trainer, plans: list[EpochPlan], state: FitState, full: int) -> None:
+def _keep_to_time_limit(
+    trainer: Trainer,
+    plans: list[EpochPlan],
+    state: FitState,
+    full: int,
+    current: dict[str, float] | None = None,
+    steps_done: int = 0,
+) -> None:
     """`train.time_limit_min` (Ultralytics' `time`), after each epoch: once the last phase has run an epoch,
     plan as many epochs as fit in the time left (never more than the plans) and compress the rest of the lr
     schedule into them; before that, only stop once the time is spent. An epoch's time is predicted from
-    the last phase's so far (`epoch_seconds`), at its crop size (progressive resizing)."""
+    the last phase's so far (`epoch_seconds`), at its crop size (progressive resizing). `current`: the
+    predicted record of the epoch in progress (`_plan_from_first_batches`), `steps_done` steps into it; it
+    counts as one of the epochs to fit, and it always ends."""
     limit_min = trainer.params.time_limit_min
     left = limit_min * 60 - state.setup_seconds - state.seconds
-    done = [r for r in state.history if r["phase"] == plans[-1].phase]
+    done = [r for r in state.history if r["phase"] == plans[-1].phase] + ([current] if current else [])
+    fewest = state.epoch + (current is not None)  # the epoch in progress ends
     if done:
         seconds = epoch_seconds(done, full)
         pace = seconds(full)
@@ -405,24 +434,55 @@ def _keep_to_time_limit(trainer: Trainer, plans: list[EpochPlan], state: FitStat
             sizes = train_sizes(trainer.params, plans, n, full)[state.epoch :]
             return sum(seconds(size) for size in sizes) <= left
 
-        planned = next((n for n in range(len(plans), state.epoch, -1) if fits(n)), state.epoch)
+        planned = next((n for n in range(len(plans), fewest, -1) if fits(n)), fewest)
     else:
         planned = state.planned if left > 0 else state.epoch
     planned = from_main(trainer.env, planned)  # the ranks' clocks differ: rank 0 decides for all
     if planned == state.planned:
         return
     if planned > state.epoch:
-        trainer.replan(state.planned - state.epoch, planned - state.epoch)
+        trainer.replan(state.planned - state.epoch, planned - state.epoch, steps_done)
         log.info(
             f"train: {planned} of {len(plans)} epochs fit in train.time_limit_min {limit_min:g} at "
             f"{pace:.0f} s a full-size epoch; the lr schedule now ends after epoch {planned}"
         )
     else:
+        why = "is spent" if left <= 0 else f"leaves {left:.0f} s, less than the next epoch takes"
         log.warning(
-            f"train: train.time_limit_min {limit_min:g} is spent after epoch {state.epoch} of "
+            f"train: train.time_limit_min {limit_min:g} {why} after epoch {state.epoch} of "
             f"{state.planned}; stopping (the best epoch so far is kept). Raise it to train every epoch"
         )
     state.planned = planned
+
+
+_PROBE_WARMUP, _PROBE_SHARE = 2, 0.05  # batches left out of the pace (kernels warming up); batches timed
+
+
+def _plan_from_first_batches(
+    trainer: Trainer, plans: list[EpochPlan], state: FitState, data: EpochData, size: int
+) -> Callable[[int, int, float], None]:
+    """`train.time_limit_min` in the last phase's first epoch: once 5% of its batches have run (at least 3
+    after 2 of warm-up), the epochs that fit are planned from their pace, so the lr schedule fits the
+    budget from the start. Planned only after that epoch, a budget of one or two epochs (a large set on a
+    slow CPU) kept the warm-up's peak lr to its end. The epoch's validation is predicted at a third of a
+    training image's time per val image (a forward pass without the backward), at the full size; the
+    plan is made again after the epoch, from its measured time."""
+    mark: dict[str, float] = {}
+    train_images, val_images = (len(labels) for labels in data.labels)
+    full = data.image_size
+
+    def on_batch(done: int, total: int, seconds: float) -> None:
+        if done == _PROBE_WARMUP:
+            mark["seconds"] = seconds
+        at = max(_PROBE_WARMUP + 3, math.ceil(total * _PROBE_SHARE))
+        if done != at or done >= total or "seconds" not in mark:
+            return
+        loop_seconds = (seconds - mark["seconds"]) / (done - _PROBE_WARMUP) * total
+        val_seconds = loop_seconds / 3 * val_images / train_images * (full / size) ** 2
+        current = {"size": size, "loop_seconds": loop_seconds, "seconds": loop_seconds + val_seconds}
+        _keep_to_time_limit(trainer, plans, state, full, current, done // trainer.params.grad_accum_steps)
+
+    return on_batch
 
 
 def _run_epoch(
@@ -433,12 +493,13 @@ def _run_epoch(
     data: EpochData,
     num_classes: int,
     size: int,
+    on_batch: Callable[[int, int, float], None] | None = None,
 ) -> dict[str, float]:
     """Train (on crops of `size`) and evaluate one epoch; its record for the history, logs and curves."""
     start = time.perf_counter()
     batches, num_batches = data.train(epoch, plan.on_features, size)
     desc = f"epoch {epoch + 1}/{planned}"
-    train = trainer.train_epoch(plan, batches, num_batches, desc=desc)
+    train = trainer.train_epoch(plan, batches, num_batches, desc=desc, on_batch=on_batch)
     val = trainer.evaluate(*data.val(plan.on_features), plan.on_features, num_classes, desc=f"{desc} val")
     return {
         "epoch": epoch + 1,

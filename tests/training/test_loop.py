@@ -45,8 +45,10 @@ class _ScriptedTrainer:
             self.clock.now += self.clock.epoch_seconds.pop(0)
         return {"loss": 1.0, "acc": 0.5, "images": 1, "seconds": 1.0}
 
-    def replan(self, epochs_left: int, new_epochs_left: int) -> None:
-        self.replans.append((epochs_left, new_epochs_left))
+    def replan(self, epochs_left: int, new_epochs_left: int, steps_done: int = 0) -> None:
+        self.replans.append(
+            (epochs_left, new_epochs_left, steps_done) if steps_done else (epochs_left, new_epochs_left)
+        )
 
     monitor = Trainer.monitor  # the real Trainer's choice of metric (multilabel False: auto is val_acc)
     multilabel = False
@@ -60,6 +62,7 @@ class _ScriptedTrainer:
 
 class _NoData:
     image_size = 64
+    labels = (torch.zeros(30), torch.zeros(9))  # 30 train and 9 val images
 
     def __init__(self):
         self.sizes = []  # each epoch's training crop size
@@ -371,6 +374,53 @@ def test_progressive_resizing_grows_the_last_phases_crops_and_the_time_limit_pla
     full_size = _Sized([0.5] * 6, patience=0, clock=clock, time_limit_min=0.5)
     clock.now, data = 0.0, _NoData()
     assert fit(full_size, plans, data, FitState(), 3, lambda *a: None).planned == 1 + 29 // 9
+
+
+class _Batched(_ScriptedTrainer):
+    """Image epochs of 20 batches: the first two (warm-up) take 3 s each, the others 1 s; each reported to
+    `on_batch` as the real Trainer does. Head-only epochs take 2 s in one go."""
+
+    def train_epoch(self, plan, batches, num_batches, desc, on_batch=None):
+        start = self.clock.now
+        if plan.on_features:
+            self.clock.now += 2.0
+            return {"loss": 1.0, "acc": 0.5, "images": 1, "seconds": 2.0}
+        for done in range(1, 21):
+            self.clock.now += 3.0 if done <= 2 else 1.0
+            if on_batch is not None:
+                on_batch(done, 20, self.clock.now - start)
+        return {"loss": 1.0, "acc": 0.5, "images": 1, "seconds": self.clock.now - start}
+
+
+def test_the_time_limit_plans_from_the_last_phases_first_batches_so_a_short_budget_still_decays(monkeypatch):
+    # 30 s: a 2 s head-only epoch, then fine-tuning epochs of 24 s. After 5 of the first one's 20 batches,
+    # the 3 past the warm-up ran at 1 s: 20 s of loop and 2 s of val (20 / 3 x 9 / 30) a predicted epoch, so
+    # only the epoch in progress fits in the 28 s left. The schedule is compressed into the rest of it then
+    # (9 epochs left from its start -> 1, 5 steps into it), not after it, when the lr would have stayed at
+    # its warm-up peak to the end.
+    clock = _Clock([])
+    monkeypatch.setattr(loop, "time", clock)
+    plans = [EpochPlan(0, 0, True)] + [EpochPlan(1, 6, False)] * 9
+    trainer = _Batched([0.5] * 10, patience=0, clock=clock, time_limit_min=0.5)
+    state = fit(trainer, plans, _NoData(), FitState(), 3, lambda *a: None)
+    assert trainer.replans == [(9, 1, 5)]
+    assert len(state.history) == state.planned == 2
+    # 72 s: 70 s left, 3 predicted epochs of 22 s fit (1 + 3 epochs); after the first (24 s measured, 46 s
+    # left) only 1 more of 24 s does: the measured plan wins.
+    clock.now = 0.0
+    longer = _Batched([0.5] * 10, patience=0, clock=clock, time_limit_min=1.2)
+    state = fit(longer, plans, _NoData(), FitState(), 3, lambda *a: None)
+    assert longer.replans == [(9, 3, 5), (2, 1)]
+    assert len(state.history) == state.planned == 3
+
+
+def test_a_replan_made_during_an_epoch_counts_its_epochs_from_the_epochs_start():
+    # 4 epochs of 4 steps at cosine; 2 steps into the first, only it fits: the lr reaches 0 at step 4.
+    trainer = _trainer(steps_per_epoch=4, epochs=4)
+    _lrs_over(trainer, 2)
+    trainer.replan(4, 1, steps_done=2)
+    after = _lrs_over(trainer, 2)
+    assert after[-1] == pytest.approx(0.0, abs=1e-12) and 0 < after[0]
 
 
 def test_the_time_limit_counts_the_stages_set_up(monkeypatch):
