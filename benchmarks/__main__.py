@@ -58,14 +58,16 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
-def _arms(text: str) -> list[str]:
-    """'trivial augment,crop_pct: 1.0' -> colour_recipe's arms of those names."""
-    from benchmarks.colour_recipe import ARMS
+_ARMED = ("colour_recipe", "budget_recipe")  # the benchmarks that compare arms (`--arms`)
 
+
+def _arms(name: str, text: str) -> list[str]:
+    """'trivial augment,crop_pct: 1.0' -> benchmark `name`'s arms of those names."""
+    arms_of = importlib.import_module(f"benchmarks.{name}").ARMS
     arms = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [arm for arm in arms if arm not in ARMS]
+    unknown = [arm for arm in arms if arm not in arms_of]
     if unknown or not arms:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected arms among {', '.join(ARMS)}")
+        raise SystemExit(f"--arms {text!r}: expected arms of {name} among {', '.join(arms_of)}")
     return arms
 
 
@@ -98,18 +100,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--project", type=Path,
                         help="pipeline_overhead, int8_cpus: measure this reproduced DVC project")  # fmt: skip
     parser.add_argument("--sizes", type=_sizes, help="scale only: image counts, e.g. 10000,100000")
-    parser.add_argument("--arms", type=_arms, help="colour_recipe only: the arms to run besides `default`, "
+    parser.add_argument("--arms", help=f"{', '.join(_ARMED)} only: the arms to run besides `default`, "
                         "comma-separated (default: all)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.sizes and args.name != "scale":
         parser.error("--sizes is an option of the scale benchmark only")
-    if args.arms and args.name != "colour_recipe":
-        parser.error("--arms is an option of the colour_recipe benchmark only")
+    if args.arms and args.name not in _ARMED:
+        parser.error(f"--arms is an option of the {' and '.join(_ARMED)} benchmarks only")
+    arms = _arms(args.name, args.arms) if args.arms else None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     opts = Options(
         args.smoke, args.out, args.data, args.repeats, args.workdir, _overrides(args.overrides), args.project
     )
-    extra = {key: value for key, value in (("sizes", args.sizes), ("arms", args.arms)) if value}
+    extra = {key: value for key, value in (("sizes", args.sizes), ("arms", arms)) if value}
     print(f"{args.name}: {run(args.name, opts, **extra)}")
 
 

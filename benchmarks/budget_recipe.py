@@ -81,15 +81,17 @@ SETTINGS = {
 }
 
 
-def run(opts: Options) -> dict[str, Any]:
+def run(opts: Options, arms: list[str] | None = None) -> dict[str, Any]:
+    """`arms`: the arms to run (`--arms`; `default` always runs, as every other arm is compared with it)."""
     started, settings = machine(), opts.settings(SETTINGS)
+    chosen = {arm: ARMS[arm] for arm in ARMS if arm == "default" or arms is None or arm in arms}
     seeds = [SEEDS[k % len(SEEDS)] for k in range(settings["repeats"])]
     with workdir(opts, NAME) as root:
         base = listed_params(opts, root, settings["listing"], settings["params"])
         seconds, split = timed(lambda: _prepare(root, base))
-        runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
+        runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in chosen}
         for seed in seeds:
-            for arm, overrides in ARMS.items():  # arms alternate, so a slow spell hits all of them
+            for arm, overrides in chosen.items():  # arms alternate, so a slow spell hits all of them
                 runs[arm].append(arm_run(root, base, arm, overrides, seed))
     judged = judge_arms(runs) | {
         "split": {key: split[key] for key in ("train", "val", "test")},
@@ -98,11 +100,11 @@ def run(opts: Options) -> dict[str, Any]:
     }
     ratios = {
         f"{arm} minus default, {figure}": judged["gains"][arm][figure]["median"]
-        for arm in ARMS
+        for arm in chosen
         if arm != "default"
         for figure in ARM_FIGURES
     }
-    recipe = {"overrides": settings["params"], "seeds": seeds, "arms": ARMS}
+    recipe = {"overrides": settings["params"], "seeds": seeds, "arms": chosen}
     return result(NAME, opts, started, settings, judged, ratios, {}, recipe=recipe)
 
 

@@ -473,11 +473,12 @@ class TrainParams(_Section):
     """all epochs, progressive's head-only ones included"""
     time_limit_min: PositiveFloat | None = None  # the stage's time budget: fewer epochs when they won't fit
     """minutes the train stage may take, as Ultralytics' `time`, its set-up (image caches, model) included:
-    once the last phase has run an epoch, the run plans as many epochs as fit in the time left (an epoch's
-    time predicted from that phase's so far; `resize_start` and `resize_end` by its crops' pixels, never
-    more than `train.epochs`) and compresses the rest of the lr schedule into them, so it still decays to its
-    end; an earlier phase stops the run only when the time is spent. Re-planned after every epoch; the best
-    epoch is kept as always. For a budget that must hold on machines of unknown speed; the result then
+    once the last phase has run 5% of its first epoch's batches, the run plans as many epochs as fit in the
+    time left (an epoch's time predicted from that phase's so far; `resize_start` and `resize_end` by its
+    crops' pixels, never more than `train.epochs`) and compresses the rest of the lr schedule into them, so it
+    still decays to its end, even when only that epoch fits; an earlier phase stops the run only when the
+    time is spent. Re-planned after every epoch; the best epoch is kept as always. For a budget that must
+    hold on machines of unknown speed; the result then
     depends on the machine's speed (`epochs_run` in `metrics/train.json` says how many ran)
     """
     batch_size: PositiveInt = 32

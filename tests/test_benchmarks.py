@@ -501,3 +501,7 @@ def test_colour_recipe_runs_the_chosen_arms_beside_the_default(tmp_path: Path, f
     assert payload["recipe"]["arms"] == {"default": {}, "crop_pct: 1.0": {"model.crop_pct": 1.0}}
     with pytest.raises(SystemExit):
         main(["colour_recipe", "--smoke", "--arms", "no such arm", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="arms of budget_recipe among default, linear to zero"):
+        main(["budget_recipe", "--smoke", "--arms", "crop_pct: 1.0", "--out", str(tmp_path)])  # colour's arm
+    with pytest.raises(SystemExit):
+        main(["ingest", "--smoke", "--arms", "default", "--out", str(tmp_path)])

@@ -392,20 +392,28 @@ def train_sizes(params: TrainParams, plans: list[EpochPlan], planned: int, full:
 _SIZE_STEP = 8
 
 
-def epoch_seconds(done: list[dict[str, float]], full: int) -> Callable[[int], float]:
+# How a CPU's training loop grows with the crop's pixels before a second size has run: lite2 trained at 182
+# img/s at 40 px and 96 at 80 px (fp32, 2-core Intel Xeon), at 133-137 and 72-77 in benchmarks/budget_recipe
+# (same CPU, 2026-12-08): 4x the pixels for 1.8-1.9x the time, pixels ** 0.43-0.46. A GPU's large batches
+# grow with the pixels.
+CPU_PIXEL_EXPONENT = 0.5
+
+
+def epoch_seconds(done: list[dict[str, float]], full: int, cpu: bool = False) -> Callable[[int], float]:
     """A last-phase epoch's seconds at a crop size, predicted from the epochs `done`: validation (the rest of
     an epoch) as it took, the training loop as a + b x its pixels, fitted by least squares once two sizes
-    have run, in proportion to its pixels before. Small crops do not save all their pixels' share on a CPU:
-    lite2 trained at 182 img/s at 40 px and 96 at 80 px (fp32, 2-core Intel Xeon), 1.9x for 4x the pixels."""
+    have run. Before that, the loop grows in proportion to the pixels, or on a CPU (`cpu`), whose small
+    crops keep per-layer costs, to the power `CPU_PIXEL_EXPONENT` of them: in proportion, a first epoch at
+    half the size predicted a full-size one at twice its real time, and the plan was short by a third."""
     fixed = sum(r["seconds"] - r["loop_seconds"] for r in done) / len(done)
     pixels = np.array([(r["size"] / full) ** 2 for r in done])
     loops = np.array([r["loop_seconds"] for r in done])
-    base, per_pixel = 0.0, float(loops.sum() / pixels.sum())
     if len(set(pixels.tolist())) > 1:
         slope, intercept = np.polyfit(pixels, loops, 1)
         if slope > 0 and intercept >= 0:
-            base, per_pixel = float(intercept), float(slope)
-    return lambda size: fixed + base + per_pixel * (size / full) ** 2
+            return lambda size: fixed + float(intercept) + float(slope) * (size / full) ** 2
+    exponent, share, loop = (CPU_PIXEL_EXPONENT if cpu else 1.0), float(pixels.mean()), float(loops.mean())
+    return lambda size: fixed + loop * ((size / full) ** 2 / share) ** exponent
 
 
 def _keep_to_time_limit(
@@ -427,7 +435,7 @@ def _keep_to_time_limit(
     done = [r for r in state.history if r["phase"] == plans[-1].phase] + ([current] if current else [])
     fewest = state.epoch + (current is not None)  # the epoch in progress ends
     if done:
-        seconds = epoch_seconds(done, full)
+        seconds = epoch_seconds(done, full, cpu=trainer.precision.device.type == "cpu")
         pace = seconds(full)
 
         def fits(n: int) -> bool:

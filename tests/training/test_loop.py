@@ -38,6 +38,7 @@ class _ScriptedTrainer:
     def __init__(self, val_accs: list[float], patience: int, clock: _Clock | None = None, **train):
         self.params = TrainParams(early_stopping_patience=patience, **train)
         self.eval_model, self._accs, self.env = nn.Linear(1, 1), iter(val_accs), Dist()
+        self.precision = Precision(torch.device("cuda"), None)  # times grow with the pixels (epoch_seconds)
         self.clock, self.replans = clock, []
 
     def train_epoch(self, *args, **kwargs) -> dict:
@@ -440,6 +441,8 @@ def test_an_epochs_seconds_are_predicted_from_its_pixels_and_a_fixed_part_once_t
 
     one_size = loop.epoch_seconds([epoch(32, 3.0)], 64)  # in proportion: 12 s of loop at 64 px
     assert one_size(64) == pytest.approx(14.0) and one_size(32) == pytest.approx(5.0)
+    on_a_cpu = loop.epoch_seconds([epoch(32, 3.0), epoch(32, 5.0)], 64, cpu=True)  # 4 s, x (4 ** 0.5)
+    assert on_a_cpu(64) == pytest.approx(2 + 8.0) and on_a_cpu(32) == pytest.approx(6.0)
     # loops of 4 + 8 x pixels (as on a CPU, where small crops keep per-layer costs): 6 s at 32, 12 s at 64
     affine = loop.epoch_seconds([epoch(32, 6.0), epoch(48, 8.5)], 64)
     assert affine(64) == pytest.approx(14.0) and affine(40) == pytest.approx(2 + 4 + 8 * (40 / 64) ** 2)
