@@ -313,10 +313,13 @@ ARM_FIGURES = ("accuracy", "f1_macro")  # test figures an arm is judged by
 def arm_run(root: Path, base: Params, arm: str, overrides: dict[str, Any], seed: int) -> dict[str, Any]:
     """One seeded run of an arm (`seeded_run`) and its figures: test accuracy and macro F1, the best epoch,
     the train/val accuracy gap at it and at its largest, and the seconds."""
+    from pipeline.pages.report import read_training_curves
+
     params, train_seconds, evaluate_seconds = seeded_run(root, base, slug(arm), overrides, seed)
     metrics = read_json(params.paths.metrics("evaluate"))
     trained = read_json(params.paths.metrics("train"))
-    curves = _accuracy_curves(params.paths.live_dir)
+    curves = read_training_curves(params.paths.curves_dir)
+    train_acc, val_acc = (curves[f"{split}/acc"]["value"].tolist() for split in ("train", "val"))
     best = trained["best_epoch"] - 1
     return {
         "arm": arm,
@@ -325,26 +328,29 @@ def arm_run(root: Path, base: Params, arm: str, overrides: dict[str, Any], seed:
         "best_val_acc": trained["best_val_acc"],
         "best_epoch": trained["best_epoch"],
         "epochs_run": trained["epochs_run"],
-        "gap_at_best": curves["train_acc"][best] - curves["val_acc"][best],
-        "largest_gap": max(t - v for t, v in zip(curves["train_acc"], curves["val_acc"], strict=True)),
-        "val_acc_by_epoch": [round(acc, 4) for acc in curves["val_acc"]],
+        "gap_at_best": train_acc[best] - val_acc[best],
+        "largest_gap": max(t - v for t, v in zip(train_acc, val_acc, strict=True)),
+        "val_acc_by_epoch": [round(acc, 4) for acc in val_acc],
         "train_seconds": train_seconds,
         "evaluate_seconds": evaluate_seconds,
     }
 
 
+def run_arms(
+    root: Path, base: Params, arms: dict[str, dict[str, Any]], seeds: list[int]
+) -> dict[str, list[dict[str, Any]]]:
+    """Every arm (name -> overrides) with every seed (`arm_run`): arm -> its runs in the seeds' order. The
+    arms alternate within each seed, so a slow spell of the machine hits all of them."""
+    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
+    for seed in seeds:
+        for arm, overrides in arms.items():
+            runs[arm].append(arm_run(root, base, arm, overrides, seed))
+    return runs
+
+
 def slug(name: str) -> str:
     """'Smileys & Emotion' -> 'smileys_emotion'; 'crop_pct: 1.0' -> 'crop_pct_1_0'."""
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-
-
-def _accuracy_curves(live_dir: Path) -> dict[str, list[float]]:
-    """Train and val accuracy per epoch, from dvclive's plots."""
-    curves = {}
-    for split in ("train", "val"):
-        with (live_dir / "plots" / "metrics" / split / "acc.tsv").open(newline="") as handle:
-            curves[f"{split}_acc"] = [float(row["acc"]) for row in csv.DictReader(handle, delimiter="\t")]
-    return curves
 
 
 def judge_arms(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

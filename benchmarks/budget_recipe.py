@@ -28,12 +28,12 @@ from benchmarks._common import (
     ARM_FIGURES,
     SMOKE_PARAMS,
     Options,
-    arm_run,
     judge_arms,
     listed_params,
     machine,
     prepare_splits,
     result,
+    run_arms,
     timed,
     with_overrides,
     workdir,
@@ -89,10 +89,7 @@ def run(opts: Options, arms: list[str] | None = None) -> dict[str, Any]:
     with workdir(opts, NAME) as root:
         base = listed_params(opts, root, settings["listing"], settings["params"])
         seconds, split = timed(lambda: _prepare(root, base))
-        runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in chosen}
-        for seed in seeds:
-            for arm, overrides in chosen.items():  # arms alternate, so a slow spell hits all of them
-                runs[arm].append(arm_run(root, base, arm, overrides, seed))
+        runs = run_arms(root, base, chosen, seeds)
     judged = judge_arms(runs) | {
         "split": {key: split[key] for key in ("train", "val", "test")},
         "prepare_seconds": seconds,

@@ -27,13 +27,13 @@ from benchmarks._common import (
     ARM_FIGURES,
     SMOKE_PARAMS,
     Options,
-    arm_run,
     ensure_debian_package,
     judge_arms,
     machine,
     prepare_splits,
     project_params,
     result,
+    run_arms,
     slug,
     timed,
     workdir,
@@ -80,10 +80,7 @@ def run(opts: Options, arms: list[str] | None = None) -> dict[str, Any]:
             images = _dataset(name, opts, root / "data" / name)
             base = project_params(root / name, {"paths.data_root": str(images), **settings["params"]})
             seconds, split = timed(lambda base=base: prepare_splits(base))
-            runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in chosen}
-            for seed in seeds:
-                for arm, overrides in chosen.items():  # arms alternate, so a slow spell hits all of them
-                    runs[arm].append(arm_run(root / name, base, arm, overrides, seed))
+            runs = run_arms(root / name, base, chosen, seeds)
             counts = {key: split[key] for key in ("train", "val", "test")}
             counts["classes"] = len(read_json(base.paths.details("split"))["classes"])
             sets[name] = judge_arms(runs) | {"split": counts, "prepare_seconds": seconds}
